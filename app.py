@@ -1,0 +1,292 @@
+"""dagcast's Chalice app: routes and the ingest handler, wired to chalicelib. Thin by design."""
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError
+from chalice import Chalice, Response
+from pydantic import BaseModel, ValidationError
+
+from chalicelib import __version__
+from chalicelib.auth import Authenticator, Permission
+from chalicelib.exceptions import (
+    BundleError,
+    Conflict,
+    DagcastError,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    StorageError,
+    Unauthorized,
+)
+from chalicelib.ingest import Ingest, parse_notification
+from chalicelib.models import (
+    NAME_RE,
+    CreatedDeploy,
+    CreateDeploy,
+    CreateDeployment,
+    Deployment,
+    DeployView,
+    Heartbeat,
+    Page,
+    RegisterSidecar,
+    Registration,
+    SidecarView,
+    Token,
+    UpdateDeployment,
+    VersionView,
+)
+from chalicelib.notify import Notifier, SidecarQueues
+from chalicelib.openapi import RouteSpec, build_document
+from chalicelib.service import ControlPlane, now_ms
+from chalicelib.settings import get_settings
+from chalicelib.storage import BundleStorage
+from chalicelib.store import Store
+
+app = Chalice(app_name="dagcast")
+logger = Logger(service="dagcast")
+
+HTTP_STATUS: dict[type[DagcastError], int] = {
+    InvalidRequest: 400,
+    BundleError: 400,
+    Unauthorized: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    Conflict: 409,
+    StorageError: 503,
+}
+
+# --- lazily built, cached AWS clients and services ------------------------------------
+
+_AWS_CONFIG = Config(retries={"max_attempts": 5, "mode": "standard"}, signature_version="s3v4")
+
+
+@functools.lru_cache(maxsize=1)
+def get_store() -> Store:
+    return Store(boto3.resource("dynamodb", config=_AWS_CONFIG).Table(get_settings().table_name))
+
+
+@functools.lru_cache(maxsize=1)
+def get_bundles() -> BundleStorage:
+    return BundleStorage(boto3.client("s3", config=_AWS_CONFIG), get_settings().bundles_bucket)
+
+
+@functools.lru_cache(maxsize=1)
+def get_control() -> ControlPlane:
+    s = get_settings()
+    sns = boto3.client("sns", config=_AWS_CONFIG)
+    queues = SidecarQueues(boto3.client("sqs", config=_AWS_CONFIG), sns, s.topic_arn, s.sidecar_queue_prefix)
+    return ControlPlane(s, get_store(), get_bundles(), queues)
+
+
+@functools.lru_cache(maxsize=1)
+def get_ingest() -> Ingest:
+    s = get_settings()
+    notifier = Notifier(boto3.client("sns", config=_AWS_CONFIG), s.topic_arn)
+    return Ingest(s, get_store(), get_bundles(), notifier, now_ms)
+
+
+@functools.lru_cache(maxsize=1)
+def get_auth() -> Authenticator:
+    return Authenticator(get_store())
+
+
+# --- one wrapper for every route: path checks, auth, body parsing, error mapping -------
+
+ROUTES: list[RouteSpec] = []
+_PARAM_PATTERNS = {
+    "deployment": re.compile(NAME_RE),
+    "name": re.compile(NAME_RE),
+    "deploy_id": re.compile(r"^[0-9a-f]{11}-[0-9a-f]{6}$"),
+    "version": re.compile(r"^[1-9][0-9]{0,9}$"),
+}
+
+
+@dataclass
+class Ctx:
+    """What a view gets besides its path parameters."""
+
+    token: Token | None
+    body: Any
+    query: dict[str, str]
+
+
+def error_response(exc: DagcastError) -> Response:
+    status = next((code for cls, code in HTTP_STATUS.items() if isinstance(exc, cls)), 500)
+    return Response(body={"error": {"code": exc.code, "message": str(exc)}}, status_code=status)
+
+
+def api(
+    path: str,
+    method: str,
+    summary: str,
+    permission: Permission | None,
+    *,
+    body: type[BaseModel] | None = None,
+    response: type[BaseModel] | None = None,
+    status: int = 200,
+    query: dict[str, str] | None = None,
+) -> Callable[[Callable[..., Any]], Any]:
+    ROUTES.append(RouteSpec(path, method, summary, permission.value if permission else None, body, response, status, query or {}))
+
+    def decorate(fn: Callable[..., Any]) -> Any:
+        @functools.wraps(fn)
+        def view(**params: str) -> Response:
+            request = app.current_request
+            try:
+                for key, value in params.items():
+                    if not _PARAM_PATTERNS[key].match(value):
+                        raise NotFound(f"no {key.replace('_', ' ')} {value!r}")
+                token = None
+                if permission is not None:
+                    header = request.headers.get("authorization") if request else None
+                    token = get_auth().authorize(header, permission, params.get("deployment"))
+                parsed = _parse_body(body, request.raw_body if request else b"") if body else None
+                result = fn(Ctx(token, parsed, dict(request.query_params or {}) if request else {}), **params)
+            except DagcastError as exc:
+                return error_response(exc)
+            except BotoCoreError as exc:
+                logger.exception("AWS call failed")
+                return error_response(StorageError(f"AWS call failed: {exc.__class__.__name__}"))
+            if result is None:
+                return Response(body="", status_code=204)
+            payload = result.model_dump(mode="json") if isinstance(result, BaseModel) else result
+            return Response(body=payload, status_code=status)
+
+        return app.route(path, methods=[method])(view)
+
+    return decorate
+
+
+def _parse_body(model: type[BaseModel], raw: str | bytes | None) -> BaseModel:
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidRequest(f"invalid request body: {where}: {first['msg']} ({exc.error_count()} error(s))") from exc
+
+
+def _int_query(ctx: Ctx, name: str, default: int, low: int, high: int) -> int:
+    raw = ctx.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise InvalidRequest(f"query parameter {name!r} must be an integer from {low} to {high}")
+    return int(raw)
+
+
+# --- routes ------------------------------------------------------------------------------
+
+
+@api("/healthz", "GET", "Liveness of the API", None)
+def healthz(ctx: Ctx) -> dict[str, str]:
+    return {"status": "ok", "version": __version__}
+
+
+@api("/openapi.json", "GET", "This OpenAPI document", None)
+def openapi(ctx: Ctx) -> dict[str, Any]:
+    return build_document(ROUTES, __version__)
+
+
+@api("/deployments", "GET", "List the deployments the token can see", Permission.READ)
+def list_deployments(ctx: Ctx) -> dict[str, Any]:
+    assert ctx.token is not None
+    return {"items": [d.model_dump(mode="json") for d in get_control().list_deployments(ctx.token.allows)]}
+
+
+@api("/deployments", "POST", "Create a deployment", Permission.ADMIN, body=CreateDeployment, response=Deployment, status=201)
+def create_deployment(ctx: Ctx) -> Deployment:
+    return get_control().create_deployment(ctx.body)
+
+
+@api("/deployments/{deployment}", "GET", "Show a deployment", Permission.READ, response=Deployment)
+def get_deployment(ctx: Ctx, deployment: str) -> Deployment:
+    return get_control().get_deployment(deployment)
+
+
+@api("/deployments/{deployment}", "PATCH", "Change a deployment's settings", Permission.ADMIN, body=UpdateDeployment, response=Deployment)
+def update_deployment(ctx: Ctx, deployment: str) -> Deployment:
+    return get_control().update_deployment(deployment, ctx.body)
+
+
+@api("/deployments/{deployment}/deploys", "POST", "Start a DAG-only deploy: record it and presign the upload",
+     Permission.DEPLOY, body=CreateDeploy, response=CreatedDeploy, status=201)
+def create_deploy(ctx: Ctx, deployment: str) -> CreatedDeploy:
+    assert ctx.token is not None
+    return get_control().create_deploy(deployment, ctx.body, created_by=ctx.token.name)
+
+
+@api("/deployments/{deployment}/deploys", "GET", "Deploy history, newest first", Permission.READ, response=Page,
+     query={"limit": "page size, 1-100", "cursor": "next_cursor of the previous page"})
+def list_deploys(ctx: Ctx, deployment: str) -> Page:
+    return get_control().list_deploys(deployment, _int_query(ctx, "limit", 20, 1, 100), ctx.query.get("cursor"))
+
+
+@api("/deployments/{deployment}/deploys/{deploy_id}", "GET", "A deploy with its errors and per-sidecar versions",
+     Permission.READ, response=DeployView)
+def get_deploy(ctx: Ctx, deployment: str, deploy_id: str) -> DeployView:
+    return get_control().get_deploy(deployment, deploy_id)
+
+
+@api("/deployments/{deployment}/versions/current", "GET", "The live version with a download URL", Permission.READ,
+     response=VersionView)
+def current_version(ctx: Ctx, deployment: str) -> VersionView:
+    return get_control().get_version(deployment, None)
+
+
+@api("/deployments/{deployment}/versions/{version}", "GET", "A version with a download URL", Permission.READ,
+     response=VersionView)
+def get_version(ctx: Ctx, deployment: str, version: str) -> VersionView:
+    return get_control().get_version(deployment, int(version))
+
+
+@api("/deployments/{deployment}/sidecars", "GET", "Registered sidecars and their versions", Permission.READ)
+def list_sidecars(ctx: Ctx, deployment: str) -> dict[str, Any]:
+    return {"items": [s.model_dump(mode="json") for s in get_control().sidecar_views(deployment)]}
+
+
+@api("/deployments/{deployment}/sidecars", "POST", "Register a sidecar and create its queue", Permission.SYNC,
+     body=RegisterSidecar, response=Registration, status=201)
+def register_sidecar(ctx: Ctx, deployment: str) -> Registration:
+    return get_control().register_sidecar(deployment, ctx.body)
+
+
+@api("/deployments/{deployment}/sidecars/{name}", "PUT", "Sidecar heartbeat with its live version", Permission.SYNC,
+     body=Heartbeat, response=SidecarView)
+def heartbeat(ctx: Ctx, deployment: str, name: str) -> SidecarView:
+    return get_control().heartbeat(deployment, name, ctx.body)
+
+
+@api("/deployments/{deployment}/sidecars/{name}", "DELETE", "Deregister a sidecar and remove its queue",
+     Permission.SYNC, status=204)
+def deregister_sidecar(ctx: Ctx, deployment: str, name: str) -> None:
+    get_control().deregister_sidecar(deployment, name)
+
+
+# --- events ------------------------------------------------------------------------------
+
+
+def _ingest_record(record: SQSRecord) -> None:
+    for event in parse_notification(record.body):
+        get_ingest().handle(event)
+
+
+@app.on_sqs_message(queue="dagcast-ingest", batch_size=10, name="ingest")
+def ingest(event: Any) -> dict[str, Any]:
+    """S3 ObjectCreated -> SQS -> here. Failed records go back to the queue (and its DLQ)."""
+    processor = BatchProcessor(event_type=EventType.SQS)
+    return dict(
+        process_partial_response(
+            event=event.to_dict(), record_handler=_ingest_record, processor=processor, context=event.context
+        )
+    )

@@ -1,0 +1,3 @@
+"""Server side of dagcast: what the Lambda functions run."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,54 @@
+"""The one exception family of the server side (API and ingest functions).
+
+Each class names a condition a caller can act on; `app.py` maps them to HTTP
+statuses in one place (``HTTP_STATUS``), and the CLI maps them to exit codes.
+"""
+from __future__ import annotations
+
+
+class DagcastError(Exception):
+    """Base of every error dagcast raises on purpose."""
+
+    code = "error"
+
+
+class InvalidRequest(DagcastError):
+    """The request body or parameters are malformed; fix the input and retry."""
+
+    code = "invalid_request"
+
+
+class Unauthorized(DagcastError):
+    """No bearer token, or one that is unknown, malformed or revoked."""
+
+    code = "unauthorized"
+
+
+class Forbidden(DagcastError):
+    """The token is valid but its role or deployment scope does not allow this."""
+
+    code = "forbidden"
+
+
+class NotFound(DagcastError):
+    """The deployment, deploy or version does not exist."""
+
+    code = "not_found"
+
+
+class Conflict(DagcastError):
+    """The resource is in a state that forbids this (for example DAG deploys disabled)."""
+
+    code = "conflict"
+
+
+class StorageError(DagcastError):
+    """An AWS call failed; the message names the step that failed."""
+
+    code = "storage_error"
+
+
+class BundleError(DagcastError):
+    """A bundle could not be built or read (the message names the file)."""
+
+    code = "bundle_error"

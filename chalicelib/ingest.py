@@ -1,0 +1,162 @@
+"""The ingest function's logic: check an uploaded bundle and publish it as a new version.
+
+Idempotent by conditional state transitions: PENDING -> VALIDATING -> ACTIVE | REJECTED.
+A second delivery of the same event finds the deploy final and changes nothing; a
+delivery after a crash mid-way finds it VALIDATING and finishes the job.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from enum import Enum
+from urllib.parse import unquote_plus
+
+from aws_lambda_powertools import Logger
+from aws_lambda_powertools.utilities.data_classes import S3Event
+
+from chalicelib.exceptions import Conflict, NotFound, StorageError
+from chalicelib.models import Deploy, IngestEvent, Version
+from chalicelib.notify import Notifier
+from chalicelib.settings import Settings
+from chalicelib.storage import BundleStorage, parse_bundle_key
+from chalicelib.store import Store, VersionRace
+from chalicelib.validation import Issue, Report, validate_stream
+
+logger = Logger(service="dagcast", child=True)
+
+MAX_STORED_ERRORS = 100
+MAX_STORED_DAG_IDS = 2000
+
+
+class Outcome(str, Enum):
+    ACTIVE = "active"
+    REJECTED = "rejected"
+    IGNORED = "ignored"
+
+
+class Ingest:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        bundles: BundleStorage,
+        notifier: Notifier,
+        clock: Callable[[], int],
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._bundles = bundles
+        self._notifier = notifier
+        self._clock = clock
+
+    def handle(self, event: IngestEvent) -> Outcome:
+        parsed = parse_bundle_key(event.key)
+        if parsed is None or event.bucket != self._bundles.bucket:
+            logger.warning("ignoring object that is not a bundle", extra={"key": event.key})
+            return Outcome.IGNORED
+        deployment, deploy_id = parsed
+        logger.append_keys(deployment=deployment, deploy_id=deploy_id)
+        try:
+            deploy = self._store.get_deploy(deployment, deploy_id)
+        except NotFound:
+            logger.warning("ignoring upload with no deploy record", extra={"key": event.key})
+            return Outcome.IGNORED
+        if deploy.state.final or not self._store.start_validation(deployment, deploy_id, self._clock()):
+            logger.info("deploy already processed", extra={"state": deploy.state.value})
+            return Outcome.IGNORED
+        return self._validate_and_publish(deploy)
+
+    def _validate_and_publish(self, deploy: Deploy) -> Outcome:
+        started = time.monotonic()
+        limits = self._store.get_deployment(deploy.deployment).limits
+        body, size = self._bundles.open(deploy.key)
+        try:
+            if size != deploy.size:
+                return self._reject(deploy, [_issue("size_mismatch", f"uploaded {size} bytes, announced {deploy.size}")], started)
+            try:
+                report = validate_stream(body, limits)
+            except OSError as exc:  # the S3 stream broke: let the queue redeliver
+                raise StorageError(f"cannot read bundle {deploy.key}: {exc}") from exc
+        finally:
+            body.close()
+        if report.sha256 != deploy.sha256:
+            return self._reject(
+                deploy,
+                [_issue("checksum_mismatch", f"uploaded sha256 {report.sha256} does not match announced {deploy.sha256}")],
+                started,
+            )
+        if not report.valid:
+            return self._reject(deploy, report.errors, started, report)
+        return self._activate(deploy, report, started)
+
+    def _reject(self, deploy: Deploy, errors: list[Issue], started: float, report: Report | None = None) -> Outcome:
+        fields = {
+            "errors": [e.model_dump(mode="json") for e in errors[:MAX_STORED_ERRORS]],
+            "errors_truncated": max(0, len(errors) - MAX_STORED_ERRORS) + (report.errors_truncated if report else 0),
+            "validation_ms": int((time.monotonic() - started) * 1000),
+        }
+        if self._store.finish_rejected(deploy.deployment, deploy.deploy_id, fields):
+            logger.info("deploy rejected", extra={"errors": len(errors), "first": errors[0].code if errors else None})
+        return Outcome.REJECTED
+
+    def _activate(self, deploy: Deploy, report: Report, started: float) -> Outcome:
+        fields = {
+            "files": report.files,
+            "bytes": report.bytes,
+            "dag_ids": report.dag_ids[:MAX_STORED_DAG_IDS],
+            "validation_ms": int((time.monotonic() - started) * 1000),
+        }
+        for attempt in range(self._settings.activation_retries):
+            current = self._store.get_deployment(deploy.deployment)
+            clock = self._clock()
+            version = Version(
+                deployment=deploy.deployment,
+                version=current.last_version + 1,
+                deploy_id=deploy.deploy_id,
+                sha256=deploy.sha256,
+                size=deploy.size,
+                key=deploy.key,
+                created_at=clock,
+            )
+            try:
+                self._store.activate(version, current.last_version, {**fields, "activated_at": clock})
+            except VersionRace:
+                time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
+                continue
+            except Conflict:
+                logger.info("deploy finished by another delivery")
+                return Outcome.IGNORED
+            logger.info("version active", extra={"version": version.version, "files": report.files})
+            self._notifier.publish_version(version)
+            return Outcome.ACTIVE
+        raise StorageError(
+            f"cannot assign a version to deploy {deploy.deploy_id} after {self._settings.activation_retries} attempts"
+        )
+
+
+def _issue(code: str, message: str) -> Issue:
+    return Issue(code=code, path=None, line=None, message=message)
+
+
+def parse_notification(body: str) -> list[IngestEvent]:
+    """The ObjectCreated records of an S3 notification delivered through SQS.
+
+    S3's `s3:TestEvent` (sent when the notification is configured) and non-create
+    events yield nothing. Keys arrive URL-encoded (`quote_plus`).
+    """
+    try:
+        doc = json.loads(body)
+    except json.JSONDecodeError:
+        logger.warning("ignoring ingest message that is not JSON")
+        return []
+    if not isinstance(doc, dict) or "Records" not in doc:
+        return []
+    events = []
+    for record in S3Event(doc).records:
+        if not record.event_name.startswith("ObjectCreated"):
+            continue
+        obj = record.s3.get_object
+        events.append(IngestEvent(bucket=record.s3.bucket.name, key=unquote_plus(obj.key), size=obj.size))
+    return events

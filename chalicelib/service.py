@@ -1,0 +1,204 @@
+"""The control plane's domain logic: deployments, deploys, versions, sidecars, tokens.
+
+Handlers call one method here with plain values; this layer decides, the store persists.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+
+from chalicelib.auth import hash_token, new_token
+from chalicelib.exceptions import Conflict, InvalidRequest, NotFound
+from chalicelib.models import (
+    CreatedDeploy,
+    CreateDeploy,
+    CreateDeployment,
+    Deploy,
+    Deployment,
+    DeployState,
+    DeployView,
+    Heartbeat,
+    Mechanism,
+    Page,
+    RegisterSidecar,
+    Registration,
+    Role,
+    Sidecar,
+    SidecarView,
+    Token,
+    UpdateDeployment,
+    UploadForm,
+    VersionView,
+)
+from chalicelib.notify import SidecarQueues
+from chalicelib.settings import Settings
+from chalicelib.storage import BundleStorage, bundle_key
+from chalicelib.store import Store
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_deploy_id(clock_ms: int) -> str:
+    """Time-ordered id: 11 hex digits of milliseconds, then 6 random hex digits."""
+    return f"{clock_ms:011x}-{secrets.token_hex(3)}"
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        bundles: BundleStorage,
+        queues: SidecarQueues,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._bundles = bundles
+        self._queues = queues
+        self._clock = clock
+
+    # --- deployments -----------------------------------------------------------------
+
+    def create_deployment(self, req: CreateDeployment) -> Deployment:
+        dep = Deployment(name=req.name, mechanism=req.mechanism, created_at=self._clock())
+        self._store.create_deployment(dep)
+        return dep
+
+    def get_deployment(self, name: str) -> Deployment:
+        return self._store.get_deployment(name)
+
+    def list_deployments(self, visible: Callable[[str], bool]) -> list[Deployment]:
+        return [d for d in self._store.list_deployments() if visible(d.name)]
+
+    def update_deployment(self, name: str, req: UpdateDeployment) -> Deployment:
+        changes = req.model_dump(mode="json", exclude_none=True)
+        # Switching the mechanism only changes what new deploys are accepted; the current
+        # version and its pointer stay as they are, so sidecars keep serving their DAGs.
+        return self._store.update_deployment(name, changes)
+
+    # --- deploys ---------------------------------------------------------------------
+
+    def create_deploy(self, deployment: str, req: CreateDeploy, created_by: str) -> CreatedDeploy:
+        dep = self._store.get_deployment(deployment)
+        if dep.mechanism is not Mechanism.DAG_ONLY:
+            raise Conflict(
+                f"DAG-only deploys are disabled for deployment {deployment!r} (mechanism {dep.mechanism.value}); "
+                f"an admin can enable them with `dagcast deployment update {deployment} --dag-deploy enabled`"
+            )
+        if req.size > dep.limits.max_bundle_bytes:
+            raise InvalidRequest(
+                f"bundle is {req.size} bytes, over the deployment's limit of {dep.limits.max_bundle_bytes} bytes"
+            )
+        clock = self._clock()
+        deploy_id = new_deploy_id(clock)
+        key = bundle_key(deployment, deploy_id)
+        deploy = Deploy(
+            deployment=deployment,
+            deploy_id=deploy_id,
+            state=DeployState.PENDING,
+            sha256=req.sha256,
+            size=req.size,
+            key=key,
+            description=req.description,
+            git=req.git,
+            created_by=created_by,
+            created_at=clock,
+        )
+        expires = self._settings.upload_expiry_seconds
+        url, fields = self._bundles.presigned_upload(key, req.size, req.sha256, expires)
+        self._store.create_deploy(deploy)
+        return CreatedDeploy(deploy=deploy, upload=UploadForm(url=url, fields=fields, expires_at=clock + expires * 1000))
+
+    def get_deploy(self, deployment: str, deploy_id: str) -> DeployView:
+        deploy = self._store.get_deploy(deployment, deploy_id)
+        sidecars = self.sidecar_views(deployment)
+        live = [s for s in sidecars if s.live]
+        on_version = [s for s in live if deploy.version is not None and s.version >= deploy.version]
+        converged = deploy.state is DeployState.ACTIVE and len(on_version) == len(live)
+        return DeployView(
+            deploy=deploy,
+            sidecars=sidecars,
+            live_sidecars=len(live),
+            sidecars_on_version=len(on_version),
+            converged=converged,
+        )
+
+    def list_deploys(self, deployment: str, limit: int, cursor: str | None) -> Page:
+        self._store.get_deployment(deployment)
+        deploys, next_cursor = self._store.list_deploys(deployment, limit, cursor)
+        return Page(items=[d.model_dump(mode="json") for d in deploys], next_cursor=next_cursor)
+
+    # --- versions --------------------------------------------------------------------
+
+    def get_version(self, deployment: str, version: int | None) -> VersionView:
+        """A version (the current one when None) with a short-lived download URL."""
+        if version is None:
+            dep = self._store.get_deployment(deployment)
+            if dep.current_version == 0:
+                raise NotFound(f"deployment {deployment!r} has no version yet: deploy DAGs first")
+            version = dep.current_version
+        record = self._store.get_version(deployment, version)
+        url = self._bundles.presigned_download(record.key, self._settings.download_expiry_seconds)
+        return VersionView(version=record, download_url=url)
+
+    # --- sidecars --------------------------------------------------------------------
+
+    def register_sidecar(self, deployment: str, req: RegisterSidecar) -> Registration:
+        self._store.get_deployment(deployment)
+        existing = self._store.get_sidecar(deployment, req.name)
+        queue_url, sub_arn = self._queues.create(deployment, req.name)
+        clock = self._clock()
+        sidecar = Sidecar(
+            deployment=deployment,
+            name=req.name,
+            component=req.component,
+            queue_url=queue_url,
+            subscription_arn=sub_arn,
+            version=existing.version if existing else 0,
+            last_heartbeat=clock,
+            registered_at=clock,
+        )
+        if existing and existing.subscription_arn and existing.subscription_arn != sub_arn:
+            self._queues.delete(None, existing.subscription_arn)
+        self._store.put_sidecar(sidecar)
+        return Registration(sidecar=sidecar, queue_url=queue_url)
+
+    def heartbeat(self, deployment: str, name: str, req: Heartbeat) -> SidecarView:
+        fields = req.model_dump(mode="json")
+        fields["last_heartbeat"] = self._clock()
+        return self._view(self._store.heartbeat(deployment, name, fields), fields["last_heartbeat"])
+
+    def deregister_sidecar(self, deployment: str, name: str) -> None:
+        old = self._store.delete_sidecar(deployment, name)
+        if old is not None:
+            self._queues.delete(old.queue_url, old.subscription_arn)
+
+    def sidecar_views(self, deployment: str) -> list[SidecarView]:
+        clock = self._clock()
+        return [self._view(s, clock) for s in sorted(self._store.list_sidecars(deployment), key=lambda s: s.name)]
+
+    def _view(self, s: Sidecar, clock: int) -> SidecarView:
+        live = clock - s.last_heartbeat <= self._settings.sidecar_stale_seconds * 1000
+        return SidecarView(
+            name=s.name,
+            component=s.component,
+            version=s.version,
+            live=live,
+            last_heartbeat=s.last_heartbeat,
+            last_sync_at=s.last_sync_at,
+            last_error=s.last_error,
+        )
+
+    # --- tokens ----------------------------------------------------------------------
+
+    def issue_token(self, name: str, role: Role, deployments: list[str]) -> str:
+        """Create a token; the secret is returned once and only its hash is stored."""
+        secret = new_token()
+        self._store.put_token(
+            Token(token_hash=hash_token(secret), name=name, role=role, deployments=deployments, created_at=self._clock())
+        )
+        return secret

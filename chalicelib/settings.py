@@ -1,0 +1,27 @@
+"""Typed settings of the Lambda functions: the only place that reads the environment."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """What the API and ingest functions need to know about their AWS resources."""
+
+    model_config = SettingsConfigDict(env_prefix="DAGCAST_", extra="ignore")
+
+    table_name: str = Field(description="DynamoDB table holding deployments, deploys, versions, sidecars, tokens")
+    bundles_bucket: str = Field(description="S3 bucket for uploaded bundles")
+    topic_arn: str = Field(description="SNS topic that announces new versions")
+    sidecar_queue_prefix: str = Field("dagcast-sidecar-", description="name prefix of per-sidecar SQS queues")
+    upload_expiry_seconds: int = Field(600, ge=60, le=3600)
+    download_expiry_seconds: int = Field(300, ge=30, le=3600)
+    sidecar_stale_seconds: int = Field(90, ge=5, description="a sidecar silent for longer is not live")
+    activation_retries: int = Field(60, ge=1, description="bound on version-assignment retries under contention")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()  # fields come from the environment

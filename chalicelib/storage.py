@@ -1,0 +1,82 @@
+"""S3 access for bundles: presigned uploads and downloads, streaming reads."""
+from __future__ import annotations
+
+import base64
+from typing import Any, BinaryIO
+
+from botocore.exceptions import ClientError
+
+from chalicelib.exceptions import StorageError
+
+BUNDLE_CONTENT_TYPE = "application/gzip"
+
+
+def bundle_key(deployment: str, deploy_id: str) -> str:
+    return f"bundles/{deployment}/{deploy_id}.tar.gz"
+
+
+def parse_bundle_key(key: str) -> tuple[str, str] | None:
+    """(deployment, deploy_id) of a bundle key, or None for keys that are not bundles."""
+    parts = key.split("/")
+    if len(parts) != 3 or parts[0] != "bundles" or not parts[2].endswith(".tar.gz"):
+        return None
+    return parts[1], parts[2].removesuffix(".tar.gz")
+
+
+def sha256_b64(hex_digest: str) -> str:
+    return base64.b64encode(bytes.fromhex(hex_digest)).decode()
+
+
+class BundleStorage:
+    """The bundles bucket. Takes a boto3 S3 client."""
+
+    def __init__(self, s3: Any, bucket: str) -> None:
+        self._s3 = s3
+        self.bucket = bucket
+
+    def presigned_upload(self, key: str, size: int, sha256_hex: str, expires_in: int) -> tuple[str, dict[str, str]]:
+        """A presigned POST that S3 accepts only for this key, this exact size and this checksum."""
+        checksum = sha256_b64(sha256_hex)
+        fields = {
+            "Content-Type": BUNDLE_CONTENT_TYPE,
+            "x-amz-checksum-algorithm": "SHA256",
+            "x-amz-checksum-sha256": checksum,
+        }
+        conditions: list[Any] = [
+            {"bucket": self.bucket},
+            ["eq", "$key", key],
+            ["content-length-range", size, size],
+            {"Content-Type": BUNDLE_CONTENT_TYPE},
+            {"x-amz-checksum-algorithm": "SHA256"},
+            {"x-amz-checksum-sha256": checksum},
+        ]
+        try:
+            post = self._s3.generate_presigned_post(
+                Bucket=self.bucket, Key=key, Fields=fields, Conditions=conditions, ExpiresIn=expires_in
+            )
+        except ClientError as exc:
+            raise StorageError(f"cannot presign upload of {key}: {exc}") from exc
+        return str(post["url"]), {k: str(v) for k, v in post["fields"].items()}
+
+    def presigned_download(self, key: str, expires_in: int) -> str:
+        try:
+            url: str = self._s3.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_in
+            )
+        except ClientError as exc:
+            raise StorageError(f"cannot presign download of {key}: {exc}") from exc
+        return url
+
+    def open(self, key: str) -> tuple[BinaryIO, int]:
+        """A streaming body of the object and its size."""
+        try:
+            out = self._s3.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            raise StorageError(f"cannot read {key}: {exc}") from exc
+        return out["Body"], int(out["ContentLength"])
+
+    def delete(self, key: str) -> None:
+        try:
+            self._s3.delete_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            raise StorageError(f"cannot delete {key}: {exc}") from exc

@@ -1,0 +1,348 @@
+"""DynamoDB data access: one table, items keyed by deployment.
+
+Layout (pk / sk):
+  DEPLOYMENT#<d> / META              the deployment, its version counter and current pointer
+  DEPLOYMENT#<d> / DEPLOY#<id>       one deploy attempt (ids sort by creation time)
+  DEPLOYMENT#<d> / VERSION#<n:010>   an immutable published version
+  DEPLOYMENT#<d> / SIDECAR#<name>    a registered sidecar and its last heartbeat
+  TOKEN#<sha256> / META              an API token, stored only as its hash
+"""
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from chalicelib.exceptions import Conflict, InvalidRequest, NotFound, StorageError
+from chalicelib.models import Deploy, Deployment, DeployState, Sidecar, Token, Version
+
+META = "META"
+
+
+def _pk(deployment: str) -> str:
+    return f"DEPLOYMENT#{deployment}"
+
+
+def _deploy_sk(deploy_id: str) -> str:
+    return f"DEPLOY#{deploy_id}"
+
+
+def _version_sk(version: int) -> str:
+    return f"VERSION#{version:010d}"
+
+
+def _sidecar_sk(name: str) -> str:
+    return f"SIDECAR#{name}"
+
+
+def _strip(item: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in item.items() if k not in ("pk", "sk", "ttl")}
+
+
+def _failed_condition(exc: ClientError) -> bool:
+    return bool(exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException")
+
+
+class VersionRace(Exception):
+    """Another deploy took the version number first; re-read and retry."""
+
+
+class Store:
+    """Reads and writes dagcast's records. Takes a boto3 DynamoDB Table resource."""
+
+    def __init__(self, table: Any) -> None:
+        self._table = table
+        self._client = table.meta.client
+
+    # --- deployments -----------------------------------------------------------------
+
+    def create_deployment(self, deployment: Deployment) -> None:
+        item = {"pk": _pk(deployment.name), "sk": META, **deployment.model_dump(mode="json")}
+        try:
+            self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(pk)")
+        except ClientError as exc:
+            if _failed_condition(exc):
+                raise Conflict(f"deployment {deployment.name!r} already exists") from exc
+            raise StorageError(f"cannot create deployment {deployment.name!r}: {exc}") from exc
+
+    def get_deployment(self, name: str) -> Deployment:
+        item = self._get(_pk(name), META, f"deployment {name!r}")
+        if item is None:
+            raise NotFound(f"deployment {name!r} does not exist")
+        return Deployment.model_validate(_strip(item))
+
+    def update_deployment(self, name: str, changes: dict[str, Any]) -> Deployment:
+        if not changes:
+            return self.get_deployment(name)
+        names = {f"#k{i}": k for i, k in enumerate(changes)}
+        values = {f":v{i}": v for i, v in enumerate(changes.values())}
+        expr = "SET " + ", ".join(f"#k{i} = :v{i}" for i in range(len(changes)))
+        try:
+            out = self._table.update_item(
+                Key={"pk": _pk(name), "sk": META},
+                UpdateExpression=expr,
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+                ConditionExpression="attribute_exists(pk)",
+                ReturnValues="ALL_NEW",
+            )
+        except ClientError as exc:
+            if _failed_condition(exc):
+                raise NotFound(f"deployment {name!r} does not exist") from exc
+            raise StorageError(f"cannot update deployment {name!r}: {exc}") from exc
+        return Deployment.model_validate(_strip(out["Attributes"]))
+
+    def list_deployments(self) -> list[Deployment]:
+        items: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {
+            "FilterExpression": "sk = :meta AND begins_with(pk, :p)",
+            "ExpressionAttributeValues": {":meta": META, ":p": "DEPLOYMENT#"},
+        }
+        try:
+            while True:
+                out = self._table.scan(**kwargs)
+                items.extend(out.get("Items", []))
+                if "LastEvaluatedKey" not in out:
+                    break
+                kwargs["ExclusiveStartKey"] = out["LastEvaluatedKey"]
+        except ClientError as exc:
+            raise StorageError(f"cannot list deployments: {exc}") from exc
+        return sorted((Deployment.model_validate(_strip(i)) for i in items), key=lambda d: d.name)
+
+    # --- tokens ----------------------------------------------------------------------
+
+    def put_token(self, token: Token) -> None:
+        item = {"pk": f"TOKEN#{token.token_hash}", "sk": META, **token.model_dump(mode="json")}
+        try:
+            self._table.put_item(Item=item)
+        except ClientError as exc:
+            raise StorageError(f"cannot store token {token.name!r}: {exc}") from exc
+
+    def get_token(self, token_hash: str) -> Token | None:
+        item = self._get(f"TOKEN#{token_hash}", META, "token")
+        return Token.model_validate(_strip(item)) if item else None
+
+    # --- deploys ---------------------------------------------------------------------
+
+    def create_deploy(self, deploy: Deploy) -> None:
+        item = {"pk": _pk(deploy.deployment), "sk": _deploy_sk(deploy.deploy_id), **deploy.model_dump(mode="json")}
+        try:
+            self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(pk)")
+        except ClientError as exc:
+            raise StorageError(f"cannot record deploy {deploy.deploy_id}: {exc}") from exc
+
+    def get_deploy(self, deployment: str, deploy_id: str) -> Deploy:
+        item = self._get(_pk(deployment), _deploy_sk(deploy_id), f"deploy {deploy_id}")
+        if item is None:
+            raise NotFound(f"deploy {deploy_id!r} does not exist in deployment {deployment!r}")
+        return Deploy.model_validate(_strip(item))
+
+    def list_deploys(self, deployment: str, limit: int, cursor: str | None) -> tuple[list[Deploy], str | None]:
+        kwargs: dict[str, Any] = {
+            "KeyConditionExpression": "pk = :pk AND begins_with(sk, :p)",
+            "ExpressionAttributeValues": {":pk": _pk(deployment), ":p": "DEPLOY#"},
+            "ScanIndexForward": False,
+            "Limit": limit,
+        }
+        if cursor:
+            kwargs["ExclusiveStartKey"] = {"pk": _pk(deployment), "sk": _deploy_sk(_decode_cursor(cursor))}
+        try:
+            out = self._table.query(**kwargs)
+        except ClientError as exc:
+            raise StorageError(f"cannot list deploys of {deployment!r}: {exc}") from exc
+        deploys = [Deploy.model_validate(_strip(i)) for i in out.get("Items", [])]
+        last = out.get("LastEvaluatedKey")
+        next_cursor = _encode_cursor(last["sk"].removeprefix("DEPLOY#")) if last else None
+        return deploys, next_cursor
+
+    def start_validation(self, deployment: str, deploy_id: str, now_ms: int) -> bool:
+        """PENDING|VALIDATING -> VALIDATING. False when the deploy already reached a final state."""
+        try:
+            self._table.update_item(
+                Key={"pk": _pk(deployment), "sk": _deploy_sk(deploy_id)},
+                UpdateExpression="SET #s = :validating, uploaded_at = if_not_exists(uploaded_at, :now)",
+                ConditionExpression="#s IN (:pending, :validating)",
+                ExpressionAttributeNames={"#s": "state"},
+                ExpressionAttributeValues={
+                    ":validating": DeployState.VALIDATING.value,
+                    ":pending": DeployState.PENDING.value,
+                    ":now": now_ms,
+                },
+            )
+        except ClientError as exc:
+            if _failed_condition(exc):
+                return False
+            raise StorageError(f"cannot mark deploy {deploy_id} validating: {exc}") from exc
+        return True
+
+    def finish_rejected(self, deployment: str, deploy_id: str, fields: dict[str, Any]) -> bool:
+        """VALIDATING -> REJECTED with the errors. False when another delivery finished it first."""
+        values = {f":v{i}": v for i, v in enumerate(fields.values())}
+        names = {f"#k{i}": k for i, k in enumerate(fields)}
+        sets = ", ".join(f"#k{i} = :v{i}" for i in range(len(fields)))
+        try:
+            self._table.update_item(
+                Key={"pk": _pk(deployment), "sk": _deploy_sk(deploy_id)},
+                UpdateExpression=f"SET #s = :rejected, {sets}",
+                ConditionExpression="#s = :validating",
+                ExpressionAttributeNames={"#s": "state", **names},
+                ExpressionAttributeValues={
+                    ":rejected": DeployState.REJECTED.value,
+                    ":validating": DeployState.VALIDATING.value,
+                    **values,
+                },
+            )
+        except ClientError as exc:
+            if _failed_condition(exc):
+                return False
+            raise StorageError(f"cannot record rejection of deploy {deploy_id}: {exc}") from exc
+        return True
+
+    def activate(self, version: Version, expected_last: int, fields: dict[str, Any]) -> None:
+        """Publish `version` in one transaction: counter and pointer, version item, deploy ACTIVE.
+
+        Raises VersionRace when another deploy took the number (re-read and retry),
+        and Conflict when this deploy already reached a final state.
+        """
+        d, n = version.deployment, version.version
+        names = {f"#k{i}": k for i, k in enumerate(fields)}
+        values = {f":v{i}": v for i, v in enumerate(fields.values())}
+        sets = "".join(f", #k{i} = :v{i}" for i in range(len(fields)))
+        meta_cond = "last_version = :prev" if expected_last else "(attribute_not_exists(last_version) OR last_version = :prev)"
+        items = [
+            {
+                "Update": {
+                    "TableName": self._table.name,
+                    "Key": {"pk": _pk(d), "sk": META},
+                    "UpdateExpression": "SET last_version = :n, current_version = :n, current_deploy_id = :id",
+                    "ConditionExpression": f"attribute_exists(pk) AND {meta_cond}",
+                    "ExpressionAttributeValues": {":n": n, ":prev": expected_last, ":id": version.deploy_id},
+                }
+            },
+            {
+                "Put": {
+                    "TableName": self._table.name,
+                    "Item": {"pk": _pk(d), "sk": _version_sk(n), **version.model_dump(mode="json")},
+                    "ConditionExpression": "attribute_not_exists(pk)",
+                }
+            },
+            {
+                "Update": {
+                    "TableName": self._table.name,
+                    "Key": {"pk": _pk(d), "sk": _deploy_sk(version.deploy_id)},
+                    "UpdateExpression": f"SET #s = :active, version = :n{sets}",
+                    "ConditionExpression": "#s = :validating",
+                    "ExpressionAttributeNames": {"#s": "state", **names},
+                    "ExpressionAttributeValues": {
+                        ":active": DeployState.ACTIVE.value,
+                        ":validating": DeployState.VALIDATING.value,
+                        ":n": n,
+                        **values,
+                    },
+                }
+            },
+        ]
+        try:
+            self._client.transact_write_items(TransactItems=items)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
+                raise StorageError(f"cannot activate version {n} of {d!r}: {exc}") from exc
+            reasons = [r.get("Code") for r in exc.response.get("CancellationReasons", [])]
+            if len(reasons) == 3 and reasons[2] == "ConditionalCheckFailed":
+                raise Conflict(f"deploy {version.deploy_id} is no longer validating") from exc
+            raise VersionRace(f"version {n} of {d!r} was taken") from exc
+
+    def get_version(self, deployment: str, version: int) -> Version:
+        item = self._get(_pk(deployment), _version_sk(version), f"version {version}")
+        if item is None:
+            raise NotFound(f"version {version} of deployment {deployment!r} does not exist")
+        return Version.model_validate(_strip(item))
+
+    # --- sidecars --------------------------------------------------------------------
+
+    def put_sidecar(self, sidecar: Sidecar) -> None:
+        item = {"pk": _pk(sidecar.deployment), "sk": _sidecar_sk(sidecar.name), **sidecar.model_dump(mode="json")}
+        try:
+            self._table.put_item(Item=item)
+        except ClientError as exc:
+            raise StorageError(f"cannot register sidecar {sidecar.name!r}: {exc}") from exc
+
+    def get_sidecar(self, deployment: str, name: str) -> Sidecar | None:
+        item = self._get(_pk(deployment), _sidecar_sk(name), f"sidecar {name!r}")
+        return Sidecar.model_validate(_strip(item)) if item else None
+
+    def heartbeat(self, deployment: str, name: str, fields: dict[str, Any]) -> Sidecar:
+        names = {f"#k{i}": k for i, k in enumerate(fields)}
+        values = {f":v{i}": v for i, v in enumerate(fields.values())}
+        try:
+            out = self._table.update_item(
+                Key={"pk": _pk(deployment), "sk": _sidecar_sk(name)},
+                UpdateExpression="SET " + ", ".join(f"#k{i} = :v{i}" for i in range(len(fields))),
+                ConditionExpression="attribute_exists(pk)",
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+                ReturnValues="ALL_NEW",
+            )
+        except ClientError as exc:
+            if _failed_condition(exc):
+                raise NotFound(f"sidecar {name!r} is not registered in {deployment!r}; register it first") from exc
+            raise StorageError(f"cannot record heartbeat of sidecar {name!r}: {exc}") from exc
+        return Sidecar.model_validate(_strip(out["Attributes"]))
+
+    def delete_sidecar(self, deployment: str, name: str) -> Sidecar | None:
+        try:
+            out = self._table.delete_item(
+                Key={"pk": _pk(deployment), "sk": _sidecar_sk(name)}, ReturnValues="ALL_OLD"
+            )
+        except ClientError as exc:
+            raise StorageError(f"cannot deregister sidecar {name!r}: {exc}") from exc
+        old = out.get("Attributes")
+        return Sidecar.model_validate(_strip(old)) if old else None
+
+    def list_sidecars(self, deployment: str) -> list[Sidecar]:
+        items = self._query_prefix(_pk(deployment), "SIDECAR#")
+        return [Sidecar.model_validate(_strip(i)) for i in items]
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _get(self, pk: str, sk: str, what: str) -> dict[str, Any] | None:
+        try:
+            out = self._table.get_item(Key={"pk": pk, "sk": sk}, ConsistentRead=True)
+        except ClientError as exc:
+            raise StorageError(f"cannot read {what}: {exc}") from exc
+        item: dict[str, Any] | None = out.get("Item")
+        return item
+
+    def _query_prefix(self, pk: str, prefix: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {
+            "KeyConditionExpression": "pk = :pk AND begins_with(sk, :p)",
+            "ExpressionAttributeValues": {":pk": pk, ":p": prefix},
+            "ConsistentRead": True,
+        }
+        try:
+            while True:
+                out = self._table.query(**kwargs)
+                items.extend(out.get("Items", []))
+                if "LastEvaluatedKey" not in out:
+                    return items
+                kwargs["ExclusiveStartKey"] = out["LastEvaluatedKey"]
+        except ClientError as exc:
+            raise StorageError(f"cannot read {prefix.rstrip('#').lower()}s of {pk}: {exc}") from exc
+
+
+def _encode_cursor(deploy_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"after": deploy_id}).encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        after = json.loads(raw)["after"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidRequest("cursor is not one this API returned") from exc
+    if not isinstance(after, str):
+        raise InvalidRequest("cursor is not one this API returned")
+    return after

@@ -1,0 +1,3 @@
+from dagcast.cli import main
+
+main()

@@ -1,0 +1,191 @@
+"""Creates dagcast's AWS resources from infra/resources.yaml with boto3.
+
+moto's CloudFormation skips subscriptions, queue policies and bucket notifications,
+and cannot run Chalice's SAM output, so the embedded stack reads the template's
+resource definitions and makes the equivalent API calls. Local and cloud share one
+definition; tests/unit/test_bootstrap.py checks that they agree.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TEMPLATE = Path(__file__).resolve().parent.parent / "infra" / "resources.yaml"
+SUPPORTED = ("AWS::DynamoDB::Table", "AWS::SNS::Topic", "AWS::SQS::Queue", "AWS::SQS::QueuePolicy", "AWS::S3::Bucket")
+
+
+@dataclass
+class StackOutputs:
+    table_name: str
+    bucket: str
+    topic_arn: str
+    ingest_queue_url: str
+    dead_letter_queue_url: str
+
+
+def load_template(path: Path = TEMPLATE) -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(path.read_text())
+    return doc
+
+
+class Resolver:
+    """Resolves Ref, Fn::Sub and Fn::GetAtt against pseudo parameters and created resources."""
+
+    def __init__(self, stack_name: str, region: str, account: str) -> None:
+        self.pseudo = {
+            "AWS::StackName": stack_name,
+            "AWS::Region": region,
+            "AWS::AccountId": account,
+            "AWS::Partition": "aws",
+        }
+        self.refs: dict[str, str] = {}
+        self.arns: dict[str, str] = {}
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, list):
+            return [self(v) for v in value]
+        if not isinstance(value, dict):
+            return value
+        if set(value) == {"Ref"}:
+            name = value["Ref"]
+            return self.pseudo.get(name) or self.refs[name]
+        if set(value) == {"Fn::GetAtt"}:
+            logical, attr = value["Fn::GetAtt"]
+            if attr != "Arn":
+                raise ValueError(f"unsupported attribute {logical}.{attr}")
+            return self.arns[logical]
+        if set(value) == {"Fn::Sub"}:
+            return re.sub(r"\$\{([^}]+)\}", lambda m: self({"Ref": m.group(1)}), value["Fn::Sub"])
+        return {k: self(v) for k, v in value.items()}
+
+
+def _order(resources: dict[str, Any]) -> list[str]:
+    """Logical ids in dependency order (DependsOn, Ref and GetAtt edges)."""
+
+    def deps(node: Any) -> set[str]:
+        found: set[str] = set()
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "Ref" and isinstance(v, str) and v in resources:
+                    found.add(v)
+                elif k == "Fn::GetAtt":
+                    found.add(v[0])
+                else:
+                    found |= deps(v)
+        elif isinstance(node, list):
+            for v in node:
+                found |= deps(v)
+        return found
+
+    graph = {}
+    for name, res in resources.items():
+        edges = deps(res.get("Properties", {}))
+        depends = res.get("DependsOn", [])
+        edges |= {depends} if isinstance(depends, str) else set(depends)
+        graph[name] = edges
+    ordered: list[str] = []
+    while graph:
+        ready = sorted(n for n, e in graph.items() if e <= set(ordered))
+        if not ready:
+            raise ValueError(f"dependency cycle among {sorted(graph)}")
+        ordered.extend(ready)
+        for n in ready:
+            del graph[n]
+    return ordered
+
+
+def _queue_attributes(props: dict[str, Any]) -> dict[str, str]:
+    attrs: dict[str, str] = {}
+    for key in ("VisibilityTimeout", "MessageRetentionPeriod", "ReceiveMessageWaitTimeSeconds", "DelaySeconds"):
+        if key in props:
+            attrs[key] = str(props[key])
+    if "RedrivePolicy" in props:
+        attrs["RedrivePolicy"] = json.dumps(props["RedrivePolicy"])
+    return attrs
+
+
+def bootstrap(session: Any, stack_name: str, template: dict[str, Any] | None = None) -> StackOutputs:
+    """Create every supported resource of the template in the account `session` points at."""
+    template = template or load_template()
+    resources: dict[str, Any] = template["Resources"]
+    region = session.region_name
+    account = session.client("sts").get_caller_identity()["Account"]
+    resolve = Resolver(stack_name, region, account)
+    out: dict[str, str] = {}
+    for logical in _order(resources):
+        res = resources[logical]
+        kind, props = res["Type"], resolve(res.get("Properties", {}))
+        if kind == "AWS::DynamoDB::Table":
+            ddb = session.client("dynamodb")
+            ddb.create_table(
+                TableName=props["TableName"],
+                AttributeDefinitions=props["AttributeDefinitions"],
+                KeySchema=props["KeySchema"],
+                BillingMode=props.get("BillingMode", "PAY_PER_REQUEST"),
+            )
+            ddb.get_waiter("table_exists").wait(TableName=props["TableName"])
+            ttl = props.get("TimeToLiveSpecification")
+            if ttl:
+                ddb.update_time_to_live(TableName=props["TableName"], TimeToLiveSpecification=ttl)
+            resolve.refs[logical] = props["TableName"]
+            out["table_name"] = props["TableName"]
+        elif kind == "AWS::SNS::Topic":
+            arn = session.client("sns").create_topic(Name=props["TopicName"])["TopicArn"]
+            resolve.refs[logical] = resolve.arns[logical] = arn
+            out["topic_arn"] = arn
+        elif kind == "AWS::SQS::Queue":
+            sqs = session.client("sqs")
+            url = sqs.create_queue(QueueName=props["QueueName"], Attributes=_queue_attributes(props))["QueueUrl"]
+            arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+            resolve.refs[logical], resolve.arns[logical] = url, arn
+            out["dead_letter_queue_url" if "RedrivePolicy" not in props else "ingest_queue_url"] = url
+        elif kind == "AWS::SQS::QueuePolicy":
+            sqs = session.client("sqs")
+            for url in props["Queues"]:
+                sqs.set_queue_attributes(QueueUrl=url, Attributes={"Policy": json.dumps(props["PolicyDocument"])})
+        elif kind == "AWS::S3::Bucket":
+            _create_bucket(session.client("s3"), region, props)
+            resolve.refs[logical] = props["BucketName"]
+            resolve.arns[logical] = f"arn:aws:s3:::{props['BucketName']}"
+            out["bucket"] = props["BucketName"]
+        else:
+            raise ValueError(f"{logical}: resource type {kind} is not supported by the embedded stack")
+    return StackOutputs(**out)
+
+
+def _create_bucket(s3: Any, region: str, props: dict[str, Any]) -> None:
+    name = props["BucketName"]
+    kwargs: dict[str, Any] = {"Bucket": name}
+    if region != "us-east-1":
+        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+    s3.create_bucket(**kwargs)
+    if "PublicAccessBlockConfiguration" in props:
+        s3.put_public_access_block(Bucket=name, PublicAccessBlockConfiguration=props["PublicAccessBlockConfiguration"])
+    if "BucketEncryption" in props:
+        rules = [
+            {"ApplyServerSideEncryptionByDefault": r["ServerSideEncryptionByDefault"]}
+            for r in props["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+        ]
+        s3.put_bucket_encryption(Bucket=name, ServerSideEncryptionConfiguration={"Rules": rules})
+    queues = props.get("NotificationConfiguration", {}).get("QueueConfigurations", [])
+    if queues:
+        config = {
+            "QueueConfigurations": [
+                {
+                    "QueueArn": q["Queue"],
+                    "Events": [q["Event"]],
+                    **(
+                        {"Filter": {"Key": {"FilterRules": q["Filter"]["S3Key"]["Rules"]}}}
+                        if "Filter" in q
+                        else {}
+                    ),
+                }
+                for q in queues
+            ]
+        }
+        s3.put_bucket_notification_configuration(Bucket=name, NotificationConfiguration=config)

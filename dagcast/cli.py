@@ -1,0 +1,264 @@
+"""The `dagcast` command. Exit codes are chosen here only:
+
+0 success; 1 error (API, network, configuration); 2 usage error;
+3 the bundle was rejected (locally or by the server); 4 --wait timed out.
+`dagcast validate` exits 1 when the bundle is rejected.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+EXIT_ERROR, EXIT_USAGE, EXIT_REJECTED, EXIT_TIMEOUT = 1, 2, 3, 4
+
+
+def _echo_err(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def _fail(exc: Exception, debug: bool, code: int = EXIT_ERROR) -> NoReturn:
+    _echo_err(f"error: {exc}")
+    hint = getattr(exc, "hint", None)
+    if hint:
+        _echo_err(f"hint: {hint}")
+    if debug:
+        import traceback
+
+        traceback.print_exception(exc)
+    sys.exit(code)
+
+
+def print_errors(errors: list[dict[str, Any]], prefix: str) -> None:
+    """Compiler-style lines: `dags/etl.py:12: syntax_error: message`."""
+    for e in errors:
+        where = f"{prefix}/{e['path']}" if e.get("path") else prefix
+        line = f":{e['line']}" if e.get("line") else ""
+        _echo_err(f"{where}{line}: {e['code']}: {e['message']}")
+
+
+def _required(value: str | None, flag: str, env: str) -> str:
+    if not value:
+        raise click.UsageError(f"missing {flag} (or set {env})")
+    return value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dagcast", message="dagcast %(version)s")
+def main() -> None:
+    """dagcast: DAG-only deploys for Apache Airflow, event-driven on AWS."""
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: valid, files, bytes, errors.")
+def validate(path: Path, as_json: bool) -> None:
+    """Validate a .tar.gz bundle or a dags folder with the server's rules."""
+    from chalicelib.validation import validate_stream
+
+    if not path.exists():
+        _echo_err(f"error: {path} does not exist")
+        sys.exit(EXIT_USAGE)
+    try:
+        if path.is_dir():
+            import tempfile
+
+            from dagcast import bundler
+            from dagcast.exceptions import ClientError
+
+            with tempfile.TemporaryFile() as tmp:
+                try:
+                    bundler.build(path, tmp)
+                except ClientError as exc:
+                    _echo_err(f"error: {exc}")
+                    sys.exit(EXIT_USAGE)
+                tmp.seek(0)
+                report = validate_stream(tmp)
+            prefix = str(path).rstrip("/")
+        else:
+            with path.open("rb") as f:
+                report = validate_stream(f)
+            prefix = str(path)
+    except OSError as exc:
+        _echo_err(f"error: cannot read {path}: {exc.strerror or exc}")
+        sys.exit(EXIT_USAGE)
+    summary = report.summary()
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        print_errors(summary["errors"], prefix)
+        verdict = "valid" if report.valid else f"rejected ({len(report.errors)} error(s))"
+        click.echo(f"{path}: {verdict}: {report.files} files, {report.bytes} bytes")
+    sys.exit(0 if report.valid else 1)
+
+
+@main.command()
+@click.option("--dags", "dags", is_flag=True, required=True, help="Deploy only the DAGs folder (DAG-only deploy).")
+@click.option("--dags-path", type=click.Path(path_type=Path), default=Path("dags"), show_default=True,
+              help="The dags folder to bundle.")
+@click.option("--api-url", envvar="DAGCAST_API_URL", help="API URL [env DAGCAST_API_URL].")
+@click.option("--token", envvar="DAGCAST_TOKEN", help="API token [env DAGCAST_TOKEN].")
+@click.option("--deployment", envvar="DAGCAST_DEPLOYMENT", help="Deployment name [env DAGCAST_DEPLOYMENT].")
+@click.option("--wait/--no-wait", default=None, help="Wait until live on every sidecar (default: on a terminal).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=300, show_default=True, help="Seconds to --wait.")
+@click.option("--description", default="", help="What this deploy changes.")
+@click.option("--skip-validation", is_flag=True, help="Skip local validation (the server still validates).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object for CI.")
+@click.option("--debug", is_flag=True, help="Show details of errors.")
+def deploy(
+    dags: bool,
+    dags_path: Path,
+    api_url: str | None,
+    token: str | None,
+    deployment: str | None,
+    wait: bool | None,
+    timeout: float,
+    description: str,
+    skip_validation: bool,
+    as_json: bool,
+    debug: bool,
+) -> None:
+    """Bundle the dags folder, upload it, and (with --wait) wait until every sidecar runs it."""
+    from dagcast import deploy as deploying
+    from dagcast.client import ApiClient
+    from dagcast.exceptions import BundleInvalid, ClientError, WaitTimeout
+
+    api_url = _required(api_url, "--api-url", "DAGCAST_API_URL")
+    token = _required(token, "--token", "DAGCAST_TOKEN")
+    deployment = _required(deployment, "--deployment", "DAGCAST_DEPLOYMENT")
+    if wait is None:
+        wait = sys.stdout.isatty()
+    say: Callable[[str], None] = _echo_err if as_json else click.echo
+    api = ApiClient(api_url, token, on_retry=lambda m: _echo_err(f"warning: {m}"))
+    opts = deploying.DeployOptions(
+        dags_path=dags_path,
+        deployment=deployment,
+        wait=wait,
+        timeout=timeout,
+        skip_validation=skip_validation,
+        description=description,
+    )
+    try:
+        result = deploying.run(api, opts, say)
+    except BundleInvalid as exc:
+        if as_json:
+            doc = exc.result or {"deploy_id": None, "version": None, "state": "INVALID", "sidecars": []}
+            click.echo(json.dumps({**doc, "errors": exc.errors}))
+        print_errors(exc.errors, str(dags_path).rstrip("/"))
+        _fail(exc, debug, EXIT_REJECTED)
+    except WaitTimeout as exc:
+        _fail(exc, debug, EXIT_TIMEOUT)
+    except ClientError as exc:
+        _fail(exc, debug)
+    finally:
+        api.close()
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+    else:
+        click.echo(f"Deploy {result.deploy_id}: {result.state}" + (f" v{result.version}" if result.version else ""))
+
+
+@main.command()
+@click.option("--name", required=True, envvar="DAGCAST_SIDECAR_NAME", help="This sidecar's name, unique per deployment.")
+@click.option("--root", required=True, type=click.Path(path_type=Path), help="Folder that keeps the versions.")
+@click.option("--link", required=True, type=click.Path(path_type=Path), help="Symlink to maintain; Airflow's dags folder.")
+@click.option("--api-url", envvar="DAGCAST_API_URL", help="API URL [env DAGCAST_API_URL].")
+@click.option("--token", envvar="DAGCAST_TOKEN", help="API token [env DAGCAST_TOKEN].")
+@click.option("--deployment", envvar="DAGCAST_DEPLOYMENT", help="Deployment name [env DAGCAST_DEPLOYMENT].")
+@click.option("--component", default="unknown", show_default=True, help="scheduler, worker, triggerer, ...")
+@click.option("--once", is_flag=True, help="Sync the current version and exit (init container).")
+@click.option("--resync-interval", type=click.FloatRange(min=1), default=60, show_default=True,
+              help="Seconds between reconciles with the API.")
+@click.option("--keep", type=click.IntRange(min=1), default=5, show_default=True, help="Versions to keep on disk.")
+@click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING, ERROR.")
+def sidecar(
+    name: str,
+    root: Path,
+    link: Path,
+    api_url: str | None,
+    token: str | None,
+    deployment: str | None,
+    component: str,
+    once: bool,
+    resync_interval: float,
+    keep: int,
+    log_level: str,
+) -> None:
+    """Keep LINK pointing at the deployment's live DAGs version."""
+    from dagcast import logs
+    from dagcast.client import ApiClient
+    from dagcast.exceptions import ClientError
+    from dagcast.sidecar import Sidecar, SidecarConfig, Syncer
+
+    api_url = _required(api_url, "--api-url", "DAGCAST_API_URL")
+    token = _required(token, "--token", "DAGCAST_TOKEN")
+    deployment = _required(deployment, "--deployment", "DAGCAST_DEPLOYMENT")
+    logs.setup(log_level)
+    cfg = SidecarConfig(
+        name=name, root=root.absolute(), link=link.absolute(), deployment=deployment, component=component,
+        resync_interval=resync_interval, keep=keep,
+    )
+    api = ApiClient(api_url, token)
+    if once:
+        syncer = Syncer(cfg, api)
+        try:
+            syncer.prepare()
+            version = syncer.sync(None)
+        except (ClientError, OSError) as exc:
+            _fail(exc, False)
+        live = syncer.live_version()
+        click.echo(f"{cfg.link} -> v{live}" + ("" if version else " (already current)"))
+        return
+    import boto3
+
+    daemon = Sidecar(cfg, api, boto3.client("sqs"))
+    daemon.install_signal_handlers()
+    daemon.run()
+
+
+@main.group()
+def local() -> None:
+    """The embedded stack on this machine (moto server on 127.0.0.1, no AWS account)."""
+
+
+@local.command("up")
+@click.option("--state-dir", required=True, type=click.Path(path_type=Path), help="Where state and local.json go.")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, help="API port (default: a free one).")
+@click.option("--sidecars", type=click.IntRange(0, 200), default=2, show_default=True, help="Sidecars to start.")
+@click.option("--deployment", default="demo", show_default=True, help="Deployment to create.")
+def local_up(state_dir: Path, port: int, sidecars: int, deployment: str) -> None:
+    """Run the embedded stack in the foreground until SIGINT/SIGTERM."""
+    import signal
+    import threading
+
+    from dagcast.local import EmbeddedStack
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stack = EmbeddedStack(state_dir, port=port, sidecars=sidecars, deployment=deployment)
+    try:
+        info = stack.start()
+        click.echo(f"dagcast local stack ready: API {info.api_url}, deployment {info.deployment!r}")
+        click.echo(f"  console:    {info.console_url}")
+        for s in info.sidecars:
+            click.echo(f"  sidecar {s.name}: dags folder {s.dags_path}")
+        click.echo(f"  state:      {state_dir / 'local.json'} (holds an admin token)")
+        click.echo("Press Ctrl-C to stop.", nl=True)
+        sys.stdout.flush()
+        stop.wait()
+    except Exception as exc:  # noqa: BLE001 - the top of the command: report in one line, clean up
+        _echo_err(f"error: cannot start the local stack: {exc.__class__.__name__}: {exc}")
+        _echo_err(f"hint: logs are in {state_dir}")
+        stack.stop()
+        sys.exit(EXIT_ERROR)
+    click.echo("stopping ...")
+    stack.stop()
+
+
+if __name__ == "__main__":
+    main()

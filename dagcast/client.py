@@ -1,0 +1,109 @@
+"""HTTP client of the control API, with bounded retries in the transport."""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from dagcast.exceptions import ApiError, ApiUnavailable
+
+log = logging.getLogger("dagcast.client")
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+def backoff(attempt: int, base: float = 0.2, cap: float = 5.0) -> float:
+    """Full-jitter exponential backoff."""
+    return float(random.uniform(0, min(cap, base * 2**attempt)))
+
+
+class ApiClient:
+    def __init__(
+        self,
+        api_url: str,
+        token: str,
+        *,
+        timeout: float = 30.0,
+        attempts: int = 4,
+        on_retry: Callable[[str], None] | None = None,
+    ) -> None:
+        self._http = httpx.Client(
+            base_url=api_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {token}", "User-Agent": "dagcast"},
+            timeout=timeout,
+        )
+        self._attempts = attempts
+        self._on_retry = on_retry or (lambda msg: log.warning(msg))
+
+    def close(self) -> None:
+        self._http.close()
+
+    def request(self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+        for attempt in range(self._attempts):
+            last = attempt == self._attempts - 1
+            try:
+                resp = self._http.request(method, path, json=json, params=params)
+            except httpx.TransportError as exc:
+                if last:
+                    raise ApiUnavailable(f"cannot reach the API for {method} {path}: {exc}") from exc
+                self._retry(f"{method} {path} failed ({exc.__class__.__name__})", attempt)
+                continue
+            if resp.status_code in RETRY_STATUSES and not last:
+                self._retry(f"{method} {path} answered {resp.status_code}", attempt)
+                continue
+            if resp.status_code >= 400:
+                raise _api_error(resp)
+            return resp.json() if resp.content else None
+        raise AssertionError("unreachable")
+
+    def _retry(self, what: str, attempt: int) -> None:
+        delay = backoff(attempt)
+        self._on_retry(f"{what}; retrying in {delay:.1f}s (attempt {attempt + 2}/{self._attempts})")
+        time.sleep(delay)
+
+    # --- endpoints -------------------------------------------------------------------
+
+    def get_deployment(self, deployment: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/deployments/{deployment}"))
+
+    def update_deployment(self, deployment: str, changes: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.request("PATCH", f"/deployments/{deployment}", json=changes))
+
+    def create_deploy(self, deployment: str, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.request("POST", f"/deployments/{deployment}/deploys", json=body))
+
+    def get_deploy(self, deployment: str, deploy_id: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/deployments/{deployment}/deploys/{deploy_id}"))
+
+    def list_deploys(self, deployment: str, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit}
+        if cursor:
+            params["cursor"] = cursor
+        return dict(self.request("GET", f"/deployments/{deployment}/deploys", params=params))
+
+    def get_version(self, deployment: str, version: int | None) -> dict[str, Any]:
+        which = "current" if version is None else str(version)
+        return dict(self.request("GET", f"/deployments/{deployment}/versions/{which}"))
+
+    def register_sidecar(self, deployment: str, name: str, component: str) -> dict[str, Any]:
+        body = {"name": name, "component": component}
+        return dict(self.request("POST", f"/deployments/{deployment}/sidecars", json=body))
+
+    def heartbeat(self, deployment: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.request("PUT", f"/deployments/{deployment}/sidecars/{name}", json=body))
+
+    def deregister_sidecar(self, deployment: str, name: str) -> None:
+        self.request("DELETE", f"/deployments/{deployment}/sidecars/{name}")
+
+
+def _api_error(resp: httpx.Response) -> ApiError:
+    try:
+        err = resp.json()["error"]
+        return ApiError(resp.status_code, str(err["code"]), str(err["message"]))
+    except (ValueError, KeyError, TypeError):
+        text = resp.text.strip().splitlines()[0][:200] if resp.text.strip() else resp.reason_phrase
+        return ApiError(resp.status_code, "http_error", text)

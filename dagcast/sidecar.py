@@ -1,0 +1,302 @@
+"""The sidecar: keeps a local folder on the deployment's live version, published atomically.
+
+Layout under --root:
+  versions/<n>/          complete, immutable version folders (never modified once renamed in)
+  versions/.tmp-<n>/     an extraction in progress (removed at start if a crash left it)
+  downloads/<n>.part     a download in progress
+--link is a symlink with a relative target to versions/<n>, replaced by rename.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+
+from chalicelib.validation import BundleRejected, extract_bundle
+from dagcast.client import ApiClient, backoff
+from dagcast.exceptions import ApiError, ClientError, SyncError
+
+log = logging.getLogger("dagcast.sidecar")
+
+CHUNK = 1 << 20
+
+
+@dataclass
+class SidecarConfig:
+    name: str
+    root: Path
+    link: Path
+    deployment: str
+    component: str = "unknown"
+    resync_interval: float = 60.0
+    heartbeat_interval: float = 15.0
+    keep: int = 5
+    wait_seconds: int = 20
+    fetch_attempts: int = 3
+
+
+class Syncer:
+    """One sync step at a time: fetch, verify, extract, publish, prune. No loops, no timers."""
+
+    def __init__(self, cfg: SidecarConfig, api: ApiClient, http: httpx.Client | None = None) -> None:
+        self.cfg = cfg
+        self.api = api
+        self.http = http or httpx.Client(timeout=httpx.Timeout(30.0, read=120.0))
+        self.versions = cfg.root / "versions"
+        self.downloads = cfg.root / "downloads"
+
+    def prepare(self) -> None:
+        """Create the folders and remove leftovers of an interrupted sync."""
+        self.versions.mkdir(parents=True, exist_ok=True)
+        self.downloads.mkdir(parents=True, exist_ok=True)
+        for leftover in self.versions.glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        for leftover in self.downloads.iterdir():
+            leftover.unlink(missing_ok=True)
+        for leftover in self.cfg.link.parent.glob(f".{self.cfg.link.name}.tmp-*"):
+            leftover.unlink(missing_ok=True)
+
+    def live_version(self) -> int:
+        try:
+            target = os.readlink(self.cfg.link)
+        except OSError:
+            return 0
+        name = Path(target).name
+        return int(name) if name.isdigit() else 0
+
+    def sync(self, target: int | None = None) -> int | None:
+        """Bring the link to `target` (the deployment's current version when None).
+
+        Returns the new live version, or None when nothing changed (older or equal versions
+        are dropped). Raises SyncError; the live version is untouched on any failure.
+        """
+        live = self.live_version()
+        if target is not None and target <= live:
+            return None
+        try:
+            view = self.api.get_version(self.cfg.deployment, target)
+        except ApiError as exc:
+            if exc.status == 404:
+                raise SyncError(f"deployment {self.cfg.deployment!r} has no version to sync yet") from exc
+            raise SyncError(f"cannot look up version {target or 'current'}: {exc}") from exc
+        record = view["version"]
+        version = int(record["version"])
+        if version <= live:
+            return None
+        folder = self.versions / str(version)
+        if not folder.is_dir():
+            self._fetch(version, view["download_url"], record["sha256"], folder)
+        self._publish(folder)
+        log.info("version live", extra={"version": version, "previous": live})
+        self._prune(version)
+        return version
+
+    def _fetch(self, version: int, url: str, sha256: str, folder: Path) -> None:
+        part = self.downloads / f"{version}.part"
+        for attempt in range(self.cfg.fetch_attempts):
+            try:
+                digest = self._download(url, part)
+                break
+            except (httpx.HTTPError, OSError) as exc:
+                if attempt == self.cfg.fetch_attempts - 1:
+                    part.unlink(missing_ok=True)
+                    raise SyncError(f"cannot download v{version}: {exc}") from exc
+                delay = backoff(attempt)
+                log.warning("download failed, retrying", extra={"version": version, "delay": round(delay, 2), "error": str(exc)})
+                time.sleep(delay)
+        if digest != sha256:
+            part.unlink(missing_ok=True)
+            raise SyncError(f"v{version} failed verification: sha256 {digest} does not match the version record {sha256}")
+        tmp = self.versions / f".tmp-{version}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            with part.open("rb") as f:
+                extract_bundle(f, tmp)
+        except BundleRejected as exc:
+            first = exc.report.errors[0] if exc.report.errors else None
+            detail = f"{first.path}: {first.message}" if first else "no detail"
+            raise SyncError(f"v{version} refused by the extractor: {detail}") from exc
+        finally:
+            part.unlink(missing_ok=True)
+        os.rename(tmp, folder)
+        _fsync_dir(self.versions)
+
+    def _download(self, url: str, part: Path) -> str:
+        h = hashlib.sha256()
+        with self.http.stream("GET", url) as resp, part.open("wb") as out:
+            resp.raise_for_status()
+            for chunk in resp.iter_bytes(CHUNK):
+                h.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        return h.hexdigest()
+
+    def _publish(self, folder: Path) -> None:
+        link = self.cfg.link
+        link.parent.mkdir(parents=True, exist_ok=True)
+        target = os.path.relpath(folder, link.parent.resolve())
+        tmp = link.parent / f".{link.name}.tmp-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+        _fsync_dir(link.parent)
+
+    def _prune(self, live: int) -> None:
+        numbered = sorted((int(p.name) for p in self.versions.iterdir() if p.name.isdigit()), reverse=True)
+        for version in numbered[self.cfg.keep :]:
+            if version != live and version != self.live_version():
+                shutil.rmtree(self.versions / str(version), ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class Sidecar:
+    """The daemon: register, reconcile, long-poll the queue, heartbeat; until stopped."""
+
+    def __init__(self, cfg: SidecarConfig, api: ApiClient, sqs: Any) -> None:
+        self.cfg = cfg
+        self.api = api
+        self.sqs = sqs
+        self.syncer = Syncer(cfg, api)
+        self.stop = threading.Event()
+        self.queue_url: str | None = None
+        self.last_error: str | None = None
+        self.last_sync_at: int | None = None
+        self.failures = 0
+        self._polling = False
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum: int, frame: FrameType | None) -> None:
+            self.stop.set()
+            if self._polling:
+                raise _Interrupted()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run(self) -> None:
+        self.syncer.prepare()
+        self._register()
+        next_resync = 0.0
+        next_heartbeat = 0.0
+        try:
+            while not self.stop.is_set():
+                now = time.monotonic()
+                if now >= next_resync:
+                    self._step(None)
+                    next_resync = now + self.cfg.resync_interval
+                    next_heartbeat = 0.0
+                if time.monotonic() >= next_heartbeat:
+                    self._heartbeat()
+                    next_heartbeat = time.monotonic() + self.cfg.heartbeat_interval
+                wait = max(0.0, min(self.cfg.wait_seconds, next_resync - time.monotonic(), next_heartbeat - time.monotonic()))
+                target = self._poll(wait)
+                if target is not None and self._step(target):
+                    next_heartbeat = 0.0
+        except _Interrupted:
+            pass
+        finally:
+            self._deregister()
+
+    def _step(self, target: int | None) -> bool:
+        try:
+            changed = self.syncer.sync(target)
+        except (ClientError, OSError) as exc:
+            self.failures += 1
+            self.last_error = str(exc)
+            log.error("sync failed", extra={"target": target, "failures": self.failures, "error": str(exc)})
+            return True
+        self.failures = 0
+        self.last_error = None
+        if changed is not None:
+            self.last_sync_at = int(time.time() * 1000)
+        return changed is not None
+
+    def _poll(self, wait: float) -> int | None:
+        """Long-poll the queue; returns the highest version announced, messages deleted."""
+        if self.queue_url is None or self.sqs is None:
+            self.stop.wait(wait)
+            return None
+        try:
+            self._polling = True
+            if self.stop.is_set():
+                return None
+            out = self.sqs.receive_message(
+                QueueUrl=self.queue_url, WaitTimeSeconds=int(wait), MaxNumberOfMessages=10
+            )
+        except Exception as exc:  # noqa: BLE001 - any transport failure: fall back to resync, with backoff
+            if isinstance(exc, _Interrupted):
+                raise
+            log.warning("queue poll failed", extra={"error": str(exc)})
+            self.stop.wait(min(wait, 1.0 + backoff(min(self.failures, 5))))
+            return None
+        finally:
+            self._polling = False
+        messages = out.get("Messages", [])
+        versions = []
+        for m in messages:
+            try:
+                doc = json.loads(m["Body"])
+                if doc.get("deployment") == self.cfg.deployment:
+                    versions.append(int(doc["version"]))
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignoring malformed message")
+        if messages:
+            entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)]
+            try:
+                self.sqs.delete_message_batch(QueueUrl=self.queue_url, Entries=entries)
+            except Exception as exc:  # noqa: BLE001 - redelivery is harmless: versions are idempotent
+                log.warning("cannot delete messages", extra={"error": str(exc)})
+        return max(versions) if versions else None
+
+    def _register(self) -> None:
+        try:
+            reg = self.api.register_sidecar(self.cfg.deployment, self.cfg.name, self.cfg.component)
+            self.queue_url = reg["queue_url"]
+            log.info("registered", extra={"sidecar": self.cfg.name, "deployment": self.cfg.deployment})
+        except ClientError as exc:
+            self.last_error = f"cannot register: {exc}"
+            log.error("registration failed; syncing by periodic reconcile only", extra={"error": str(exc)})
+
+    def _heartbeat(self) -> None:
+        body = {"version": self.syncer.live_version(), "last_sync_at": self.last_sync_at, "last_error": self.last_error}
+        try:
+            self.api.heartbeat(self.cfg.deployment, self.cfg.name, body)
+        except ApiError as exc:
+            if exc.status == 404:
+                self._register()
+            else:
+                log.warning("heartbeat failed", extra={"error": str(exc)})
+        except ClientError as exc:
+            log.warning("heartbeat failed", extra={"error": str(exc)})
+
+    def _deregister(self) -> None:
+        if self.queue_url is None:
+            return
+        try:
+            self.api.deregister_sidecar(self.cfg.deployment, self.cfg.name)
+            log.info("deregistered", extra={"sidecar": self.cfg.name})
+        except ClientError as exc:
+            log.warning("deregistration failed", extra={"error": str(exc)})

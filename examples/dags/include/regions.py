@@ -1,0 +1,3 @@
+"""Shared constants imported by several DAGs."""
+
+REGIONS = ("emea", "amer", "apac")
