@@ -13,7 +13,7 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError
-from chalice import Chalice, Response
+from chalice import Chalice, Rate, Response
 from pydantic import BaseModel, ValidationError
 
 from chalicelib import __version__
@@ -274,6 +274,14 @@ def deregister_sidecar(ctx: Ctx, deployment: str, name: str) -> None:
 
 
 # --- events ------------------------------------------------------------------------------
+
+
+@app.schedule(Rate(5, unit=Rate.MINUTES), name="janitor")
+def janitor(event: Any) -> dict[str, Any]:
+    """Removes silent sidecars' queues and expires deploys that were never uploaded."""
+    report = get_control().janitor()
+    logger.info("janitor done", extra=report.model_dump())
+    return report.model_dump()
 
 
 def _ingest_record(record: SQSRecord) -> None:

@@ -199,6 +199,11 @@ class Registration(BaseModel):
     queue_url: str
 
 
+class JanitorReport(BaseModel):
+    sidecars_removed: list[str] = Field(default_factory=list)
+    deploys_expired: list[str] = Field(default_factory=list)
+
+
 class Page(BaseModel):
     items: list[Any]
     next_cursor: str | None = None

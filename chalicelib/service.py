@@ -19,6 +19,7 @@ from chalicelib.models import (
     DeployState,
     DeployView,
     Heartbeat,
+    JanitorReport,
     Mechanism,
     Page,
     RegisterSidecar,
@@ -192,6 +193,26 @@ class ControlPlane:
             last_sync_at=s.last_sync_at,
             last_error=s.last_error,
         )
+
+    # --- janitor ---------------------------------------------------------------------
+
+    def janitor(self) -> JanitorReport:
+        """Remove sidecars gone silent (queue, subscription, record) and expire deploys never uploaded."""
+        report = JanitorReport()
+        clock = self._clock()
+        sidecar_cutoff = clock - self._settings.sidecar_expiry_seconds * 1000
+        pending_cutoff = clock - (self._settings.upload_expiry_seconds + self._settings.pending_grace_seconds) * 1000
+        for dep in self._store.list_deployments():
+            for s in self._store.list_sidecars(dep.name):
+                if s.last_heartbeat < sidecar_cutoff:
+                    self._queues.delete(s.queue_url, s.subscription_arn)
+                    self._store.delete_sidecar(dep.name, s.name)
+                    report.sidecars_removed.append(f"{dep.name}/{s.name}")
+            for d in self._store.pending_deploys(dep.name):
+                if d.created_at < pending_cutoff and self._store.expire_deploy(dep.name, d.deploy_id):
+                    self._bundles.delete(d.key)  # a late upload must never be picked up
+                    report.deploys_expired.append(f"{dep.name}/{d.deploy_id}")
+        return report
 
     # --- tokens ----------------------------------------------------------------------
 

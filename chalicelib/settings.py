@@ -19,6 +19,8 @@ class Settings(BaseSettings):
     upload_expiry_seconds: int = Field(600, ge=60, le=3600)
     download_expiry_seconds: int = Field(300, ge=30, le=3600)
     sidecar_stale_seconds: int = Field(90, ge=5, description="a sidecar silent for longer is not live")
+    sidecar_expiry_seconds: int = Field(900, ge=60, description="the janitor removes sidecars silent for longer")
+    pending_grace_seconds: int = Field(300, ge=0, description="extra time past the upload expiry before EXPIRED")
     activation_retries: int = Field(60, ge=1, description="bound on version-assignment retries under contention")
 
 

@@ -254,6 +254,26 @@ class Store:
                 raise Conflict(f"deploy {version.deploy_id} is no longer validating") from exc
             raise VersionRace(f"version {n} of {d!r} was taken") from exc
 
+    def pending_deploys(self, deployment: str) -> list[Deploy]:
+        items = self._query_prefix(_pk(deployment), "DEPLOY#")
+        return [Deploy.model_validate(_strip(i)) for i in items if i.get("state") == DeployState.PENDING.value]
+
+    def expire_deploy(self, deployment: str, deploy_id: str) -> bool:
+        """PENDING -> EXPIRED; False when an upload arrived first."""
+        try:
+            self._table.update_item(
+                Key={"pk": _pk(deployment), "sk": _deploy_sk(deploy_id)},
+                UpdateExpression="SET #s = :expired",
+                ConditionExpression="#s = :pending",
+                ExpressionAttributeNames={"#s": "state"},
+                ExpressionAttributeValues={":expired": DeployState.EXPIRED.value, ":pending": DeployState.PENDING.value},
+            )
+        except ClientError as exc:
+            if _failed_condition(exc):
+                return False
+            raise StorageError(f"cannot expire deploy {deploy_id}: {exc}") from exc
+        return True
+
     def get_version(self, deployment: str, version: int) -> Version:
         item = self._get(_pk(deployment), _version_sk(version), f"version {version}")
         if item is None:

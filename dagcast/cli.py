@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -174,6 +175,8 @@ def deploy(
 @click.option("--resync-interval", type=click.FloatRange(min=1), default=60, show_default=True,
               help="Seconds between reconciles with the API.")
 @click.option("--keep", type=click.IntRange(min=1), default=5, show_default=True, help="Versions to keep on disk.")
+@click.option("--metrics-addr", default="0.0.0.0:9108", show_default=True, envvar="DAGCAST_METRICS_ADDR",
+              help="host:port for /healthz and /metrics; empty to disable.")
 @click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING, ERROR.")
 def sidecar(
     name: str,
@@ -186,6 +189,7 @@ def sidecar(
     once: bool,
     resync_interval: float,
     keep: int,
+    metrics_addr: str,
     log_level: str,
 ) -> None:
     """Keep LINK pointing at the deployment's live DAGs version."""
@@ -216,6 +220,16 @@ def sidecar(
     import boto3
 
     daemon = Sidecar(cfg, api, boto3.client("sqs"))
+    if metrics_addr:
+        from dagcast.observe import serve
+
+        try:
+            server = serve(metrics_addr, daemon.metrics, lambda: daemon.syncer.live_version() > 0)
+        except (OSError, ValueError) as exc:
+            raise click.BadParameter(f"cannot listen on {metrics_addr!r}: {exc}", param_hint="--metrics-addr") from exc
+        host, port = server.server_address[:2]
+        logs_extra = {"metrics": f"{host!s}:{port}"}
+        logging.getLogger("dagcast.sidecar").info("serving /healthz and /metrics", extra=logs_extra)
     daemon.install_signal_handlers()
     daemon.run()
 

@@ -32,6 +32,7 @@ class SidecarInfo:
     dags_path: str
     root: str
     log: str
+    metrics_url: str = ""
 
 
 @dataclass
@@ -76,7 +77,9 @@ class EmbeddedStack:
         deployment: str = "demo",
         stack_name: str = "dagcast-local",
         sidecar_args: list[str] | None = None,
+        janitor_interval: float = 30.0,
     ) -> None:
+        self.janitor_interval = janitor_interval
         self.state_dir = state_dir.resolve()
         self.port = port or free_port()
         self.sidecar_count = sidecars
@@ -121,6 +124,7 @@ class EmbeddedStack:
         )
         api_url = self._start_api()
         self._start_ingest(outputs.ingest_queue_url)
+        self._start_janitor()
         token, sidecar_token = self._seed()
         self.info = LocalInfo(
             api_url=api_url,
@@ -240,6 +244,21 @@ class EmbeddedStack:
                 if m["MessageId"] in failed:  # retry soon rather than after the full visibility timeout
                     sqs.change_message_visibility(QueueUrl=queue_url, ReceiptHandle=m["ReceiptHandle"], VisibilityTimeout=2)
 
+    def _start_janitor(self) -> None:
+        """Plays the scheduled janitor function."""
+        import app as chalice_app
+
+        def loop() -> None:
+            while not self._stop.wait(self.janitor_interval):
+                try:
+                    chalice_app.janitor(_scheduled_event(), None)
+                except Exception:  # noqa: BLE001 - keep the schedule going, like EventBridge would
+                    log.exception("janitor failed")
+
+        t = threading.Thread(target=loop, name="janitor", daemon=True)
+        t.start()
+        self._threads.append(t)
+
     def _seed(self) -> tuple[str, str]:
         import app as chalice_app
         from chalicelib.models import CreateDeployment, Mechanism, Role
@@ -266,7 +285,9 @@ class EmbeddedStack:
             "DAGCAST_TOKEN": self.info.sidecar_token,
             "DAGCAST_DEPLOYMENT": self.deployment,
         }
-        args = ["--name", name, "--root", str(root), "--link", str(link), "--component", "worker"]
+        metrics_port = free_port()
+        args = ["--name", name, "--root", str(root), "--link", str(link), "--component", "worker",
+                "--metrics-addr", f"127.0.0.1:{metrics_port}"]
         proc = subprocess.Popen(
             [sys.executable, "-m", "dagcast", "sidecar", *args, *self.sidecar_args, *(extra_args or [])],
             env=env,
@@ -274,7 +295,8 @@ class EmbeddedStack:
             stderr=subprocess.STDOUT,
         )
         self.sidecar_procs.append(proc)
-        return SidecarInfo(name=name, dags_path=str(link), root=str(root), log=str(log_path))
+        return SidecarInfo(name=name, dags_path=str(link), root=str(root), log=str(log_path),
+                           metrics_url=f"http://127.0.0.1:{metrics_port}")
 
     def _wait_registered(self, timeout: float = 60) -> None:
         import app as chalice_app
@@ -294,7 +316,7 @@ class EmbeddedStack:
     def _write_info(self) -> None:
         assert self.info is not None
         doc = asdict(self.info)
-        doc["sidecars"] = [{"name": s.name, "dags_path": s.dags_path} for s in self.info.sidecars]
+        doc["sidecars"] = [{"name": s.name, "dags_path": s.dags_path, "metrics_url": s.metrics_url} for s in self.info.sidecars]
         tmp = self.state_dir / ".local.json.tmp"
         tmp.write_text(json.dumps(doc, indent=2) + "\n")
         os.replace(tmp, self.state_dir / "local.json")
@@ -311,4 +333,21 @@ def _lambda_sqs_record(message: dict[str, Any], queue_arn: str) -> dict[str, Any
         "eventSource": "aws:sqs",
         "eventSourceARN": queue_arn,
         "awsRegion": REGION,
+    }
+
+
+def _scheduled_event() -> dict[str, Any]:
+    """The event EventBridge sends a scheduled function."""
+    import uuid
+
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": "123456789012",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "region": REGION,
+        "resources": [],
+        "detail": {},
     }

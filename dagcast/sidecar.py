@@ -26,6 +26,7 @@ import httpx
 from chalicelib.validation import BundleRejected, extract_bundle
 from dagcast.client import ApiClient, backoff
 from dagcast.exceptions import ApiError, ClientError, SyncError
+from dagcast.observe import SidecarMetrics
 
 log = logging.getLogger("dagcast.sidecar")
 
@@ -49,12 +50,15 @@ class SidecarConfig:
 class Syncer:
     """One sync step at a time: fetch, verify, extract, publish, prune. No loops, no timers."""
 
-    def __init__(self, cfg: SidecarConfig, api: ApiClient, http: httpx.Client | None = None) -> None:
+    def __init__(
+        self, cfg: SidecarConfig, api: ApiClient, http: httpx.Client | None = None, metrics: SidecarMetrics | None = None
+    ) -> None:
         self.cfg = cfg
         self.api = api
         self.http = http or httpx.Client(timeout=httpx.Timeout(30.0, read=120.0))
         self.versions = cfg.root / "versions"
         self.downloads = cfg.root / "downloads"
+        self.metrics = metrics or SidecarMetrics()
 
     def prepare(self) -> None:
         """Create the folders and remove leftovers of an interrupted sync."""
@@ -82,8 +86,25 @@ class Syncer:
         are dropped). Raises SyncError; the live version is untouched on any failure.
         """
         live = self.live_version()
+        self.metrics.current_version.set(live)
         if target is not None and target <= live:
+            log.debug("dropping announcement of an older or equal version", extra={"version": target, "live": live})
             return None
+        started = time.monotonic()
+        try:
+            changed = self._sync(live, target)
+        except (ClientError, OSError):
+            self.metrics.syncs.labels(result="error").inc()
+            raise
+        self.metrics.syncs.labels(result="published" if changed else "unchanged").inc()
+        if changed:
+            self.metrics.sync_seconds.observe(time.monotonic() - started)
+            self.metrics.current_version.set(changed)
+            self.metrics.last_sync.set(time.time())
+            self.metrics.seconds_behind.set(0)
+        return changed
+
+    def _sync(self, live: int, target: int | None) -> int | None:
         try:
             view = self.api.get_version(self.cfg.deployment, target)
         except ApiError as exc:
@@ -93,7 +114,9 @@ class Syncer:
         record = view["version"]
         version = int(record["version"])
         if version <= live:
+            self.metrics.seconds_behind.set(0)
             return None
+        self.metrics.seconds_behind.set(max(0.0, time.time() - int(record["created_at"]) / 1000))
         folder = self.versions / str(version)
         if not folder.is_dir():
             self._fetch(version, view["download_url"], record["sha256"], folder)
@@ -175,11 +198,12 @@ class _Interrupted(Exception):
 class Sidecar:
     """The daemon: register, reconcile, long-poll the queue, heartbeat; until stopped."""
 
-    def __init__(self, cfg: SidecarConfig, api: ApiClient, sqs: Any) -> None:
+    def __init__(self, cfg: SidecarConfig, api: ApiClient, sqs: Any, metrics: SidecarMetrics | None = None) -> None:
         self.cfg = cfg
         self.api = api
         self.sqs = sqs
-        self.syncer = Syncer(cfg, api)
+        self.metrics = metrics or SidecarMetrics()
+        self.syncer = Syncer(cfg, api, metrics=self.metrics)
         self.stop = threading.Event()
         self.queue_url: str | None = None
         self.last_error: str | None = None
@@ -225,10 +249,12 @@ class Sidecar:
             changed = self.syncer.sync(target)
         except (ClientError, OSError) as exc:
             self.failures += 1
+            self.metrics.failures.set(self.failures)
             self.last_error = str(exc)
             log.error("sync failed", extra={"target": target, "failures": self.failures, "error": str(exc)})
             return True
         self.failures = 0
+        self.metrics.failures.set(0)
         self.last_error = None
         if changed is not None:
             self.last_sync_at = int(time.time() * 1000)

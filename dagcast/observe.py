@@ -1,0 +1,64 @@
+"""The sidecar's /healthz and /metrics endpoints (Prometheus text format)."""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class SidecarMetrics:
+    """Every metric the sidecar exports, on a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.sync_seconds = Histogram(
+            "dagcast_sidecar_sync_seconds",
+            "Time to download, verify, extract and publish a version",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=self.registry,
+        )
+        self.syncs = Counter("dagcast_sidecar_syncs", "Sync attempts by result", ["result"], registry=self.registry)
+        self.current_version = Gauge("dagcast_sidecar_current_version", "Version the dags link points to", registry=self.registry)
+        self.seconds_behind = Gauge(
+            "dagcast_sidecar_seconds_behind",
+            "Seconds since the deployment's current version became active while this sidecar is not on it",
+            registry=self.registry,
+        )
+        self.failures = Gauge("dagcast_sidecar_consecutive_failures", "Failed syncs in a row", registry=self.registry)
+        self.last_sync = Gauge("dagcast_sidecar_last_sync_timestamp_seconds", "When a version was last published",
+                               registry=self.registry)
+        for result in ("published", "unchanged", "error"):
+            self.syncs.labels(result=result)
+
+
+def serve(addr: str, metrics: SidecarMetrics, ready: Callable[[], bool]) -> ThreadingHTTPServer:
+    """Start the endpoints on `host:port` in a daemon thread; returns the server (its real port included)."""
+    host, _, port = addr.rpartition(":")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            if self.path == "/healthz":
+                ok = ready()
+                self._reply(200 if ok else 503, b"ok\n" if ok else b"no version live yet\n", "text/plain")
+            elif self.path == "/metrics":
+                self._reply(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+            else:
+                self._reply(404, b"not found\n", "text/plain")
+
+        def _reply(self, status: int, body: bytes, ctype: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - silence access logs
+            return
+
+    server = ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

@@ -1,0 +1,187 @@
+"""The sidecar's sync step on real files, with the API and bundle downloads faked in memory."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from chalicelib.bundle import write_bundle
+from dagcast.exceptions import ApiError, SyncError
+from dagcast.sidecar import Sidecar, SidecarConfig, Syncer
+
+
+def bundle_bytes(tmp: Path, files: dict[str, str]) -> bytes:
+    for rel, text in files.items():
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_text(text)
+    buf = io.BytesIO()
+    write_bundle(tmp, list(files), buf)
+    return buf.getvalue()
+
+
+class FakeApi:
+    """Plays the control API: versions with sha256 and a download URL served by `transport`."""
+
+    def __init__(self) -> None:
+        self.blobs: dict[int, bytes] = {}
+        self.sha: dict[int, str] = {}
+        self.current = 0
+        self.lookups: list[int | None] = []
+
+    def add(self, version: int, blob: bytes, sha256: str | None = None) -> None:
+        self.blobs[version] = blob
+        self.sha[version] = sha256 or hashlib.sha256(blob).hexdigest()
+        self.current = max(self.current, version)
+
+    def get_version(self, deployment: str, version: int | None) -> dict[str, Any]:
+        self.lookups.append(version)
+        v = self.current if version is None else version
+        if v not in self.blobs:
+            raise ApiError(404, "not_found", "no such version")
+        record = {"version": v, "sha256": self.sha[v], "created_at": 0, "deploy_id": f"d{v}", "key": "k", "size": 1}
+        return {"version": record, "download_url": f"http://bundles.test/v{v}"}
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> tuple[Syncer, FakeApi, list[str]]:
+    api = FakeApi()
+    downloads: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        downloads.append(request.url.path)
+        return httpx.Response(200, content=api.blobs[int(request.url.path.removeprefix("/v"))])
+
+    cfg = SidecarConfig(name="t", root=tmp_path / "root", link=tmp_path / "dags", deployment="d", keep=2)
+    syncer = Syncer(cfg, api, http=httpx.Client(transport=httpx.MockTransport(handler)))  # type: ignore[arg-type]
+    syncer.prepare()
+    return syncer, api, downloads
+
+
+def versions_of(i: int, tmp_path: Path) -> bytes:
+    src = tmp_path / f"src{i}"
+    return bundle_bytes(src, {"dag.py": f"VERSION = {i}\n", "sql/q.sql": f"select {i};\n"})
+
+
+def test_publishes_a_version_behind_a_relative_link(env: Any, tmp_path: Path) -> None:
+    syncer, api, _ = env
+    api.add(1, versions_of(1, tmp_path))
+    assert syncer.sync(None) == 1
+    link = syncer.cfg.link
+    assert os.readlink(link) == os.path.relpath(syncer.versions / "1", link.parent)
+    assert (link / "dag.py").read_text() == "VERSION = 1\n"
+    assert syncer.live_version() == 1
+
+
+def test_older_equal_and_duplicate_announcements_never_go_backwards_or_download_twice(env: Any, tmp_path: Path) -> None:
+    syncer, api, downloads = env
+    for i in (1, 2):
+        api.add(i, versions_of(i, tmp_path))
+    assert syncer.sync(2) == 2
+    assert syncer.sync(1) is None
+    assert syncer.sync(2) is None
+    assert syncer.sync(None) is None
+    assert downloads == ["/v2"]
+    assert syncer.live_version() == 2
+
+
+def test_poll_takes_the_highest_announced_version_and_deletes_every_message(env: Any, tmp_path: Path) -> None:
+    syncer, api, _ = env
+
+    class FakeSqs:
+        deleted: list[str] = []
+
+        def receive_message(self, **_: Any) -> dict[str, Any]:
+            bodies = ['{"deployment": "d", "version": 3}', '{"deployment": "d", "version": 1}',
+                      '{"deployment": "d", "version": 3}', 'not json', '{"deployment": "other", "version": 9}']
+            return {"Messages": [{"Body": b, "ReceiptHandle": f"r{i}"} for i, b in enumerate(bodies)]}
+
+        def delete_message_batch(self, QueueUrl: str, Entries: list[dict[str, str]]) -> None:  # noqa: N803
+            self.deleted.extend(e["ReceiptHandle"] for e in Entries)
+
+    sqs = FakeSqs()
+    daemon = Sidecar(syncer.cfg, api, sqs)  # type: ignore[arg-type]
+    daemon.queue_url = "q"
+    assert daemon._poll(0) == 3
+    assert sorted(sqs.deleted) == ["r0", "r1", "r2", "r3", "r4"]
+
+
+def test_a_bundle_failing_verification_is_never_published(env: Any, tmp_path: Path) -> None:
+    syncer, api, _ = env
+    api.add(1, versions_of(1, tmp_path))
+    syncer.sync(None)
+    api.add(2, versions_of(2, tmp_path), sha256="0" * 64)
+    with pytest.raises(SyncError, match="failed verification"):
+        syncer.sync(2)
+    assert syncer.live_version() == 1
+    assert sorted(p.name for p in syncer.versions.iterdir()) == ["1"]
+    assert list(syncer.downloads.iterdir()) == []
+
+
+def test_a_hostile_archive_with_a_matching_checksum_writes_nothing_outside(env: Any, tmp_path: Path) -> None:
+    syncer, api, _ = env
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name in ("ok.py", "../../escaped.py"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tf.addfile(info, io.BytesIO(b"x\n"))
+    api.add(1, buf.getvalue())
+    with pytest.raises(SyncError, match="refused"):
+        syncer.sync(None)
+    assert not syncer.cfg.link.exists()
+    assert not list(tmp_path.rglob("escaped.py"))
+    assert [p.name for p in syncer.versions.iterdir()] == []
+
+
+def test_running_tasks_keep_their_files_when_a_new_version_is_published(env: Any, tmp_path: Path) -> None:
+    syncer, api, _ = env
+    api.add(1, versions_of(1, tmp_path))
+    syncer.sync(None)
+    v1 = syncer.cfg.link.resolve()
+    handle = (v1 / "dag.py").open()
+    task = subprocess.Popen(["sleep", "30"], cwd=v1)
+    try:
+        api.add(2, versions_of(2, tmp_path))
+        assert syncer.sync(2) == 2
+        assert handle.read() == "VERSION = 1\n"
+        assert (v1 / "dag.py").read_text() == "VERSION = 1\n"
+        assert os.readlink(f"/proc/{task.pid}/cwd") == str(v1)
+        assert (syncer.cfg.link / "dag.py").read_text() == "VERSION = 2\n"
+    finally:
+        handle.close()
+        task.kill()
+        task.wait()
+
+
+def test_retention_keeps_the_newest_versions_and_never_the_live_one_is_removed(env: Any, tmp_path: Path) -> None:
+    syncer, api, _ = env
+    for i in (1, 2, 3, 4):
+        api.add(i, versions_of(i, tmp_path))
+        syncer.sync(i)
+    assert sorted(p.name for p in syncer.versions.iterdir()) == ["3", "4"]
+    assert syncer.live_version() == 4
+
+
+def test_prepare_removes_leftovers_of_an_interrupted_sync(env: Any) -> None:
+    syncer, _, _ = env
+    (syncer.versions / ".tmp-7" / "sub").mkdir(parents=True)
+    (syncer.downloads / "7.part").write_bytes(b"partial")
+    stale_link = syncer.cfg.link.parent / f".{syncer.cfg.link.name}.tmp-123"
+    os.symlink("nowhere", stale_link)
+    syncer.prepare()
+    assert not (syncer.versions / ".tmp-7").exists()
+    assert list(syncer.downloads.iterdir()) == []
+    assert not os.path.lexists(stale_link)
+
+
+def test_once_without_any_version_is_a_clear_error(env: Any) -> None:
+    syncer, _, _ = env
+    with pytest.raises(SyncError, match="no version to sync yet"):
+        syncer.sync(None)
