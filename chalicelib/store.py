@@ -127,7 +127,11 @@ class Store:
     # --- deploys ---------------------------------------------------------------------
 
     def create_deploy(self, deploy: Deploy) -> None:
-        item = {"pk": _pk(deploy.deployment), "sk": _deploy_sk(deploy.deploy_id), **deploy.model_dump(mode="json")}
+        item = {
+            "pk": _pk(deploy.deployment),
+            "sk": _deploy_sk(deploy.deploy_id),
+            **deploy.model_dump(mode="json", exclude_none=True),
+        }
         try:
             self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(pk)")
         except ClientError as exc:

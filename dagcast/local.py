@@ -192,6 +192,7 @@ class EmbeddedStack:
         import app as chalice_app
 
         server = create_local_server(chalice_app.app, Config(), "127.0.0.1", self.port)
+        server.server.RequestHandlerClass = _quiet(server.server.RequestHandlerClass)
         self._server = server
         t = threading.Thread(target=server.server.serve_forever, name="api", daemon=True)
         t.start()
@@ -351,3 +352,16 @@ def _scheduled_event() -> dict[str, Any]:
         "resources": [],
         "detail": {},
     }
+
+
+def _quiet(handler: Any) -> Any:
+    """Chalice's request handler class (a partial) with access logs silenced."""
+    import functools
+
+    from chalice.local import ChaliceRequestHandler
+
+    class Quiet(ChaliceRequestHandler):  # type: ignore[misc]
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            return
+
+    return functools.partial(Quiet, *handler.args, **handler.keywords)

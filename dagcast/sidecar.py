@@ -141,6 +141,7 @@ class Syncer:
         if digest != sha256:
             part.unlink(missing_ok=True)
             raise SyncError(f"v{version} failed verification: sha256 {digest} does not match the version record {sha256}")
+        log.debug("downloaded and verified", extra={"version": version})
         tmp = self.versions / f".tmp-{version}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
@@ -154,6 +155,7 @@ class Syncer:
             part.unlink(missing_ok=True)
         os.rename(tmp, folder)
         _fsync_dir(self.versions)
+        log.debug("extracted", extra={"version": version})
 
     def _download(self, url: str, part: Path) -> str:
         h = hashlib.sha256()
@@ -289,6 +291,7 @@ class Sidecar:
                     versions.append(int(doc["version"]))
             except (ValueError, KeyError, TypeError):
                 log.warning("ignoring malformed message")
+        log.debug("messages received", extra={"count": len(messages), "versions": versions})
         if messages:
             entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)]
             try:
