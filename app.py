@@ -34,19 +34,24 @@ from chalicelib.models import (
     CreatedDeploy,
     CreateDeploy,
     CreateDeployment,
+    CreateToken,
+    Deploy,
     Deployment,
     DeployView,
     Heartbeat,
+    IssuedToken,
     Page,
     RegisterSidecar,
     Registration,
     SidecarView,
     Token,
+    TokenView,
     UpdateDeployment,
     VersionView,
 )
 from chalicelib.notify import Notifier, SidecarQueues
 from chalicelib.openapi import RouteSpec, build_document
+from chalicelib.publish import Publisher
 from chalicelib.service import ControlPlane, now_ms
 from chalicelib.settings import get_settings
 from chalicelib.storage import BundleStorage
@@ -81,18 +86,26 @@ def get_bundles() -> BundleStorage:
 
 
 @functools.lru_cache(maxsize=1)
+def get_sns() -> Any:
+    return boto3.client("sns", config=_AWS_CONFIG)
+
+
+@functools.lru_cache(maxsize=1)
+def get_publisher() -> Publisher:
+    s = get_settings()
+    return Publisher(s, get_store(), get_bundles(), Notifier(get_sns(), s.topic_arn), now_ms)
+
+
+@functools.lru_cache(maxsize=1)
 def get_control() -> ControlPlane:
     s = get_settings()
-    sns = boto3.client("sns", config=_AWS_CONFIG)
-    queues = SidecarQueues(boto3.client("sqs", config=_AWS_CONFIG), sns, s.topic_arn, s.sidecar_queue_prefix)
-    return ControlPlane(s, get_store(), get_bundles(), queues)
+    queues = SidecarQueues(boto3.client("sqs", config=_AWS_CONFIG), get_sns(), s.topic_arn, s.sidecar_queue_prefix)
+    return ControlPlane(s, get_store(), get_bundles(), queues, get_publisher())
 
 
 @functools.lru_cache(maxsize=1)
 def get_ingest() -> Ingest:
-    s = get_settings()
-    notifier = Notifier(boto3.client("sns", config=_AWS_CONFIG), s.topic_arn)
-    return Ingest(s, get_store(), get_bundles(), notifier, now_ms)
+    return Ingest(get_settings(), get_store(), get_bundles(), get_publisher(), now_ms)
 
 
 @functools.lru_cache(maxsize=1)
@@ -238,6 +251,20 @@ def get_deploy(ctx: Ctx, deployment: str, deploy_id: str) -> DeployView:
     return get_control().get_deploy(deployment, deploy_id)
 
 
+@api("/deployments/{deployment}/deploys/{deploy_id}/cancel", "POST", "Cancel a deploy that was never uploaded",
+     Permission.DEPLOY, response=Deploy)
+def cancel_deploy(ctx: Ctx, deployment: str, deploy_id: str) -> Deploy:
+    assert ctx.token is not None
+    return get_control().cancel_deploy(deployment, deploy_id, ctx.token.name)
+
+
+@api("/deployments/{deployment}/deploys/{deploy_id}/rollback", "POST",
+     "Roll back: a new version serving this earlier deploy's bundle", Permission.ADMIN, response=Deploy, status=201)
+def rollback(ctx: Ctx, deployment: str, deploy_id: str) -> Deploy:
+    assert ctx.token is not None
+    return get_control().rollback(deployment, deploy_id, ctx.token.name)
+
+
 @api("/deployments/{deployment}/versions/current", "GET", "The live version with a download URL", Permission.READ,
      response=VersionView)
 def current_version(ctx: Ctx, deployment: str) -> VersionView:
@@ -271,6 +298,22 @@ def heartbeat(ctx: Ctx, deployment: str, name: str) -> SidecarView:
      Permission.SYNC, status=204)
 def deregister_sidecar(ctx: Ctx, deployment: str, name: str) -> None:
     get_control().deregister_sidecar(deployment, name)
+
+
+@api("/tokens", "GET", "List tokens (never their secrets)", Permission.ADMIN)
+def list_tokens(ctx: Ctx) -> dict[str, Any]:
+    return {"items": [t.model_dump(mode="json") for t in get_control().list_tokens()]}
+
+
+@api("/tokens", "POST", "Create a token; the secret is in this response only", Permission.ADMIN,
+     body=CreateToken, response=IssuedToken, status=201)
+def create_token(ctx: Ctx) -> IssuedToken:
+    return get_control().create_token(ctx.body)
+
+
+@api("/tokens/{name}", "DELETE", "Revoke a token", Permission.ADMIN, response=TokenView)
+def revoke_token(ctx: Ctx, name: str) -> TokenView:
+    return get_control().revoke_token(name)
 
 
 # --- events ------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ delivery after a crash mid-way finds it VALIDATING and finishes the job.
 from __future__ import annotations
 
 import json
-import random
 import time
 from collections.abc import Callable
 from enum import Enum
@@ -16,12 +15,12 @@ from urllib.parse import unquote_plus
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.data_classes import S3Event
 
-from chalicelib.exceptions import Conflict, NotFound, StorageError
-from chalicelib.models import Deploy, IngestEvent, Version
-from chalicelib.notify import Notifier
+from chalicelib.exceptions import NotFound, StorageError
+from chalicelib.models import Deploy, IngestEvent
+from chalicelib.publish import Publisher
 from chalicelib.settings import Settings
 from chalicelib.storage import BundleStorage, parse_bundle_key
-from chalicelib.store import Store, VersionRace
+from chalicelib.store import Store
 from chalicelib.validation import Issue, Report, validate_stream
 
 logger = Logger(service="dagcast", child=True)
@@ -42,13 +41,13 @@ class Ingest:
         settings: Settings,
         store: Store,
         bundles: BundleStorage,
-        notifier: Notifier,
+        publisher: Publisher,
         clock: Callable[[], int],
     ) -> None:
         self._settings = settings
         self._store = store
         self._bundles = bundles
-        self._notifier = notifier
+        self._publisher = publisher
         self._clock = clock
 
     def handle(self, event: IngestEvent) -> Outcome:
@@ -102,38 +101,17 @@ class Ingest:
         return Outcome.REJECTED
 
     def _activate(self, deploy: Deploy, report: Report, started: float) -> Outcome:
+        manifest_key = self._publisher.save_manifest(deploy, report.manifest)
         fields = {
             "files": report.files,
             "bytes": report.bytes,
             "dag_ids": report.dag_ids[:MAX_STORED_DAG_IDS],
             "validation_ms": int((time.monotonic() - started) * 1000),
+            "manifest_key": manifest_key,
+            "diff": self._publisher.diff_against_live(deploy.deployment, report.manifest).model_dump(),
         }
-        for attempt in range(self._settings.activation_retries):
-            current = self._store.get_deployment(deploy.deployment)
-            clock = self._clock()
-            version = Version(
-                deployment=deploy.deployment,
-                version=current.last_version + 1,
-                deploy_id=deploy.deploy_id,
-                sha256=deploy.sha256,
-                size=deploy.size,
-                key=deploy.key,
-                created_at=clock,
-            )
-            try:
-                self._store.activate(version, current.last_version, {**fields, "activated_at": clock})
-            except VersionRace:
-                time.sleep(random.uniform(0, min(0.5, 0.01 * 2**attempt)))
-                continue
-            except Conflict:
-                logger.info("deploy finished by another delivery")
-                return Outcome.IGNORED
-            logger.info("version active", extra={"version": version.version, "files": report.files})
-            self._notifier.publish_version(version)
-            return Outcome.ACTIVE
-        raise StorageError(
-            f"cannot assign a version to deploy {deploy.deploy_id} after {self._settings.activation_retries} attempts"
-        )
+        version = self._publisher.publish(deploy, fields)
+        return Outcome.ACTIVE if version else Outcome.IGNORED
 
 
 def _issue(code: str, message: str) -> Issue:

@@ -56,6 +56,7 @@ class Deployment(BaseModel):
     current_deploy_id: str | None = None
     limits: Limits = Field(default_factory=Limits)
     keep_versions: int = 20
+    retention_days: int = 30
     created_at: int = 0
 
 
@@ -65,6 +66,19 @@ class GitInfo(Strict):
     author: str | None = Field(None, max_length=256)
     subject: str | None = Field(None, max_length=1024)
     dirty: bool = False
+
+
+class DeployDiff(BaseModel):
+    """What a deploy changes against the version live when it was validated."""
+
+    dags_added: list[str] = Field(default_factory=list)
+    dags_removed: list[str] = Field(default_factory=list)
+    dags_added_count: int = 0
+    dags_removed_count: int = 0
+    files_added: int = 0
+    files_removed: int = 0
+    files_changed: int = 0
+    changed_paths: list[str] = Field(default_factory=list)
 
 
 class Deploy(BaseModel):
@@ -88,6 +102,10 @@ class Deploy(BaseModel):
     errors: list[Issue] = Field(default_factory=list)
     errors_truncated: int = 0
     rollback_of: str | None = None
+    manifest_key: str | None = None
+    diff: DeployDiff | None = None
+    activations: dict[str, int] = Field(default_factory=dict)
+    cancelled_by: str | None = None
 
 
 class Version(BaseModel):
@@ -137,6 +155,7 @@ class UpdateDeployment(Strict):
     mechanism: Mechanism | None = None
     limits: Limits | None = None
     keep_versions: int | None = Field(None, ge=1, le=1000)
+    retention_days: int | None = Field(None, ge=1, le=3650)
 
 
 class CreateDeploy(Strict):
@@ -202,6 +221,26 @@ class Registration(BaseModel):
 class JanitorReport(BaseModel):
     sidecars_removed: list[str] = Field(default_factory=list)
     deploys_expired: list[str] = Field(default_factory=list)
+    bundles_pruned: list[str] = Field(default_factory=list)
+
+
+class CreateToken(Strict):
+    name: str = Field(pattern=NAME_RE)
+    role: Role
+    deployments: list[str] = Field(default_factory=lambda: ["*"], min_length=1, max_length=100)
+
+
+class TokenView(BaseModel):
+    name: str
+    role: Role
+    deployments: list[str]
+    revoked: bool
+    created_at: int
+
+
+class IssuedToken(BaseModel):
+    token: str = Field(description="the secret; shown once, stored only as a hash")
+    info: TokenView
 
 
 class Page(BaseModel):

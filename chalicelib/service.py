@@ -14,11 +14,13 @@ from chalicelib.models import (
     CreatedDeploy,
     CreateDeploy,
     CreateDeployment,
+    CreateToken,
     Deploy,
     Deployment,
     DeployState,
     DeployView,
     Heartbeat,
+    IssuedToken,
     JanitorReport,
     Mechanism,
     Page,
@@ -28,11 +30,13 @@ from chalicelib.models import (
     Sidecar,
     SidecarView,
     Token,
+    TokenView,
     UpdateDeployment,
     UploadForm,
     VersionView,
 )
 from chalicelib.notify import SidecarQueues
+from chalicelib.publish import Publisher
 from chalicelib.settings import Settings
 from chalicelib.storage import BundleStorage, bundle_key
 from chalicelib.store import Store
@@ -54,12 +58,14 @@ class ControlPlane:
         store: Store,
         bundles: BundleStorage,
         queues: SidecarQueues,
+        publisher: Publisher,
         clock: Callable[[], int] = now_ms,
     ) -> None:
         self._settings = settings
         self._store = store
         self._bundles = bundles
         self._queues = queues
+        self._publisher = publisher
         self._clock = clock
 
     # --- deployments -----------------------------------------------------------------
@@ -108,6 +114,7 @@ class ControlPlane:
             git=req.git,
             created_by=created_by,
             created_at=clock,
+            activations={},
         )
         expires = self._settings.upload_expiry_seconds
         url, fields = self._bundles.presigned_upload(key, req.size, req.sha256, expires)
@@ -132,6 +139,46 @@ class ControlPlane:
         self._store.get_deployment(deployment)
         deploys, next_cursor = self._store.list_deploys(deployment, limit, cursor)
         return Page(items=[d.model_dump(mode="json") for d in deploys], next_cursor=next_cursor)
+
+    def cancel_deploy(self, deployment: str, deploy_id: str, by: str) -> Deploy:
+        """PENDING -> CANCELLED; the upload, if it arrives later, is deleted and never validated."""
+        deploy = self._store.cancel_deploy(deployment, deploy_id, by)
+        self._bundles.delete(deploy.key)
+        return deploy
+
+    def rollback(self, deployment: str, deploy_id: str, created_by: str) -> Deploy:
+        """A new version that serves an earlier deploy's bundle again (revert semantics, no upload)."""
+        target = self._store.get_deploy(deployment, deploy_id)
+        if target.version is None or target.state not in (DeployState.ACTIVE, DeployState.SUPERSEDED):
+            raise Conflict(f"deploy {deploy_id} is {target.state.value}; only a deploy that went live can be rolled back to")
+        clock = self._clock()
+        deploy = Deploy(
+            deployment=deployment,
+            deploy_id=new_deploy_id(clock),
+            state=DeployState.VALIDATING,
+            sha256=target.sha256,
+            size=target.size,
+            key=target.key,
+            description=f"rollback to v{target.version}" + (f": {target.description}" if target.description else ""),
+            git=target.git,
+            created_by=created_by,
+            created_at=clock,
+            uploaded_at=clock,
+            rollback_of=target.deploy_id,
+            activations={},
+        )
+        self._store.create_rollback(deploy)
+        manifest = self._publisher.load_manifest(target.manifest_key) or []
+        fields = {
+            "files": target.files,
+            "bytes": target.bytes,
+            "dag_ids": target.dag_ids,
+            "validation_ms": 0,
+            "manifest_key": target.manifest_key,
+            "diff": self._publisher.diff_against_live(deployment, manifest).model_dump(),
+        }
+        self._publisher.publish(deploy, fields)
+        return self._store.get_deploy(deployment, deploy.deploy_id)
 
     # --- versions --------------------------------------------------------------------
 
@@ -171,7 +218,17 @@ class ControlPlane:
     def heartbeat(self, deployment: str, name: str, req: Heartbeat) -> SidecarView:
         fields = req.model_dump(mode="json")
         fields["last_heartbeat"] = self._clock()
-        return self._view(self._store.heartbeat(deployment, name, fields), fields["last_heartbeat"])
+        before = self._store.get_sidecar(deployment, name)
+        sidecar = self._store.heartbeat(deployment, name, fields)
+        if req.version and (before is None or before.version != req.version):
+            try:
+                version = self._store.get_version(deployment, req.version)
+            except NotFound:  # a folder left from an older installation: report it, record nothing
+                version = None
+            if version is not None:
+                at = req.last_sync_at or fields["last_heartbeat"]
+                self._store.record_activation(deployment, version.deploy_id, name, at)
+        return self._view(sidecar, fields["last_heartbeat"])
 
     def deregister_sidecar(self, deployment: str, name: str) -> None:
         old = self._store.delete_sidecar(deployment, name)
@@ -212,7 +269,24 @@ class ControlPlane:
                 if d.created_at < pending_cutoff and self._store.expire_deploy(dep.name, d.deploy_id):
                     self._bundles.delete(d.key)  # a late upload must never be picked up
                     report.deploys_expired.append(f"{dep.name}/{d.deploy_id}")
+            report.bundles_pruned += self._prune_bundles(dep, clock)
         return report
+
+    def _prune_bundles(self, dep: Deployment, clock: int) -> list[str]:
+        """Delete bundles beyond retention: older than the newest `keep_versions` versions and older
+        than `retention_days`; never the live one, and never one that a sidecar still reports."""
+        versions = sorted(self._store.list_versions(dep.name), key=lambda v: v.version, reverse=True)
+        in_use = {dep.current_version} | {s.version for s in self._store.list_sidecars(dep.name)}
+        keep_keys = {v.key for v in versions[: dep.keep_versions]} | {v.key for v in versions if v.version in in_use}
+        cutoff = clock - dep.retention_days * 86_400_000
+        pruned = []
+        for v in versions[dep.keep_versions :]:
+            if v.version in in_use or v.key in keep_keys or v.created_at >= cutoff:
+                continue
+            self._bundles.delete(v.key)
+            keep_keys.add(v.key)  # a rollback may share the key: delete once
+            pruned.append(f"{dep.name}/v{v.version}")
+        return pruned
 
     # --- tokens ----------------------------------------------------------------------
 
@@ -223,3 +297,19 @@ class ControlPlane:
             Token(token_hash=hash_token(secret), name=name, role=role, deployments=deployments, created_at=self._clock())
         )
         return secret
+
+    def create_token(self, req: CreateToken) -> IssuedToken:
+        secret = self.issue_token(req.name, req.role, req.deployments)
+        token = self._store.token_by_name(req.name)
+        assert token is not None
+        return IssuedToken(token=secret, info=_token_view(token))
+
+    def list_tokens(self) -> list[TokenView]:
+        return [_token_view(t) for t in self._store.list_tokens()]
+
+    def revoke_token(self, name: str) -> TokenView:
+        return _token_view(self._store.revoke_token(name))
+
+
+def _token_view(t: Token) -> TokenView:
+    return TokenView(name=t.name, role=t.role, deployments=t.deployments, revoked=t.revoked, created_at=t.created_at)

@@ -75,6 +75,19 @@ class BundleStorage:
             raise StorageError(f"cannot read {key}: {exc}") from exc
         return out["Body"], int(out["ContentLength"])
 
+    def put(self, key: str, body: bytes, content_type: str) -> None:
+        try:
+            self._s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+        except ClientError as exc:
+            raise StorageError(f"cannot write {key}: {exc}") from exc
+
+    def read(self, key: str) -> bytes:
+        try:
+            data: bytes = self._s3.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            raise StorageError(f"cannot read {key}: {exc}") from exc
+        return data
+
     def delete(self, key: str) -> None:
         try:
             self._s3.delete_object(Bucket=self.bucket, Key=key)

@@ -114,11 +114,56 @@ class Store:
     # --- tokens ----------------------------------------------------------------------
 
     def put_token(self, token: Token) -> None:
+        """Store the token by hash (for authentication) and its name -> hash reference (for management)."""
         item = {"pk": f"TOKEN#{token.token_hash}", "sk": META, **token.model_dump(mode="json")}
+        ref = {"pk": f"TOKENNAME#{token.name}", "sk": META, "token_hash": token.token_hash}
         try:
-            self._table.put_item(Item=item)
+            self._client.transact_write_items(
+                TransactItems=[
+                    {"Put": {"TableName": self._table.name, "Item": ref, "ConditionExpression": "attribute_not_exists(pk)"}},
+                    {"Put": {"TableName": self._table.name, "Item": item}},
+                ]
+            )
         except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "TransactionCanceledException":
+                raise Conflict(f"a token named {token.name!r} already exists") from exc
             raise StorageError(f"cannot store token {token.name!r}: {exc}") from exc
+
+    def token_by_name(self, name: str) -> Token | None:
+        ref = self._get(f"TOKENNAME#{name}", META, f"token {name!r}")
+        return self.get_token(ref["token_hash"]) if ref else None
+
+    def revoke_token(self, name: str) -> Token:
+        token = self.token_by_name(name)
+        if token is None:
+            raise NotFound(f"no token named {name!r}")
+        try:
+            out = self._table.update_item(
+                Key={"pk": f"TOKEN#{token.token_hash}", "sk": META},
+                UpdateExpression="SET revoked = :t",
+                ExpressionAttributeValues={":t": True},
+                ReturnValues="ALL_NEW",
+            )
+        except ClientError as exc:
+            raise StorageError(f"cannot revoke token {name!r}: {exc}") from exc
+        return Token.model_validate(_strip(out["Attributes"]))
+
+    def list_tokens(self) -> list[Token]:
+        items: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {
+            "FilterExpression": "begins_with(pk, :p)",
+            "ExpressionAttributeValues": {":p": "TOKEN#"},
+        }
+        try:
+            while True:
+                out = self._table.scan(**kwargs)
+                items.extend(out.get("Items", []))
+                if "LastEvaluatedKey" not in out:
+                    break
+                kwargs["ExclusiveStartKey"] = out["LastEvaluatedKey"]
+        except ClientError as exc:
+            raise StorageError(f"cannot list tokens: {exc}") from exc
+        return sorted((Token.model_validate(_strip(i)) for i in items), key=lambda t: t.name)
 
     def get_token(self, token_hash: str) -> Token | None:
         item = self._get(f"TOKEN#{token_hash}", META, "token")
@@ -204,8 +249,9 @@ class Store:
             raise StorageError(f"cannot record rejection of deploy {deploy_id}: {exc}") from exc
         return True
 
-    def activate(self, version: Version, expected_last: int, fields: dict[str, Any]) -> None:
-        """Publish `version` in one transaction: counter and pointer, version item, deploy ACTIVE.
+    def activate(self, version: Version, expected_last: int, previous_deploy: str | None, fields: dict[str, Any]) -> None:
+        """Publish `version` in one transaction: counter and pointer, version item, deploy ACTIVE,
+        and the previously live deploy SUPERSEDED.
 
         Raises VersionRace when another deploy took the number (re-read and retry),
         and Conflict when this deploy already reached a final state.
@@ -248,13 +294,26 @@ class Store:
                 }
             },
         ]
+        if previous_deploy and previous_deploy != version.deploy_id:
+            items.append(
+                {
+                    "Update": {
+                        "TableName": self._table.name,
+                        "Key": {"pk": _pk(d), "sk": _deploy_sk(previous_deploy)},
+                        "UpdateExpression": "SET #s = :superseded",
+                        "ConditionExpression": "attribute_exists(pk)",
+                        "ExpressionAttributeNames": {"#s": "state"},
+                        "ExpressionAttributeValues": {":superseded": DeployState.SUPERSEDED.value},
+                    }
+                }
+            )
         try:
             self._client.transact_write_items(TransactItems=items)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
                 raise StorageError(f"cannot activate version {n} of {d!r}: {exc}") from exc
             reasons = [r.get("Code") for r in exc.response.get("CancellationReasons", [])]
-            if len(reasons) == 3 and reasons[2] == "ConditionalCheckFailed":
+            if len(reasons) >= 3 and reasons[2] == "ConditionalCheckFailed":
                 raise Conflict(f"deploy {version.deploy_id} is no longer validating") from exc
             raise VersionRace(f"version {n} of {d!r} was taken") from exc
 
@@ -277,6 +336,50 @@ class Store:
                 return False
             raise StorageError(f"cannot expire deploy {deploy_id}: {exc}") from exc
         return True
+
+    def create_rollback(self, deploy: Deploy) -> None:
+        """Record a rollback deploy directly in VALIDATING: its bundle was validated before."""
+        self.create_deploy(deploy)
+
+    def cancel_deploy(self, deployment: str, deploy_id: str, by: str) -> Deploy:
+        try:
+            out = self._table.update_item(
+                Key={"pk": _pk(deployment), "sk": _deploy_sk(deploy_id)},
+                UpdateExpression="SET #s = :cancelled, cancelled_by = :by",
+                ConditionExpression="#s = :pending",
+                ExpressionAttributeNames={"#s": "state"},
+                ExpressionAttributeValues={
+                    ":cancelled": DeployState.CANCELLED.value,
+                    ":pending": DeployState.PENDING.value,
+                    ":by": by,
+                },
+                ReturnValues="ALL_NEW",
+            )
+        except ClientError as exc:
+            if _failed_condition(exc):
+                state = self.get_deploy(deployment, deploy_id).state.value
+                raise Conflict(f"deploy {deploy_id} is {state}; only a PENDING deploy can be cancelled") from exc
+            raise StorageError(f"cannot cancel deploy {deploy_id}: {exc}") from exc
+        return Deploy.model_validate(_strip(out["Attributes"]))
+
+    def record_activation(self, deployment: str, deploy_id: str, sidecar: str, at_ms: int) -> None:
+        """Note when a sidecar first ran a deploy's version (kept on the deploy record)."""
+        try:
+            self._table.update_item(
+                Key={"pk": _pk(deployment), "sk": _deploy_sk(deploy_id)},
+                UpdateExpression="SET activations.#n = :t",
+                ConditionExpression="attribute_exists(activations) AND attribute_not_exists(activations.#n)",
+                ExpressionAttributeNames={"#n": sidecar},
+                ExpressionAttributeValues={":t": at_ms},
+            )
+        except ClientError as exc:
+            if _failed_condition(exc):
+                return
+            raise StorageError(f"cannot record activation of {deploy_id} on {sidecar!r}: {exc}") from exc
+
+    def list_versions(self, deployment: str) -> list[Version]:
+        items = self._query_prefix(_pk(deployment), "VERSION#")
+        return [Version.model_validate(_strip(i)) for i in items]
 
     def get_version(self, deployment: str, version: int) -> Version:
         item = self._get(_pk(deployment), _version_sk(version), f"version {version}")

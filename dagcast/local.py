@@ -360,7 +360,7 @@ def _quiet(handler: Any) -> Any:
 
     from chalice.local import ChaliceRequestHandler
 
-    class Quiet(ChaliceRequestHandler):  # type: ignore[misc]
+    class Quiet(ChaliceRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             return
 
