@@ -157,7 +157,7 @@ def api(
             request = app.current_request
             try:
                 for key, value in params.items():
-                    if not _PARAM_PATTERNS[key].match(value):
+                    if not _PARAM_PATTERNS[key].fullmatch(value):
                         raise NotFound(f"no {key.replace('_', ' ')} {value!r}")
                 token = None
                 if permission is not None:

@@ -127,8 +127,13 @@ def bootstrap(session: Any, stack_name: str, template: dict[str, Any] | None = N
                 AttributeDefinitions=props["AttributeDefinitions"],
                 KeySchema=props["KeySchema"],
                 BillingMode=props.get("BillingMode", "PAY_PER_REQUEST"),
+                **({"SSESpecification": {"Enabled": props["SSESpecification"]["SSEEnabled"]}}
+                   if "SSESpecification" in props else {}),
             )
             ddb.get_waiter("table_exists").wait(TableName=props["TableName"])
+            pitr = props.get("PointInTimeRecoverySpecification")
+            if pitr:
+                ddb.update_continuous_backups(TableName=props["TableName"], PointInTimeRecoverySpecification=pitr)
             ttl = props.get("TimeToLiveSpecification")
             if ttl:
                 ddb.update_time_to_live(TableName=props["TableName"], TimeToLiveSpecification=ttl)

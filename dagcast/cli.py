@@ -234,6 +234,152 @@ def sidecar(
     daemon.run()
 
 
+def api_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """--api-url, --token and --deployment, each with its environment fallback, plus --json and --debug."""
+    for option in reversed([
+        click.option("--api-url", envvar="DAGCAST_API_URL", help="API URL [env DAGCAST_API_URL]."),
+        click.option("--token", envvar="DAGCAST_TOKEN", help="API token [env DAGCAST_TOKEN]."),
+        click.option("--deployment", envvar="DAGCAST_DEPLOYMENT", help="Deployment name [env DAGCAST_DEPLOYMENT]."),
+        click.option("--json", "as_json", is_flag=True, help="Print JSON."),
+        click.option("--debug", is_flag=True, help="Show details of errors."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def _call(api_url: str | None, token: str | None, debug: bool, action: Callable[[Any], Any]) -> Any:
+    """Run one API action with a client; API and network errors become one clean line."""
+    from dagcast.client import ApiClient
+    from dagcast.exceptions import ClientError
+
+    api = ApiClient(_required(api_url, "--api-url", "DAGCAST_API_URL"), _required(token, "--token", "DAGCAST_TOKEN"))
+    try:
+        return action(api)
+    except ClientError as exc:
+        _fail(exc, debug)
+    finally:
+        api.close()
+
+
+def _when(ms: int | None) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+
+
+def _diff_summary(diff: dict[str, Any] | None) -> str:
+    if not diff:
+        return ""
+    parts = []
+    if diff.get("dags_added_count"):
+        parts.append(f"+{diff['dags_added_count']} DAG{'s' if diff['dags_added_count'] != 1 else ''}")
+    if diff.get("dags_removed_count"):
+        n = diff["dags_removed_count"]
+        parts.append(f"-{n} DAG{'s' if n != 1 else ''}: {', '.join(diff.get('dags_removed', []))}")
+    changed = diff.get("files_changed", 0) + diff.get("files_added", 0) + diff.get("files_removed", 0)
+    parts.append(f"{changed} file{'s' if changed != 1 else ''} changed")
+    return ", ".join(parts)
+
+
+@main.group()
+def deployment() -> None:
+    """Show and change a deployment's settings."""
+
+
+@deployment.command("show")
+@api_options
+def deployment_show(api_url: str | None, token: str | None, deployment: str | None, as_json: bool, debug: bool) -> None:
+    """Show the deployment's mechanism, live version and limits."""
+    name = _required(deployment, "--deployment", "DAGCAST_DEPLOYMENT")
+    doc = _call(api_url, token, debug, lambda api: api.get_deployment(name))
+    if as_json:
+        click.echo(json.dumps(doc))
+        return
+    dag_deploys = "enabled" if doc["mechanism"] == "DAG_ONLY" else "disabled (image deploys only)"
+    click.echo(f"deployment {doc['name']}: DAG-only deploys {dag_deploys}; live version v{doc['current_version']}")
+    click.echo(f"  keep {doc['keep_versions']} versions, {doc['retention_days']} days; limits: "
+               + ", ".join(f"{k}={v}" for k, v in doc["limits"].items()))
+
+
+@deployment.command("update")
+@api_options
+@click.option("--dag-deploy", type=click.Choice(["enabled", "disabled"]), help="Accept DAG-only deploys (admin only).")
+@click.option("--keep-versions", type=click.IntRange(1, 1000), help="Bundles to keep beyond the live one.")
+@click.option("--retention-days", type=click.IntRange(1, 3650), help="Days to keep older bundles.")
+def deployment_update(api_url: str | None, token: str | None, deployment: str | None, as_json: bool, debug: bool,
+                      dag_deploy: str | None, keep_versions: int | None, retention_days: int | None) -> None:
+    """Change the deployment's settings. Switching DAG deploys never touches the DAGs sidecars serve."""
+    name = _required(deployment, "--deployment", "DAGCAST_DEPLOYMENT")
+    changes: dict[str, Any] = {}
+    if dag_deploy:
+        changes["mechanism"] = "DAG_ONLY" if dag_deploy == "enabled" else "IMAGE"
+    if keep_versions:
+        changes["keep_versions"] = keep_versions
+    if retention_days:
+        changes["retention_days"] = retention_days
+    if not changes:
+        raise click.UsageError("nothing to change: give --dag-deploy, --keep-versions or --retention-days")
+    doc = _call(api_url, token, debug, lambda api: api.update_deployment(name, changes))
+    click.echo(json.dumps(doc) if as_json else f"deployment {name} updated: mechanism {doc['mechanism']}")
+
+
+@main.group()
+def deploys() -> None:
+    """Deploy history."""
+
+
+@deploys.command("list")
+@api_options
+@click.option("--limit", type=click.IntRange(1, 100), default=20, show_default=True)
+def deploys_list(api_url: str | None, token: str | None, deployment: str | None, as_json: bool, debug: bool,
+                 limit: int) -> None:
+    """Deploys, newest first: version, state, who, when, description, DAG diff."""
+    name = _required(deployment, "--deployment", "DAGCAST_DEPLOYMENT")
+    page = _call(api_url, token, debug, lambda api: api.list_deploys(name, limit))
+    if as_json:
+        click.echo(json.dumps(page))
+        return
+    for d in page["items"]:
+        version = f"v{d['version']}" if d.get("version") else "-"
+        click.echo(f"{d['deploy_id']}  {version:>5}  {d['state']:<10}  {_when(d['created_at'])}  {d['created_by']:<14}  "
+                   f"{d['description'][:40]:<40}  {_diff_summary(d.get('diff'))}")
+
+
+@deploys.command("show")
+@click.argument("deploy_id")
+@api_options
+def deploys_show(deploy_id: str, api_url: str | None, token: str | None, deployment: str | None, as_json: bool,
+                 debug: bool) -> None:
+    """One deploy: state, errors, manifest summary and sidecars."""
+    name = _required(deployment, "--deployment", "DAGCAST_DEPLOYMENT")
+    view = _call(api_url, token, debug, lambda api: api.get_deploy(name, deploy_id))
+    if as_json:
+        click.echo(json.dumps(view))
+        return
+    d = view["deploy"]
+    click.echo(f"deploy {d['deploy_id']}: {d['state']}" + (f" v{d['version']}" if d.get("version") else ""))
+    click.echo(f"  by {d['created_by']} at {_when(d['created_at'])}: {d['description']}")
+    if d.get("rollback_of"):
+        click.echo(f"  rollback of {d['rollback_of']}")
+    if d.get("files") is not None:
+        click.echo(f"  {d['files']} files, {d['bytes']} bytes, {len(d.get('dag_ids', []))} DAGs; {_diff_summary(d.get('diff'))}")
+    print_errors(d.get("errors", []), "dags")
+    for s in view["sidecars"]:
+        state = "live" if s["live"] else "stale"
+        click.echo(f"  sidecar {s['name']:<20} v{s['version']:<5} {state}  last heartbeat {_when(s['last_heartbeat'])}")
+
+
+@main.command()
+@click.argument("deploy_id")
+@api_options
+def rollback(deploy_id: str, api_url: str | None, token: str | None, deployment: str | None, as_json: bool,
+             debug: bool) -> None:
+    """Make an earlier deploy's bundle live again, as a new version (admin only)."""
+    name = _required(deployment, "--deployment", "DAGCAST_DEPLOYMENT")
+    d = _call(api_url, token, debug, lambda api: api.rollback(name, deploy_id))
+    click.echo(json.dumps(d) if as_json else f"rolled back: deploy {d['deploy_id']} is {d['state']} v{d['version']}")
+
+
 @main.group()
 def local() -> None:
     """The embedded stack on this machine (moto server on 127.0.0.1, no AWS account)."""

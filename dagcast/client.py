@@ -85,6 +85,9 @@ class ApiClient:
             params["cursor"] = cursor
         return dict(self.request("GET", f"/deployments/{deployment}/deploys", params=params))
 
+    def rollback(self, deployment: str, deploy_id: str) -> dict[str, Any]:
+        return dict(self.request("POST", f"/deployments/{deployment}/deploys/{deploy_id}/rollback"))
+
     def get_version(self, deployment: str, version: int | None) -> dict[str, Any]:
         which = "current" if version is None else str(version)
         return dict(self.request("GET", f"/deployments/{deployment}/versions/{which}"))
