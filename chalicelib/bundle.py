@@ -1,0 +1,210 @@
+"""Deterministic bundle writer: a DAG folder as a reproducible gzip-compressed PAX tar.
+
+The same files always give the same bytes (and sha256): members are sorted by path,
+metadata is normalised (mtime 0, uid/gid 0, empty owner names, mode 0o644) and the
+gzip header carries no timestamp or file name.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import posixpath
+import stat
+import struct
+import tarfile
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from chalicelib.exceptions import BundleError, DagcastError
+
+__all__ = ["BundleError", "BundleInfo", "DagcastError", "write_bundle"]
+
+_BLOCK = 512
+_RECORD = 20 * _BLOCK
+_FLUSH_AT = 1 << 20  # compress in ~1 MiB batches
+_READ_CHUNK = 1 << 20
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """What write_bundle produced."""
+
+    sha256: str
+    size: int  # compressed bytes written
+    files: int  # regular files
+    bytes: int  # uncompressed total of regular files
+
+
+class _GzipSink:
+    """Deterministic gzip writer that hashes and counts the compressed output."""
+
+    def __init__(self, out: BinaryIO, compresslevel: int) -> None:
+        self._out = out
+        self._zip = zlib.compressobj(compresslevel, zlib.DEFLATED, -zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, 0)
+        self._crc = 0
+        self._raw = 0
+        self._pending: list[bytes] = []
+        self._pending_len = 0
+        self.sha = hashlib.sha256()
+        self.size = 0
+        xfl = b"\x02" if compresslevel == 9 else b"\x04" if compresslevel == 1 else b"\x00"
+        # magic, deflate, no flags, mtime 0, xfl, OS "unknown": no name, no timestamp.
+        self._emit(b"\x1f\x8b\x08\x00\x00\x00\x00\x00" + xfl + b"\xff")
+
+    def _emit(self, data: bytes) -> None:
+        if data:
+            self.sha.update(data)
+            self.size += len(data)
+            self._out.write(data)
+
+    def write(self, data: bytes) -> None:
+        self._pending.append(data)
+        self._pending_len += len(data)
+        if self._pending_len >= _FLUSH_AT:
+            self._compress()
+
+    def _compress(self) -> None:
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_len = 0
+        self._crc = zlib.crc32(data, self._crc)
+        self._raw += len(data)
+        self._emit(self._zip.compress(data))
+
+    def close(self) -> None:
+        self._compress()
+        self._emit(self._zip.flush())
+        self._emit(struct.pack("<II", self._crc, self._raw & 0xFFFFFFFF))
+
+
+def _check_relpath(rel: str) -> str:
+    """Return rel if it is a clean relative POSIX path, else raise BundleError."""
+    if (
+        not rel
+        or rel.startswith("/")
+        or "\\" in rel
+        or "\x00" in rel
+        or posixpath.normpath(rel) != rel
+        or rel == "."
+        or rel.split("/", 1)[0] == ".."
+    ):
+        raise BundleError(f"{rel!r}: not a clean relative path inside the DAG folder")
+    return rel
+
+
+def _header(name: str, size: int, kind: bytes, linkname: str = "") -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.type = kind
+    info.mode = 0o777 if kind == tarfile.SYMTYPE else 0o644
+    info.linkname = linkname
+    # TarInfo defaults: mtime 0, uid/gid 0, uname/gname "".
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def write_bundle(root: Path, relpaths: Iterable[str], out: BinaryIO, *, compresslevel: int = 6) -> BundleInfo:
+    """Write the given files of root to out as a deterministic bundle.
+
+    relpaths are POSIX paths relative to root (already filtered by the caller). Symlinks
+    are kept as symlinks when they are relative, resolve inside root, point at another
+    bundled path and do not go through another symlink; anything else raises BundleError.
+    """
+    root_real = os.path.realpath(root)
+    paths = sorted({_check_relpath(p) for p in relpaths})
+    wanted = set(paths)
+    implied: set[str] = set()
+    for p in paths:
+        parent = posixpath.dirname(p)
+        while parent and parent not in implied:
+            implied.add(parent)
+            parent = posixpath.dirname(parent)
+
+    dir_ok: dict[str, bool] = {"": True}
+
+    def parent_is_real(rel: str) -> bool:
+        parent = posixpath.dirname(rel)
+        ok = dir_ok.get(parent)
+        if ok is None:
+            ok = os.path.realpath(os.path.join(root_real, parent)) == os.path.join(root_real, parent)
+            dir_ok[parent] = ok
+        return ok
+
+    sink = _GzipSink(out, compresslevel)
+    files = 0
+    total = 0
+    offset = 0
+    for rel in paths:
+        full = os.path.join(root_real, rel)
+        if not parent_is_real(rel):
+            raise BundleError(f"{rel}: a parent directory is a symlink or missing; refusing to follow it")
+        try:
+            fd = os.open(full, _OPEN_FLAGS)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                block = _symlink_header(rel, full, root_real, wanted, implied)
+                sink.write(block)
+                offset += len(block)
+                continue
+            raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise BundleError(f"{rel}: not a regular file")
+            size = st.st_size
+            block = _header(rel, size, tarfile.REGTYPE)
+            sink.write(block)
+            got = 0
+            while True:
+                chunk = os.read(fd, min(_READ_CHUNK, size - got + 1))
+                if not chunk:
+                    break
+                got += len(chunk)
+                if got > size:
+                    raise BundleError(f"{rel}: file grew while it was being bundled")
+                sink.write(chunk)
+            if got != size:
+                raise BundleError(f"{rel}: file shrank while it was being bundled")
+        except OSError as exc:
+            raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
+        finally:
+            os.close(fd)
+        pad = -size % _BLOCK
+        if pad:
+            sink.write(b"\x00" * pad)
+        offset += len(block) + size + pad
+        files += 1
+        total += size
+    # End of archive: two zero blocks, then pad to a full record like tar does.
+    offset += 2 * _BLOCK
+    sink.write(b"\x00" * (2 * _BLOCK + (-offset % _RECORD)))
+    sink.close()
+    return BundleInfo(sha256=sink.sha.hexdigest(), size=sink.size, files=files, bytes=total)
+
+
+def _symlink_header(rel: str, full: str, root_real: str, wanted: set[str], implied: set[str]) -> bytes:
+    """Tar header for a permitted symlink, or BundleError naming the problem."""
+    try:
+        target = os.readlink(full)
+    except OSError as exc:
+        raise BundleError(f"{rel}: cannot read symlink ({exc.strerror})") from exc
+    if os.path.isabs(target):
+        raise BundleError(f"{rel}: symlink to absolute path {target!r} is not allowed")
+    base = posixpath.dirname(rel)
+    resolved = posixpath.normpath(posixpath.join(base, target))
+    if resolved == "." or resolved == ".." or resolved.startswith("../"):
+        raise BundleError(f"{rel}: symlink target {target!r} points outside the DAG folder")
+    if rel == resolved or rel.startswith(resolved + "/"):
+        raise BundleError(f"{rel}: symlink target {target!r} points at its own parent (a loop)")
+    if not os.path.exists(full):
+        raise BundleError(f"{rel}: symlink target {target!r} does not exist")
+    if os.path.realpath(full) != os.path.join(root_real, resolved):
+        raise BundleError(f"{rel}: symlink target {target!r} goes through another symlink or does not exist")
+    if resolved not in wanted and resolved not in implied:
+        raise BundleError(f"{rel}: symlink target {resolved!r} is not part of the bundle")
+    return _header(rel, 0, tarfile.SYMTYPE, posixpath.relpath(resolved, base or "."))

@@ -1,0 +1,1034 @@
+"""Streaming bundle validator and safe extractor.
+
+A bundle is read exactly once. ``_Scan`` parses the gzip and tar layers itself (so
+that every limit is enforced before data is inflated) and yields only members that
+passed every rule; ``validate_stream`` and ``extract_bundle`` are two consumers of it.
+"""
+
+from __future__ import annotations
+
+import ast
+import bisect
+import gc
+import hashlib
+import os
+import re
+import shutil
+import warnings
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, cast
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from chalicelib.exceptions import DagcastError
+
+__all__ = [
+    "BundleRejected",
+    "FileEntry",
+    "Issue",
+    "Limits",
+    "Report",
+    "extract_bundle",
+    "validate_file",
+    "validate_stream",
+]
+
+MiB = 1024 * 1024
+MAX_ERRORS = 100
+_CHUNK = 1 << 20  # raw read size, inflate step and member data chunk
+_BLOCK = 512
+_ZERO_BLOCK = b"\x00" * _BLOCK
+_META_MAX = 1 << 20  # largest PAX / GNU long-name header data accepted
+_META_RUN_MAX = 8  # consecutive extended headers before a real member
+_TRAILER_MAX = 16 * MiB  # decompressed bytes tolerated after the end-of-archive block
+_OCTAL = re.compile(rb"[0-7]*")
+
+
+class Limits(BaseModel):
+    """Size and count limits; every one is enforced while streaming."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_bundle_bytes: int = Field(default=256 * MiB, gt=0)  # compressed input
+    max_total_bytes: int = Field(default=1024 * MiB, gt=0)  # uncompressed sum of member sizes
+    max_members: int = Field(default=100_000, gt=0)
+    max_member_bytes: int = Field(default=100 * MiB, gt=0)
+    max_py_bytes: int = Field(default=10 * MiB, gt=0)
+    max_path_bytes: int = Field(default=1024, gt=0)
+
+
+class Issue(BaseModel):
+    """One reason a bundle is rejected."""
+
+    code: str
+    path: str | None = None
+    line: int | None = None
+    message: str
+
+
+class FileEntry(BaseModel):
+    """A regular file of a valid bundle."""
+
+    path: str
+    size: int
+    sha256: str
+    dag_ids: list[str] = []
+
+
+class Report(BaseModel):
+    """Outcome of validating (or extracting) one bundle."""
+
+    valid: bool
+    files: int
+    bytes: int
+    errors: list[Issue]
+    errors_truncated: int = 0
+    manifest: list[FileEntry]
+    sha256: str
+    compressed_bytes: int
+
+    def summary(self) -> dict[str, Any]:
+        """The public JSON contract of ``dagcast validate --json``."""
+        return {
+            "valid": self.valid,
+            "files": self.files,
+            "bytes": self.bytes,
+            "errors": [e.model_dump() for e in self.errors],
+        }
+
+    @property
+    def dag_ids(self) -> list[str]:
+        """Every DAG id found in the manifest, sorted and de-duplicated."""
+        return sorted({d for f in self.manifest for d in f.dag_ids})
+
+
+class BundleRejected(DagcastError):
+    """extract_bundle refused a bundle; ``report`` says why."""
+
+    code = "bundle_rejected"
+
+    def __init__(self, report: Report) -> None:
+        first = report.errors[0].message if report.errors else "bundle rejected"
+        more = len(report.errors) + report.errors_truncated - 1
+        super().__init__(first + (f" (and {more} more problems)" if more > 0 else ""))
+        self.report = report
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+class _Halt(Exception):
+    """Stop reading the bundle; the issue is recorded by the scanner."""
+
+    def __init__(self, code: str, message: str, path: str | None = None, *, drain: bool = False) -> None:
+        super().__init__(message)
+        self.issue = Issue(code=code, path=path, message=message)
+        self.drain = drain  # keep hashing the raw input to EOF (corrupt data, not limits)
+
+
+def _corrupt(message: str) -> _Halt:
+    return _Halt("corrupt_archive", f"The bundle is not a valid gzip-compressed tar: {message}", drain=True)
+
+
+class _Issues:
+    def __init__(self) -> None:
+        self.items: list[Issue] = []
+        self.truncated = 0
+
+    def add(self, issue: Issue, *, final: bool = False) -> None:
+        """Keep the first MAX_ERRORS issues; a final (scan-stopping) one always stays visible."""
+        if len(self.items) < MAX_ERRORS:
+            self.items.append(issue)
+        elif final:
+            self.items[-1] = issue
+            self.truncated += 1
+        else:
+            self.truncated += 1
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+class _Inflater:
+    """Reads the raw input once, hashing and counting it, and inflates it in bounded steps."""
+
+    def __init__(self, raw: BinaryIO, max_bundle_bytes: int) -> None:
+        self._raw = raw
+        self._max = max_bundle_bytes
+        self.sha = hashlib.sha256()
+        self.compressed = 0
+        self.inflated = 0
+        self._raw_eof = False
+        self._in = b""  # compressed bytes not yet consumed by the decompressor
+        self._d: Any = None  # current zlib decompressor (None between gzip members)
+        self._need_input = True
+        self._buf = b""
+        self._pos = 0
+
+    def _read_raw(self) -> bytes:
+        if self._raw_eof:
+            return b""
+        chunk = self._raw.read(_CHUNK)
+        if not chunk:
+            self._raw_eof = True
+            return b""
+        chunk = bytes(chunk)
+        self.compressed += len(chunk)
+        self.sha.update(chunk)
+        if self.compressed > self._max:
+            raise _Halt(
+                "bundle_too_large",
+                f"The bundle is larger than the limit of {self._max} compressed bytes",
+            )
+        return chunk
+
+    def sniff(self) -> None:
+        """Check the container format before anything is inflated."""
+        while len(self._in) < 264 and not self._raw_eof:
+            self._in += self._read_raw()
+        head = self._in
+        if head[:2] == b"\x1f\x8b":
+            return
+        if not head:
+            raise _corrupt("the file is empty")
+        if head == b"\x1f":
+            raise _corrupt("the file is truncated (the gzip stream ends early)")
+        if head.startswith((b"PK\x03\x04", b"PK\x05\x06", b"PK\x07\x08")):
+            kind = "a zip archive"
+        elif head[257:262] == b"ustar":
+            kind = "an uncompressed tar archive"
+        elif head.startswith(b"BZh"):
+            kind = "bzip2-compressed"
+        elif head.startswith(b"\xfd7zXZ\x00"):
+            kind = "xz-compressed"
+        elif head.startswith(b"\x28\xb5\x2f\xfd"):
+            kind = "zstd-compressed"
+        else:
+            kind = "not gzip-compressed"
+        raise _Halt(
+            "unsupported_format",
+            f"The bundle is {kind}; bundles must be gzip-compressed tar files (.tar.gz)",
+            drain=True,
+        )
+
+    def _inflate(self) -> bytes:
+        """Next piece of decompressed data (at most one chunk); b"" at the end of the input."""
+        while True:
+            if self._d is None:
+                while len(self._in) < 2 and not self._raw_eof:
+                    self._in += self._read_raw()
+                if not self._in:
+                    return b""
+                if self._in[:2] == b"\x1f\x8b":
+                    self._d = zlib.decompressobj(31)
+                    self._need_input = False
+                elif not self._in.strip(b"\x00"):
+                    self._in = b""  # zero padding after the gzip stream
+                    continue
+                else:
+                    raise _corrupt("unexpected data after the end of the gzip stream")
+            if not self._in and self._need_input:
+                self._in = self._read_raw()
+                if not self._in:
+                    raise _corrupt("the file is truncated (the gzip stream ends early)")
+            try:
+                out: bytes = self._d.decompress(self._in, _CHUNK)
+            except zlib.error as exc:
+                raise _corrupt(f"corrupt gzip data ({exc})") from None
+            if self._d.eof:
+                self._in = self._d.unused_data
+                self._d = None
+            else:
+                self._in = self._d.unconsumed_tail
+                self._need_input = len(out) < _CHUNK
+            if out:
+                self.inflated += len(out)
+                return out
+
+    def chunk(self, n: int) -> bytes:
+        """Up to n decompressed bytes (fewer when the buffer runs dry); b"" at the end."""
+        if self._pos >= len(self._buf):
+            self._buf = self._inflate()
+            self._pos = 0
+        out = self._buf[self._pos : self._pos + n]
+        self._pos += len(out)
+        return out
+
+    def read(self, n: int) -> bytes:
+        """Exactly n decompressed bytes, or fewer only at the end of the data."""
+        out = self.chunk(n)
+        if len(out) == n or not out:
+            return out
+        parts = [out]
+        have = len(out)
+        while have < n:
+            piece = self.chunk(n - have)
+            if not piece:
+                break
+            parts.append(piece)
+            have += len(piece)
+        return b"".join(parts)
+
+    def skip(self, n: int) -> int:
+        """Discard up to n decompressed bytes; returns how many were discarded."""
+        done = 0
+        while done < n:
+            piece = self.chunk(min(_CHUNK, n - done))
+            if not piece:
+                break
+            done += len(piece)
+        return done
+
+    def drain_raw(self) -> None:
+        """Read (and hash) the rest of the raw input without inflating it."""
+        while self._read_raw():
+            pass
+
+
+def _num(field: bytes) -> int:
+    """Parse a tar numeric field (octal text or GNU base-256)."""
+    if field and field[0] & 0x80:
+        if field[0] != 0x80:
+            raise _corrupt("negative or malformed numeric field in a tar header")
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\x00", 1)[0].strip(b" ")
+    if not _OCTAL.fullmatch(text):
+        raise _corrupt("malformed numeric field in a tar header")
+    return int(text, 8) if text else 0
+
+
+def _parse_pax(data: bytes) -> dict[bytes, bytes]:
+    """Parse PAX extended header records ("<len> <key>=<value>\\n")."""
+    out: dict[bytes, bytes] = {}
+    pos = 0
+    while pos < len(data):
+        if data[pos] == 0:  # trailing NUL padding
+            break
+        space = data.find(b" ", pos, pos + 21)
+        length_text = data[pos:space]
+        if space < 0 or not length_text.isdigit():
+            raise _corrupt("malformed PAX extended header")
+        end = pos + int(length_text)
+        if end <= space + 1 or end > len(data) or data[end - 1] != 0x0A:
+            raise _corrupt("malformed PAX extended header")
+        key, eq, value = data[space + 1 : end - 1].partition(b"=")
+        if not eq:
+            raise _corrupt("malformed PAX extended header")
+        out[key] = value
+        pos = end
+    return out
+
+
+def _display(raw: bytes) -> str:
+    """A printable, repr-safe (and length-capped) form of a member name."""
+    cut = len(raw) > 300
+    text = raw[:300].decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text + ("..." if cut else "")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text) + ("..." if cut else "")
+
+
+@dataclass
+class _Member:
+    """A member that passed every per-member rule."""
+
+    path: str
+    kind: str  # "file", "dir" or "symlink"
+    mode: int
+    size: int
+    target: str = ""  # symlinks: target path relative to the bundle root
+
+
+_SPECIAL = {
+    b"1": ("hard_link", "hard links are not allowed"),
+    b"3": ("special_file", "character devices are not allowed"),
+    b"4": ("special_file", "block devices are not allowed"),
+    b"6": ("special_file", "FIFOs (named pipes) are not allowed"),
+    b"7": ("special_file", "contiguous files are not supported"),
+    b"S": ("special_file", "sparse files are not supported"),
+}
+_NO_DATA_TYPES = frozenset((b"1", b"2", b"3", b"4", b"5", b"6"))
+
+
+class _Scan:
+    """One pass over a bundle: yields checked members and records every issue."""
+
+    def __init__(self, fileobj: BinaryIO, limits: Limits) -> None:
+        self.limits = limits
+        self.inf = _Inflater(fileobj, limits.max_bundle_bytes)
+        self.issues = _Issues()
+        self.halted = False
+        self.files = 0
+        self.bytes = 0
+        self._members = 0
+        self._declared = 0  # declared data bytes (members and extended headers)
+        self._read = 0  # data bytes actually read
+        self._remaining = 0  # unread data bytes of the current member
+        self._padding = 0
+        self._kinds: dict[str, str] = {}
+        self._implied: set[str] = set()
+        self._symlinks: dict[str, str] = {}
+        self._global_pax: dict[bytes, bytes] = {}
+        self._end = False
+
+    # -- issue helpers
+    def _halt(self, exc: _Halt) -> None:
+        self.issues.add(exc.issue, final=True)
+        self.halted = True
+        if exc.drain:
+            try:
+                self.inf.drain_raw()
+            except _Halt as again:
+                self.issues.add(again.issue, final=True)
+
+    # -- member data
+    def data(self) -> Iterator[bytes]:
+        """Chunks of the current member's data; stops early (and halts) on errors."""
+        try:
+            while self._remaining:
+                piece = self.inf.chunk(min(_CHUNK, self._remaining))
+                if not piece:
+                    raise _corrupt("the archive ends in the middle of a file")
+                self._remaining -= len(piece)
+                self._read += len(piece)
+                if self._read > self.limits.max_total_bytes:
+                    raise self._total_halt()
+                yield piece
+        except _Halt as exc:
+            self._halt(exc)
+
+    def _total_halt(self) -> _Halt:
+        return _Halt(
+            "total_too_large",
+            f"The bundle's contents exceed the limit of {self.limits.max_total_bytes} uncompressed bytes",
+        )
+
+    def _skip_rest(self) -> None:
+        want = self._remaining + self._padding
+        if want and self.inf.skip(want) != want:
+            raise _corrupt("the archive ends in the middle of a file")
+        self._read += self._remaining
+        self._remaining = self._padding = 0
+
+    # -- the member iterator
+    def members(self) -> Iterator[_Member]:
+        """Yield every member that passes the rules, in archive order."""
+        if self.halted:
+            return
+        try:
+            self.inf.sniff()
+            while not self._end:
+                self._skip_rest()
+                member = self._next()
+                if member is None:
+                    continue  # rejected (issue recorded) or the "." entry; or the end
+                if member.kind == "file":
+                    self.files += 1
+                    self.bytes += member.size
+                yield member
+                if self.halted:
+                    return
+        except _Halt as exc:
+            self._halt(exc)
+
+    def _read_meta(self, size: int) -> bytes:
+        if size > _META_MAX:
+            raise _corrupt(f"an extended tar header of {size} bytes is too large")
+        self._declared += size
+        if self._declared > self.limits.max_total_bytes:
+            raise self._total_halt()
+        data = self.inf.read(size)
+        pad = -size % _BLOCK
+        if len(data) != size or self.inf.skip(pad) != pad:
+            raise _corrupt("the archive ends in the middle of a header")
+        return data
+
+    def _next(self) -> _Member | None:
+        """Parse headers up to the next real member and check it.
+
+        Returns None for a rejected member (its issue is recorded), for a "." entry, and at the
+        end of the archive (which also sets ``_end``).
+        """
+        pax: dict[bytes, bytes] = {}
+        long_name: bytes | None = None
+        long_link: bytes | None = None
+        meta_run = 0
+        while True:
+            block = self.inf.read(_BLOCK)
+            if len(block) < _BLOCK:
+                if not block and self._members == 0 and meta_run == 0:
+                    raise _corrupt("the tar archive is empty (no end-of-archive marker)")
+                raise _corrupt("the file is truncated (unexpected end of the tar data)")
+            if block == _ZERO_BLOCK:
+                if meta_run:
+                    raise _corrupt("an extended header is not followed by a member")
+                self._finish_stream()
+                self._end = True
+                return None
+            stored = _num(block[148:156])
+            unsigned = sum(block) - sum(block[148:156]) + 8 * 32
+            if stored != unsigned:
+                high = sum(1 for b in block[:148] + block[156:] if b > 127)
+                if stored != unsigned - 256 * high:
+                    raise _corrupt("a tar header checksum does not match (not a tar file, or damaged)")
+            kind = block[156:157]
+            size = _num(block[124:136])
+            if kind in (b"x", b"g", b"L", b"K"):
+                meta_run += 1
+                if meta_run > _META_RUN_MAX:
+                    raise _corrupt("too many consecutive extended headers")
+                data = self._read_meta(size)
+                if kind == b"x":
+                    pax.update(_parse_pax(data))
+                elif kind == b"g":
+                    self._global_pax.update(_parse_pax(data))
+                elif kind == b"L":
+                    long_name = data.split(b"\x00", 1)[0]
+                else:
+                    long_link = data.split(b"\x00", 1)[0]
+                continue
+            return self._member(block, kind, size, {**self._global_pax, **pax}, long_name, long_link)
+
+    def _finish_stream(self) -> None:
+        """After the end-of-archive block: allow a little padding, then the gzip end must follow."""
+        extra = self.inf.skip(_TRAILER_MAX + 1)
+        if extra > _TRAILER_MAX:
+            raise _corrupt("too much data after the end-of-archive marker")
+
+    def _member(
+        self,
+        block: bytes,
+        kind: bytes,
+        size: int,
+        pax: dict[bytes, bytes],
+        long_name: bytes | None,
+        long_link: bytes | None,
+    ) -> _Member | None:
+        limits = self.limits
+        self._members += 1
+        if self._members > limits.max_members:
+            raise _Halt("too_many_members", f"The bundle has more than {limits.max_members} members")
+        if b"size" in pax:
+            if not pax[b"size"].isdigit() or len(pax[b"size"]) > 20:
+                raise _corrupt("malformed size in a PAX header")
+            size = int(pax[b"size"])
+        raw_kind = b"0" if kind in (b"\x00", b"0") else kind
+        data_size = 0 if raw_kind in _NO_DATA_TYPES else size
+
+        raw_name = block[0:100].split(b"\x00", 1)[0]
+        if block[257:263] == b"ustar\x00":
+            prefix = block[345:500].split(b"\x00", 1)[0]
+            if prefix:
+                raw_name = prefix + b"/" + raw_name
+        if long_name is not None:
+            raw_name = long_name
+        if pax.get(b"path"):
+            raw_name = pax[b"path"]
+        raw_link = block[157:257].split(b"\x00", 1)[0]
+        if long_link is not None:
+            raw_link = long_link
+        if pax.get(b"linkpath"):
+            raw_link = pax[b"linkpath"]
+        shown = _display(raw_name)
+
+        # Size limits first: they stop the scan before any data is inflated.
+        if data_size > limits.max_member_bytes:
+            raise _Halt(
+                "member_too_large",
+                f"{shown} is {data_size} bytes, over the limit of {limits.max_member_bytes} bytes per file",
+                shown,
+            )
+        self._declared += data_size
+        if self._declared > limits.max_total_bytes:
+            raise _Halt(
+                "total_too_large",
+                f"The bundle's contents exceed the limit of {limits.max_total_bytes} uncompressed bytes "
+                f"(reached at {shown})",
+                shown,
+            )
+        self._remaining = data_size
+        self._padding = -data_size % _BLOCK
+
+        if raw_kind == b"0" and raw_name.endswith(b"/") and kind == b"\x00":
+            raw_kind = b"5"  # old-style directory entry
+        if any(k.startswith(b"GNU.sparse.") for k in pax):
+            raw_kind = b"S"
+        mode = _num(block[100:108])
+        result = self._check(raw_name, shown, raw_kind, mode, raw_link, data_size)
+        if isinstance(result, Issue):
+            self.issues.add(result)
+            return None
+        return result
+
+    def _check(
+        self, raw_name: bytes, shown: str, raw_kind: bytes, mode: int, raw_link: bytes, size: int
+    ) -> Issue | _Member | None:
+        """Apply the per-member rules; returns the member, an Issue, or None (root entry)."""
+        limits = self.limits
+
+        def bad(code: str, why: str) -> Issue:
+            return Issue(code=code, path=shown, message=f"{shown or '(empty name)'}: {why}")
+
+        if not raw_name:
+            return bad("invalid_name", "a member has an empty name")
+        if b"\x00" in raw_name:
+            return bad("invalid_name", "the name contains a NUL byte")
+        try:
+            name = raw_name.decode("utf-8")
+        except UnicodeDecodeError:
+            return bad("invalid_name", "the name is not valid UTF-8")
+        if len(raw_name) > limits.max_path_bytes:
+            return bad("path_too_long", f"the path is longer than {limits.max_path_bytes} bytes")
+        if "\\" in name:
+            return bad("backslash_in_path", "the path contains a backslash")
+        if name.startswith("/"):
+            return bad("absolute_path", "absolute paths are not allowed")
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            return bad("path_traversal", "the path contains '..' (it could escape the DAG folder)")
+        if raw_kind in _SPECIAL:
+            code, why = _SPECIAL[raw_kind]
+            if raw_kind == b"1":
+                why += f" (links to {_display(raw_link)})"
+            return bad(code, why)
+        if raw_kind not in (b"0", b"2", b"5"):
+            return bad("special_file", f"unsupported tar member type {raw_kind!r}")
+        kind = {b"0": "file", b"2": "symlink", b"5": "dir"}[raw_kind]
+        if not parts:
+            if kind == "dir":
+                return None  # the "." entry of the root directory
+            return bad("invalid_name", "the name does not name a file")
+        if kind == "file" and name.endswith("/"):
+            return bad("invalid_name", "a regular file's name ends with '/'")
+        path = "/".join(parts)
+        shown = _display(path.encode())
+        if mode & 0o7000:
+            return bad(
+                "unsafe_mode", f"setuid, setgid and sticky bits are not allowed (mode {mode & 0o7777:o})"
+            )
+
+        target = ""
+        if kind == "symlink":
+            ok, target = self._symlink_target(parts, raw_link)
+            if not ok:
+                return bad("unsafe_symlink", target)
+        elif kind == "file" and path.endswith(".py") and size > limits.max_py_bytes:
+            return bad(
+                "python_file_too_large",
+                f"the Python file is {size} bytes, over the limit of {limits.max_py_bytes} bytes",
+            )
+
+        # Structure: duplicates, files used as directories, members under symlinks.
+        seen = self._kinds.get(path)
+        if seen is not None:
+            if seen == kind:
+                return bad("duplicate_path", "the path appears more than once in the bundle")
+            return bad("duplicate_path", f"the path appears both as a {seen} and as a {kind}")
+        if kind != "dir" and path in self._implied:
+            if kind == "symlink":
+                return bad("unsafe_symlink", "other members are stored under this symlink")
+            return bad("duplicate_path", "the path is a file but other members are stored under it")
+        # Directories already in _implied are known to be plain directories, and so are all
+        # their ancestors: only walk up through parents not seen before.
+        new_parents: list[str] = []
+        parent = path.rpartition("/")[0]
+        while parent and parent not in self._implied:
+            parent_kind = self._kinds.get(parent)
+            if parent_kind == "file":
+                return bad("duplicate_path", f"its parent {_display(parent.encode())} is a file")
+            if parent_kind == "symlink":
+                return bad("unsafe_symlink", f"its parent {_display(parent.encode())} is a symlink")
+            new_parents.append(parent)
+            parent = parent.rpartition("/")[0]
+        if len(self._implied) + len(new_parents) > limits.max_members:
+            raise _Halt("too_many_members", f"The bundle has more than {limits.max_members} directories")
+        self._implied.update(new_parents)
+        self._kinds[path] = kind
+        if kind == "symlink":
+            self._symlinks[path] = target
+        return _Member(path=path, kind=kind, mode=mode, size=size, target=target)
+
+    @staticmethod
+    def _symlink_target(parts: list[str], raw_link: bytes) -> tuple[bool, str]:
+        """(True, target relative to the bundle root) or (False, why it is unsafe)."""
+        if not raw_link:
+            return False, "the symlink has an empty target"
+        if b"\x00" in raw_link:
+            return False, "the symlink target contains a NUL byte"
+        try:
+            link = raw_link.decode("utf-8")
+        except UnicodeDecodeError:
+            return False, "the symlink target is not valid UTF-8"
+        if "\\" in link:
+            return False, "the symlink target contains a backslash"
+        if link.startswith("/"):
+            return False, f"symlinks must be relative, this one points to {_display(raw_link)}"
+        resolved = parts[:-1]
+        for piece in link.split("/"):
+            if piece in ("", "."):
+                continue
+            if piece == "..":
+                if not resolved:
+                    return False, f"the symlink points outside the bundle ({_display(raw_link)})"
+                resolved = resolved[:-1]
+            else:
+                resolved = [*resolved, piece]
+        if not resolved:
+            return False, "the symlink points at the bundle root"
+        if resolved == parts[: len(resolved)]:
+            return False, "the symlink points at itself or one of its parent directories (a loop)"
+        return True, "/".join(resolved)
+
+    def finish(self) -> None:
+        """Checks that need the whole member list: symlink targets and an empty bundle."""
+        if self.halted:
+            return
+        for path, target in self._symlinks.items():
+            shown = _display(path.encode())
+            pieces = target.split("/")
+            prefixes = ["/".join(pieces[: i + 1]) for i in range(len(pieces))]
+            via = next((p for p in prefixes if p in self._symlinks), None)
+            if via is not None:
+                how = "points to another symlink" if via == target else "goes through another symlink"
+                self.issues.add(
+                    Issue(code="unsafe_symlink", path=shown, message=f"{shown}: the symlink {how} ({via})")
+                )
+            elif target not in self._kinds and target not in self._implied:
+                self.issues.add(
+                    Issue(
+                        code="unsafe_symlink",
+                        path=shown,
+                        message=f"{shown}: the symlink target {target} does not exist in the bundle",
+                    )
+                )
+        if self.files == 0 and not self.issues:
+            self.issues.add(Issue(code="empty_bundle", message="The bundle contains no files"))
+
+
+# --------------------------------------------------------------------------- python checks
+
+_DAG_LINE = re.compile(rb"[dD][aA][gG]|[\x80-\xff]+")
+_CODING = re.compile(rb"^[ \t\f]*#.*?coding[:=][ \t]*([-\w.]+)")
+_UTF8_NAMES = (b"utf-8", b"utf8", b"utf_8", b"utf-8-sig")
+
+
+def _check_python(source: bytes, path: str) -> tuple[Issue | None, list[str]]:
+    """Compile source like Python does (one parse); return an issue or the DAG ids it defines."""
+    # The AST is acyclic and dies here: keeping the cyclic GC off until it is freed avoids
+    # GC passes over thousands of fresh nodes (this roughly halves the cost of the check).
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = cast(ast.Module, compile(source, path, "exec", ast.PyCF_ONLY_AST, dont_inherit=True))
+            compile(tree, path, "exec", dont_inherit=True)
+        dag_ids = _dag_ids(tree, source)
+        del tree
+    except SyntaxError as exc:
+        line = exc.lineno if isinstance(exc.lineno, int) and exc.lineno > 0 else None
+        where = f", line {line}" if line else ""
+        message = f"{path}{where}: {type(exc).__name__}: {exc.msg}"
+        return Issue(code="syntax_error", path=path, line=line, message=message), []
+    except RecursionError:
+        return _python_error(path, "the code is nested too deeply to compile"), []
+    except MemoryError:
+        return _python_error(path, "the code is too complex to parse (nested too deeply)"), []
+    except Exception as exc:  # noqa: BLE001 - ValueError (NUL bytes), LookupError (unknown codec), ...
+        return _python_error(path, f"{type(exc).__name__}: {exc}"), []
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return None, dag_ids
+
+
+def _python_error(path: str, why: str) -> Issue:
+    return Issue(code="python_error", path=path, message=f"{path}: cannot be compiled: {why}")
+
+
+def _const_str(node: ast.AST | None) -> str | None:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    return None
+
+
+def _callee(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    return None
+
+
+def _dag_id_of_call(call: ast.Call) -> tuple[bool, str | None]:
+    """(explicit id given?, literal id or None) from positional arg 0 or dag_id=."""
+    if call.args and not isinstance(call.args[0], ast.Starred):
+        return True, _const_str(call.args[0])
+    for kw in call.keywords:
+        if kw.arg == "dag_id":
+            return True, _const_str(kw.value)
+    return False, None
+
+
+def _dag_lines(source: bytes) -> list[int] | None:
+    """Sorted numbers of the lines that can hold a DAG definition; None when unknown (odd codecs)."""
+    head = source.split(b"\n", 2)[:2]
+    cookie = next((m.group(1).lower() for h in head if (m := _CODING.match(h))), None)
+    if cookie is not None and cookie not in _UTF8_NAMES:
+        return None  # line splitting of the raw bytes may not match the decoded source
+    if b"\r" in source or not source.isascii():
+        return [i for i, text in enumerate(source.splitlines(), 1) if _DAG_LINE.search(text)]
+    lower = source.lower()
+    lines: list[int] = []
+    line, last = 1, 0
+    pos = lower.find(b"dag")
+    while pos >= 0:
+        line += lower.count(b"\n", last, pos)
+        last = pos
+        if not lines or lines[-1] != line:
+            lines.append(line)
+        pos = lower.find(b"dag", pos + 3)
+    return lines
+
+
+def _dag_ids(tree: ast.AST, source: bytes) -> list[str]:
+    """DAG ids defined with string literals: DAG(...) calls and @dag-decorated functions.
+
+    Only nodes whose lines mention "dag" (any case) or hold non-ASCII text (identifiers
+    are NFKC-normalised) are visited, which skips most of a typical file.
+    """
+    lines = _dag_lines(source)
+    if lines is not None and not lines:
+        return []
+    found: set[str] = set()
+    stack: list[ast.AST] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Call):
+            if _callee(node.func) == "DAG":
+                _, dag_id = _dag_id_of_call(node)
+                if dag_id is not None:
+                    found.add(dag_id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for dec in node.decorator_list:
+                if _callee(dec) == "dag":
+                    found.add(node.name)
+                elif isinstance(dec, ast.Call) and _callee(dec.func) == "dag":
+                    given, dag_id = _dag_id_of_call(dec)
+                    if not given:
+                        found.add(node.name)
+                    elif dag_id is not None:
+                        found.add(dag_id)
+        for name in node._fields:
+            value = getattr(node, name, None)
+            for child in value if isinstance(value, list) else (value,):
+                if not isinstance(child, ast.AST):
+                    continue
+                if lines is not None:
+                    end = getattr(child, "end_lineno", None)
+                    if end is not None:
+                        start = child.lineno  # type: ignore[attr-defined]
+                        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                            start = min([start, *(d.lineno for d in child.decorator_list)])
+                        i = bisect.bisect_left(lines, start)
+                        if i == len(lines) or lines[i] > end:
+                            continue
+                stack.append(child)
+    return sorted(found)
+
+
+# --------------------------------------------------------------------------- consumers
+
+
+class _Extractor:
+    """Writes checked members strictly below dest, never following existing symlinks."""
+
+    _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+    def __init__(self, dest: Path) -> None:
+        os.mkdir(dest, 0o755)
+        self.dest = dest
+        self._fds: dict[str, int] = {}
+        self._made: list[str] = [""]
+        self._symlinks: list[tuple[str, str]] = []
+        try:
+            root = os.open(dest, self._DIR_FLAGS)
+            os.fchmod(root, 0o755)
+        except OSError:
+            os.rmdir(dest)
+            raise
+        self._fds[""] = root
+
+    def _dir(self, rel: str) -> int:
+        """An fd for directory rel (created if missing); refuses symlinks and non-directories."""
+        fd = self._fds.get(rel)
+        if fd is not None:
+            return fd
+        if len(self._fds) > 256:
+            self._close_dirs()
+        parts = rel.split("/")
+        have = 0
+        for i in range(len(parts) - 1, 0, -1):
+            if "/".join(parts[:i]) in self._fds:
+                have = i
+                break
+        fd = self._fds["/".join(parts[:have])]
+        for i in range(have, len(parts)):
+            sub = "/".join(parts[: i + 1])
+            try:
+                os.mkdir(parts[i], 0o755, dir_fd=fd)
+                self._made.append(sub)
+                made = True
+            except FileExistsError:
+                made = False
+            fd = os.open(parts[i], self._DIR_FLAGS, dir_fd=fd)  # ELOOP / ENOTDIR on anything odd
+            self._fds[sub] = fd
+            if made:
+                os.fchmod(fd, 0o755)
+        return fd
+
+    def mkdir(self, rel: str) -> None:
+        self._dir(rel)
+
+    def open_file(self, rel: str, mode: int) -> int:
+        parent, _, name = rel.rpartition("/")
+        fd = os.open(name, self._FILE_FLAGS, 0o600, dir_fd=self._dir(parent))
+        os.fchmod(fd, 0o755 if mode & 0o111 else 0o644)
+        return fd
+
+    @staticmethod
+    def write(fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    @staticmethod
+    def close_file(fd: int) -> None:
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def add_symlink(self, rel: str, target: str) -> None:
+        self._symlinks.append((rel, target))
+
+    def finish(self) -> None:
+        """Create symlinks (after every file exists), then fsync all directories."""
+        for rel, target in self._symlinks:
+            parent, _, name = rel.rpartition("/")
+            os.symlink(_relative_link(parent, target), name, dir_fd=self._dir(parent))
+        for rel in self._made:
+            os.fsync(self._dir(rel))
+        self._close_dirs(keep_root=False)
+
+    def _close_dirs(self, keep_root: bool = True) -> None:
+        for rel, fd in list(self._fds.items()):
+            if rel or not keep_root:
+                os.close(fd)
+                del self._fds[rel]
+
+    def abort(self) -> None:
+        self._close_dirs(keep_root=False)
+        shutil.rmtree(self.dest, ignore_errors=True)
+
+
+def _relative_link(parent: str, target: str) -> str:
+    """Path of target (relative to the root) as seen from directory parent: "../"s then names."""
+    here = parent.split("/") if parent else []
+    there = target.split("/")
+    common = 0
+    while common < min(len(here), len(there)) and here[common] == there[common]:
+        common += 1
+    return "/".join([".."] * (len(here) - common) + there[common:])
+
+
+def _run(fileobj: BinaryIO, limits: Limits | None, check_python: bool, sink: _Extractor | None) -> Report:
+    """Drive one scan with one consumer (validation only, or extraction)."""
+    scan = _Scan(fileobj, limits or Limits())
+    manifest: list[FileEntry] = []
+    for member in scan.members():
+        if sink is not None and scan.issues:
+            break  # extraction stops at the first problem
+        if member.kind == "dir":
+            if sink is not None:
+                sink.mkdir(member.path)
+            continue
+        if member.kind == "symlink":
+            if sink is not None:
+                sink.add_symlink(member.path, member.target)
+            continue
+        keep = check_python and member.path.endswith(".py")
+        parts: list[bytes] = []
+        digest = hashlib.sha256()
+        fd = sink.open_file(member.path, member.mode) if sink is not None else -1
+        try:
+            for piece in scan.data():
+                digest.update(piece)
+                if keep:
+                    parts.append(piece)
+                if fd >= 0:
+                    _Extractor.write(fd, piece)
+        finally:
+            if fd >= 0:
+                _Extractor.close_file(fd)
+        if scan.halted:
+            break
+        dag_ids: list[str] = []
+        if keep:
+            issue, dag_ids = _check_python(b"".join(parts), member.path)
+            del parts
+            if issue is not None:
+                scan.issues.add(issue)
+        entry = FileEntry(path=member.path, size=member.size, sha256=digest.hexdigest(), dag_ids=dag_ids)
+        manifest.append(entry)
+    if sink is None or not scan.issues:
+        scan.finish()
+    valid = not scan.issues
+    return Report(
+        valid=valid,
+        files=scan.files,
+        bytes=scan.bytes,
+        errors=scan.issues.items,
+        errors_truncated=scan.issues.truncated,
+        manifest=manifest if valid else [],
+        sha256=scan.inf.sha.hexdigest(),
+        compressed_bytes=scan.inf.compressed,
+    )
+
+
+def validate_stream(fileobj: BinaryIO, limits: Limits | None = None, *, check_python: bool = True) -> Report:
+    """Validate a bundle read once from fileobj. Never raises for any input bytes."""
+    return _run(fileobj, limits, check_python, None)
+
+
+def validate_file(path: Path, limits: Limits | None = None) -> Report:
+    """Validate the bundle at path (OSError from opening it propagates)."""
+    with open(path, "rb") as fh:
+        return validate_stream(fh, limits)
+
+
+def extract_bundle(
+    fileobj: BinaryIO, dest: Path, limits: Limits | None = None, *, check_python: bool = False
+) -> Report:
+    """Validate and extract a bundle into dest, a directory that must not exist yet.
+
+    Raises BundleRejected (after removing dest) when the bundle breaks any rule; other
+    errors (for example a full disk) also remove dest and then propagate. DAG ids are
+    only filled in the manifest when check_python is true.
+    """
+    sink = _Extractor(dest)
+    try:
+        report = _run(fileobj, limits, check_python, sink)
+        if report.valid:
+            sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
+    if not report.valid:
+        sink.abort()
+        raise BundleRejected(report)
+    return report
