@@ -11,7 +11,6 @@ from typing import Any
 
 import boto3
 import httpx
-
 from helpers import DAGCAST, Api, dag_source, files_of, parse_json_stdout, run_dagcast, stack_env, write_dags
 
 
