@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import bisect
+import ctypes
 import gc
 import hashlib
 import os
@@ -909,7 +910,8 @@ class _Extractor:
     @staticmethod
     def close_file(fd: int) -> None:
         try:
-            os.fsync(fd)
+            if _syncfs is None:  # no syncfs(2): make each file durable on its own
+                os.fsync(fd)
         finally:
             os.close(fd)
 
@@ -921,8 +923,15 @@ class _Extractor:
         for rel, target in self._symlinks:
             parent, _, name = rel.rpartition("/")
             os.symlink(_relative_link(parent, target), name, dir_fd=self._dir(parent))
-        for rel in self._made:
-            os.fsync(self._dir(rel))
+        if _syncfs is not None:
+            # One flush of the filesystem makes every file and directory written here durable,
+            # far cheaper than an fsync per file; the caller renames the folder into place after.
+            if _syncfs(self._fds[""]) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs failed: {os.strerror(err)}")
+        else:
+            for rel in self._made:
+                os.fsync(self._dir(rel))
         self._close_dirs(keep_root=False)
 
     def _close_dirs(self, keep_root: bool = True) -> None:
@@ -934,6 +943,20 @@ class _Extractor:
     def abort(self) -> None:
         self._close_dirs(keep_root=False)
         shutil.rmtree(self.dest, ignore_errors=True)
+
+
+def _load_syncfs() -> Any:
+    """libc's syncfs(2) where there is one (Linux), else None."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_syncfs = _load_syncfs()
 
 
 def _relative_link(parent: str, target: str) -> str:
