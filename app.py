@@ -47,6 +47,7 @@ from chalicelib.models import (
     Token,
     TokenView,
     UpdateDeployment,
+    UploadForm,
     VersionView,
 )
 from chalicelib.notify import Notifier, SidecarQueues
@@ -249,6 +250,12 @@ def list_deploys(ctx: Ctx, deployment: str) -> Page:
      Permission.READ, response=DeployView)
 def get_deploy(ctx: Ctx, deployment: str, deploy_id: str) -> DeployView:
     return get_control().get_deploy(deployment, deploy_id)
+
+
+@api("/deployments/{deployment}/deploys/{deploy_id}/upload", "POST", "A fresh presigned upload for a PENDING deploy",
+     Permission.DEPLOY, response=UploadForm)
+def renew_upload(ctx: Ctx, deployment: str, deploy_id: str) -> UploadForm:
+    return get_control().renew_upload(deployment, deploy_id)
 
 
 @api("/deployments/{deployment}/deploys/{deploy_id}/cancel", "POST", "Cancel a deploy that was never uploaded",

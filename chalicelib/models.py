@@ -211,6 +211,7 @@ class CreatedDeploy(BaseModel):
 class VersionView(BaseModel):
     version: Version
     download_url: str
+    manifest_url: str | None = None
 
 
 class Registration(BaseModel):

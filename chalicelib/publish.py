@@ -13,6 +13,7 @@ from typing import Any
 from aws_lambda_powertools import Logger
 
 from chalicelib.exceptions import Conflict, StorageError
+from chalicelib.manifest import diff_manifests
 from chalicelib.models import Deploy, DeployDiff, Version
 from chalicelib.notify import Notifier
 from chalicelib.settings import Settings
@@ -22,31 +23,8 @@ from chalicelib.validation import FileEntry
 
 logger = Logger(service="dagcast", child=True)
 
-MAX_LISTED = 50
-
-
 def manifest_key(deployment: str, deploy_id: str) -> str:
     return f"manifests/{deployment}/{deploy_id}.json"
-
-
-def diff_manifests(old: list[FileEntry] | None, new: list[FileEntry]) -> DeployDiff:
-    """DAGs added and removed, files added, removed and changed, between two manifests."""
-    old = old or []
-    before = {f.path: f for f in old}
-    after = {f.path: f for f in new}
-    old_dags = {d for f in old for d in f.dag_ids}
-    new_dags = {d for f in new for d in f.dag_ids}
-    changed = sorted(p for p in before.keys() & after.keys() if before[p].sha256 != after[p].sha256)
-    return DeployDiff(
-        dags_added=sorted(new_dags - old_dags)[:MAX_LISTED],
-        dags_removed=sorted(old_dags - new_dags)[:MAX_LISTED],
-        dags_added_count=len(new_dags - old_dags),
-        dags_removed_count=len(old_dags - new_dags),
-        files_added=len(after.keys() - before.keys()),
-        files_removed=len(before.keys() - after.keys()),
-        files_changed=len(changed),
-        changed_paths=changed[:MAX_LISTED],
-    )
 
 
 class Publisher:

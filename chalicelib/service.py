@@ -140,6 +140,15 @@ class ControlPlane:
         deploys, next_cursor = self._store.list_deploys(deployment, limit, cursor)
         return Page(items=[d.model_dump(mode="json") for d in deploys], next_cursor=next_cursor)
 
+    def renew_upload(self, deployment: str, deploy_id: str) -> UploadForm:
+        """A fresh presigned POST for a PENDING deploy whose form expired (same key, size and checksum)."""
+        deploy = self._store.get_deploy(deployment, deploy_id)
+        if deploy.state is not DeployState.PENDING:
+            raise Conflict(f"deploy {deploy_id} is {deploy.state.value}; only a PENDING deploy takes an upload")
+        expires = self._settings.upload_expiry_seconds
+        url, fields = self._bundles.presigned_upload(deploy.key, deploy.size, deploy.sha256, expires)
+        return UploadForm(url=url, fields=fields, expires_at=self._clock() + expires * 1000)
+
     def cancel_deploy(self, deployment: str, deploy_id: str, by: str) -> Deploy:
         """PENDING -> CANCELLED; the upload, if it arrives later, is deleted and never validated."""
         deploy = self._store.cancel_deploy(deployment, deploy_id, by)
@@ -190,8 +199,13 @@ class ControlPlane:
                 raise NotFound(f"deployment {deployment!r} has no version yet: deploy DAGs first")
             version = dep.current_version
         record = self._store.get_version(deployment, version)
-        url = self._bundles.presigned_download(record.key, self._settings.download_expiry_seconds)
-        return VersionView(version=record, download_url=url)
+        expiry = self._settings.download_expiry_seconds
+        manifest_key = self._store.get_deploy(deployment, record.deploy_id).manifest_key
+        return VersionView(
+            version=record,
+            download_url=self._bundles.presigned_download(record.key, expiry),
+            manifest_url=self._bundles.presigned_download(manifest_key, expiry) if manifest_key else None,
+        )
 
     # --- sidecars --------------------------------------------------------------------
 

@@ -106,8 +106,10 @@ def validate(path: Path, as_json: bool) -> None:
 @click.option("--deployment", envvar="DAGCAST_DEPLOYMENT", help="Deployment name [env DAGCAST_DEPLOYMENT].")
 @click.option("--wait/--no-wait", default=None, help="Wait until live on every sidecar (default: on a terminal).")
 @click.option("--timeout", type=click.FloatRange(min=1), default=300, show_default=True, help="Seconds to --wait.")
-@click.option("--description", default="", help="What this deploy changes.")
+@click.option("--description", default="", help="What this deploy changes (default: the git commit subject).")
 @click.option("--skip-validation", is_flag=True, help="Skip local validation (the server still validates).")
+@click.option("--force", is_flag=True, help="Deploy even when the live version has the same bundle.")
+@click.option("--dry-run", is_flag=True, help="List what would ship and the DAG diff against the live version.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object for CI.")
 @click.option("--debug", is_flag=True, help="Show details of errors.")
 def deploy(
@@ -120,31 +122,38 @@ def deploy(
     timeout: float,
     description: str,
     skip_validation: bool,
+    force: bool,
+    dry_run: bool,
     as_json: bool,
     debug: bool,
 ) -> None:
     """Bundle the dags folder, upload it, and (with --wait) wait until every sidecar runs it."""
+    from dagcast import config
     from dagcast import deploy as deploying
     from dagcast.client import ApiClient
-    from dagcast.exceptions import BundleInvalid, ClientError, WaitTimeout
+    from dagcast.exceptions import BundleInvalid, ClientError, ConfigError, WaitTimeout
 
-    api_url = _required(api_url, "--api-url", "DAGCAST_API_URL")
-    token = _required(token, "--token", "DAGCAST_TOKEN")
-    deployment = _required(deployment, "--deployment", "DAGCAST_DEPLOYMENT")
+    try:
+        settings = config.resolve(api_url, token, deployment)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
     if wait is None:
-        wait = sys.stdout.isatty()
+        wait = sys.stdout.isatty() and not as_json
     say: Callable[[str], None] = _echo_err if as_json else click.echo
-    api = ApiClient(api_url, token, on_retry=lambda m: _echo_err(f"warning: {m}"))
+    api = ApiClient(settings.api_url, settings.token, on_retry=lambda m: _echo_err(f"warning: {m}"))
     opts = deploying.DeployOptions(
         dags_path=dags_path,
-        deployment=deployment,
+        deployment=settings.deployment,
         wait=wait,
         timeout=timeout,
         skip_validation=skip_validation,
+        force=force,
+        dry_run=dry_run,
         description=description,
     )
     try:
-        result = deploying.run(api, opts, say)
+        with _upload_progress(enabled=sys.stderr.isatty() and not as_json) as progress:
+            result = deploying.run(api, opts, say, progress)
     except BundleInvalid as exc:
         if as_json:
             doc = exc.result or {"deploy_id": None, "version": None, "state": "INVALID", "sidecars": []}
@@ -159,8 +168,78 @@ def deploy(
         api.close()
     if as_json:
         click.echo(json.dumps(result.to_json()))
-    else:
-        click.echo(f"Deploy {result.deploy_id}: {result.state}" + (f" v{result.version}" if result.version else ""))
+        return
+    if result.files_list is not None:
+        for f in result.files_list:
+            click.echo(f"{f['size']:>12}  {f['path']}")
+        click.echo(f"{result.files} files, {result.bytes} bytes would ship (dry run: nothing uploaded)")
+        return
+    if result.sidecars:
+        click.echo(f"{'SIDECAR':<24} {'VERSION':>7}  STATE")
+        for s in result.sidecars:
+            click.echo(f"{s['name']:<24} {'v' + str(s['version']):>7}  {'live' if s['live'] else 'stale'}")
+    click.echo(f"Deploy {result.deploy_id}: {result.state}" + (f" v{result.version}" if result.version else ""))
+
+
+class _upload_progress:  # noqa: N801 - used as a context manager like a function
+    """A rich progress bar for the upload on a terminal; nothing otherwise (plain lines are printed instead)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Callable[[int, int], None] | None:
+        if not self.enabled:
+            return None
+        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+        self._bar = Progress("upload", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True)
+        self._bar.start()
+        return self._update
+
+    def _update(self, done: int, total: int) -> None:
+        if self._task is None:
+            self._task = self._bar.add_task("upload", total=total)
+        self._bar.update(self._task, completed=done)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+@main.command()
+@click.option("--api-url", required=True, envvar="DAGCAST_API_URL", help="API URL [env DAGCAST_API_URL].")
+@click.option("--deployment", required=True, envvar="DAGCAST_DEPLOYMENT", help="Deployment name.")
+def init(api_url: str, deployment: str) -> None:
+    """Write .dagcast/config.toml in this folder (API URL and deployment; safe to commit)."""
+    from dagcast import config
+
+    path = config.write_project(Path.cwd(), api_url, deployment)
+    click.echo(f"wrote {path}; now run `dagcast login`")
+
+
+@main.command()
+@click.option("--token", prompt=True, hide_input=True, envvar="DAGCAST_TOKEN", help="API token (prompted, never echoed).")
+def login(token: str) -> None:
+    """Store a token in .dagcast/credentials.toml (mode 0600, git-ignored) after checking it works."""
+    from dagcast import config
+    from dagcast.client import ApiClient
+    from dagcast.exceptions import ClientError
+
+    folder = config.find_project()
+    if folder is None:
+        raise click.UsageError("no .dagcast/ folder here or above: run `dagcast init` first")
+    values = config.project_values()
+    api = ApiClient(values.get("api_url", ""), token.strip())
+    try:
+        api.get_deployment(values.get("deployment", ""))
+    except ClientError as exc:
+        _fail(exc, False)
+    finally:
+        api.close()
+    path = config.write_credentials(folder, token.strip())
+    click.echo(f"token verified and stored in {path}")
 
 
 @main.command()
@@ -249,16 +328,30 @@ def api_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _call(api_url: str | None, token: str | None, debug: bool, action: Callable[[Any], Any]) -> Any:
     """Run one API action with a client; API and network errors become one clean line."""
+    from dagcast import config
     from dagcast.client import ApiClient
-    from dagcast.exceptions import ClientError
+    from dagcast.exceptions import ClientError, ConfigError
 
-    api = ApiClient(_required(api_url, "--api-url", "DAGCAST_API_URL"), _required(token, "--token", "DAGCAST_TOKEN"))
+    try:
+        settings = config.resolve(api_url, token, "-")
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    api = ApiClient(settings.api_url, settings.token)
     try:
         return action(api)
     except ClientError as exc:
         _fail(exc, debug)
     finally:
         api.close()
+
+
+def _deployment(flag: str | None) -> str:
+    from dagcast import config
+
+    name = flag or config.project_values().get("deployment")
+    if not name:
+        raise click.UsageError("missing --deployment (or set DAGCAST_DEPLOYMENT, or run `dagcast init`)")
+    return name
 
 
 def _when(ms: int | None) -> str:
@@ -268,17 +361,10 @@ def _when(ms: int | None) -> str:
 
 
 def _diff_summary(diff: dict[str, Any] | None) -> str:
-    if not diff:
-        return ""
-    parts = []
-    if diff.get("dags_added_count"):
-        parts.append(f"+{diff['dags_added_count']} DAG{'s' if diff['dags_added_count'] != 1 else ''}")
-    if diff.get("dags_removed_count"):
-        n = diff["dags_removed_count"]
-        parts.append(f"-{n} DAG{'s' if n != 1 else ''}: {', '.join(diff.get('dags_removed', []))}")
-    changed = diff.get("files_changed", 0) + diff.get("files_added", 0) + diff.get("files_removed", 0)
-    parts.append(f"{changed} file{'s' if changed != 1 else ''} changed")
-    return ", ".join(parts)
+    from chalicelib.manifest import summary
+    from chalicelib.models import DeployDiff
+
+    return summary(DeployDiff.model_validate(diff)) if diff else ""
 
 
 @main.group()
@@ -290,7 +376,7 @@ def deployment() -> None:
 @api_options
 def deployment_show(api_url: str | None, token: str | None, deployment: str | None, as_json: bool, debug: bool) -> None:
     """Show the deployment's mechanism, live version and limits."""
-    name = _required(deployment, "--deployment", "DAGCAST_DEPLOYMENT")
+    name = _deployment(deployment)
     doc = _call(api_url, token, debug, lambda api: api.get_deployment(name))
     if as_json:
         click.echo(json.dumps(doc))
@@ -309,7 +395,7 @@ def deployment_show(api_url: str | None, token: str | None, deployment: str | No
 def deployment_update(api_url: str | None, token: str | None, deployment: str | None, as_json: bool, debug: bool,
                       dag_deploy: str | None, keep_versions: int | None, retention_days: int | None) -> None:
     """Change the deployment's settings. Switching DAG deploys never touches the DAGs sidecars serve."""
-    name = _required(deployment, "--deployment", "DAGCAST_DEPLOYMENT")
+    name = _deployment(deployment)
     changes: dict[str, Any] = {}
     if dag_deploy:
         changes["mechanism"] = "DAG_ONLY" if dag_deploy == "enabled" else "IMAGE"
@@ -334,7 +420,7 @@ def deploys() -> None:
 def deploys_list(api_url: str | None, token: str | None, deployment: str | None, as_json: bool, debug: bool,
                  limit: int) -> None:
     """Deploys, newest first: version, state, who, when, description, DAG diff."""
-    name = _required(deployment, "--deployment", "DAGCAST_DEPLOYMENT")
+    name = _deployment(deployment)
     page = _call(api_url, token, debug, lambda api: api.list_deploys(name, limit))
     if as_json:
         click.echo(json.dumps(page))
@@ -351,7 +437,7 @@ def deploys_list(api_url: str | None, token: str | None, deployment: str | None,
 def deploys_show(deploy_id: str, api_url: str | None, token: str | None, deployment: str | None, as_json: bool,
                  debug: bool) -> None:
     """One deploy: state, errors, manifest summary and sidecars."""
-    name = _required(deployment, "--deployment", "DAGCAST_DEPLOYMENT")
+    name = _deployment(deployment)
     view = _call(api_url, token, debug, lambda api: api.get_deploy(name, deploy_id))
     if as_json:
         click.echo(json.dumps(view))
@@ -375,7 +461,7 @@ def deploys_show(deploy_id: str, api_url: str | None, token: str | None, deploym
 def rollback(deploy_id: str, api_url: str | None, token: str | None, deployment: str | None, as_json: bool,
              debug: bool) -> None:
     """Make an earlier deploy's bundle live again, as a new version (admin only)."""
-    name = _required(deployment, "--deployment", "DAGCAST_DEPLOYMENT")
+    name = _deployment(deployment)
     d = _call(api_url, token, debug, lambda api: api.rollback(name, deploy_id))
     click.echo(json.dumps(d) if as_json else f"rolled back: deploy {d['deploy_id']} is {d['state']} v{d['version']}")
 

@@ -85,6 +85,9 @@ class ApiClient:
             params["cursor"] = cursor
         return dict(self.request("GET", f"/deployments/{deployment}/deploys", params=params))
 
+    def renew_upload(self, deployment: str, deploy_id: str) -> dict[str, Any]:
+        return dict(self.request("POST", f"/deployments/{deployment}/deploys/{deploy_id}/upload"))
+
     def rollback(self, deployment: str, deploy_id: str) -> dict[str, Any]:
         return dict(self.request("POST", f"/deployments/{deployment}/deploys/{deploy_id}/rollback"))
 

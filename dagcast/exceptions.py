@@ -37,6 +37,10 @@ class UploadFailed(ClientError):
     """The bundle upload failed after bounded retries."""
 
 
+class UploadExpired(UploadFailed):
+    """The presigned upload form expired; ask the API for a fresh one."""
+
+
 class BundleInvalid(ClientError):
     """The bundle failed validation (locally or on the server)."""
 

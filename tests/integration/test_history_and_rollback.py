@@ -98,5 +98,6 @@ def test_switching_the_mechanism_keeps_the_dags_sidecars_serve(stack: dict[str, 
     after = api.json("GET", "/deployments/switcher")
     assert after["mechanism"] == "IMAGE" and after["current_version"] == 1
     assert api.json("GET", "/deployments/switcher/versions/current")["version"]["deploy_id"] == deploy_id
+    (dags / "b.py").write_text(dag_source("b"))
     refused = run_dagcast(["deploy", "--dags", "--dags-path", str(dags), "--no-wait"], env)
     assert refused.returncode == 1 and "dagcast deployment update switcher --dag-deploy enabled" in refused.stderr
