@@ -98,11 +98,38 @@ def _check_relpath(rel: str) -> str:
     return rel
 
 
+_USTAR_TAIL = b"ustar\x0000" + b"\0" * (32 + 32 + 8 + 8 + 155)
+
+
 def _header(name: str, size: int, kind: bytes, linkname: str = "") -> bytes:
+    """The tar header block(s) of one member, byte-identical to tarfile's PAX_FORMAT output.
+
+    Short ASCII names need no PAX record, so their single ustar block is built directly
+    (building it through TarInfo costs more than compressing the file); anything else
+    goes through tarfile.
+    """
+    mode = 0o777 if kind == tarfile.SYMTYPE else 0o644
+    if len(name) <= 100 and len(linkname) <= 100 and name.isascii() and linkname.isascii() and size < 0o77777777777:
+        block = b"".join((
+            name.encode().ljust(100, b"\0"),
+            b"%07o\0" % mode,
+            b"0000000\0" * 2,  # uid, gid
+            b"%011o\0" % size,
+            b"00000000000\0",  # mtime
+            b"        ",  # checksum placeholder
+            kind,
+            linkname.encode().ljust(100, b"\0"),
+            _USTAR_TAIL,
+        )).ljust(tarfile.BLOCKSIZE, b"\0")
+        return block[:148] + b"%06o\0" % sum(block) + block[155:]
+    return _tarfile_header(name, size, kind, mode, linkname)
+
+
+def _tarfile_header(name: str, size: int, kind: bytes, mode: int, linkname: str) -> bytes:
     info = tarfile.TarInfo(name)
     info.size = size
     info.type = kind
-    info.mode = 0o777 if kind == tarfile.SYMTYPE else 0o644
+    info.mode = mode
     info.linkname = linkname
     # TarInfo defaults: mtime 0, uid/gid 0, uname/gname "".
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")

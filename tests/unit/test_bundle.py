@@ -185,3 +185,24 @@ def test_long_and_many_paths_round_trip(tmp_path: Path) -> None:
     data, info = build(make_tree(tmp_path, files), list(files))
     report = validate_stream(io.BytesIO(data))
     assert report.valid and report.files == info.files == 300
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "kind", "link"),
+    [
+        ("a.py", 0, tarfile.REGTYPE, ""),
+        ("team_1/dag_99.py", 4_812, tarfile.REGTYPE, ""),
+        ("x" * 100, 10**9, tarfile.REGTYPE, ""),
+        ("x" * 101, 5, tarfile.REGTYPE, ""),
+        ("dags/ünïcode.py", 7, tarfile.REGTYPE, ""),
+        ("link.py", 0, tarfile.SYMTYPE, "lib/real.py"),
+        ("big.bin", 0o77777777777 + 1, tarfile.REGTYPE, ""),
+    ],
+)
+def test_fast_headers_are_byte_identical_to_tarfile_pax_headers(name: str, size: int, kind: bytes, link: str) -> None:
+    from chalicelib.bundle import _header
+
+    info = tarfile.TarInfo(name)
+    info.size, info.type, info.linkname = size, kind, link
+    info.mode = 0o777 if kind == tarfile.SYMTYPE else 0o644
+    assert _header(name, size, kind, link) == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
