@@ -70,12 +70,13 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="dagcast-bench-"))
     dags = make_dags(work / "dags", 1000)
     latencies: list[float] = []
+    first_latencies: list[float] = []
     floors: list[float] = []
     with EmbeddedStack(work / "state", sidecars=args.sidecars) as stack:
         info = stack.info
         assert info is not None
         api = ApiClient(info.api_url, info.token)
-        for n in range(deploys):
+        for n in range(deploys + 1):  # deploy 0 is the first (full) one; the rest change one file each
             (dags / "team_0" / "dag_0.py").write_text(f"# change {n}\nx = {n}\n")
             opts = DeployOptions(dags_path=dags, deployment=info.deployment, wait=True, timeout=120, poll_interval=0.05)
             result = run(api, opts, lambda _msg: None)
@@ -86,7 +87,9 @@ def main() -> int:
                 time.sleep(0.05)
                 view = api.get_deploy(info.deployment, str(result.deploy_id))
             activated = view["deploy"]["activated_at"]
-            latencies += [(s["last_sync_at"] - activated) / 1000 for s in view["sidecars"]]
+            (first_latencies if n == 0 else latencies).extend((s["last_sync_at"] - activated) / 1000 for s in view["sidecars"])
+            if n == 0:
+                continue
             # floor: the same download and extraction with nothing else
             version = api.get_version(info.deployment, result.version)
             started = time.perf_counter()
@@ -113,6 +116,8 @@ def main() -> int:
         "active_to_live_p50_s": statistics.median(latencies),
         "active_to_live_p95_s": pct(latencies, 95),
         "active_to_live_max_s": max(latencies),
+        "first_deploy_active_to_live_p50_s": statistics.median(first_latencies),
+        "first_deploy_active_to_live_max_s": max(first_latencies),
         "floor_download_extract_p50_s": statistics.median(floors),
         "idle_cpu_percent": idle_cpu_pct,
         "idle_rss_mib": rss_max / 2**20,
@@ -122,8 +127,10 @@ def main() -> int:
     out.write_text(json.dumps(results, indent=2) + "\n")
     print("| measure | value | target |")
     print("|---|---|---|")
-    print(f"| ACTIVE -> live, {args.sidecars} sidecars, 1,000 files, p50 | {results['active_to_live_p50_s']:.3f} s | |")
-    print(f"| ACTIVE -> live, p95 | {results['active_to_live_p95_s']:.3f} s | < 1 s |")
+    print(f"| ACTIVE -> live on each of {args.sidecars} sidecars, 1,000 files, one changed, p50 "
+          f"| {results['active_to_live_p50_s']:.3f} s | |")
+    print(f"| same, p95 | {results['active_to_live_p95_s']:.3f} s | < 1 s |")
+    print(f"| first deploy of the 1,000 files (nothing to reuse), p50 | {results['first_deploy_active_to_live_p50_s']:.3f} s | |")
     print(f"| floor: download + extract alone, p50 | {results['floor_download_extract_p50_s']:.3f} s | |")
     print(f"| p50 / floor | {results['active_to_live_p50_s'] / results['floor_download_extract_p50_s']:.1f}x | |")
     print(f"| idle sidecar CPU over {idle_seconds} s | {idle_cpu_pct:.2f} % | < 1 % |")

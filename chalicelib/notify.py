@@ -17,13 +17,16 @@ class Notifier:
         self._sns = sns
         self._topic_arn = topic_arn
 
-    def publish_version(self, version: Version) -> None:
+    def publish_version(self, version: Version, download_url: str | None = None) -> None:
+        """Announce a version. With a presigned download URL sidecars fetch without asking the API first."""
         body = {
             "deployment": version.deployment,
             "version": version.version,
             "deploy_id": version.deploy_id,
             "key": version.key,
             "sha256": version.sha256,
+            "size": version.size,
+            **({"download_url": download_url} if download_url else {}),
         }
         try:
             self._sns.publish(

@@ -94,7 +94,8 @@ class Publisher:
                 logger.info("deploy finished by another delivery")
                 return None
             logger.info("version active", extra={"version": version.version})
-            self._notifier.publish_version(version)
+            url = self._bundles.presigned_download(version.key, self._settings.announce_url_expiry_seconds)
+            self._notifier.publish_version(version, url)
             return version
         raise StorageError(
             f"cannot assign a version to deploy {deploy.deploy_id} after {self._settings.activation_retries} attempts"

@@ -18,6 +18,7 @@ class Settings(BaseSettings):
     sidecar_queue_prefix: str = Field("dagcast-sidecar-", description="name prefix of per-sidecar SQS queues")
     upload_expiry_seconds: int = Field(600, ge=60, le=3600)
     download_expiry_seconds: int = Field(300, ge=30, le=3600)
+    announce_url_expiry_seconds: int = Field(3600, ge=60, le=43200, description="lifetime of the URL in announcements")
     sidecar_stale_seconds: int = Field(90, ge=5, description="a sidecar silent for longer is not live")
     sidecar_expiry_seconds: int = Field(900, ge=60, description="the janitor removes sidecars silent for longer")
     pending_grace_seconds: int = Field(300, ge=0, description="extra time past the upload expiry before EXPIRED")

@@ -28,6 +28,7 @@ from chalicelib.exceptions import DagcastError
 
 __all__ = [
     "BundleRejected",
+    "Reuse",
     "FileEntry",
     "Issue",
     "Limits",
@@ -915,6 +916,15 @@ class _Extractor:
         finally:
             os.close(fd)
 
+    def link(self, rel: str, source: str) -> bool:
+        """Hard-link an identical file of an earlier version instead of writing it; False if not possible."""
+        parent, _, name = rel.rpartition("/")
+        try:
+            os.link(source, name, dst_dir_fd=self._dir(parent), follow_symlinks=False)
+        except OSError:
+            return False
+        return True
+
     def add_symlink(self, rel: str, target: str) -> None:
         self._symlinks.append((rel, target))
 
@@ -969,7 +979,24 @@ def _relative_link(parent: str, target: str) -> str:
     return "/".join([".."] * (len(here) - common) + there[common:])
 
 
-def _run(fileobj: BinaryIO, limits: Limits | None, check_python: bool, sink: _Extractor | None) -> Report:
+@dataclass(frozen=True)
+class Reuse:
+    """An earlier extracted version whose identical files extraction may hard-link (versions are immutable)."""
+
+    folder: Path
+    files: dict[str, tuple[str, int]]  # path -> (sha256, size)
+
+    @classmethod
+    def from_manifest(cls, folder: Path, manifest: list[FileEntry]) -> Reuse:
+        return cls(folder, {f.path: (f.sha256, f.size) for f in manifest})
+
+
+_REUSE_MAX = 8 * MiB  # members up to this size are hashed in memory before deciding to link
+
+
+def _run(
+    fileobj: BinaryIO, limits: Limits | None, check_python: bool, sink: _Extractor | None, reuse: Reuse | None = None
+) -> Report:
     """Drive one scan with one consumer (validation only, or extraction)."""
     scan = _Scan(fileobj, limits or Limits())
     manifest: list[FileEntry] = []
@@ -984,10 +1011,13 @@ def _run(fileobj: BinaryIO, limits: Limits | None, check_python: bool, sink: _Ex
             if sink is not None:
                 sink.add_symlink(member.path, member.target)
             continue
-        keep = check_python and member.path.endswith(".py")
+        earlier = reuse.files.get(member.path) if reuse is not None and sink is not None else None
+        deferred = earlier is not None and earlier[1] == member.size and member.size <= _REUSE_MAX and not member.mode & 0o111
+        want_python = check_python and member.path.endswith(".py")
+        keep = want_python or deferred
         parts: list[bytes] = []
         digest = hashlib.sha256()
-        fd = sink.open_file(member.path, member.mode) if sink is not None else -1
+        fd = sink.open_file(member.path, member.mode) if sink is not None and not deferred else -1
         try:
             for piece in scan.data():
                 digest.update(piece)
@@ -1000,8 +1030,17 @@ def _run(fileobj: BinaryIO, limits: Limits | None, check_python: bool, sink: _Ex
                 _Extractor.close_file(fd)
         if scan.halted:
             break
+        if deferred and sink is not None and reuse is not None and earlier is not None:
+            source = os.path.join(reuse.folder, member.path)
+            if earlier[0] != digest.hexdigest() or not sink.link(member.path, source):
+                fd = sink.open_file(member.path, member.mode)
+                try:
+                    for piece in parts:
+                        _Extractor.write(fd, piece)
+                finally:
+                    _Extractor.close_file(fd)
         dag_ids: list[str] = []
-        if keep:
+        if want_python:
             issue, dag_ids = _check_python(b"".join(parts), member.path)
             del parts
             if issue is not None:
@@ -1035,17 +1074,18 @@ def validate_file(path: Path, limits: Limits | None = None) -> Report:
 
 
 def extract_bundle(
-    fileobj: BinaryIO, dest: Path, limits: Limits | None = None, *, check_python: bool = False
+    fileobj: BinaryIO, dest: Path, limits: Limits | None = None, *, check_python: bool = False, reuse: Reuse | None = None
 ) -> Report:
     """Validate and extract a bundle into dest, a directory that must not exist yet.
 
     Raises BundleRejected (after removing dest) when the bundle breaks any rule; other
     errors (for example a full disk) also remove dest and then propagate. DAG ids are
-    only filled in the manifest when check_python is true.
+    only filled in the manifest when check_python is true. With `reuse`, files whose bytes
+    equal the earlier version's are hard-linked from it instead of written again.
     """
     sink = _Extractor(dest)
     try:
-        report = _run(fileobj, limits, check_python, sink)
+        report = _run(fileobj, limits, check_python, sink, reuse)
         if report.valid:
             sink.finish()
     except BaseException:

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from chalicelib.validation import BundleRejected, extract_bundle
+from chalicelib.validation import BundleRejected, FileEntry, Reuse, extract_bundle
 from dagcast.client import ApiClient, backoff
 from dagcast.exceptions import ApiError, ClientError, SyncError
 from dagcast.observe import SidecarMetrics
@@ -58,12 +58,17 @@ class Syncer:
         self.http = http or httpx.Client(timeout=httpx.Timeout(30.0, read=120.0))
         self.versions = cfg.root / "versions"
         self.downloads = cfg.root / "downloads"
+        self.manifests = cfg.root / "manifests"
+        self.published_at: int | None = None  # epoch ms when the link last moved
         self.metrics = metrics or SidecarMetrics()
 
     def prepare(self) -> None:
         """Create the folders and remove leftovers of an interrupted sync."""
         self.versions.mkdir(parents=True, exist_ok=True)
         self.downloads.mkdir(parents=True, exist_ok=True)
+        self.manifests.mkdir(parents=True, exist_ok=True)
+        for leftover in self.manifests.glob(".tmp-*"):
+            leftover.unlink(missing_ok=True)
         for leftover in self.versions.glob(".tmp-*"):
             shutil.rmtree(leftover, ignore_errors=True)
         for leftover in self.downloads.iterdir():
@@ -79,7 +84,7 @@ class Syncer:
         name = Path(target).name
         return int(name) if name.isdigit() else 0
 
-    def sync(self, target: int | None = None) -> int | None:
+    def sync(self, target: int | None = None, announced: dict[str, Any] | None = None) -> int | None:
         """Bring the link to `target` (the deployment's current version when None).
 
         Returns the new live version, or None when nothing changed (older or equal versions
@@ -92,7 +97,7 @@ class Syncer:
             return None
         started = time.monotonic()
         try:
-            changed = self._sync(live, target)
+            changed = self._sync(live, target, announced)
         except (ClientError, OSError):
             self.metrics.syncs.labels(result="error").inc()
             raise
@@ -104,23 +109,35 @@ class Syncer:
             self.metrics.seconds_behind.set(0)
         return changed
 
-    def _sync(self, live: int, target: int | None) -> int | None:
+    def _sync(self, live: int, target: int | None, announced: dict[str, Any] | None) -> int | None:
+        if announced and target is not None and int(announced.get("version", 0)) == target and "download_url" in announced:
+            # The announcement carries the version record's sha256 and a presigned URL: no API round trip.
+            view = {"version": {**announced, "created_at": 0}, "download_url": announced["download_url"]}
+            try:
+                return self._sync_view(live, view)
+            except SyncError as exc:
+                log.info("announced URL failed; asking the API", extra={"version": target, "error": str(exc)})
         try:
             view = self.api.get_version(self.cfg.deployment, target)
         except ApiError as exc:
             if exc.status == 404:
                 raise SyncError(f"deployment {self.cfg.deployment!r} has no version to sync yet") from exc
             raise SyncError(f"cannot look up version {target or 'current'}: {exc}") from exc
+        return self._sync_view(live, view)
+
+    def _sync_view(self, live: int, view: dict[str, Any]) -> int | None:
         record = view["version"]
         version = int(record["version"])
         if version <= live:
             self.metrics.seconds_behind.set(0)
             return None
-        self.metrics.seconds_behind.set(max(0.0, time.time() - int(record["created_at"]) / 1000))
+        if record.get("created_at"):
+            self.metrics.seconds_behind.set(max(0.0, time.time() - int(record["created_at"]) / 1000))
         folder = self.versions / str(version)
         if not folder.is_dir():
             self._fetch(version, view["download_url"], record["sha256"], folder)
         self._publish(folder)
+        self.published_at = int(time.time() * 1000)
         log.info("version live", extra={"version": version, "previous": live})
         self._prune(version)
         return version
@@ -146,16 +163,32 @@ class Syncer:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             with part.open("rb") as f:
-                extract_bundle(f, tmp)
+                report = extract_bundle(f, tmp, reuse=self._reuse())
         except BundleRejected as exc:
             first = exc.report.errors[0] if exc.report.errors else None
             detail = f"{first.path}: {first.message}" if first else "no detail"
             raise SyncError(f"v{version} refused by the extractor: {detail}") from exc
         finally:
             part.unlink(missing_ok=True)
+        self._save_manifest(version, report.manifest)
         os.rename(tmp, folder)
         _fsync_dir(self.versions)
         log.debug("extracted", extra={"version": version})
+
+    def _reuse(self) -> Reuse | None:
+        """The live version and its manifest, so unchanged files are hard-linked rather than rewritten."""
+        live = self.live_version()
+        try:
+            raw = json.loads((self.manifests / f"{live}.json").read_text())
+            entries = [FileEntry.model_validate(e) for e in raw]
+        except (OSError, ValueError):
+            return None
+        return Reuse.from_manifest(self.versions / str(live), entries)
+
+    def _save_manifest(self, version: int, manifest: list[FileEntry]) -> None:
+        tmp = self.manifests / f".tmp-{version}.json"
+        tmp.write_text(json.dumps([{"path": f.path, "size": f.size, "sha256": f.sha256} for f in manifest]))
+        os.replace(tmp, self.manifests / f"{version}.json")
 
     def _download(self, url: str, part: Path) -> str:
         h = hashlib.sha256()
@@ -183,6 +216,7 @@ class Syncer:
         for version in numbered[self.cfg.keep :]:
             if version != live and version != self.live_version():
                 shutil.rmtree(self.versions / str(version), ignore_errors=True)
+                (self.manifests / f"{version}.json").unlink(missing_ok=True)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -238,17 +272,17 @@ class Sidecar:
                     self._heartbeat()
                     next_heartbeat = time.monotonic() + self.cfg.heartbeat_interval
                 wait = max(0.0, min(self.cfg.wait_seconds, next_resync - time.monotonic(), next_heartbeat - time.monotonic()))
-                target = self._poll(wait)
-                if target is not None and self._step(target):
+                announced = self._poll(wait)
+                if announced is not None and self._step(int(announced["version"]), announced):
                     next_heartbeat = 0.0
         except _Interrupted:
             pass
         finally:
             self._deregister()
 
-    def _step(self, target: int | None) -> bool:
+    def _step(self, target: int | None, announced: dict[str, Any] | None = None) -> bool:
         try:
-            changed = self.syncer.sync(target)
+            changed = self.syncer.sync(target, announced)
         except (ClientError, OSError) as exc:
             self.failures += 1
             self.metrics.failures.set(self.failures)
@@ -259,11 +293,11 @@ class Sidecar:
         self.metrics.failures.set(0)
         self.last_error = None
         if changed is not None:
-            self.last_sync_at = int(time.time() * 1000)
+            self.last_sync_at = self.syncer.published_at
         return changed is not None
 
-    def _poll(self, wait: float) -> int | None:
-        """Long-poll the queue; returns the highest version announced, messages deleted."""
+    def _poll(self, wait: float) -> dict[str, Any] | None:
+        """Long-poll the queue; returns the announcement of the highest version, messages deleted."""
         if self.queue_url is None or self.sqs is None:
             self.stop.wait(wait)
             return None
@@ -283,14 +317,16 @@ class Sidecar:
         finally:
             self._polling = False
         messages = out.get("Messages", [])
-        versions = []
+        announcements = []
         for m in messages:
             try:
                 doc = json.loads(m["Body"])
                 if doc.get("deployment") == self.cfg.deployment:
-                    versions.append(int(doc["version"]))
-            except (ValueError, KeyError, TypeError):
+                    doc["version"] = int(doc["version"])
+                    announcements.append(doc)
+            except (ValueError, KeyError, TypeError, AttributeError):
                 log.warning("ignoring malformed message")
+        versions = [a["version"] for a in announcements]
         log.debug("messages received", extra={"count": len(messages), "versions": versions})
         if messages:
             entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)]
@@ -298,7 +334,7 @@ class Sidecar:
                 self.sqs.delete_message_batch(QueueUrl=self.queue_url, Entries=entries)
             except Exception as exc:  # noqa: BLE001 - redelivery is harmless: versions are idempotent
                 log.warning("cannot delete messages", extra={"error": str(exc)})
-        return max(versions) if versions else None
+        return max(announcements, key=lambda a: int(a["version"])) if announcements else None
 
     def _register(self) -> None:
         try:

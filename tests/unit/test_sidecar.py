@@ -108,7 +108,8 @@ def test_poll_takes_the_highest_announced_version_and_deletes_every_message(env:
     sqs = FakeSqs()
     daemon = Sidecar(syncer.cfg, api, sqs)  # type: ignore[arg-type]
     daemon.queue_url = "q"
-    assert daemon._poll(0) == 3
+    announced = daemon._poll(0)
+    assert announced is not None and announced["version"] == 3
     assert sorted(sqs.deleted) == ["r0", "r1", "r2", "r3", "r4"]
 
 
@@ -185,3 +186,48 @@ def test_once_without_any_version_is_a_clear_error(env: Any) -> None:
     syncer, _, _ = env
     with pytest.raises(SyncError, match="no version to sync yet"):
         syncer.sync(None)
+
+
+def test_unchanged_files_are_hard_linked_from_the_live_version_and_changed_ones_written(env: Any, tmp_path: Path) -> None:
+    syncer, api, _ = env
+    api.add(1, bundle_bytes(tmp_path / "s1", {"same.py": "x = 1\n", "edit.py": "v = 1\n", "gone.sql": "select 1;\n"}))
+    api.add(2, bundle_bytes(tmp_path / "s2", {"same.py": "x = 1\n", "edit.py": "v = 2\n", "new.py": "n = 1\n"}))
+    syncer.sync(1)
+    syncer.sync(2)
+    v1, v2 = syncer.versions / "1", syncer.versions / "2"
+    assert (v1 / "same.py").stat().st_ino == (v2 / "same.py").stat().st_ino
+    assert (v1 / "edit.py").stat().st_ino != (v2 / "edit.py").stat().st_ino
+    assert files_of_dir(v2) == {"same.py": b"x = 1\n", "edit.py": b"v = 2\n", "new.py": b"n = 1\n"}
+    assert files_of_dir(v1) == {"same.py": b"x = 1\n", "edit.py": b"v = 1\n", "gone.sql": b"select 1;\n"}
+
+
+def test_a_version_without_a_saved_manifest_is_extracted_in_full(env: Any, tmp_path: Path) -> None:
+    syncer, api, _ = env
+    api.add(1, bundle_bytes(tmp_path / "s1", {"same.py": "x = 1\n"}))
+    api.add(2, bundle_bytes(tmp_path / "s2", {"same.py": "x = 1\n", "b.py": "y = 2\n"}))
+    syncer.sync(1)
+    (syncer.manifests / "1.json").unlink()
+    syncer.sync(2)
+    assert (syncer.versions / "1" / "same.py").stat().st_ino != (syncer.versions / "2" / "same.py").stat().st_ino
+    assert (syncer.cfg.link / "same.py").read_text() == "x = 1\n"
+
+
+def files_of_dir(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_an_announcement_with_a_download_url_needs_no_api_lookup(env: Any, tmp_path: Path) -> None:
+    syncer, api, downloads = env
+    api.add(1, versions_of(1, tmp_path))
+    announced = {"deployment": "d", "version": 1, "sha256": api.sha[1], "download_url": "http://bundles.test/v1"}
+    assert syncer.sync(1, announced) == 1
+    assert api.lookups == [] and downloads == ["/v1"]
+
+
+def test_an_announcement_with_a_bad_checksum_falls_back_to_the_version_record(env: Any, tmp_path: Path) -> None:
+    syncer, api, _ = env
+    api.add(1, versions_of(1, tmp_path))
+    announced = {"deployment": "d", "version": 1, "sha256": "0" * 64, "download_url": "http://bundles.test/v1"}
+    assert syncer.sync(1, announced) == 1
+    assert api.lookups == [1]
+    assert (syncer.cfg.link / "dag.py").read_text() == "VERSION = 1\n"
