@@ -32,7 +32,9 @@ integration: install
 	$(PY) -m pytest -q tests/integration tests/e2e
 
 bench: install
+	$(PY) bench/bundle_bench.py
 	$(PY) bench/validate_bench.py
+	$(PY) bench/sidecar_bench.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -467,6 +467,42 @@ def rollback(deploy_id: str, api_url: str | None, token: str | None, deployment:
 
 
 @main.group()
+def admin() -> None:
+    """Operator commands that talk to AWS directly (your AWS credentials, not an API token)."""
+
+
+@admin.command("create-token")
+@click.option("--table", required=True, envvar="DAGCAST_TABLE_NAME", help="The stack's DynamoDB table [env DAGCAST_TABLE_NAME].")
+@click.option("--name", required=True, help="A name for the token (unique).")
+@click.option("--role", type=click.Choice(["viewer", "deployer", "sidecar", "admin"]), default="admin", show_default=True)
+@click.option("--deployment", "deployments", multiple=True, help="Scope to these deployments (default: all).")
+def admin_create_token(table: str, name: str, role: str, deployments: tuple[str, ...]) -> None:
+    """Write a token straight into the table: how the first admin token of a new AWS stack is made.
+
+    The secret is printed once on stdout; only its hash is stored.
+    """
+    import time
+
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from chalicelib.auth import hash_token, new_token
+    from chalicelib.exceptions import DagcastError
+    from chalicelib.models import Role, Token
+    from chalicelib.store import Store
+
+    secret = new_token()
+    token = Token(token_hash=hash_token(secret), name=name, role=Role(role), deployments=list(deployments) or ["*"],
+                  created_at=int(time.time() * 1000))
+    try:
+        Store(boto3.resource("dynamodb").Table(table)).put_token(token)
+    except (DagcastError, BotoCoreError, ClientError) as exc:
+        _fail(exc, False)
+    _echo_err(f"token {name!r} ({role}) created; it is shown only this once:")
+    click.echo(secret)
+
+
+@main.group()
 def local() -> None:
     """The embedded stack on this machine (moto server on 127.0.0.1, no AWS account)."""
 

@@ -188,3 +188,17 @@ def test_upload_is_retried_after_server_errors_and_rewinds_the_stream(
     assert flaky_proxy.upload_attempts == 3
     assert proc.stderr.count("upload answered 503; retrying") == 2
     assert parse_json_stdout(proc)["state"] == "ACTIVE"
+
+
+def test_admin_create_token_writes_a_working_token_straight_to_the_table(stack: dict[str, Any]) -> None:
+    aws = {"AWS_ENDPOINT_URL": stack["aws_endpoint_url"], "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    proc = run_dagcast(["admin", "create-token", "--table", "dagcast-local-state", "--name", "first-admin"],
+                       stack_env(stack, **aws))
+    assert proc.returncode == 0, proc.stderr
+    secret = proc.stdout.strip()
+    assert secret.startswith("dgc_") and "shown only this once" in proc.stderr
+    assert Api(stack, token=secret).call("GET", "/tokens").status_code == 200
+    listed = Api(stack).json("GET", "/tokens")["items"]
+    assert any(t["name"] == "first-admin" and t["role"] == "admin" for t in listed)
+    assert secret not in str(listed)
