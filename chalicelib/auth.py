@@ -68,4 +68,8 @@ class Authenticator:
             raise Forbidden(f"role {token.role.value!r} may not {need.value}")
         if deployment is not None and not token.allows(deployment):
             raise Forbidden(f"token {token.name!r} is not scoped to deployment {deployment!r}")
+        if deployment is None and need is Permission.ADMIN and "*" not in token.deployments:
+            # Tokens and new deployments span the account: an admin of one deployment must not
+            # be able to mint a token for all of them.
+            raise Forbidden(f"token {token.name!r} is scoped to some deployments; this needs an admin token for all")
         return token

@@ -34,6 +34,13 @@ ERROR_SCHEMA = {
 }
 
 
+def _success(r: RouteSpec, refs: dict[Any, Any]) -> dict[str, Any]:
+    if r.status == 204:
+        return {"description": "No Content"}
+    schema = refs[(r.response, "serialization")] if r.response else {}
+    return {"description": "OK", "content": {"application/json": {"schema": schema}}}
+
+
 def build_document(routes: list[RouteSpec], version: str) -> dict[str, Any]:
     models = {m for r in routes for m in (r.body, r.response) if m is not None}
     keyed: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
@@ -52,12 +59,7 @@ def build_document(routes: list[RouteSpec], version: str) -> dict[str, Any]:
             "operationId": f"{r.method.lower()}_{re.sub(r'[^a-z0-9]+', '_', r.path.lower()).strip('_') or 'root'}",
             "parameters": params,
             "responses": {
-                str(r.status): {
-                    "description": "OK",
-                    "content": {"application/json": {"schema": refs[(r.response, "serialization")]}}
-                    if r.response
-                    else {"application/json": {"schema": {}}},
-                },
+                str(r.status): _success(r, refs),
                 "default": {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
             },
         }

@@ -512,7 +512,9 @@ def local() -> None:
 @click.option("--port", type=click.IntRange(0, 65535), default=0, help="API port (default: a free one).")
 @click.option("--sidecars", type=click.IntRange(0, 200), default=2, show_default=True, help="Sidecars to start.")
 @click.option("--deployment", default="demo", show_default=True, help="Deployment to create.")
-def local_up(state_dir: Path, port: int, sidecars: int, deployment: str) -> None:
+@click.option("--janitor-interval", type=click.FloatRange(min=0.1), default=30, show_default=True,
+              help="Seconds between runs of the scheduled janitor.")
+def local_up(state_dir: Path, port: int, sidecars: int, deployment: str, janitor_interval: float) -> None:
     """Run the embedded stack in the foreground until SIGINT/SIGTERM."""
     import signal
     import threading
@@ -522,7 +524,7 @@ def local_up(state_dir: Path, port: int, sidecars: int, deployment: str) -> None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stack = EmbeddedStack(state_dir, port=port, sidecars=sidecars, deployment=deployment)
+    stack = EmbeddedStack(state_dir, port=port, sidecars=sidecars, deployment=deployment, janitor_interval=janitor_interval)
     try:
         info = stack.start()
         click.echo(f"dagcast local stack ready: API {info.api_url}, deployment {info.deployment!r}")

@@ -20,7 +20,9 @@ from helpers import DAGCAST  # noqa: E402
 
 
 @contextlib.contextmanager
-def local_stack(state: Path, sidecars: int = 2, extra: list[str] | None = None) -> Iterator[dict[str, Any]]:
+def local_stack(
+    state: Path, sidecars: int = 2, extra: list[str] | None = None, env: dict[str, str] | None = None
+) -> Iterator[dict[str, Any]]:
     """`dagcast local up` as a user runs it, in its own process group; yields local.json."""
     state.mkdir(parents=True, exist_ok=True)
     log = open(state / "local-up.log", "w")
@@ -29,6 +31,7 @@ def local_stack(state: Path, sidecars: int = 2, extra: list[str] | None = None) 
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
     try:
         deadline = time.monotonic() + 120

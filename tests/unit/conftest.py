@@ -34,6 +34,8 @@ _CACHED = (
     app_module.get_control,
     app_module.get_ingest,
     app_module.get_auth,
+    app_module.get_sns,
+    app_module.get_publisher,
     get_settings,
 )
 
@@ -93,7 +95,7 @@ def deployment(control: ControlPlane) -> str:
 
 @pytest.fixture
 def admin_token(control: ControlPlane, deployment: str) -> str:
-    return control.issue_token("unit-admin", Role.ADMIN, [deployment])
+    return control.issue_token("unit-admin", Role.ADMIN, ["*"])
 
 
 @pytest.fixture

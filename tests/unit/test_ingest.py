@@ -172,9 +172,13 @@ def test_valid_bundle_becomes_version_1_and_is_announced(
     assert versions[0]["sha256"] == sha
     assert versions[0]["key"] == deploy["key"]
 
-    assert announcements() == [
-        {"deployment": deployment, "version": 1, "deploy_id": deploy["deploy_id"], "key": deploy["key"], "sha256": sha}
-    ]
+    [announced] = announcements()
+    url = announced.pop("download_url")
+    assert announced == {
+        "deployment": deployment, "version": 1, "deploy_id": deploy["deploy_id"], "key": deploy["key"], "sha256": sha,
+        "size": len(data),
+    }
+    assert urllib.parse.quote(deploy["key"], safe="/") in url and "X-Amz-Signature=" in url
 
 
 def test_current_version_is_served_with_a_download_url_after_activation(

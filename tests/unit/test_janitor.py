@@ -1,0 +1,111 @@
+"""The scheduled janitor: expiry of deploys never uploaded, silent sidecars, bundle retention."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+import app as app_module
+from chalicelib.ingest import Outcome
+from chalicelib.models import CreateDeploy, DeployState, Heartbeat, IngestEvent, RegisterSidecar, UpdateDeployment
+from chalicelib.notify import SidecarQueues
+from chalicelib.service import ControlPlane, now_ms
+from chalicelib.settings import get_settings
+from dagcast.bootstrap import StackOutputs
+
+DAY_MS = 86_400_000
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = now_ms()
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def janitor_control(aws: StackOutputs, deployment: str, clock: Clock) -> ControlPlane:
+    s = get_settings()
+    queues = SidecarQueues(boto3.client("sqs"), boto3.client("sns"), s.topic_arn, s.sidecar_queue_prefix)
+    return ControlPlane(s, app_module.get_store(), app_module.get_bundles(), queues, app_module.get_publisher(), clock=clock)
+
+
+def publish(control: ControlPlane, aws: StackOutputs, deployment: str, bundle: bytes) -> Any:
+    import hashlib
+
+    created = control.create_deploy(deployment, CreateDeploy(sha256=hashlib.sha256(bundle).hexdigest(), size=len(bundle)), "t")
+    boto3.client("s3").put_object(Bucket=aws.bucket, Key=created.deploy.key, Body=bundle)
+    outcome = app_module.get_ingest().handle(IngestEvent(bucket=aws.bucket, key=created.deploy.key, size=len(bundle)))
+    assert outcome is Outcome.ACTIVE
+    return app_module.get_store().get_deploy(deployment, created.deploy.deploy_id)
+
+
+def object_exists(bucket: str, key: str) -> bool:
+    try:
+        boto3.client("s3").head_object(Bucket=bucket, Key=key)
+    except ClientError:
+        return False
+    return True
+
+
+def test_a_deploy_never_uploaded_expires_and_a_late_upload_is_never_validated(
+    janitor_control: ControlPlane, aws: StackOutputs, deployment: str, clock: Clock, make_bundle: Callable[..., bytes]
+) -> None:
+    import hashlib
+
+    bundle = make_bundle({"a.py": "x = 1\n"})
+    created = janitor_control.create_deploy(deployment, CreateDeploy(sha256=hashlib.sha256(bundle).hexdigest(), size=len(bundle)), "t")
+    s = get_settings()
+    clock.now += (s.upload_expiry_seconds + s.pending_grace_seconds) * 1000 - 1000
+    assert janitor_control.janitor().deploys_expired == []
+    clock.now += 2000
+    assert janitor_control.janitor().deploys_expired == [f"{deployment}/{created.deploy.deploy_id}"]
+    store = app_module.get_store()
+    assert store.get_deploy(deployment, created.deploy.deploy_id).state is DeployState.EXPIRED
+    boto3.client("s3").put_object(Bucket=aws.bucket, Key=created.deploy.key, Body=bundle)
+    late = app_module.get_ingest().handle(IngestEvent(bucket=aws.bucket, key=created.deploy.key, size=len(bundle)))
+    assert late is Outcome.IGNORED
+    assert store.get_deploy(deployment, created.deploy.deploy_id).state is DeployState.EXPIRED
+    assert store.get_deployment(deployment).current_version == 0
+
+
+def test_silent_sidecars_lose_their_queue_subscription_and_record(
+    janitor_control: ControlPlane, deployment: str, clock: Clock
+) -> None:
+    silent = janitor_control.register_sidecar(deployment, RegisterSidecar(name="silent"))
+    janitor_control.register_sidecar(deployment, RegisterSidecar(name="chatty"))
+    clock.now += get_settings().sidecar_expiry_seconds * 1000 + 1000
+    janitor_control.heartbeat(deployment, "chatty", Heartbeat(version=0))
+    report = janitor_control.janitor()
+    assert report.sidecars_removed == [f"{deployment}/silent"]
+    assert [s.name for s in janitor_control.sidecar_views(deployment)] == ["chatty"]
+    with pytest.raises(ClientError):
+        boto3.client("sqs").get_queue_attributes(QueueUrl=silent.queue_url, AttributeNames=["QueueArn"])
+    subs = boto3.client("sns").list_subscriptions()["Subscriptions"]
+    assert silent.sidecar.subscription_arn not in {s["SubscriptionArn"] for s in subs}
+    assert len(subs) == 1
+
+
+def test_bundles_beyond_retention_are_pruned_but_never_the_live_one_or_one_a_sidecar_runs(
+    janitor_control: ControlPlane, aws: StackOutputs, deployment: str, clock: Clock, make_bundle: Callable[..., bytes]
+) -> None:
+    janitor_control.update_deployment(deployment, UpdateDeployment(keep_versions=2, retention_days=1))
+    deploys = [publish(janitor_control, aws, deployment, make_bundle({"v.py": f"v = {i}\n"})) for i in range(1, 6)]
+    janitor_control.register_sidecar(deployment, RegisterSidecar(name="old-worker"))
+    janitor_control.heartbeat(deployment, "old-worker", Heartbeat(version=1))
+    assert janitor_control.janitor().bundles_pruned == [], "younger than retention_days: kept"
+    clock.now += 2 * DAY_MS
+    janitor_control.heartbeat(deployment, "old-worker", Heartbeat(version=1))
+    report = janitor_control.janitor()
+    assert sorted(report.bundles_pruned) == [f"{deployment}/v2", f"{deployment}/v3"]
+    present = [object_exists(aws.bucket, d.key) for d in deploys]
+    assert present == [True, False, False, True, True]
