@@ -78,13 +78,13 @@ def main() -> int:
         api = ApiClient(info.api_url, info.token)
         for n in range(deploys + 1):  # deploy 0 is the first (full) one; the rest change one file each
             (dags / "team_0" / "dag_0.py").write_text(f"# change {n}\nx = {n}\n")
-            opts = DeployOptions(dags_path=dags, deployment=info.deployment, wait=True, timeout=120, poll_interval=0.05)
+            opts = DeployOptions(dags_path=dags, deployment=info.deployment, wait=True, timeout=120)
             result = run(api, opts, lambda _msg: None)
             view = api.get_deploy(info.deployment, str(result.deploy_id))
             deadline = time.monotonic() + 30
             while any(s["last_sync_at"] is None or s["version"] < result.version for s in view["sidecars"]):
                 assert time.monotonic() < deadline, "sidecars did not report"
-                time.sleep(0.05)
+                time.sleep(0.25)
                 view = api.get_deploy(info.deployment, str(result.deploy_id))
             activated = view["deploy"]["activated_at"]
             (first_latencies if n == 0 else latencies).extend((s["last_sync_at"] - activated) / 1000 for s in view["sidecars"])

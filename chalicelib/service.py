@@ -232,9 +232,8 @@ class ControlPlane:
     def heartbeat(self, deployment: str, name: str, req: Heartbeat) -> SidecarView:
         fields = req.model_dump(mode="json")
         fields["last_heartbeat"] = self._clock()
-        before = self._store.get_sidecar(deployment, name)
-        sidecar = self._store.heartbeat(deployment, name, fields)
-        if req.version and (before is None or before.version != req.version):
+        sidecar, previous_version = self._store.heartbeat(deployment, name, fields)
+        if req.version and previous_version != req.version:
             try:
                 version = self._store.get_version(deployment, req.version)
             except NotFound:  # a folder left from an older installation: report it, record nothing

@@ -400,7 +400,8 @@ class Store:
         item = self._get(_pk(deployment), _sidecar_sk(name), f"sidecar {name!r}")
         return Sidecar.model_validate(_strip(item)) if item else None
 
-    def heartbeat(self, deployment: str, name: str, fields: dict[str, Any]) -> Sidecar:
+    def heartbeat(self, deployment: str, name: str, fields: dict[str, Any]) -> tuple[Sidecar, int]:
+        """Record a heartbeat; returns the sidecar as updated and the version it reported before."""
         names = {f"#k{i}": k for i, k in enumerate(fields)}
         values = {f":v{i}": v for i, v in enumerate(fields.values())}
         try:
@@ -410,13 +411,14 @@ class Store:
                 ConditionExpression="attribute_exists(pk)",
                 ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
-                ReturnValues="ALL_NEW",
+                ReturnValues="ALL_OLD",
             )
         except ClientError as exc:
             if _failed_condition(exc):
                 raise NotFound(f"sidecar {name!r} is not registered in {deployment!r}; register it first") from exc
             raise StorageError(f"cannot record heartbeat of sidecar {name!r}: {exc}") from exc
-        return Sidecar.model_validate(_strip(out["Attributes"]))
+        old = _strip(out["Attributes"])
+        return Sidecar.model_validate({**old, **fields}), int(old.get("version", 0))
 
     def delete_sidecar(self, deployment: str, name: str) -> Sidecar | None:
         try:

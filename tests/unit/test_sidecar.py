@@ -91,7 +91,7 @@ def test_older_equal_and_duplicate_announcements_never_go_backwards_or_download_
     assert syncer.live_version() == 2
 
 
-def test_poll_takes_the_highest_announced_version_and_deletes_every_message(env: Any, tmp_path: Path) -> None:
+def test_poll_takes_the_highest_announced_version_and_every_message_is_deleted_after(env: Any, tmp_path: Path) -> None:
     syncer, api, _ = env
 
     class FakeSqs:
@@ -110,6 +110,8 @@ def test_poll_takes_the_highest_announced_version_and_deletes_every_message(env:
     daemon.queue_url = "q"
     announced = daemon._poll(0)
     assert announced is not None and announced["version"] == 3
+    assert sqs.deleted == [], "messages are deleted after the sync, off the critical path"
+    daemon._delete_received()
     assert sorted(sqs.deleted) == ["r0", "r1", "r2", "r3", "r4"]
 
 
