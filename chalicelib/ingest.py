@@ -21,6 +21,7 @@ from chalicelib.publish import Publisher
 from chalicelib.settings import Settings
 from chalicelib.storage import BundleStorage, parse_bundle_key
 from chalicelib.store import Store
+from chalicelib.telemetry import Telemetry
 from chalicelib.validation import Issue, Report, validate_stream
 
 logger = Logger(service="dagcast", child=True)
@@ -43,12 +44,14 @@ class Ingest:
         bundles: BundleStorage,
         publisher: Publisher,
         clock: Callable[[], int],
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._bundles = bundles
         self._publisher = publisher
         self._clock = clock
+        self._telemetry = telemetry or Telemetry()
 
     def handle(self, event: IngestEvent) -> Outcome:
         parsed = parse_bundle_key(event.key)
@@ -57,6 +60,7 @@ class Ingest:
             return Outcome.IGNORED
         deployment, deploy_id = parsed
         logger.append_keys(deployment=deployment, deploy_id=deploy_id)
+        logger.set_correlation_id(deploy_id)
         try:
             deploy = self._store.get_deploy(deployment, deploy_id)
         except NotFound:
@@ -93,27 +97,41 @@ class Ingest:
         return self._activate(deploy, report, started)
 
     def _reject(self, deploy: Deploy, errors: list[Issue], started: float, report: Report | None = None) -> Outcome:
+        validation_ms = int((time.monotonic() - started) * 1000)
         fields = {
             "errors": [e.model_dump(mode="json") for e in errors[:MAX_STORED_ERRORS]],
             "errors_truncated": max(0, len(errors) - MAX_STORED_ERRORS) + (report.errors_truncated if report else 0),
-            "validation_ms": int((time.monotonic() - started) * 1000),
+            "validation_ms": validation_ms,
         }
         if self._store.finish_rejected(deploy.deployment, deploy.deploy_id, fields):
-            logger.info("deploy rejected", extra={"errors": len(errors), "first": errors[0].code if errors else None})
+            reason = errors[0].code if errors else "unknown"
+            logger.info("deploy rejected", extra={"errors": len(errors), "first": reason})
+            self._telemetry.deploy_rejected(reason, validation_ms / 1000)
+            self._bundles.tag(deploy.key, {"dagcast-state": "rejected"})  # the lifecycle rule expires it
         return Outcome.REJECTED
 
     def _activate(self, deploy: Deploy, report: Report, started: float) -> Outcome:
         manifest_key = self._publisher.save_manifest(deploy, report.manifest)
+        validation_ms = int((time.monotonic() - started) * 1000)
         fields = {
             "files": report.files,
             "bytes": report.bytes,
             "dag_ids": report.dag_ids[:MAX_STORED_DAG_IDS],
-            "validation_ms": int((time.monotonic() - started) * 1000),
+            "validation_ms": validation_ms,
             "manifest_key": manifest_key,
             "diff": self._publisher.diff_against_live(deploy.deployment, report.manifest).model_dump(),
         }
         version = self._publisher.publish(deploy, fields)
-        return Outcome.ACTIVE if version else Outcome.IGNORED
+        if version is None:
+            return Outcome.IGNORED
+        uploaded = self._store.get_deploy(deploy.deployment, deploy.deploy_id).uploaded_at
+        self._telemetry.deploy_accepted(
+            validation_s=validation_ms / 1000,
+            bundle_bytes=deploy.size,
+            files=report.files,
+            upload_to_active_s=(version.created_at - uploaded) / 1000 if uploaded else None,
+        )
+        return Outcome.ACTIVE
 
 
 def _issue(code: str, message: str) -> Issue:

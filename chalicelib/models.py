@@ -105,6 +105,7 @@ class Deploy(BaseModel):
     manifest_key: str | None = None
     diff: DeployDiff | None = None
     activations: dict[str, int] = Field(default_factory=dict)
+    converged_at: int | None = None
     cancelled_by: str | None = None
 
 

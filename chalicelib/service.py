@@ -40,6 +40,7 @@ from chalicelib.publish import Publisher
 from chalicelib.settings import Settings
 from chalicelib.storage import BundleStorage, bundle_key
 from chalicelib.store import Store
+from chalicelib.telemetry import Telemetry
 
 
 def now_ms() -> int:
@@ -60,7 +61,9 @@ class ControlPlane:
         queues: SidecarQueues,
         publisher: Publisher,
         clock: Callable[[], int] = now_ms,
+        telemetry: Telemetry | None = None,
     ) -> None:
+        self._telemetry = telemetry or Telemetry()
         self._settings = settings
         self._store = store
         self._bundles = bundles
@@ -127,6 +130,8 @@ class ControlPlane:
         live = [s for s in sidecars if s.live]
         on_version = [s for s in live if deploy.version is not None and s.version >= deploy.version]
         converged = deploy.state is DeployState.ACTIVE and len(on_version) == len(live)
+        if converged and live and deploy.converged_at is None:
+            self._note_convergence(deploy, [s.name for s in live])
         return DeployView(
             deploy=deploy,
             sidecars=sidecars,
@@ -188,6 +193,15 @@ class ControlPlane:
         }
         self._publisher.publish(deploy, fields)
         return self._store.get_deploy(deployment, deploy.deploy_id)
+
+    def _note_convergence(self, deploy: Deploy, live: list[str]) -> None:
+        """Record (once) when the last live sidecar ran the deploy, from their activation times."""
+        if deploy.activated_at is None or deploy.version is None:
+            return
+        seen = [deploy.activations[name] for name in live if name in deploy.activations]
+        at = max(seen) if len(seen) == len(live) else self._clock()
+        if self._store.mark_converged(deploy.deployment, deploy.deploy_id, at):
+            self._telemetry.sidecars_converged(max(0, at - deploy.activated_at) / 1000)
 
     # --- versions --------------------------------------------------------------------
 
@@ -272,8 +286,14 @@ class ControlPlane:
         clock = self._clock()
         sidecar_cutoff = clock - self._settings.sidecar_expiry_seconds * 1000
         pending_cutoff = clock - (self._settings.upload_expiry_seconds + self._settings.pending_grace_seconds) * 1000
+        stale = 0
+        stale_cutoff = clock - self._settings.sidecar_stale_seconds * 1000
         for dep in self._store.list_deployments():
+            if dep.current_deploy_id:
+                self.get_deploy(dep.name, dep.current_deploy_id)  # notes convergence nobody waited for
             for s in self._store.list_sidecars(dep.name):
+                if sidecar_cutoff <= s.last_heartbeat < stale_cutoff:
+                    stale += 1
                 if s.last_heartbeat < sidecar_cutoff:
                     self._queues.delete(s.queue_url, s.subscription_arn)
                     self._store.delete_sidecar(dep.name, s.name)
@@ -283,6 +303,7 @@ class ControlPlane:
                     self._bundles.delete(d.key)  # a late upload must never be picked up
                     report.deploys_expired.append(f"{dep.name}/{d.deploy_id}")
             report.bundles_pruned += self._prune_bundles(dep, clock)
+        self._telemetry.stale_sidecars(stale)
         return report
 
     def _prune_bundles(self, dep: Deployment, clock: int) -> list[str]:

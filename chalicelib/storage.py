@@ -88,6 +88,14 @@ class BundleStorage:
             raise StorageError(f"cannot read {key}: {exc}") from exc
         return data
 
+    def tag(self, key: str, tags: dict[str, str]) -> None:
+        try:
+            self._s3.put_object_tagging(
+                Bucket=self.bucket, Key=key, Tagging={"TagSet": [{"Key": k, "Value": v} for k, v in tags.items()]}
+            )
+        except ClientError as exc:
+            raise StorageError(f"cannot tag {key}: {exc}") from exc
+
     def delete(self, key: str) -> None:
         try:
             self._s3.delete_object(Bucket=self.bucket, Key=key)

@@ -377,6 +377,21 @@ class Store:
                 return
             raise StorageError(f"cannot record activation of {deploy_id} on {sidecar!r}: {exc}") from exc
 
+    def mark_converged(self, deployment: str, deploy_id: str, at_ms: int) -> bool:
+        """Record once when every live sidecar first ran the deploy; False if already recorded."""
+        try:
+            self._table.update_item(
+                Key={"pk": _pk(deployment), "sk": _deploy_sk(deploy_id)},
+                UpdateExpression="SET converged_at = :t",
+                ConditionExpression="attribute_exists(pk) AND attribute_not_exists(converged_at)",
+                ExpressionAttributeValues={":t": at_ms},
+            )
+        except ClientError as exc:
+            if _failed_condition(exc):
+                return False
+            raise StorageError(f"cannot record convergence of deploy {deploy_id}: {exc}") from exc
+        return True
+
     def list_versions(self, deployment: str) -> list[Version]:
         items = self._query_prefix(_pk(deployment), "VERSION#")
         return [Version.model_validate(_strip(i)) for i in items]

@@ -17,6 +17,9 @@ import yaml
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "infra" / "resources.yaml"
 SUPPORTED = ("AWS::DynamoDB::Table", "AWS::SNS::Topic", "AWS::SQS::Queue", "AWS::SQS::QueuePolicy", "AWS::S3::Bucket")
+# Cloud-only resources: roles, bucket policy, alarms and dashboard have no meaning on the embedded
+# stack, and entries without a Type complete the functions that `chalice package` generates.
+CLOUD_ONLY = ("AWS::IAM::Role", "AWS::S3::BucketPolicy", "AWS::CloudWatch::Alarm", "AWS::CloudWatch::Dashboard")
 
 
 @dataclass
@@ -112,10 +115,13 @@ def _queue_attributes(props: dict[str, Any]) -> dict[str, str]:
 def bootstrap(session: Any, stack_name: str, template: dict[str, Any] | None = None) -> StackOutputs:
     """Create every supported resource of the template in the account `session` points at."""
     template = template or load_template()
-    resources: dict[str, Any] = template["Resources"]
+    resources: dict[str, Any] = {
+        name: res for name, res in template["Resources"].items() if res.get("Type") not in (None, *CLOUD_ONLY)
+    }
     region = session.region_name
     account = session.client("sts").get_caller_identity()["Account"]
     resolve = Resolver(stack_name, region, account)
+    resolve.refs.update({name: p.get("Default") for name, p in template.get("Parameters", {}).items()})
     out: dict[str, str] = {}
     for logical in _order(resources):
         res = resources[logical]
@@ -171,6 +177,9 @@ def _create_bucket(s3: Any, region: str, props: dict[str, Any]) -> None:
     s3.create_bucket(**kwargs)
     if "PublicAccessBlockConfiguration" in props:
         s3.put_public_access_block(Bucket=name, PublicAccessBlockConfiguration=props["PublicAccessBlockConfiguration"])
+    rules = props.get("LifecycleConfiguration", {}).get("Rules", [])
+    if rules:
+        s3.put_bucket_lifecycle_configuration(Bucket=name, LifecycleConfiguration={"Rules": [_lifecycle_rule(r) for r in rules]})
     if "BucketEncryption" in props:
         rules = [
             {"ApplyServerSideEncryptionByDefault": r["ServerSideEncryptionByDefault"]}
@@ -194,3 +203,18 @@ def _create_bucket(s3: Any, region: str, props: dict[str, Any]) -> None:
             ]
         }
         s3.put_bucket_notification_configuration(Bucket=name, NotificationConfiguration=config)
+
+
+def _lifecycle_rule(rule: dict[str, Any]) -> dict[str, Any]:
+    """A CloudFormation lifecycle rule in the shape of the S3 API."""
+    out: dict[str, Any] = {"ID": rule["Id"], "Status": rule["Status"]}
+    tags = rule.get("TagFilters", [])
+    if tags:
+        out["Filter"] = {"Tag": tags[0]} if len(tags) == 1 else {"And": {"Tags": tags}}
+    else:
+        out["Filter"] = {"Prefix": rule.get("Prefix", "")}
+    if "ExpirationInDays" in rule:
+        out["Expiration"] = {"Days": rule["ExpirationInDays"]}
+    if "AbortIncompleteMultipartUpload" in rule:
+        out["AbortIncompleteMultipartUpload"] = rule["AbortIncompleteMultipartUpload"]
+    return out

@@ -120,6 +120,8 @@ class EmbeddedStack:
                 "DAGCAST_SIDECAR_QUEUE_PREFIX": f"{self.stack_name}-sidecar-",
                 "POWERTOOLS_LOG_LEVEL": os.environ.get("POWERTOOLS_LOG_LEVEL", "WARNING"),
                 "POWERTOOLS_METRICS_NAMESPACE": "dagcast",
+                # EMF lines are for CloudWatch; on this machine they would only flood the terminal
+                "POWERTOOLS_METRICS_DISABLED": os.environ.get("POWERTOOLS_METRICS_DISABLED", "true"),
             }
         )
         api_url = self._start_api()

@@ -12,9 +12,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import boto3
-import botocore.loaders
-import botocore.session
 import pytest
+from awsmock import clear_app_caches, fresh_session
 from chalice.test import Client
 from moto import mock_aws
 
@@ -22,37 +21,17 @@ import app as app_module
 from chalicelib.bundle import write_bundle
 from chalicelib.models import CreateDeployment, Mechanism, Role
 from chalicelib.service import ControlPlane
-from chalicelib.settings import get_settings
 from dagcast.bootstrap import StackOutputs, bootstrap
 
 REGION = "us-east-1"
 DEPLOYMENT = "analytics"
 
-_CACHED = (
-    app_module.get_store,
-    app_module.get_bundles,
-    app_module.get_control,
-    app_module.get_ingest,
-    app_module.get_auth,
-    app_module.get_sns,
-    app_module.get_publisher,
-    get_settings,
-)
-
-
-_LOADER = botocore.loaders.create_loader()
-
-
 def _session() -> boto3.session.Session:
-    """A new boto3 session sharing one botocore loader, so service models are parsed once per run, not per test."""
-    core = botocore.session.get_session()
-    core.register_component("data_loader", _LOADER)
-    return boto3.session.Session(botocore_session=core, region_name=REGION)
+    return fresh_session()
 
 
 def _clear_caches() -> None:
-    for fn in _CACHED:
-        fn.cache_clear()
+    clear_app_caches()
 
 
 @pytest.fixture

@@ -1,0 +1,107 @@
+"""The template's core resources created by (moto's) CloudFormation, and one deploy end to end on them.
+
+moto's CloudFormation creates the bucket, queues, topic and table, but skips a bucket's
+NotificationConfiguration and AWS::SQS::QueuePolicy without failing: this test creates the
+bucket notification itself from the template's definition, and says so; the queue policy
+only matters to real S3, which moto's in-process delivery does not check. (Subscriptions
+are made by the API when sidecars register.)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import boto3
+import pytest
+from awsmock import clear_app_caches as _clear_caches
+from awsmock import fresh_session as _session
+from chalice.test import Client
+from moto import mock_aws
+
+import app as app_module
+from chalicelib.models import CreateDeployment, Mechanism, Role
+from dagcast.bootstrap import SUPPORTED, load_template
+
+STACK = "cfn"
+
+
+@pytest.fixture
+def cfn_stack(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    _clear_caches()
+    with mock_aws():
+        boto3.DEFAULT_SESSION = _session()
+        template = load_template()
+        core = {name: res for name, res in template["Resources"].items() if res.get("Type") in SUPPORTED}
+        cfn = boto3.client("cloudformation")
+        body = {"AWSTemplateFormatVersion": "2010-09-09", "Parameters": template["Parameters"], "Resources": core}
+        cfn.create_stack(StackName=STACK, TemplateBody=json.dumps(body))
+        physical = {r["LogicalResourceId"]: r["PhysicalResourceId"]
+                    for r in cfn.describe_stack_resources(StackName=STACK)["StackResources"] if "LogicalResourceId" in r}
+        skipped_by_moto = {name for name, res in core.items() if res["Type"] == "AWS::SQS::QueuePolicy"}
+        assert set(physical) == set(core) - skipped_by_moto, "CloudFormation created every other core resource"
+        sqs = boto3.client("sqs")
+        ingest_url = sqs.get_queue_url(QueueName=f"{STACK}-ingest")["QueueUrl"]
+        ingest_arn = sqs.get_queue_attributes(QueueUrl=ingest_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        # What moto's CloudFormation skips: the bucket notification. Made here from the template's own rules.
+        [rule] = core["BundlesBucket"]["Properties"]["NotificationConfiguration"]["QueueConfigurations"]
+        boto3.client("s3").put_bucket_notification_configuration(
+            Bucket=physical["BundlesBucket"],
+            NotificationConfiguration={"QueueConfigurations": [{
+                "QueueArn": ingest_arn, "Events": [rule["Event"]],
+                "Filter": {"Key": {"FilterRules": rule["Filter"]["S3Key"]["Rules"]}},
+            }]},
+        )
+        names = {
+            "DAGCAST_TABLE_NAME": physical["StateTable"],
+            "DAGCAST_BUNDLES_BUCKET": physical["BundlesBucket"],
+            "DAGCAST_TOPIC_ARN": physical["VersionsTopic"],
+            "DAGCAST_SIDECAR_QUEUE_PREFIX": f"{STACK}-sidecar-",
+        }
+        for k, v in names.items():
+            monkeypatch.setenv(k, v)
+        try:
+            yield {**names, "ingest_queue_url": ingest_url}
+        finally:
+            _clear_caches()
+
+
+def test_one_deploy_goes_end_to_end_on_resources_made_by_cloudformation(
+    cfn_stack: dict[str, str], make_bundle: Callable[..., bytes]
+) -> None:
+    control = app_module.get_control()
+    control.create_deployment(CreateDeployment(name="prod", mechanism=Mechanism.DAG_ONLY))
+    token = control.issue_token("ops", Role.ADMIN, ["*"])
+    client = Client(app_module.app)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+
+    reg = client.http.post("/deployments/prod/sidecars", headers=headers, body=json.dumps({"name": "w1"}))
+    assert reg.status_code == 201
+    bundle = make_bundle({"etl.py": "from airflow import DAG\nDAG('etl')\n"})
+    created = client.http.post("/deployments/prod/deploys", headers=headers,
+                               body=json.dumps({"sha256": hashlib.sha256(bundle).hexdigest(), "size": len(bundle)}))
+    assert created.status_code == 201
+    deploy = created.json_body["deploy"]
+    boto3.client("s3").put_object(Bucket=cfn_stack["DAGCAST_BUNDLES_BUCKET"], Key=deploy["key"], Body=bundle)
+
+    sqs = boto3.client("sqs")
+    messages = sqs.receive_message(QueueUrl=cfn_stack["ingest_queue_url"], MaxNumberOfMessages=10)["Messages"]
+    records = [_lambda_record(m) for m in messages if "ObjectCreated" in m["Body"]]
+    assert records, "S3 notified the ingest queue"
+    assert app_module.ingest({"Records": records}, None) == {"batchItemFailures": []}
+
+    view = client.http.get(f"/deployments/prod/deploys/{deploy['deploy_id']}", headers=headers).json_body
+    assert view["deploy"]["state"] == "ACTIVE" and view["deploy"]["version"] == 1
+    announced = sqs.receive_message(QueueUrl=reg.json_body["queue_url"])["Messages"]
+    body = json.loads(announced[0]["Body"])
+    assert (body["deployment"], body["version"], body["sha256"]) == ("prod", 1, hashlib.sha256(bundle).hexdigest())
+
+
+def _lambda_record(m: dict[str, Any]) -> dict[str, Any]:
+    return {"messageId": m["MessageId"], "receiptHandle": m["ReceiptHandle"], "body": m["Body"], "attributes": {},
+            "messageAttributes": {}, "md5OfBody": "", "eventSource": "aws:sqs",
+            "eventSourceARN": "arn:aws:sqs:us-east-1:123456789012:cfn-ingest", "awsRegion": "us-east-1"}
