@@ -5,12 +5,16 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test lint unit integration bench clean
+STAGE       ?= dev
+PACKAGE_DIR ?= build/$(STAGE)
+
+.PHONY: install demo test lint unit integration bench package deploy clean
 
 $(STAMP): pyproject.toml requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,6 +39,25 @@ bench: install
 	$(PY) bench/bundle_bench.py
 	$(PY) bench/validate_bench.py
 	$(PY) bench/sidecar_bench.py
+
+# The deployable template and zip, offline: no AWS credentials needed (the zip's
+# dependencies come from PyPI, like the rest of the install).
+package: install
+	rm -rf $(PACKAGE_DIR)
+	AWS_DEFAULT_REGION=$${AWS_DEFAULT_REGION:-us-east-1} $(VENV)/bin/chalice package --stage $(STAGE) \
+		--merge-template infra/resources.yaml --pkg-format cloudformation --template-format yaml $(PACKAGE_DIR)
+	$(VENV)/bin/cfn-lint $(PACKAGE_DIR)/sam.yaml
+	@echo "packaged: $(PACKAGE_DIR)/sam.yaml and $(PACKAGE_DIR)/deployment.zip"
+
+# Needs the AWS CLI, credentials, and ARTIFACT_BUCKET (an S3 bucket for the code zip).
+deploy: package
+	@test -n "$(ARTIFACT_BUCKET)" || (echo "set ARTIFACT_BUCKET=<an S3 bucket for the code zip>"; exit 2)
+	aws cloudformation package --template-file $(PACKAGE_DIR)/sam.yaml --s3-bucket $(ARTIFACT_BUCKET) \
+		--output-template-file $(PACKAGE_DIR)/packaged.yaml
+	aws cloudformation deploy --template-file $(PACKAGE_DIR)/packaged.yaml --stack-name dagcast-$(STAGE) \
+		--capabilities CAPABILITY_IAM CAPABILITY_AUTO_EXPAND
+	@aws cloudformation describe-stacks --stack-name dagcast-$(STAGE) \
+		--query "Stacks[0].Outputs[?OutputKey=='EndpointURL' || OutputKey=='FirstAdminToken'].[OutputKey,OutputValue]" --output text
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import boto3
-from aws_lambda_powertools import Logger
+from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from botocore.config import Config
@@ -57,9 +57,21 @@ from chalicelib.service import ControlPlane, now_ms
 from chalicelib.settings import get_settings
 from chalicelib.storage import BundleStorage
 from chalicelib.store import Store
+from chalicelib.telemetry import Telemetry
 
 app = Chalice(app_name="dagcast")
 logger = Logger(service="dagcast")
+tracer = Tracer(service="dagcast")  # X-Ray subsegments and patched boto3 on Lambda; a no-op elsewhere
+telemetry = Telemetry()
+
+
+@app.middleware("all")
+def flush_metrics(event: Any, get_response: Callable[[Any], Any]) -> Any:
+    """Every invocation, HTTP or event, ends by printing its metrics as EMF."""
+    try:
+        return get_response(event)
+    finally:
+        telemetry.flush()
 
 HTTP_STATUS: dict[type[DagcastError], int] = {
     InvalidRequest: 400,
@@ -101,12 +113,12 @@ def get_publisher() -> Publisher:
 def get_control() -> ControlPlane:
     s = get_settings()
     queues = SidecarQueues(boto3.client("sqs", config=_AWS_CONFIG), get_sns(), s.topic_arn, s.sidecar_queue_prefix)
-    return ControlPlane(s, get_store(), get_bundles(), queues, get_publisher())
+    return ControlPlane(s, get_store(), get_bundles(), queues, get_publisher(), telemetry=telemetry)
 
 
 @functools.lru_cache(maxsize=1)
 def get_ingest() -> Ingest:
-    return Ingest(get_settings(), get_store(), get_bundles(), get_publisher(), now_ms)
+    return Ingest(get_settings(), get_store(), get_bundles(), get_publisher(), now_ms, telemetry)
 
 
 @functools.lru_cache(maxsize=1)
@@ -323,6 +335,28 @@ def revoke_token(ctx: Ctx, name: str) -> TokenView:
     return get_control().revoke_token(name)
 
 
+# The web console: static files, no token (the page signs in with one and calls the routes above).
+# Plain routes, not `api(...)`: they return text, and are left out of the OpenAPI document.
+
+
+@app.route("/", methods=["GET"])
+def console_index() -> Response:
+    from chalicelib import console
+
+    page = console.index()
+    return Response(body=page.body, status_code=200, headers=dict(page.headers))
+
+
+@app.route("/console/{asset}", methods=["GET"])
+def console_asset(asset: str) -> Response:
+    from chalicelib import console
+
+    found = console.asset(asset)
+    if found is None:
+        return error_response(NotFound(f"no console asset {asset!r}"))
+    return Response(body=found.body, status_code=200, headers=dict(found.headers))
+
+
 # --- events ------------------------------------------------------------------------------
 
 
@@ -334,6 +368,7 @@ def janitor(event: Any) -> dict[str, Any]:
     return report.model_dump()
 
 
+@tracer.capture_method
 def _ingest_record(record: SQSRecord) -> None:
     for event in parse_notification(record.body):
         get_ingest().handle(event)

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import boto3
-from conftest import local_stack
 from helpers import Api
+from stack import local_stack
 
 
 def until(cond: Callable[[], bool], timeout: float = 20) -> None:

@@ -1,0 +1,677 @@
+// dagcast console: signs in with an API token and shows deployments, deploy history,
+// sidecars and settings, polling the API that served this page. No dependencies.
+"use strict";
+
+(() => {
+  const POLL_MS = 2000;
+  const PAGE_SIZE = 20;
+  const TOKEN_KEY = "dagcast.console.token";
+  const TABS = ["history", "sidecars", "settings"];
+  const LIMITS = [
+    ["max_bundle_bytes", "Max bundle size (compressed, bytes)"],
+    ["max_total_bytes", "Max total size (uncompressed, bytes)"],
+    ["max_members", "Max files in a bundle"],
+    ["max_member_bytes", "Max file size (bytes)"],
+    ["max_py_bytes", "Max Python file size (bytes)"],
+    ["max_path_bytes", "Max path length (bytes)"],
+  ];
+  // API paths are relative to the page, so a stage prefix (/api/) keeps working.
+  const BASE = new URL(".", window.location.href);
+
+  const state = {
+    token: null,
+    admin: false,
+    deployments: [],       // GET /deployments items
+    sidecars: {},          // deployment name -> sidecar views
+    selected: null,        // deployment name
+    tab: "history",
+    history: [],           // deploys shown, newest first
+    cursor: null,          // next_cursor for "Load more"
+    extraPages: false,     // whether "Load more" was used
+    historyFor: null,      // deployment the history belongs to
+    settingsFor: null,     // deployment whose settings the form shows
+    settingsDirty: false,
+    pending: null,         // deploy chosen for rollback
+    timer: null,
+    polling: false,
+    signatures: {},
+  };
+
+  const $ = (id) => document.getElementById(id);
+
+  // --- small helpers -----------------------------------------------------------------
+
+  function h(tag, attrs, ...children) {
+    const el = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (key === "class") el.className = value;
+      else if (key === "text") el.textContent = value;
+      else if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
+      else if (key === "dataset") Object.assign(el.dataset, value);
+      else el.setAttribute(key, value === true ? "" : String(value));
+    }
+    for (const child of children.flat()) {
+      if (child === null || child === undefined || child === false) continue;
+      el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+    }
+    return el;
+  }
+
+  // A table cell with one wrapper, so narrow screens can lay out label and value as two columns.
+  function td(attrs, ...children) {
+    return h("td", attrs, h("div", { class: "cell" }, ...children));
+  }
+
+  // Replace a container's children only when what it shows changed; keep focus on the
+  // element with the same data-key so polling never steals it.
+  function render(container, signature, build) {
+    if (state.signatures[container.id] === signature) return false;
+    state.signatures[container.id] = signature;
+    const active = document.activeElement;
+    const key = active && container.contains(active) ? active.dataset.key : null;
+    container.replaceChildren(...build());
+    if (key) {
+      const again = container.querySelector(`[data-key="${CSS.escape(key)}"]`);
+      if (again) again.focus();
+    }
+    return true;
+  }
+
+  function setText(el, text) {
+    if (el.textContent !== text) el.textContent = text;
+  }
+
+  function announce(message, kind) {
+    const el = $("status");
+    el.className = "status" + (kind ? " status-" + kind : "");
+    el.textContent = message;
+  }
+
+  function formatTime(ms) {
+    if (!ms) return "—";
+    const d = new Date(ms);
+    return d.toLocaleString(undefined, { year: "numeric", month: "short", day: "numeric", hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  }
+
+  function ago(ms) {
+    if (!ms) return "never";
+    const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+    if (s < 60) return `${s} s ago`;
+    if (s < 3600) return `${Math.floor(s / 60)} min ago`;
+    if (s < 86400) return `${Math.floor(s / 3600)} h ago`;
+    return formatTime(ms);
+  }
+
+  function timeEl(ms, text) {
+    return ms ? h("time", { datetime: new Date(ms).toISOString(), title: new Date(ms).toISOString() }, text) : h("span", {}, text);
+  }
+
+  function plural(n, word) {
+    return `${n} ${word}${n === 1 ? "" : "s"}`;
+  }
+
+  // --- API -----------------------------------------------------------------------------
+
+  class ApiError extends Error {
+    constructor(status, code, message) {
+      super(message);
+      this.status = status;
+      this.code = code;
+    }
+  }
+
+  async function api(method, path, body) {
+    const init = { method, headers: { Authorization: `Bearer ${state.token}`, Accept: "application/json" }, cache: "no-store" };
+    if (body !== undefined) {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    let resp;
+    try {
+      resp = await fetch(new URL(path, BASE), init);
+    } catch (err) {
+      throw new ApiError(0, "network", "Cannot reach the API: " + err.message);
+    }
+    const text = await resp.text();
+    let doc = null;
+    try { doc = text ? JSON.parse(text) : null; } catch (err) { doc = null; }
+    if (!resp.ok) {
+      const e = doc && doc.error ? doc.error : { code: "http_error", message: `HTTP ${resp.status}` };
+      throw new ApiError(resp.status, e.code, e.message);
+    }
+    return doc;
+  }
+
+  const enc = encodeURIComponent;
+
+  // --- badges --------------------------------------------------------------------------
+
+  // "converged" when every live sidecar runs the current version, else "2 of 5 sidecars on v12".
+  function convergence(dep) {
+    const sidecars = state.sidecars[dep.name];
+    const v = dep.current_version;
+    if (!v) return { text: "no version live yet", kind: "muted" };
+    if (!sidecars) return { text: "checking sidecars…", kind: "muted" };
+    const live = sidecars.filter((s) => s.live);
+    if (!live.length) return { text: "no live sidecars", kind: "muted" };
+    const on = live.filter((s) => s.version === v).length;
+    if (on === live.length) return { text: "converged", kind: "ok" };
+    return { text: `${on} of ${plural(live.length, "sidecar")} on v${v}`, kind: "progress" };
+  }
+
+  function badge(info, extra) {
+    return h("span", { class: `badge badge-${info.kind}${extra ? " " + extra : ""}` }, info.text);
+  }
+
+  const STATE_KIND = {
+    PENDING: "progress", VALIDATING: "progress", ACTIVE: "ok", REJECTED: "error",
+    EXPIRED: "muted", CANCELLED: "muted", SUPERSEDED: "muted",
+  };
+
+  // --- deployments list ----------------------------------------------------------------
+
+  function renderDeployments() {
+    const list = $("deployment-list");
+    $("no-deployments").hidden = state.deployments.length > 0;
+    const rows = state.deployments.map((d) => [d.name, d.mechanism, d.current_version, convergence(d).text, d.name === state.selected]);
+    render(list, JSON.stringify(rows), () => state.deployments.map((d) => {
+      const conv = convergence(d);
+      const selected = d.name === state.selected;
+      return h("li", { class: "deployment" + (selected ? " selected" : ""), dataset: { deployment: d.name } },
+        h("button", {
+          type: "button", class: "deployment-button", "aria-current": selected ? "true" : null,
+          dataset: { key: "dep:" + d.name }, onclick: () => select(d.name),
+        },
+          h("span", { class: "deployment-name" }, d.name),
+          h("span", { class: "deployment-meta" },
+            h("span", { class: "version" }, d.current_version ? `v${d.current_version}` : "no version"),
+            h("span", { class: "mechanism" }, d.mechanism === "DAG_ONLY" ? "DAG-only deploys" : "Image only")),
+          badge(conv, "convergence")));
+    }));
+    const dep = current();
+    if (dep) {
+      const conv = convergence(dep);
+      const el = $("detail-badge");
+      el.className = `badge badge-${conv.kind}`;
+      setText(el, conv.text === "converged" ? `converged on v${dep.current_version}` : conv.text);
+    }
+  }
+
+  function current() {
+    return state.deployments.find((d) => d.name === state.selected) || null;
+  }
+
+  // --- history ---------------------------------------------------------------------------
+
+  function canRollBack(d, dep) {
+    if (!state.admin || d.version === null || d.version === undefined) return false;
+    if (d.state === "SUPERSEDED") return true;
+    return d.state === "ACTIVE" && dep && d.version !== dep.current_version;
+  }
+
+  function diffSummary(diff) {
+    if (!diff) return [h("span", { class: "muted" }, "—")];
+    const out = [];
+    const dags = [];
+    if (diff.dags_added_count) dags.push(`+${diff.dags_added_count} DAG${diff.dags_added_count === 1 ? "" : "s"}`);
+    if (diff.dags_removed_count) dags.push(`−${diff.dags_removed_count} DAG${diff.dags_removed_count === 1 ? "" : "s"}`);
+    out.push(h("span", { class: "diff-dags" }, dags.length ? dags.join(", ") : "no DAG changes"));
+    if (diff.dags_removed && diff.dags_removed.length) {
+      out.push(h("span", { class: "diff-removed" }, "removed: " + diff.dags_removed.join(", ")));
+    }
+    out.push(h("span", { class: "diff-files" },
+      `files: ${diff.files_changed || 0} changed, ${diff.files_added || 0} added, ${diff.files_removed || 0} removed`));
+    return out;
+  }
+
+  function errorList(d) {
+    if (!d.errors || !d.errors.length) return null;
+    const items = d.errors.map((e) => {
+      const where = e.path ? (e.line ? `${e.path}:${e.line}` : e.path) : "bundle";
+      return h("li", {}, h("code", { class: "where" }, where), ": ", h("span", { class: "code" }, e.code), ": ", e.message);
+    });
+    if (d.errors_truncated) items.push(h("li", { class: "muted" }, `… and ${d.errors_truncated} more`));
+    return h("ul", { class: "errors", "aria-label": "Errors" }, items);
+  }
+
+  function gitCell(git) {
+    if (!git || !git.sha) return h("span", { class: "muted" }, "—");
+    return h("span", { class: "git" },
+      h("code", { title: git.sha }, git.sha.slice(0, 8)),
+      git.dirty ? h("span", { class: "dirty", title: "uncommitted changes" }, "+dirty") : null,
+      git.branch ? h("span", { class: "branch" }, git.branch) : null);
+  }
+
+  function renderHistory() {
+    const body = $("history-body");
+    const dep = current();
+    const admin = state.admin;
+    $("history-empty").hidden = state.history.length > 0 || state.historyFor !== state.selected;
+    $("history-table").hidden = state.history.length === 0;
+    $("load-more").hidden = !state.cursor;
+    const sig = JSON.stringify([admin, dep && dep.current_version, state.history]);
+    render(body, sig, () => state.history.map((d) => {
+      const rollback = canRollBack(d, dep);
+      const isCurrent = dep && d.version && d.version === dep.current_version && d.state === "ACTIVE";
+      return h("tr", { class: `deploy state-${d.state.toLowerCase()}${isCurrent ? " current" : ""}`, dataset: { deployId: d.deploy_id } },
+        td({ "data-label": "Version", class: "version" },
+          d.version ? `v${d.version}` : "—", isCurrent ? h("span", { class: "tag" }, "live") : null),
+        td({ "data-label": "State" }, h("span", { class: `badge badge-${STATE_KIND[d.state] || "muted"} state` }, d.state)),
+        td({ "data-label": "Description", class: "description" },
+          h("div", {}, d.description || h("span", { class: "muted" }, "(no description)")),
+          h("div", { class: "deploy-id muted" }, d.deploy_id),
+          errorList(d)),
+        td({ "data-label": "Who" }, d.created_by || "—"),
+        td({ "data-label": "When" }, timeEl(d.created_at, formatTime(d.created_at))),
+        td({ "data-label": "Git" }, gitCell(d.git)),
+        td({ "data-label": "Changes", class: "diff" }, diffSummary(d.diff)),
+        td({ class: "actions-cell" }, rollback ? h("button", {
+          type: "button", class: "btn btn-small", dataset: { key: "rb:" + d.deploy_id },
+          onclick: () => askRollback(d),
+        }, `Roll back to v${d.version}`) : null));
+    }));
+  }
+
+  async function loadHistory(reset) {
+    const name = state.selected;
+    if (!name) return;
+    const page = await api("GET", `deployments/${enc(name)}/deploys?limit=${PAGE_SIZE}`);
+    if (name !== state.selected) return;
+    const fresh = page.items;
+    if (reset || state.historyFor !== name || !state.extraPages) {
+      state.history = fresh;
+      state.cursor = page.next_cursor || null;
+      state.extraPages = false;
+    } else {
+      // Keep pages loaded with "Load more" below the refreshed first page.
+      const ids = new Set(fresh.map((d) => d.deploy_id));
+      const overlaps = state.history.some((d) => ids.has(d.deploy_id));
+      if (overlaps) {
+        state.history = fresh.concat(state.history.filter((d) => !ids.has(d.deploy_id) && !isNewer(d, fresh)));
+      } else {
+        state.history = fresh;
+        state.cursor = page.next_cursor || null;
+        state.extraPages = false;
+      }
+    }
+    state.historyFor = name;
+    renderHistory();
+  }
+
+  function isNewer(d, page) {
+    // A deploy older than the last one of the refreshed page belongs below it, never inside it.
+    const last = page[page.length - 1];
+    return last ? d.created_at > last.created_at : false;
+  }
+
+  async function loadMore() {
+    const name = state.selected;
+    if (!state.cursor || !name) return;
+    const btn = $("load-more");
+    btn.disabled = true;
+    try {
+      const page = await api("GET", `deployments/${enc(name)}/deploys?limit=${PAGE_SIZE}&cursor=${enc(state.cursor)}`);
+      if (name !== state.selected) return;
+      const ids = new Set(state.history.map((d) => d.deploy_id));
+      state.history = state.history.concat(page.items.filter((d) => !ids.has(d.deploy_id)));
+      state.cursor = page.next_cursor || null;
+      state.extraPages = true;
+      renderHistory();
+      announce(`Loaded ${plural(page.items.length, "more deploy")}.`);
+    } catch (err) {
+      failed(err);
+    } finally {
+      btn.disabled = false;
+    }
+  }
+
+  // --- rollback --------------------------------------------------------------------------
+
+  function askRollback(d) {
+    const dep = current();
+    state.pending = d;
+    const next = dep ? dep.last_version + 1 : null;
+    $("rollback-title").textContent = `Roll back ${state.selected} to v${d.version}?`;
+    $("rollback-text").textContent =
+      `This makes a new version${next ? ` (v${next})` : ""} that serves the DAGs of v${d.version}` +
+      (d.description ? ` (“${d.description}”)` : "") +
+      ". Sidecars switch to it within seconds; tasks already running keep their files.";
+    $("rollback-confirm").textContent = `Roll back to v${d.version}`;
+    $("rollback-dialog").showModal();
+  }
+
+  async function onRollbackClosed() {
+    const d = state.pending;
+    state.pending = null;
+    if (!d || $("rollback-dialog").returnValue !== "confirm") {
+      if (d) announce("Rollback cancelled.");
+      return;
+    }
+    try {
+      const created = await api("POST", `deployments/${enc(d.deployment)}/deploys/${enc(d.deploy_id)}/rollback`);
+      announce(`Rollback started: v${created.version || "?"} serves the DAGs of v${d.version}.`, "ok");
+      await refresh();
+    } catch (err) {
+      failed(err);
+    }
+  }
+
+  // --- sidecars ----------------------------------------------------------------------------
+
+  function renderSidecars() {
+    const body = $("sidecar-body");
+    const dep = current();
+    const items = state.sidecars[state.selected] || [];
+    $("sidecars-empty").hidden = items.length > 0;
+    $("sidecar-table").hidden = items.length === 0;
+    const v = dep ? dep.current_version : 0;
+    const sig = JSON.stringify([v, items, Math.floor(Date.now() / 1000)]);
+    render(body, sig, () => items.map((s) => {
+      const behind = s.live && v && s.version !== v;
+      return h("tr", { class: "sidecar" + (s.live ? "" : " stale") + (behind ? " behind" : ""), dataset: { sidecar: s.name } },
+        td({ "data-label": "Name", class: "name" }, s.name),
+        td({ "data-label": "Component" }, s.component),
+        td({ "data-label": "Version", class: "sidecar-version" }, s.version ? `v${s.version}` : "none",
+          behind ? h("span", { class: "tag tag-progress" }, `behind v${v}`) : null),
+        td({ "data-label": "Status" }, s.live
+          ? h("span", { class: "badge badge-ok" }, "live")
+          : h("span", { class: "badge badge-error", title: "no heartbeat recently" }, "stale")),
+        td({ "data-label": "Last heartbeat" }, timeEl(s.last_heartbeat, ago(s.last_heartbeat))),
+        td({ "data-label": "Last sync" }, timeEl(s.last_sync_at, ago(s.last_sync_at))),
+        td({ "data-label": "Last error", class: "last-error" }, s.last_error
+          ? h("span", { class: "error-text" }, s.last_error) : h("span", { class: "muted" }, "—")));
+    }));
+  }
+
+  // --- settings ----------------------------------------------------------------------------
+
+  function buildLimitFields() {
+    const box = $("limit-fields");
+    box.replaceChildren(...LIMITS.map(([key, label]) => h("div", { class: "field" },
+      h("label", { for: "limit-" + key }, label),
+      h("input", { type: "number", id: "limit-" + key, name: key, min: 1, step: 1, required: true, "aria-describedby": "limit-" + key + "-hint" }),
+      h("span", { class: "hint", id: "limit-" + key + "-hint" }))));
+    for (const [key] of LIMITS) {
+      $("limit-" + key).addEventListener("input", () => describeLimit(key));
+    }
+  }
+
+  function describeLimit(key) {
+    const input = $("limit-" + key);
+    const n = Number(input.value);
+    let text = "";
+    if (key.endsWith("_bytes") && key !== "max_path_bytes" && n >= 1024) {
+      text = n >= 1048576 ? `${(n / 1048576).toLocaleString(undefined, { maximumFractionDigits: 1 })} MiB`
+        : `${(n / 1024).toLocaleString(undefined, { maximumFractionDigits: 1 })} KiB`;
+    }
+    setText($("limit-" + key + "-hint"), text);
+  }
+
+  function fillSettings(dep) {
+    const form = $("settings-form");
+    form.elements.mechanism.value = dep.mechanism;
+    $("keep-versions").value = dep.keep_versions;
+    $("retention-days").value = dep.retention_days;
+    for (const [key] of LIMITS) {
+      $("limit-" + key).value = dep.limits[key];
+      describeLimit(key);
+    }
+    state.settingsFor = dep.name;
+    state.settingsDirty = false;
+    applyRole();
+  }
+
+  function applyRole() {
+    const readOnly = !state.admin;
+    for (const el of $("settings-form").querySelectorAll("input")) el.disabled = readOnly;
+    $("settings-readonly").hidden = !readOnly;
+    $("settings-actions").hidden = readOnly;
+    $("save-settings").disabled = readOnly;
+    setText($("who"), state.admin ? "Signed in: admin" : "Signed in: read-only");
+  }
+
+  function renderSettings() {
+    const dep = current();
+    if (!dep) return;
+    if (state.settingsFor !== dep.name || !state.settingsDirty) fillSettings(dep);
+  }
+
+  function readSettings() {
+    const form = $("settings-form");
+    const num = (el, what) => {
+      const n = Number(el.value);
+      if (!el.value || !Number.isInteger(n) || !el.checkValidity()) {
+        el.setAttribute("aria-invalid", "true");
+        throw new ApiError(0, "invalid", `${what}: enter a whole number${el.min ? ` from ${el.min}` : ""}${el.max ? ` to ${el.max}` : ""}.`);
+      }
+      el.removeAttribute("aria-invalid");
+      return n;
+    };
+    const limits = {};
+    for (const [key, label] of LIMITS) limits[key] = num($("limit-" + key), label);
+    return {
+      mechanism: form.elements.mechanism.value,
+      keep_versions: num($("keep-versions"), "Versions to keep"),
+      retention_days: num($("retention-days"), "Retention (days)"),
+      limits,
+    };
+  }
+
+  async function saveSettings(event) {
+    event.preventDefault();
+    if (!state.admin || !state.selected) return;
+    const name = state.selected;
+    const btn = $("save-settings");
+    btn.disabled = true;
+    try {
+      const body = readSettings();
+      const updated = await api("PATCH", `deployments/${enc(name)}`, body);
+      const i = state.deployments.findIndex((d) => d.name === name);
+      if (i >= 0) state.deployments[i] = updated;
+      fillSettings(updated);
+      renderDeployments();
+      announce(`Saved settings of ${name}: ${updated.mechanism === "DAG_ONLY" ? "DAG-only deploys" : "image only"}.`, "ok");
+    } catch (err) {
+      failed(err);
+    } finally {
+      btn.disabled = !state.admin;
+    }
+  }
+
+  // --- tabs and selection ------------------------------------------------------------------
+
+  function showTab(tab, focus) {
+    state.tab = tab;
+    for (const t of TABS) {
+      const button = $("tab-" + t);
+      const on = t === tab;
+      button.setAttribute("aria-selected", on ? "true" : "false");
+      button.tabIndex = on ? 0 : -1;
+      $("panel-" + t).hidden = !on;
+      if (on && focus) button.focus();
+    }
+    writeHash();
+  }
+
+  function onTabKey(event) {
+    const i = TABS.indexOf(state.tab);
+    let next = null;
+    if (event.key === "ArrowRight") next = TABS[(i + 1) % TABS.length];
+    else if (event.key === "ArrowLeft") next = TABS[(i + TABS.length - 1) % TABS.length];
+    else if (event.key === "Home") next = TABS[0];
+    else if (event.key === "End") next = TABS[TABS.length - 1];
+    if (next) {
+      event.preventDefault();
+      showTab(next, true);
+    }
+  }
+
+  function select(name) {
+    if (state.selected === name) return;
+    state.selected = name;
+    state.history = [];
+    state.cursor = null;
+    state.extraPages = false;
+    state.historyFor = null;
+    state.settingsDirty = false;
+    delete state.signatures["history-body"];
+    $("history-body").replaceChildren();
+    writeHash();
+    renderAll();
+    refresh();
+  }
+
+  function readHash() {
+    const params = new URLSearchParams(window.location.hash.slice(1));
+    return { deployment: params.get("d"), tab: TABS.includes(params.get("tab")) ? params.get("tab") : null };
+  }
+
+  function writeHash() {
+    if (!state.selected) return;
+    const hash = `#d=${enc(state.selected)}&tab=${state.tab}`;
+    if (window.location.hash !== hash) history.replaceState(null, "", hash);
+  }
+
+  function renderAll() {
+    renderDeployments();
+    const dep = current();
+    $("detail").hidden = !dep;
+    if (!dep) return;
+    setText($("detail-title"), dep.name);
+    renderHistory();
+    renderSidecars();
+    renderSettings();
+  }
+
+  // --- polling -------------------------------------------------------------------------------
+
+  async function refresh() {
+    if (!state.token || state.polling) return;
+    state.polling = true;
+    try {
+      const doc = await api("GET", "deployments");
+      state.deployments = doc.items;
+      if (!state.selected || !current()) {
+        const wanted = readHash().deployment;
+        const pick = state.deployments.find((d) => d.name === wanted) || state.deployments[0];
+        state.selected = pick ? pick.name : null;
+        writeHash();
+      }
+      const views = await Promise.all(state.deployments.map((d) =>
+        api("GET", `deployments/${enc(d.name)}/sidecars`).then((r) => r.items, () => null)));
+      state.deployments.forEach((d, i) => { if (views[i]) state.sidecars[d.name] = views[i]; });
+      renderAll();
+      if (state.selected) await loadHistory(false);
+      setText($("refreshed"), "updated " + new Date().toLocaleTimeString());
+      if ($("status").classList.contains("status-error") && $("status").dataset.network) announce("");
+    } catch (err) {
+      failed(err);
+    } finally {
+      state.polling = false;
+    }
+  }
+
+  function schedule() {
+    clearTimeout(state.timer);
+    state.timer = setTimeout(async () => {
+      if (!document.hidden) await refresh();
+      if (state.token) schedule();
+    }, POLL_MS);
+  }
+
+  function failed(err) {
+    if (err && err.status === 401) {
+      signOut("Your token was not accepted (revoked or expired). Sign in again.");
+      return;
+    }
+    const msg = err && err.message ? err.message : String(err);
+    announce(msg, "error");
+    $("status").dataset.network = err && err.status === 0 && err.code === "network" ? "1" : "";
+  }
+
+  // --- sign in / out -------------------------------------------------------------------------
+
+  async function signIn(token, remember) {
+    state.token = token;
+    try {
+      await api("GET", "deployments");
+    } catch (err) {
+      state.token = null;
+      sessionStorage.removeItem(TOKEN_KEY);
+      showSignIn();
+      announce(err.status === 401 ? "That token was not accepted." : err.message, "error");
+      return;
+    }
+    if (remember) sessionStorage.setItem(TOKEN_KEY, token);
+    // Admins may change settings and roll back: GET /tokens answers 200 for them only.
+    try {
+      await api("GET", "tokens");
+      state.admin = true;
+    } catch (err) {
+      state.admin = false;
+    }
+    $("signin").hidden = true;
+    $("app").hidden = false;
+    $("session").hidden = false;
+    $("token").value = "";
+    applyRole();
+    const wanted = readHash();
+    if (wanted.tab) state.tab = wanted.tab;
+    showTab(state.tab, false);
+    announce(state.admin ? "Signed in as an admin." : "Signed in with read-only access.", "ok");
+    await refresh();
+    schedule();
+  }
+
+  function signOut(message) {
+    clearTimeout(state.timer);
+    Object.assign(state, {
+      token: null, admin: false, deployments: [], sidecars: {}, selected: null, history: [], cursor: null,
+      historyFor: null, settingsFor: null, settingsDirty: false, signatures: {},
+    });
+    sessionStorage.removeItem(TOKEN_KEY);
+    for (const id of ["deployment-list", "history-body", "sidecar-body"]) $(id).replaceChildren();
+    showSignIn();
+    announce(message || "Signed out.", message ? "error" : null);
+  }
+
+  function showSignIn() {
+    $("app").hidden = true;
+    $("session").hidden = true;
+    $("signin").hidden = false;
+    $("token").focus();
+  }
+
+  // --- wiring ----------------------------------------------------------------------------------
+
+  function init() {
+    buildLimitFields();
+    $("signin-form").addEventListener("submit", (event) => {
+      event.preventDefault();
+      const token = $("token").value.trim();
+      if (token) signIn(token, true);
+    });
+    $("sign-out").addEventListener("click", () => signOut());
+    for (const t of TABS) $("tab-" + t).addEventListener("click", () => showTab(t, false));
+    $("tabs").addEventListener("keydown", onTabKey);
+    $("load-more").addEventListener("click", loadMore);
+    $("settings-form").addEventListener("submit", saveSettings);
+    $("settings-form").addEventListener("input", () => { state.settingsDirty = true; });
+    $("settings-form").addEventListener("change", () => { state.settingsDirty = true; });
+    $("reset-settings").addEventListener("click", () => {
+      const dep = current();
+      if (dep) fillSettings(dep);
+      announce("Changes discarded.");
+    });
+    $("rollback-dialog").addEventListener("close", onRollbackClosed);
+    document.addEventListener("visibilitychange", () => { if (!document.hidden && state.token) refresh(); });
+
+    const saved = sessionStorage.getItem(TOKEN_KEY);
+    if (saved) signIn(saved, false);
+    else showSignIn();
+  }
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
+  else init();
+})();
