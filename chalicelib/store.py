@@ -95,20 +95,7 @@ class Store:
         return Deployment.model_validate(_strip(out["Attributes"]))
 
     def list_deployments(self) -> list[Deployment]:
-        items: list[dict[str, Any]] = []
-        kwargs: dict[str, Any] = {
-            "FilterExpression": "sk = :meta AND begins_with(pk, :p)",
-            "ExpressionAttributeValues": {":meta": META, ":p": "DEPLOYMENT#"},
-        }
-        try:
-            while True:
-                out = self._table.scan(**kwargs)
-                items.extend(out.get("Items", []))
-                if "LastEvaluatedKey" not in out:
-                    break
-                kwargs["ExclusiveStartKey"] = out["LastEvaluatedKey"]
-        except ClientError as exc:
-            raise StorageError(f"cannot list deployments: {exc}") from exc
+        items = self._scan("sk = :meta AND begins_with(pk, :p)", {":meta": META, ":p": "DEPLOYMENT#"}, "deployments")
         return sorted((Deployment.model_validate(_strip(i)) for i in items), key=lambda d: d.name)
 
     # --- tokens ----------------------------------------------------------------------
@@ -149,20 +136,7 @@ class Store:
         return Token.model_validate(_strip(out["Attributes"]))
 
     def list_tokens(self) -> list[Token]:
-        items: list[dict[str, Any]] = []
-        kwargs: dict[str, Any] = {
-            "FilterExpression": "begins_with(pk, :p)",
-            "ExpressionAttributeValues": {":p": "TOKEN#"},
-        }
-        try:
-            while True:
-                out = self._table.scan(**kwargs)
-                items.extend(out.get("Items", []))
-                if "LastEvaluatedKey" not in out:
-                    break
-                kwargs["ExclusiveStartKey"] = out["LastEvaluatedKey"]
-        except ClientError as exc:
-            raise StorageError(f"cannot list tokens: {exc}") from exc
+        items = self._scan("begins_with(pk, :p)", {":p": "TOKEN#"}, "tokens")
         return sorted((Token.model_validate(_strip(i)) for i in items), key=lambda t: t.name)
 
     def get_token(self, token_hash: str) -> Token | None:
@@ -460,21 +434,29 @@ class Store:
         return item
 
     def _query_prefix(self, pk: str, prefix: str) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = []
-        kwargs: dict[str, Any] = {
+        kwargs = {
             "KeyConditionExpression": "pk = :pk AND begins_with(sk, :p)",
             "ExpressionAttributeValues": {":pk": pk, ":p": prefix},
             "ConsistentRead": True,
         }
+        return self._all_pages(self._table.query, kwargs, f"{prefix.rstrip('#').lower()}s of {pk}")
+
+    def _scan(self, filter_expression: str, values: dict[str, Any], what: str) -> list[dict[str, Any]]:
+        kwargs = {"FilterExpression": filter_expression, "ExpressionAttributeValues": values}
+        return self._all_pages(self._table.scan, kwargs, what)
+
+    @staticmethod
+    def _all_pages(call: Any, kwargs: dict[str, Any], what: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
         try:
             while True:
-                out = self._table.query(**kwargs)
+                out = call(**kwargs)
                 items.extend(out.get("Items", []))
                 if "LastEvaluatedKey" not in out:
                     return items
-                kwargs["ExclusiveStartKey"] = out["LastEvaluatedKey"]
+                kwargs = {**kwargs, "ExclusiveStartKey": out["LastEvaluatedKey"]}
         except ClientError as exc:
-            raise StorageError(f"cannot read {prefix.rstrip('#').lower()}s of {pk}: {exc}") from exc
+            raise StorageError(f"cannot read {what}: {exc}") from exc
 
 
 def _encode_cursor(deploy_id: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from awsmock import clear_app_caches, fresh_session
+from awsmock import clear_app_caches, fresh_session, use_fake_credentials
 from chalice.test import Client
 from moto import mock_aws
 
@@ -37,15 +37,7 @@ def _clear_caches() -> None:
 @pytest.fixture
 def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[StackOutputs]:
     """A fresh moto account holding dagcast's stack; the app's cached clients bind to it."""
-    for name, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SECURITY_TOKEN": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-    }.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    use_fake_credentials(monkeypatch)
     _clear_caches()
     with mock_aws():
         # moto resets boto3's default session for the mock; the app's clients come from this one.

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import botocore.session
 import pytest
+from awsmock import clear_app_caches, fresh_session, use_fake_credentials
 from chalice.test import Client
 from moto import mock_aws
 from pydantic import BaseModel
@@ -45,7 +45,6 @@ from chalicelib.models import (
 )
 from chalicelib.openapi import RouteSpec
 from chalicelib.service import ControlPlane
-from chalicelib.settings import get_settings
 from dagcast.bootstrap import bootstrap
 
 REGION = "us-east-1"
@@ -54,7 +53,6 @@ OTHER = "elsewhere"  # the deployment the "other" tokens are scoped to
 SHA = hashlib.sha256(b"not uploaded").hexdigest()
 
 # Every cached client and service of the app (get_publisher and get_sns too), so none outlives this module's account.
-_CACHED = [fn for fn in vars(app_module).values() if callable(getattr(fn, "cache_clear", None))] + [get_settings]
 
 
 # --- the callers -----------------------------------------------------------------------
@@ -152,7 +150,7 @@ class World:
 
 
 def _session() -> boto3.session.Session:
-    return boto3.session.Session(botocore_session=botocore.session.get_session(), region_name=REGION)
+    return fresh_session()
 
 
 def _dag(dag_id: str) -> str:
@@ -184,18 +182,8 @@ def _activate_a_deploy(control: ControlPlane, bucket: str, data: bytes) -> str:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_SECURITY_TOKEN": "testing",
-            "AWS_SESSION_TOKEN": "testing",
-            "AWS_DEFAULT_REGION": REGION,
-        }.items():
-            mp.setenv(name, value)
-        mp.delenv("AWS_PROFILE", raising=False)
-        mp.delenv("AWS_ENDPOINT_URL", raising=False)
-        for fn in _CACHED:
-            fn.cache_clear()
+        use_fake_credentials(mp)
+        clear_app_caches()
         try:
             with mock_aws():
                 boto3.DEFAULT_SESSION = _session()
@@ -226,8 +214,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                     names=(f"cell-{i}" for i in counter),
                 )
         finally:
-            for fn in _CACHED:
-                fn.cache_clear()
+            clear_app_caches()
 
 
 # --- valid path parameters and bodies for every route -----------------------------------
