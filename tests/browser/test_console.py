@@ -55,6 +55,7 @@ def test_admin_signs_in_and_sees_demo_on_its_version_with_every_sidecar_converge
     expect(card.locator(".version")).to_have_text(f"v{demo_live['current_version']}")
     expect(card.locator(".convergence")).to_have_text("converged")
     expect(card).to_contain_text("DAG-only deploys")
+    card.click()  # other tests' deployments may sort before demo and be selected first
     expect(page.locator("#detail-badge")).to_have_text(f"converged on v{demo_live['current_version']}")
     expect(page.get_by_role("tab", name="History")).to_have_attribute("aria-selected", "true")
     shoot(page, screenshots, "desktop-deployments")
