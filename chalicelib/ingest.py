@@ -22,11 +22,14 @@ from chalicelib.settings import Settings
 from chalicelib.storage import BundleStorage, parse_bundle_key
 from chalicelib.store import Store
 from chalicelib.telemetry import Telemetry
-from chalicelib.validation import Issue, Report, validate_stream
+from chalicelib.validation import CompileCache, Issue, Report, validate_stream
 
 logger = Logger(service="dagcast", child=True)
 
 MAX_STORED_ERRORS = 100
+# Python files this container compiled before, by content hash: a warm function validating the
+# everyday one-file change compiles one file. Different bytes never hit (see CompileCache).
+_COMPILED = CompileCache()
 MAX_STORED_DAG_IDS = 2000
 
 
@@ -79,7 +82,7 @@ class Ingest:
             if size != deploy.size:
                 return self._reject(deploy, [_issue("size_mismatch", f"uploaded {size} bytes, announced {deploy.size}")], started)
             try:
-                report = validate_stream(body, limits)
+                report = validate_stream(body, limits, cache=_COMPILED)
             except OSError as exc:  # the S3 stream broke: let the queue redeliver
                 raise StorageError(f"cannot read bundle {deploy.key}: {exc}") from exc
         finally:

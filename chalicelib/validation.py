@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import shutil
+import sys
 import warnings
 import zlib
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from chalicelib.exceptions import DagcastError
 
 __all__ = [
     "BundleRejected",
+    "CompileCache",
     "Reuse",
     "FileEntry",
     "Issue",
@@ -979,6 +981,32 @@ def _relative_link(parent: str, target: str) -> str:
     return "/".join([".."] * (len(here) - common) + there[common:])
 
 
+class CompileCache:
+    """Python files already compiled, by the sha256 of their exact bytes (and this Python and validator).
+
+    Only a file that compiled is ever added, with the DAG ids found in it; a lookup needs the
+    digest of the bytes being validated now, so different bytes can never hit an entry. The
+    cache only saves compiling the same bytes twice: every other rule still runs on every member.
+    """
+
+    TAG = f"{sys.implementation.cache_tag}:v1"
+
+    def __init__(self, entries: dict[str, list[str]] | None = None, max_entries: int = 200_000) -> None:
+        self.entries: dict[str, list[str]] = dict(entries or {})
+        self.max_entries = max_entries
+        self.added = 0
+
+    def get(self, sha256: str) -> list[str] | None:
+        return self.entries.get(sha256)
+
+    def put(self, sha256: str, dag_ids: list[str]) -> None:
+        if sha256 not in self.entries:
+            if len(self.entries) >= self.max_entries:
+                self.entries.pop(next(iter(self.entries)))
+            self.entries[sha256] = dag_ids
+            self.added += 1
+
+
 @dataclass(frozen=True)
 class Reuse:
     """An earlier extracted version whose identical files extraction may hard-link (versions are immutable)."""
@@ -995,7 +1023,12 @@ _REUSE_MAX = 8 * MiB  # members up to this size are hashed in memory before deci
 
 
 def _run(
-    fileobj: BinaryIO, limits: Limits | None, check_python: bool, sink: _Extractor | None, reuse: Reuse | None = None
+    fileobj: BinaryIO,
+    limits: Limits | None,
+    check_python: bool,
+    sink: _Extractor | None,
+    reuse: Reuse | None = None,
+    cache: CompileCache | None = None,
 ) -> Report:
     """Drive one scan with one consumer (validation only, or extraction)."""
     scan = _Scan(fileobj, limits or Limits())
@@ -1040,8 +1073,13 @@ def _run(
                 finally:
                     _Extractor.close_file(fd)
         dag_ids: list[str] = []
-        if want_python:
+        cached = cache.get(digest.hexdigest()) if want_python and cache is not None else None
+        if cached is not None:
+            dag_ids = list(cached)
+        elif want_python:
             issue, dag_ids = _check_python(b"".join(parts), member.path)
+            if issue is None and cache is not None:
+                cache.put(digest.hexdigest(), dag_ids)
             del parts
             if issue is not None:
                 scan.issues.add(issue)
@@ -1062,9 +1100,14 @@ def _run(
     )
 
 
-def validate_stream(fileobj: BinaryIO, limits: Limits | None = None, *, check_python: bool = True) -> Report:
-    """Validate a bundle read once from fileobj. Never raises for any input bytes."""
-    return _run(fileobj, limits, check_python, None)
+def validate_stream(
+    fileobj: BinaryIO, limits: Limits | None = None, *, check_python: bool = True, cache: CompileCache | None = None
+) -> Report:
+    """Validate a bundle read once from fileobj. Never raises for any input bytes.
+
+    With `cache`, .py files whose exact bytes compiled before are not compiled again.
+    """
+    return _run(fileobj, limits, check_python, None, cache=cache)
 
 
 def validate_file(path: Path, limits: Limits | None = None) -> Report:

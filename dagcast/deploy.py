@@ -12,7 +12,7 @@ import httpx
 
 from chalicelib.manifest import diff_manifests, summary
 from chalicelib.validation import FileEntry, validate_stream
-from dagcast import bundler, gitinfo
+from dagcast import bundler, compile_cache, gitinfo
 from dagcast.client import ApiClient, backoff
 from dagcast.exceptions import ApiError, BundleInvalid, UploadExpired, UploadFailed, WaitTimeout
 
@@ -95,7 +95,9 @@ def run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | None
         report = None
         if not opts.skip_validation or opts.dry_run:
             tmp.seek(0)
-            report = validate_stream(tmp)
+            cache = compile_cache.load()
+            report = validate_stream(tmp, cache=cache)
+            compile_cache.save(cache)
             if not report.valid:
                 errors = [e.model_dump() for e in report.errors]
                 raise BundleInvalid(f"validation failed with {len(errors)} error(s); nothing was uploaded", errors)

@@ -179,7 +179,7 @@ class EmbeddedStack:
         logf = open(self.state_dir / "moto.log", "w")  # noqa: SIM115 - closed in stop()
         self._logs.append(logf)
         self.moto = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            [sys.executable, "-m", "dagcast.moto_server", "-H", "127.0.0.1", "-p", str(port)],
             stdout=logf,
             stderr=subprocess.STDOUT,
         )

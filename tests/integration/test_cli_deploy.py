@@ -202,3 +202,23 @@ def test_admin_create_token_writes_a_working_token_straight_to_the_table(stack: 
     listed = Api(stack).json("GET", "/tokens")["items"]
     assert any(t["name"] == "first-admin" and t["role"] == "admin" for t in listed)
     assert secret not in str(listed)
+
+
+def test_a_poisoned_local_compile_cache_cannot_get_broken_code_live(stack: dict[str, Any], tmp_path: Path) -> None:
+    """The CLI's cache only spares work: the server validates with its own, filled by its own compiles."""
+    import hashlib
+    import json
+
+    broken_source = "def oops(:\n    pass\n"
+    dags = write_dags(tmp_path / "dags", {"ok.py": dag_source("ok_poison"), "broken.py": broken_source})
+    cache_home = tmp_path / "cache"
+    from chalicelib.validation import CompileCache
+
+    path = cache_home / "dagcast" / f"compiled-{CompileCache.TAG.replace(':', '-')}.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({hashlib.sha256(broken_source.encode()).hexdigest(): []}))
+    proc = deploy(stack_env(stack, XDG_CACHE_HOME=str(cache_home)), dags, "--wait")
+    assert proc.returncode == 3, proc.stderr
+    doc = parse_json_stdout(proc)
+    assert doc["state"] == "REJECTED", "the local check was fooled; the server was not"
+    assert [(e["path"], e["code"]) for e in doc["errors"]] == [("broken.py", "syntax_error")]
