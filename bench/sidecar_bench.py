@@ -101,6 +101,7 @@ def main() -> int:
                     tf.extractall(work / f"floor-{n}", filter="data")
             floors.append(time.perf_counter() - started)
         pid = stack.sidecar_procs[0].pid
+        time.sleep(5)  # let the last sync's pruning and heartbeat finish: measure idle, not the tail of work
         cpu0, _ = proc_stats(pid)
         t0 = time.monotonic()
         rss_max = 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -305,8 +306,9 @@ class Sidecar:
             self._polling = True
             if self.stop.is_set():
                 return None
+            # Round up: WaitTimeSeconds=0 returns at once, and a loop of those is a busy wait.
             out = self.sqs.receive_message(
-                QueueUrl=self.queue_url, WaitTimeSeconds=int(wait), MaxNumberOfMessages=10
+                QueueUrl=self.queue_url, WaitTimeSeconds=min(20, max(1, math.ceil(wait))), MaxNumberOfMessages=10
             )
         except Exception as exc:  # noqa: BLE001 - any transport failure: fall back to resync, with backoff
             if isinstance(exc, _Interrupted):

@@ -233,3 +233,19 @@ def test_an_announcement_with_a_bad_checksum_falls_back_to_the_version_record(en
     assert syncer.sync(1, announced) == 1
     assert api.lookups == [1]
     assert (syncer.cfg.link / "dag.py").read_text() == "VERSION = 1\n"
+
+
+def test_a_poll_shortly_before_a_heartbeat_still_long_polls(env: Any) -> None:
+    syncer, api, _ = env
+    waits: list[int] = []
+
+    class RecordingSqs:
+        def receive_message(self, **kwargs: Any) -> dict[str, Any]:
+            waits.append(kwargs["WaitTimeSeconds"])
+            return {}
+
+    daemon = Sidecar(syncer.cfg, api, RecordingSqs())  # type: ignore[arg-type]
+    daemon.queue_url = "q"
+    for wait in (0.0, 0.3, 0.999, 19.2, 45.0):
+        daemon._poll(wait)
+    assert waits == [1, 1, 1, 20, 20], "WaitTimeSeconds=0 would return at once and spin"
