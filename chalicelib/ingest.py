@@ -69,10 +69,11 @@ class Ingest:
         except NotFound:
             logger.warning("ignoring upload with no deploy record", extra={"key": event.key})
             return Outcome.IGNORED
-        if deploy.state.final or not self._store.start_validation(deployment, deploy_id, self._clock()):
+        uploaded_at = None if deploy.state.final else self._store.start_validation(deployment, deploy_id, self._clock())
+        if uploaded_at is None:
             logger.info("deploy already processed", extra={"state": deploy.state.value})
             return Outcome.IGNORED
-        return self._validate_and_publish(deploy)
+        return self._validate_and_publish(deploy.model_copy(update={"uploaded_at": uploaded_at}))
 
     def _validate_and_publish(self, deploy: Deploy) -> Outcome:
         started = time.monotonic()
@@ -127,7 +128,7 @@ class Ingest:
         version = self._publisher.publish(deploy, fields)
         if version is None:
             return Outcome.IGNORED
-        uploaded = self._store.get_deploy(deploy.deployment, deploy.deploy_id).uploaded_at
+        uploaded = deploy.uploaded_at
         self._telemetry.deploy_accepted(
             validation_s=validation_ms / 1000,
             bundle_bytes=deploy.size,

@@ -41,6 +41,13 @@ def _strip(item: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in item.items() if k not in ("pk", "sk", "ttl")}
 
 
+def _assignments(fields: dict[str, Any]) -> tuple[list[str], dict[str, str], dict[str, Any]]:
+    """`#kN = :vN` clauses for an UpdateExpression, with their attribute names and values."""
+    names = {f"#k{i}": k for i, k in enumerate(fields)}
+    values = {f":v{i}": v for i, v in enumerate(fields.values())}
+    return [f"#k{i} = :v{i}" for i in range(len(fields))], names, values
+
+
 def _failed_condition(exc: ClientError) -> bool:
     return bool(exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException")
 
@@ -76,9 +83,8 @@ class Store:
     def update_deployment(self, name: str, changes: dict[str, Any]) -> Deployment:
         if not changes:
             return self.get_deployment(name)
-        names = {f"#k{i}": k for i, k in enumerate(changes)}
-        values = {f":v{i}": v for i, v in enumerate(changes.values())}
-        expr = "SET " + ", ".join(f"#k{i} = :v{i}" for i in range(len(changes)))
+        clauses, names, values = _assignments(changes)
+        expr = "SET " + ", ".join(clauses)
         try:
             out = self._table.update_item(
                 Key={"pk": _pk(name), "sk": META},
@@ -180,10 +186,11 @@ class Store:
         next_cursor = _encode_cursor(last["sk"].removeprefix("DEPLOY#")) if last else None
         return deploys, next_cursor
 
-    def start_validation(self, deployment: str, deploy_id: str, now_ms: int) -> bool:
-        """PENDING|VALIDATING -> VALIDATING. False when the deploy already reached a final state."""
+    def start_validation(self, deployment: str, deploy_id: str, now_ms: int) -> int | None:
+        """PENDING|VALIDATING -> VALIDATING; returns when the upload was first seen (epoch ms),
+        or None when the deploy already reached a final state."""
         try:
-            self._table.update_item(
+            out = self._table.update_item(
                 Key={"pk": _pk(deployment), "sk": _deploy_sk(deploy_id)},
                 UpdateExpression="SET #s = :validating, uploaded_at = if_not_exists(uploaded_at, :now)",
                 ConditionExpression="#s IN (:pending, :validating)",
@@ -193,18 +200,18 @@ class Store:
                     ":pending": DeployState.PENDING.value,
                     ":now": now_ms,
                 },
+                ReturnValues="ALL_NEW"  # on a redelivery uploaded_at is kept, not updated,
             )
         except ClientError as exc:
             if _failed_condition(exc):
-                return False
+                return None
             raise StorageError(f"cannot mark deploy {deploy_id} validating: {exc}") from exc
-        return True
+        return int(out["Attributes"]["uploaded_at"])
 
     def finish_rejected(self, deployment: str, deploy_id: str, fields: dict[str, Any]) -> bool:
         """VALIDATING -> REJECTED with the errors. False when another delivery finished it first."""
-        values = {f":v{i}": v for i, v in enumerate(fields.values())}
-        names = {f"#k{i}": k for i, k in enumerate(fields)}
-        sets = ", ".join(f"#k{i} = :v{i}" for i in range(len(fields)))
+        clauses, names, values = _assignments(fields)
+        sets = ", ".join(clauses)
         try:
             self._table.update_item(
                 Key={"pk": _pk(deployment), "sk": _deploy_sk(deploy_id)},
@@ -231,9 +238,8 @@ class Store:
         and Conflict when this deploy already reached a final state.
         """
         d, n = version.deployment, version.version
-        names = {f"#k{i}": k for i, k in enumerate(fields)}
-        values = {f":v{i}": v for i, v in enumerate(fields.values())}
-        sets = "".join(f", #k{i} = :v{i}" for i in range(len(fields)))
+        clauses, names, values = _assignments(fields)
+        sets = "".join(f", {c}" for c in clauses)
         meta_cond = "last_version = :prev" if expected_last else "(attribute_not_exists(last_version) OR last_version = :prev)"
         items = [
             {
@@ -391,12 +397,11 @@ class Store:
 
     def heartbeat(self, deployment: str, name: str, fields: dict[str, Any]) -> tuple[Sidecar, int]:
         """Record a heartbeat; returns the sidecar as updated and the version it reported before."""
-        names = {f"#k{i}": k for i, k in enumerate(fields)}
-        values = {f":v{i}": v for i, v in enumerate(fields.values())}
+        clauses, names, values = _assignments(fields)
         try:
             out = self._table.update_item(
                 Key={"pk": _pk(deployment), "sk": _sidecar_sk(name)},
-                UpdateExpression="SET " + ", ".join(f"#k{i} = :v{i}" for i in range(len(fields))),
+                UpdateExpression="SET " + ", ".join(clauses),
                 ConditionExpression="attribute_exists(pk)",
                 ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
