@@ -4,6 +4,7 @@ Layout under --root:
   versions/<n>/          complete, immutable version folders (never modified once renamed in)
   versions/.tmp-<n>/     an extraction in progress (removed at start if a crash left it)
   downloads/<n>.part     a download in progress
+  leases/<n>             readers' shared locks: a version leased by a reader is never pruned
 --link is a symlink with a relative target to versions/<n>, replaced by rename.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import httpx
 from chalicelib.validation import BundleRejected, FileEntry, Reuse, extract_bundle
 from dagcast.client import ApiClient, backoff
 from dagcast.exceptions import ApiError, ClientError, SyncError
+from dagcast.lease import claim_for_removal
 from dagcast.observe import SidecarMetrics
 
 log = logging.getLogger("dagcast.sidecar")
@@ -136,14 +138,20 @@ class Syncer:
             self.metrics.seconds_behind.set(max(0.0, time.time() - int(record["created_at"]) / 1000))
         folder = self.versions / str(version)
         if not folder.is_dir():
-            self._fetch(version, view["download_url"], record["sha256"], folder)
+            self.fetch(version, view["download_url"], record["sha256"])
         self._publish(folder)
         self.published_at = int(time.time() * 1000)
         log.info("version live", extra={"version": version, "previous": live})
         self._prune(version)
         return version
 
-    def _fetch(self, version: int, url: str, sha256: str, folder: Path) -> None:
+    def fetch(self, version: int, url: str, sha256: str) -> Path:
+        """Download, verify against `sha256`, extract and rename into versions/<version>; return it.
+
+        Raises SyncError when the download fails (after bounded retries), the bytes do not match,
+        or the extractor refuses the archive; nothing is left behind then.
+        """
+        folder = self.versions / str(version)
         part = self.downloads / f"{version}.part"
         for attempt in range(self.cfg.fetch_attempts):
             try:
@@ -175,6 +183,7 @@ class Syncer:
         os.rename(tmp, folder)
         _fsync_dir(self.versions)
         log.debug("extracted", extra={"version": version})
+        return folder
 
     def _reuse(self) -> Reuse | None:
         """The live version and its manifest, so unchanged files are hard-linked rather than rewritten."""
@@ -211,9 +220,15 @@ class Syncer:
         _fsync_dir(link.parent)
 
     def _prune(self, live: int) -> None:
+        """Remove versions beyond --keep; never the live one, nor one a reader holds a lease on."""
         numbered = sorted((int(p.name) for p in self.versions.iterdir() if p.name.isdigit()), reverse=True)
         for version in numbered[self.cfg.keep :]:
-            if version != live and version != self.live_version():
+            if version in (live, self.live_version()):
+                continue
+            with claim_for_removal(self.cfg.root, version) as claimed:
+                if not claimed:
+                    log.debug("keeping a version in use", extra={"version": version})
+                    continue
                 shutil.rmtree(self.versions / str(version), ignore_errors=True)
                 (self.manifests / f"{version}.json").unlink(missing_ok=True)
 
