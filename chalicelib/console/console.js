@@ -32,6 +32,8 @@
     settingsFor: null,     // deployment whose settings the form shows
     settingsDirty: false,
     pending: null,         // deploy chosen for rollback
+    focus: null,           // version named by the link (#...&v=N, Airflow's bundle links), highlighted once found
+    focusShown: false,
     timer: null,
     polling: false,
     signatures: {},
@@ -250,11 +252,13 @@
     $("history-empty").hidden = state.history.length > 0 || state.historyFor !== state.selected;
     $("history-table").hidden = state.history.length === 0;
     $("load-more").hidden = !state.cursor;
-    const sig = JSON.stringify([admin, dep && dep.current_version, state.history]);
+    const sig = JSON.stringify([admin, dep && dep.current_version, state.focus, state.history]);
     render(body, sig, () => state.history.map((d) => {
       const rollback = canRollBack(d, dep);
       const isCurrent = dep && d.version && d.version === dep.current_version && d.state === "ACTIVE";
-      return h("tr", { class: `deploy state-${d.state.toLowerCase()}${isCurrent ? " current" : ""}`, dataset: { deployId: d.deploy_id } },
+      const focused = state.focus !== null && d.version === state.focus;
+      return h("tr", { class: `deploy state-${d.state.toLowerCase()}${isCurrent ? " current" : ""}${focused ? " focused" : ""}`,
+        dataset: { deployId: d.deploy_id } },
         td({ "data-label": "Version", class: "version" },
           d.version ? `v${d.version}` : "—", isCurrent ? h("span", { class: "tag" }, "live") : null),
         td({ "data-label": "State" }, h("span", { class: `badge badge-${STATE_KIND[d.state] || "muted"} state` }, d.state)),
@@ -271,6 +275,11 @@
           onclick: () => askRollback(d),
         }, `Roll back to v${d.version}`) : null));
     }));
+    const row = body.querySelector("tr.focused");
+    if (row && !state.focusShown) {
+      state.focusShown = true;
+      row.scrollIntoView({ block: "center" });
+    }
   }
 
   async function loadHistory(reset) {
@@ -510,6 +519,7 @@
   function select(name) {
     if (state.selected === name) return;
     state.selected = name;
+    state.focus = null;
     state.history = [];
     state.cursor = null;
     state.extraPages = false;
@@ -524,12 +534,13 @@
 
   function readHash() {
     const params = new URLSearchParams(window.location.hash.slice(1));
-    return { deployment: params.get("d"), tab: TABS.includes(params.get("tab")) ? params.get("tab") : null };
+    const version = /^[1-9][0-9]*$/.test(params.get("v") || "") ? Number(params.get("v")) : null;
+    return { deployment: params.get("d"), tab: TABS.includes(params.get("tab")) ? params.get("tab") : null, version };
   }
 
   function writeHash() {
     if (!state.selected) return;
-    const hash = `#d=${enc(state.selected)}&tab=${state.tab}`;
+    const hash = `#d=${enc(state.selected)}&tab=${state.tab}` + (state.focus ? `&v=${state.focus}` : "");
     if (window.location.hash !== hash) history.replaceState(null, "", hash);
   }
 
@@ -618,6 +629,8 @@
     applyRole();
     const wanted = readHash();
     if (wanted.tab) state.tab = wanted.tab;
+    state.focus = wanted.version;
+    state.focusShown = false;
     showTab(state.tab, false);
     announce(state.admin ? "Signed in as an admin." : "Signed in with read-only access.", "ok");
     await refresh();

@@ -22,6 +22,8 @@ import boto3
 import pytest
 from helpers import dag_source, files_of, parse_json_stdout, run_dagcast, stack_env, write_dags
 
+from dagcast.lease import claim_for_removal
+
 pytestmark = pytest.mark.integration
 
 DRIVER = Path(__file__).with_name("driver.py")
@@ -159,6 +161,8 @@ def test_a_pinned_version_keeps_its_files_while_refresh_moves_the_processor_on(
         before = read_answer(processor.stdout)
         assert before["version"] == str(first["version"]) and before["files"] == digests(old)
         assert before["view_url"] == f"{stack['api_url'].rstrip('/')}/#d={stack['deployment']}&tab=history&v={first['version']}"
+        with claim_for_removal(root, first["version"]) as claimed:
+            assert not claimed  # the processor's lease: the sidecar cannot prune the folder it parses
 
         second = deploy(stack, new)
         wait_live(root, second["version"])
@@ -166,6 +170,10 @@ def test_a_pinned_version_keeps_its_files_while_refresh_moves_the_processor_on(
         processor.stdin.flush()
         after = read_answer(processor.stdout)
         assert after["version"] == str(second["version"]) and after["files"] == digests(new)
+        with claim_for_removal(root, second["version"]) as claimed:
+            assert not claimed
+        with claim_for_removal(root, first["version"]) as claimed:
+            assert claimed  # released by the refresh
     finally:
         processor.kill()
         processor.wait()

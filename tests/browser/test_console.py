@@ -313,3 +313,15 @@ def test_narrow_viewport_shows_every_view_without_horizontal_overflow(
     assert fits_width(page), "rollback dialog"
     page.screenshot(path=str(screenshots / "narrow-rollback-dialog.png"))
     page.get_by_role("dialog").get_by_role("button", name="Cancel").click()
+
+
+def test_a_bundle_version_link_from_airflow_opens_that_deploy_highlighted(
+    open_console: OpenConsole, stack: dict[str, Any], demo_live: dict[str, Any]
+) -> None:
+    version = demo_live["current_version"]
+    page = open_console(fragment=f"#d=demo&tab=history&v={version}")  # what DagcastDagBundle.view_url gives Airflow
+    sign_in(page, stack["token"])
+    focused = page.locator("#history-body tr.focused")
+    expect(focused).to_have_count(1)
+    expect(focused.locator(".version")).to_contain_text(f"v{version}")
+    assert page.evaluate("location.hash").endswith(f"&v={version}")
