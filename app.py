@@ -85,7 +85,8 @@ HTTP_STATUS: dict[type[DagcastError], int] = {
 
 # --- lazily built, cached AWS clients and services ------------------------------------
 
-_AWS_CONFIG = Config(retries={"max_attempts": 5, "mode": "standard"}, signature_version="s3v4")
+# A pool as large as the embedded stack's concurrent requests (a Lambda invocation uses one connection at a time)
+_AWS_CONFIG = Config(retries={"max_attempts": 5, "mode": "standard"}, signature_version="s3v4", max_pool_connections=64)
 
 
 @functools.lru_cache(maxsize=1)
@@ -129,6 +130,7 @@ def get_auth() -> Authenticator:
 # --- one wrapper for every route: path checks, auth, body parsing, error mapping -------
 
 ROUTES: list[RouteSpec] = []
+MAX_WAIT_SECONDS = 20  # a long poll stays well inside API Gateway's 29 s integration timeout
 _PARAM_PATTERNS = {
     "deployment": re.compile(NAME_RE),
     "name": re.compile(NAME_RE),
@@ -258,10 +260,12 @@ def list_deploys(ctx: Ctx, deployment: str) -> Page:
     return get_control().list_deploys(deployment, _int_query(ctx, "limit", 20, 1, 100), ctx.query.get("cursor"))
 
 
-@api("/deployments/{deployment}/deploys/{deploy_id}", "GET", "A deploy with its errors and per-sidecar versions",
-     Permission.READ, response=DeployView)
+@api("/deployments/{deployment}/deploys/{deploy_id}", "GET", "A deploy with its errors, per-sidecar versions and stages",
+     Permission.READ, response=DeployView,
+     query={"wait": f"seconds, 0-{MAX_WAIT_SECONDS}: answer when the deploy's state, its sidecars' activations "
+                    "or its convergence change (a long poll), or when the time is up"})
 def get_deploy(ctx: Ctx, deployment: str, deploy_id: str) -> DeployView:
-    return get_control().get_deploy(deployment, deploy_id)
+    return get_control().get_deploy(deployment, deploy_id, _int_query(ctx, "wait", 0, 0, MAX_WAIT_SECONDS))
 
 
 @api("/deployments/{deployment}/deploys/{deploy_id}/upload", "POST", "A fresh presigned upload for a PENDING deploy",

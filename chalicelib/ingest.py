@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from enum import Enum
+from typing import Any
 from urllib.parse import unquote_plus
 
 from aws_lambda_powertools import Logger
@@ -69,7 +71,9 @@ class Ingest:
         except NotFound:
             logger.warning("ignoring upload with no deploy record", extra={"key": event.key})
             return Outcome.IGNORED
-        uploaded_at = None if deploy.state.final else self._store.start_validation(deployment, deploy_id, self._clock())
+        uploaded_at = None if deploy.state.final else self._store.start_validation(
+            deployment, deploy_id, self._clock(), stored_at=event.stored_at
+        )
         if uploaded_at is None:
             logger.info("deploy already processed", extra={"state": deploy.state.value})
             return Outcome.IGNORED
@@ -160,5 +164,18 @@ def parse_notification(body: str) -> list[IngestEvent]:
         if not record.event_name.startswith("ObjectCreated"):
             continue
         obj = record.s3.get_object
-        events.append(IngestEvent(bucket=record.s3.bucket.name, key=unquote_plus(obj.key), size=obj.size))
+        events.append(IngestEvent(
+            bucket=record.s3.bucket.name, key=unquote_plus(obj.key), size=obj.size, stored_at=_epoch_ms(record.get("eventTime"))
+        ))
     return events
+
+
+def _epoch_ms(iso: Any) -> int | None:
+    """`2024-01-01T00:00:00.123Z` (S3's eventTime, UTC) in epoch milliseconds; None when absent or malformed."""
+    if not isinstance(iso, str):
+        return None
+    try:
+        when = datetime.fromisoformat(iso)
+    except ValueError:
+        return None
+    return int((when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp() * 1000)

@@ -1,10 +1,28 @@
-"""Manifest diffs: pure functions shared by the ingest function and the CLI's --dry-run."""
+"""Manifest diffs: pure functions shared by the ingest function and the CLI's --dry-run.
+
+DeployDiff lives here rather than with the other models so that the CLI, which needs only
+this, does not build every API model at start (chalicelib.models re-exports it).
+"""
 from __future__ import annotations
 
-from chalicelib.models import DeployDiff
+from pydantic import BaseModel, Field
+
 from chalicelib.validation import FileEntry
 
 MAX_LISTED = 50
+
+
+class DeployDiff(BaseModel):
+    """What a deploy changes against the version live when it was validated."""
+
+    dags_added: list[str] = Field(default_factory=list)
+    dags_removed: list[str] = Field(default_factory=list)
+    dags_added_count: int = 0
+    dags_removed_count: int = 0
+    files_added: int = 0
+    files_removed: int = 0
+    files_changed: int = 0
+    changed_paths: list[str] = Field(default_factory=list)
 
 
 def diff_manifests(old: list[FileEntry] | None, new: list[FileEntry]) -> DeployDiff:

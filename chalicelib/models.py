@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from chalicelib.manifest import DeployDiff as DeployDiff  # re-exported: one of the API models
 from chalicelib.validation import Issue, Limits
 
 NAME_RE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
@@ -68,19 +69,6 @@ class GitInfo(Strict):
     dirty: bool = False
 
 
-class DeployDiff(BaseModel):
-    """What a deploy changes against the version live when it was validated."""
-
-    dags_added: list[str] = Field(default_factory=list)
-    dags_removed: list[str] = Field(default_factory=list)
-    dags_added_count: int = 0
-    dags_removed_count: int = 0
-    files_added: int = 0
-    files_removed: int = 0
-    files_changed: int = 0
-    changed_paths: list[str] = Field(default_factory=list)
-
-
 class Deploy(BaseModel):
     deployment: str
     deploy_id: str
@@ -92,7 +80,8 @@ class Deploy(BaseModel):
     git: GitInfo | None = None
     created_by: str = ""
     created_at: int = 0
-    uploaded_at: int | None = None
+    stored_at: int | None = None  # when S3 stored the upload (its notification's eventTime)
+    uploaded_at: int | None = None  # when ingest first saw the upload
     validation_ms: int | None = None
     activated_at: int | None = None
     version: int | None = None
@@ -105,8 +94,55 @@ class Deploy(BaseModel):
     manifest_key: str | None = None
     diff: DeployDiff | None = None
     activations: dict[str, int] = Field(default_factory=dict)
+    notified: dict[str, int] = Field(
+        default_factory=dict, description="when each sidecar learned of this version (before it downloaded it)"
+    )
     converged_at: int | None = None
     cancelled_by: str | None = None
+
+    def stages(self) -> DeployStages:
+        """Where this deploy's time went, from its own timestamps (None where a stage has not happened)."""
+
+        def span(start: int | None, end: int | None) -> float | None:
+            return None if start is None or end is None else max(0, end - start) / 1000
+
+        sidecars = [
+            SidecarStages(
+                name=name,
+                notified_s=span(self.activated_at, self.notified.get(name)),
+                sync_s=span(self.notified.get(name), live_at),
+                live_s=span(self.activated_at, live_at),
+            )
+            for name, live_at in sorted(self.activations.items())
+        ]
+        return DeployStages(
+            upload_s=span(self.created_at or None, self.stored_at),
+            upload_to_ingest_s=span(self.stored_at, self.uploaded_at),
+            validation_s=None if self.validation_ms is None else self.validation_ms / 1000,
+            ingest_to_active_s=span(self.uploaded_at, self.activated_at),
+            active_to_all_live_s=span(self.activated_at, self.converged_at),
+            created_to_all_live_s=span(self.created_at or None, self.converged_at),
+            sidecars=sidecars,
+        )
+
+
+class SidecarStages(BaseModel):
+    name: str
+    notified_s: float | None = Field(description="ACTIVE -> the sidecar received the announcement (or reconciled)")
+    sync_s: float | None = Field(description="notified -> live: download, verify, extract, swap the link")
+    live_s: float | None = Field(description="ACTIVE -> live on this sidecar")
+
+
+class DeployStages(BaseModel):
+    """A deploy's stage durations in seconds, computed from the timestamps on its record."""
+
+    upload_s: float | None = Field(description="deploy created (upload presigned) -> S3 stored the upload")
+    upload_to_ingest_s: float | None = Field(description="S3 stored the upload -> ingest started")
+    validation_s: float | None = Field(description="validating the bundle, within ingest")
+    ingest_to_active_s: float | None = Field(description="ingest started -> ACTIVE (validation, manifest, transaction)")
+    active_to_all_live_s: float | None = Field(description="ACTIVE -> the last live sidecar ran it")
+    created_to_all_live_s: float | None = Field(description="deploy created -> the last live sidecar ran it")
+    sidecars: list[SidecarStages] = Field(default_factory=list)
 
 
 class Version(BaseModel):
@@ -127,6 +163,7 @@ class Sidecar(BaseModel):
     subscription_arn: str | None = None
     version: int = 0
     last_sync_at: int | None = None
+    last_notified_at: int | None = None
     last_error: str | None = None
     last_heartbeat: int = 0
     registered_at: int = 0
@@ -173,7 +210,11 @@ class RegisterSidecar(Strict):
 
 class Heartbeat(Strict):
     version: int = Field(0, ge=0)
-    last_sync_at: int | None = None
+    last_sync_at: int | None = Field(None, description="epoch ms when the live version went live here")
+    last_notified_at: int | None = Field(
+        None, description="epoch ms when this sidecar learned of its live version: the announcement arrived, "
+        "or the reconcile that found it started"
+    )
     last_error: str | None = Field(None, max_length=2048)
 
 
@@ -188,6 +229,7 @@ class SidecarView(BaseModel):
     last_heartbeat: int
     last_sync_at: int | None
     last_error: str | None
+    last_notified_at: int | None = None
 
 
 class DeployView(BaseModel):
@@ -196,6 +238,7 @@ class DeployView(BaseModel):
     live_sidecars: int
     sidecars_on_version: int
     converged: bool
+    stages: DeployStages
 
 
 class UploadForm(BaseModel):
@@ -259,6 +302,7 @@ class IngestEvent(BaseModel):
     bucket: str
     key: str
     size: int
+    stored_at: int | None = Field(None, description="epoch ms of the notification's eventTime: when S3 stored it")
 
     @field_validator("key")
     @classmethod

@@ -4,17 +4,18 @@ Shared by the ingest function (new uploads) and rollback (an earlier bundle agai
 """
 from __future__ import annotations
 
-import json
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from aws_lambda_powertools import Logger
+from pydantic import TypeAdapter
 
 from chalicelib.exceptions import Conflict, StorageError
-from chalicelib.manifest import diff_manifests
-from chalicelib.models import Deploy, DeployDiff, Version
+from chalicelib.manifest import DeployDiff, diff_manifests
+from chalicelib.models import Deploy, Version
 from chalicelib.notify import Notifier
 from chalicelib.settings import Settings
 from chalicelib.storage import BundleStorage
@@ -22,6 +23,10 @@ from chalicelib.store import Store, VersionRace
 from chalicelib.validation import FileEntry
 
 logger = Logger(service="dagcast", child=True)
+
+MANIFESTS = TypeAdapter(list[FileEntry])
+CACHED_MANIFESTS = 4
+
 
 def manifest_key(deployment: str, deploy_id: str) -> str:
     return f"manifests/{deployment}/{deploy_id}.json"
@@ -41,29 +46,43 @@ class Publisher:
         self._bundles = bundles
         self._notifier = notifier
         self._clock = clock
+        # Manifests never change once written (one key per deploy), so a warm function keeps the last
+        # few: the one it just saved is the one the next deploy diffs against.
+        self._manifests: OrderedDict[str, list[FileEntry]] = OrderedDict()
 
     def save_manifest(self, deploy: Deploy, manifest: list[FileEntry]) -> str:
         key = manifest_key(deploy.deployment, deploy.deploy_id)
-        body = json.dumps([f.model_dump() for f in manifest], separators=(",", ":")).encode()
-        self._bundles.put(key, body, "application/json")
+        self._bundles.put(key, MANIFESTS.dump_json(manifest), "application/json")
+        self._remember(key, manifest)
         return key
 
     def load_manifest(self, key: str | None) -> list[FileEntry] | None:
         if not key:
             return None
+        if key in self._manifests:
+            self._manifests.move_to_end(key)
+            return self._manifests[key]
         try:
             raw = self._bundles.read(key)
         except StorageError:
             logger.warning("manifest missing; diff computed against nothing", extra={"manifest_key": key})
             return None
-        return [FileEntry.model_validate(f) for f in json.loads(raw)]
+        manifest = MANIFESTS.validate_json(raw)
+        self._remember(key, manifest)
+        return manifest
+
+    def _remember(self, key: str, manifest: list[FileEntry]) -> None:
+        self._manifests[key] = manifest
+        self._manifests.move_to_end(key)
+        while len(self._manifests) > CACHED_MANIFESTS:
+            self._manifests.popitem(last=False)
 
     def diff_against_live(self, deployment: str, manifest: list[FileEntry]) -> DeployDiff:
         current = self._store.get_deployment(deployment)
         previous: list[FileEntry] | None = None
         if current.current_deploy_id:
-            prev = self._store.get_deploy(deployment, current.current_deploy_id)
-            previous = self.load_manifest(prev.manifest_key)
+            prev = self._store.get_deploy_fields(deployment, current.current_deploy_id, ["manifest_key"])
+            previous = self.load_manifest(prev.get("manifest_key"))
         return diff_manifests(previous, manifest)
 
     def publish(self, deploy: Deploy, fields: dict[str, Any]) -> Version | None:

@@ -62,8 +62,10 @@ class ControlPlane:
         publisher: Publisher,
         clock: Callable[[], int] = now_ms,
         telemetry: Telemetry | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._telemetry = telemetry or Telemetry()
+        self._sleep = sleep
         self._settings = settings
         self._store = store
         self._bundles = bundles
@@ -124,26 +126,49 @@ class ControlPlane:
         self._store.create_deploy(deploy)
         return CreatedDeploy(deploy=deploy, upload=UploadForm(url=url, fields=fields, expires_at=clock + expires * 1000))
 
-    def get_deploy(self, deployment: str, deploy_id: str) -> DeployView:
+    def get_deploy(self, deployment: str, deploy_id: str, wait_seconds: float = 0) -> DeployView:
+        """The deploy with its sidecars. With `wait_seconds`, a long poll: while the deploy is still on
+        its way (PENDING, VALIDATING, or ACTIVE with live sidecars not on it yet), answer when its
+        state, its sidecars' activations or its convergence change, or when the time is up."""
+        view = self._deploy_view(deployment, deploy_id)
+        if wait_seconds <= 0 or _settled(view):
+            return view
+        deadline = self._clock() + wait_seconds * 1000
+        seen = _progress(view.deploy.model_dump(mode="json", include=set(PROGRESS_FIELDS)))
+        active = view.deploy.state is DeployState.ACTIVE
+        while self._clock() < deadline:
+            # Before ACTIVE nothing waits on this answer but the CLI's next message; once ACTIVE the
+            # last sidecar's report ends the wait, so look more often.
+            self._sleep(self._settings.wait_check_active_seconds if active else self._settings.wait_check_seconds)
+            now = self._store.get_deploy_fields(deployment, deploy_id, list(PROGRESS_FIELDS))
+            if _progress(now) != seen:
+                break
+        return self._deploy_view(deployment, deploy_id)
+
+    def _deploy_view(self, deployment: str, deploy_id: str) -> DeployView:
         deploy = self._store.get_deploy(deployment, deploy_id)
         sidecars = self.sidecar_views(deployment)
         live = [s for s in sidecars if s.live]
         on_version = [s for s in live if deploy.version is not None and s.version >= deploy.version]
         converged = deploy.state is DeployState.ACTIVE and len(on_version) == len(live)
         if converged and live and deploy.converged_at is None:
-            self._note_convergence(deploy, [s.name for s in live])
+            at = self._note_convergence(deploy, [s.name for s in live])
+            if at is not None:
+                deploy = deploy.model_copy(update={"converged_at": at})
         return DeployView(
             deploy=deploy,
             sidecars=sidecars,
             live_sidecars=len(live),
             sidecars_on_version=len(on_version),
             converged=converged,
+            stages=deploy.stages(),
         )
 
     def list_deploys(self, deployment: str, limit: int, cursor: str | None) -> Page:
         self._store.get_deployment(deployment)
         deploys, next_cursor = self._store.list_deploys(deployment, limit, cursor)
-        return Page(items=[d.model_dump(mode="json") for d in deploys], next_cursor=next_cursor)
+        items = [{**d.model_dump(mode="json"), "stages": d.stages().model_dump(mode="json")} for d in deploys]
+        return Page(items=items, next_cursor=next_cursor)
 
     def renew_upload(self, deployment: str, deploy_id: str) -> UploadForm:
         """A fresh presigned POST for a PENDING deploy whose form expired (same key, size and checksum)."""
@@ -194,14 +219,17 @@ class ControlPlane:
         self._publisher.publish(deploy, fields)
         return self._store.get_deploy(deployment, deploy.deploy_id)
 
-    def _note_convergence(self, deploy: Deploy, live: list[str]) -> None:
-        """Record (once) when the last live sidecar ran the deploy, from their activation times."""
+    def _note_convergence(self, deploy: Deploy, live: list[str]) -> int | None:
+        """Record (once) when the last live sidecar ran the deploy, from their activation times;
+        returns that time when this call recorded it."""
         if deploy.activated_at is None or deploy.version is None:
-            return
+            return None
         seen = [deploy.activations[name] for name in live if name in deploy.activations]
         at = max(seen) if len(seen) == len(live) else self._clock()
-        if self._store.mark_converged(deploy.deployment, deploy.deploy_id, at):
-            self._telemetry.sidecars_converged(max(0, at - deploy.activated_at) / 1000)
+        if not self._store.mark_converged(deploy.deployment, deploy.deploy_id, at):
+            return None
+        self._telemetry.sidecars_converged(max(0, at - deploy.activated_at) / 1000)
+        return at
 
     # --- versions --------------------------------------------------------------------
 
@@ -214,7 +242,7 @@ class ControlPlane:
             version = dep.current_version
         record = self._store.get_version(deployment, version)
         expiry = self._settings.download_expiry_seconds
-        manifest_key = self._store.get_deploy(deployment, record.deploy_id).manifest_key
+        manifest_key = self._store.get_deploy_fields(deployment, record.deploy_id, ["manifest_key"]).get("manifest_key")
         return VersionView(
             version=record,
             download_url=self._bundles.presigned_download(record.key, expiry),
@@ -254,7 +282,7 @@ class ControlPlane:
                 version = None
             if version is not None:
                 at = req.last_sync_at or fields["last_heartbeat"]
-                self._store.record_activation(deployment, version.deploy_id, name, at)
+                self._store.record_activation(deployment, version.deploy_id, name, at, req.last_notified_at)
         return self._view(sidecar, fields["last_heartbeat"])
 
     def deregister_sidecar(self, deployment: str, name: str) -> None:
@@ -276,6 +304,7 @@ class ControlPlane:
             last_heartbeat=s.last_heartbeat,
             last_sync_at=s.last_sync_at,
             last_error=s.last_error,
+            last_notified_at=s.last_notified_at,
         )
 
     # --- janitor ---------------------------------------------------------------------
@@ -343,6 +372,22 @@ class ControlPlane:
 
     def revoke_token(self, name: str) -> TokenView:
         return _token_view(self._store.revoke_token(name))
+
+
+PROGRESS_FIELDS = ("state", "activations", "converged_at")
+
+
+def _progress(fields: dict[str, object]) -> tuple[object, ...]:
+    """What a long poll watches on a deploy record: state, which sidecars ran it, convergence."""
+    activations = fields.get("activations") or {}
+    return fields.get("state"), sorted(activations) if isinstance(activations, dict) else (), fields.get("converged_at")
+
+
+def _settled(view: DeployView) -> bool:
+    """Nothing more to wait for: a final state, or ACTIVE on every live sidecar."""
+    if view.deploy.state is DeployState.ACTIVE:
+        return view.converged
+    return view.deploy.state not in (DeployState.PENDING, DeployState.VALIDATING)
 
 
 def _token_view(t: Token) -> TokenView:

@@ -168,6 +168,14 @@ class Store:
             raise NotFound(f"deploy {deploy_id!r} does not exist in deployment {deployment!r}")
         return Deploy.model_validate(_strip(item))
 
+    def get_deploy_fields(self, deployment: str, deploy_id: str, fields: list[str]) -> dict[str, Any]:
+        """Only these attributes of a deploy (absent ones are left out): a cheap read of a record
+        that may carry thousands of DAG ids, for callers that need a field or two."""
+        item = self._get(_pk(deployment), _deploy_sk(deploy_id), f"deploy {deploy_id}", ["pk", *fields])
+        if item is None:
+            raise NotFound(f"deploy {deploy_id!r} does not exist in deployment {deployment!r}")
+        return _strip(item)
+
     def list_deploys(self, deployment: str, limit: int, cursor: str | None) -> tuple[list[Deploy], str | None]:
         kwargs: dict[str, Any] = {
             "KeyConditionExpression": "pk = :pk AND begins_with(sk, :p)",
@@ -186,21 +194,25 @@ class Store:
         next_cursor = _encode_cursor(last["sk"].removeprefix("DEPLOY#")) if last else None
         return deploys, next_cursor
 
-    def start_validation(self, deployment: str, deploy_id: str, now_ms: int) -> int | None:
+    def start_validation(self, deployment: str, deploy_id: str, now_ms: int, stored_at: int | None = None) -> int | None:
         """PENDING|VALIDATING -> VALIDATING; returns when the upload was first seen (epoch ms),
-        or None when the deploy already reached a final state."""
+        or None when the deploy already reached a final state. `stored_at`, when S3 stored the
+        upload, is recorded beside it. On a redelivery both are kept, not updated."""
+        stored = ", stored_at = if_not_exists(stored_at, :stored)" if stored_at is not None else ""
+        values: dict[str, Any] = {
+            ":validating": DeployState.VALIDATING.value,
+            ":pending": DeployState.PENDING.value,
+            ":now": now_ms,
+            **({":stored": stored_at} if stored_at is not None else {}),
+        }
         try:
             out = self._table.update_item(
                 Key={"pk": _pk(deployment), "sk": _deploy_sk(deploy_id)},
-                UpdateExpression="SET #s = :validating, uploaded_at = if_not_exists(uploaded_at, :now)",
+                UpdateExpression=f"SET #s = :validating, uploaded_at = if_not_exists(uploaded_at, :now){stored}",
                 ConditionExpression="#s IN (:pending, :validating)",
                 ExpressionAttributeNames={"#s": "state"},
-                ExpressionAttributeValues={
-                    ":validating": DeployState.VALIDATING.value,
-                    ":pending": DeployState.PENDING.value,
-                    ":now": now_ms,
-                },
-                ReturnValues="ALL_NEW"  # on a redelivery uploaded_at is kept, not updated,
+                ExpressionAttributeValues=values,
+                ReturnValues="ALL_NEW",
             )
         except ClientError as exc:
             if _failed_condition(exc):
@@ -342,18 +354,27 @@ class Store:
             raise StorageError(f"cannot cancel deploy {deploy_id}: {exc}") from exc
         return Deploy.model_validate(_strip(out["Attributes"]))
 
-    def record_activation(self, deployment: str, deploy_id: str, sidecar: str, at_ms: int) -> None:
-        """Note when a sidecar first ran a deploy's version (kept on the deploy record)."""
+    def record_activation(
+        self, deployment: str, deploy_id: str, sidecar: str, at_ms: int, notified_ms: int | None = None
+    ) -> None:
+        """Note when a sidecar first ran a deploy's version, and when it learned of it (kept on the deploy record)."""
+        sets, values = "activations.#n = :t", {":t": at_ms}
+        if notified_ms is not None:
+            sets, values = sets + ", notified.#n = :r", {**values, ":r": notified_ms}
         try:
             self._table.update_item(
                 Key={"pk": _pk(deployment), "sk": _deploy_sk(deploy_id)},
-                UpdateExpression="SET activations.#n = :t",
+                UpdateExpression=f"SET {sets}",
                 ConditionExpression="attribute_exists(activations) AND attribute_not_exists(activations.#n)",
                 ExpressionAttributeNames={"#n": sidecar},
-                ExpressionAttributeValues={":t": at_ms},
+                ExpressionAttributeValues=values,
             )
         except ClientError as exc:
             if _failed_condition(exc):
+                return
+            if notified_ms is not None and exc.response.get("Error", {}).get("Code") == "ValidationException":
+                # a deploy recorded before `notified` existed has no map to write into: keep the activation
+                self.record_activation(deployment, deploy_id, sidecar, at_ms)
                 return
             raise StorageError(f"cannot record activation of {deploy_id} on {sidecar!r}: {exc}") from exc
 
@@ -430,9 +451,13 @@ class Store:
 
     # --- helpers ---------------------------------------------------------------------
 
-    def _get(self, pk: str, sk: str, what: str) -> dict[str, Any] | None:
+    def _get(self, pk: str, sk: str, what: str, projection: list[str] | None = None) -> dict[str, Any] | None:
+        kwargs: dict[str, Any] = {}
+        if projection:
+            names = {f"#p{i}": name for i, name in enumerate(projection)}
+            kwargs = {"ProjectionExpression": ", ".join(names), "ExpressionAttributeNames": names}
         try:
-            out = self._table.get_item(Key={"pk": pk, "sk": sk}, ConsistentRead=True)
+            out = self._table.get_item(Key={"pk": pk, "sk": sk}, ConsistentRead=True, **kwargs)
         except ClientError as exc:
             raise StorageError(f"cannot read {what}: {exc}") from exc
         item: dict[str, Any] | None = out.get("Item")

@@ -15,6 +15,12 @@ from typing import Any, NoReturn
 
 import click
 
+# httpx imports its own command line (rich, pygments: ~90 ms) whenever it can; dagcast never runs
+# it, and start-up time is on the path of every `dagcast deploy`. httpx falls back to a stub
+# `httpx.main` when that module cannot be imported, which this entry makes happen, in the CLI's
+# process only (dagcast's library users, such as Airflow importing dagcast.airflow, are untouched).
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
 EXIT_ERROR, EXIT_USAGE, EXIT_REJECTED, EXIT_TIMEOUT = 1, 2, 3, 4
 
 
@@ -361,8 +367,7 @@ def _when(ms: int | None) -> str:
 
 
 def _diff_summary(diff: dict[str, Any] | None) -> str:
-    from chalicelib.manifest import summary
-    from chalicelib.models import DeployDiff
+    from chalicelib.manifest import DeployDiff, summary
 
     return summary(DeployDiff.model_validate(diff)) if diff else ""
 

@@ -76,8 +76,10 @@ class ApiClient:
     def create_deploy(self, deployment: str, body: dict[str, Any]) -> dict[str, Any]:
         return dict(self.request("POST", f"/deployments/{deployment}/deploys", json=body))
 
-    def get_deploy(self, deployment: str, deploy_id: str) -> dict[str, Any]:
-        return dict(self.request("GET", f"/deployments/{deployment}/deploys/{deploy_id}"))
+    def get_deploy(self, deployment: str, deploy_id: str, wait: int = 0) -> dict[str, Any]:
+        """The deploy; with `wait` seconds, the API answers when it changes (a long poll) or the time is up."""
+        params = {"wait": wait} if wait > 0 else None
+        return dict(self.request("GET", f"/deployments/{deployment}/deploys/{deploy_id}", params=params))
 
     def list_deploys(self, deployment: str, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:
         params: dict[str, Any] = {"limit": limit}

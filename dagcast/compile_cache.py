@@ -10,10 +10,18 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from chalicelib.validation import CompileCache
 
 MAX_ENTRIES = 100_000
+JOURNAL_MAX = 20_000  # entries appended since the file was last written whole
+
+
+class DiskCache(CompileCache):
+    """The cache as loaded from disk, knowing how many entries its journal holds."""
+
+    journaled: int = 0
 
 
 def _path() -> Path:
@@ -21,26 +29,140 @@ def _path() -> Path:
     return base / "dagcast" / f"compiled-{CompileCache.TAG.replace(':', '-')}.json"
 
 
-def load() -> CompileCache:
+def _journal(path: Path) -> Path:
+    return path.with_suffix(".log")
+
+
+def load() -> DiskCache:
+    """The file's entries, then its journal's (one JSON `[sha256, dag_ids]` per line; a torn line is skipped)."""
+    path = _path()
     try:
-        entries = json.loads(_path().read_text())
+        entries = json.loads(path.read_text())
         if not isinstance(entries, dict):
             entries = {}
     except (OSError, ValueError):
         entries = {}
-    return CompileCache({k: v for k, v in entries.items() if isinstance(v, list)}, max_entries=MAX_ENTRIES)
+    journaled = 0
+    try:
+        with _journal(path).open() as f:
+            for line in f:
+                journaled += 1
+                try:
+                    digest, dag_ids = json.loads(line)
+                except (ValueError, TypeError):
+                    continue  # an interrupted append: that file is compiled again, nothing worse
+                if isinstance(digest, str):
+                    entries[digest] = dag_ids
+    except OSError:
+        pass
+    cache = DiskCache({k: v for k, v in entries.items() if isinstance(v, list)}, max_entries=MAX_ENTRIES)
+    cache.journaled = journaled
+    return cache
 
 
 def save(cache: CompileCache) -> None:
-    """Write the cache back when it learned something; failures only cost speed next time."""
+    """Keep what the cache learned; failures only cost speed next time. The everyday deploy compiles a
+    file or two: those are appended to the journal rather than the whole file (megabytes) rewritten."""
     if not cache.added:
         return
     path = _path()
+    new = list(cache.entries.items())[-cache.added:]
+    journaled = cache.journaled if isinstance(cache, DiskCache) else JOURNAL_MAX
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and journaled + len(new) <= JOURNAL_MAX:
+            with _journal(path).open("a") as f:
+                f.write("".join(json.dumps([k, v], separators=(",", ":")) + "\n" for k, v in new))
+            return
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".compiled-")
         with os.fdopen(fd, "w") as f:
             json.dump(cache.entries, f, separators=(",", ":"))
         os.replace(tmp, path)
+        _journal(path).unlink(missing_ok=True)
     except OSError:
         pass
+
+
+# --- compiling in parallel ------------------------------------------------------------------
+
+PARALLEL_MIN = 1500  # uncached .py files; below this, starting worker processes costs more than it saves
+SAMPLE = 64  # files hashed to decide whether most of the folder is new to the cache
+
+
+def _compile_part(root: str, relpaths: list[str]) -> dict[str, list[str]]:
+    """In a worker process: validate a bundle of these files with the validator's public entry point,
+    and return what its compile cache learned (only files that compiled, by the sha256 of their bytes)."""
+    import io
+
+    from chalicelib.bundle import write_bundle
+    from chalicelib.validation import validate_stream
+
+    buf = io.BytesIO()
+    write_bundle(Path(root), relpaths, buf, compresslevel=1)
+    buf.seek(0)
+    learned = CompileCache()
+    validate_stream(buf, cache=learned)
+    return learned.entries
+
+
+class Prewarm:
+    """Compiles the .py files of a dags folder that `cache` has not seen, in worker processes, while the
+    caller builds the bundle; `join()` puts what they learned into the cache. Only an optimization:
+    whatever fails (no processes allowed, a worker dies) leaves the cache as it was, and the validator
+    compiles those files itself. Entries come from the same validator, keyed by exact bytes."""
+
+    def __init__(self, root: Path, relpaths: list[str], cache: CompileCache, workers: int | None = None) -> None:
+        self._cache = cache
+        self._futures: list[Any] = []
+        self._pool: Any = None
+        cpus = workers or os.cpu_count() or 1
+        py = [p for p in relpaths if p.endswith(".py") and not (root / p).is_symlink()]
+        if cpus < 2 or len(py) < PARALLEL_MIN:
+            return
+        # the everyday deploy changes a file or two: a sample tells, without reading every file
+        sample = py[:: max(1, len(py) // SAMPLE)]
+        if sum(cache.get(_sha256_of(root / p)) is None for p in sample) < len(sample) // 2:
+            return
+        todo = [p for p in py if cache.get(_sha256_of(root / p)) is None]
+        if len(todo) < PARALLEL_MIN:
+            return
+        try:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn, not fork: this process has threads (the API look-ahead)
+            self._pool = ProcessPoolExecutor(max_workers=cpus, mp_context=multiprocessing.get_context("spawn"))
+            size = -(-len(todo) // cpus)
+            self._futures = [self._pool.submit(_compile_part, str(root), todo[i:i + size])
+                             for i in range(0, len(todo), size)]
+        except (OSError, ImportError, RuntimeError, ValueError):
+            self.close()
+
+    def join(self) -> int:
+        """Wait for the workers; returns how many entries they added to the cache."""
+        added = 0
+        for future in self._futures:
+            try:
+                for digest, dag_ids in future.result().items():
+                    if self._cache.get(digest) is None:
+                        self._cache.put(digest, dag_ids)
+                        added += 1
+            except Exception:  # noqa: BLE001 - a worker that failed only costs speed: the validator compiles
+                continue
+        self.close()
+        return added
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._futures = []
+
+
+def _sha256_of(path: Path) -> str:
+    import hashlib
+
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""  # unreadable: the bundler reports it

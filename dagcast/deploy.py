@@ -2,22 +2,25 @@
 from __future__ import annotations
 
 import tempfile
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 
 import httpx
 
+from chalicelib.bundle import BundleInfo
 from chalicelib.manifest import diff_manifests, summary
-from chalicelib.validation import FileEntry, validate_stream
+from chalicelib.validation import FileEntry, Report, validate_stream
 from dagcast import bundler, compile_cache, gitinfo
 from dagcast.client import ApiClient, backoff
 from dagcast.exceptions import ApiError, BundleInvalid, UploadExpired, UploadFailed, WaitTimeout
 
 Say = Callable[[str], None]
 Progress = Callable[[int, int], None]  # (bytes sent, total)
+LONG_POLL_SECONDS = 10  # each --wait request lets the API hold the answer this long until something changes
 
 
 class ProgressReader:
@@ -58,6 +61,35 @@ class DeployOptions:
 
 
 @dataclass
+class Timings:
+    """Seconds `dagcast deploy` spent in each stage (None for a stage that did not run); in --json output."""
+
+    bundle_s: float | None = None
+    validate_s: float | None = None  # the local run of the server's validator
+    diff_s: float | None = None  # looking up the live version and diffing against its manifest
+    presign_s: float | None = None  # POST /deploys: the deploy record and its presigned upload
+    upload_s: float | None = None
+    wait_s: float | None = None  # upload done -> ACTIVE and every live sidecar on it (--wait)
+    total_s: float | None = None
+    _started: float = field(default_factory=time.perf_counter, repr=False)
+
+    def lap(self, stage: str, since: float) -> float:
+        """Record `stage` as the time from `since` (a perf_counter reading) to now; returns now."""
+        now = time.perf_counter()
+        setattr(self, stage, round(now - since, 3))
+        return now
+
+    def add(self, stage: str, seconds: float) -> None:
+        setattr(self, stage, round((getattr(self, stage) or 0.0) + seconds, 3))
+
+    def finish(self) -> None:
+        self.total_s = round(time.perf_counter() - self._started, 3)
+
+    def to_json(self) -> dict[str, float | None]:
+        return {k: v for k, v in asdict(self).items() if not k.startswith("_")}
+
+
+@dataclass
 class DeployResult:
     deploy_id: str | None
     version: int | None
@@ -70,6 +102,7 @@ class DeployResult:
     converged: bool = False
     diff: dict[str, Any] | None = None
     files_list: list[dict[str, Any]] | None = None
+    timings: Timings = field(default_factory=Timings)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -83,34 +116,65 @@ class DeployResult:
             "sidecars": self.sidecars,
             "converged": self.converged,
             "diff": self.diff,
+            "timings": self.timings.to_json(),
             **({"files_list": self.files_list} if self.files_list is not None else {}),
         }
 
 
 def run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | None = None) -> DeployResult:
+    timings = Timings()
+    try:
+        return _run(api, opts, say, progress, timings)
+    finally:
+        timings.finish()
+
+
+class _LookAhead(threading.Thread):
+    """What the deploy needs from elsewhere, fetched while the bundle is built and validated:
+    the live version and its manifest (from the API and S3), and the git checkout's metadata."""
+
+    def __init__(self, api: ApiClient, opts: DeployOptions) -> None:
+        super().__init__(name="dagcast-look-ahead", daemon=True)  # never holds up an exit on a local error
+        self._api = api
+        self._opts = opts
+        self.live: dict[str, Any] | None = None
+        self.manifest: list[FileEntry] | None = None
+        self.git: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.live = _live_version(self._api, self._opts.deployment)
+            self.manifest = _live_manifest(self.live)
+            self.git = gitinfo.describe(self._opts.dags_path)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread by result()
+            self._error = exc
+
+    def result(self) -> _LookAhead:
+        """Wait for the look-ahead; raises what it raised (an API error), in the caller's thread."""
+        self.join()
+        if self._error is not None:
+            raise self._error
+        return self
+
+
+def _run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | None, timings: Timings) -> DeployResult:
+    ahead = _LookAhead(api, opts)
+    ahead.start()
     with tempfile.TemporaryFile(prefix="dagcast-bundle-") as tmp:
         say(f"Bundling {opts.dags_path} ...")
-        info = bundler.build(opts.dags_path, tmp)
-        say(f"Bundled {info.files} files, {_size(info.bytes)} -> {_size(info.size)} compressed (sha256 {info.sha256[:12]})")
-        report = None
-        if not opts.skip_validation or opts.dry_run:
-            tmp.seek(0)
-            cache = compile_cache.load()
-            report = validate_stream(tmp, cache=cache)
-            compile_cache.save(cache)
-            if not report.valid:
-                errors = [e.model_dump() for e in report.errors]
-                raise BundleInvalid(f"validation failed with {len(errors)} error(s); nothing was uploaded", errors)
-        live = _live_version(api, opts.deployment)
-        result = DeployResult(None, None, "PENDING", info.sha256, info.files, info.bytes)
+        info, report = _bundle_and_validate(opts, tmp, timings, say)
+        mark = time.perf_counter()
+        live = ahead.result().live
+        result = DeployResult(None, None, "PENDING", info.sha256, info.files, info.bytes, timings=timings)
         if report is not None:
-            previous = _live_manifest(live)
-            diff = diff_manifests(previous, report.manifest)
+            diff = diff_manifests(ahead.manifest, report.manifest)
             result.diff = diff.model_dump()
             if live is not None:
                 say(f"Changes against live v{live['version']['version']}: {summary(diff)}")
             if diff.dags_removed_count:
                 say(f"warning: this deploy removes {diff.dags_removed_count} DAG(s): {', '.join(diff.dags_removed)}")
+        timings.lap("diff_s", mark)
         if opts.dry_run:
             assert report is not None
             result.state = "DRY_RUN"
@@ -123,16 +187,17 @@ def run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | None
             result.version = live["version"]["version"]
             result.converged = True
             return result
-        git = gitinfo.describe(opts.dags_path)
+        git = ahead.git
         description = opts.description or (git or {}).get("subject") or ""
         body: dict[str, Any] = {"sha256": info.sha256, "size": info.size, "description": description[:1024]}
         if git:
             body["git"] = git
+        mark = time.perf_counter()
         created = api.create_deploy(opts.deployment, body)
+        mark = timings.lap("presign_s", mark)
         deploy_id = created["deploy"]["deploy_id"]
         result.deploy_id = deploy_id
         say(f"Deploy {deploy_id} created; uploading {_size(info.size)}")
-        started = time.monotonic()
         form = created["upload"]
         for _ in range(2):
             try:
@@ -143,12 +208,49 @@ def run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | None
                 form = api.renew_upload(opts.deployment, deploy_id)
         else:
             raise UploadFailed("the upload form expired twice; check this machine's clock")
-        elapsed = max(time.monotonic() - started, 1e-6)
+        elapsed = max(time.perf_counter() - mark, 1e-6)
+        mark = timings.lap("upload_s", mark)
         say(f"Uploaded {_size(info.size)} in {elapsed:.1f}s ({_size(int(info.size / elapsed))}/s)")
         if not opts.wait:
             say("Uploaded; not waiting (--no-wait)")
             return result
         return wait(api, opts, deploy_id, result, say)
+
+
+def _bundle_and_validate(
+    opts: DeployOptions, tmp: BinaryIO, timings: Timings, say: Say
+) -> tuple[BundleInfo, Report | None]:
+    """Write the bundle to tmp and (unless skipped) validate it with the server's rules; the validator's
+    compile cache is this machine's, and .py files it has never seen are compiled by worker processes
+    while the bundle is written. Raises BundleInvalid, with nothing uploaded."""
+    validating = not opts.skip_validation or opts.dry_run
+    started = time.perf_counter()
+    paths = bundler.collect(opts.dags_path)
+    collected = time.perf_counter()
+    cache = compile_cache.load() if validating else None
+    prewarm = compile_cache.Prewarm(opts.dags_path, paths, cache) if cache is not None else None
+    setup = time.perf_counter() - collected  # validation's share, counted there
+    try:
+        info = bundler.build(opts.dags_path, tmp, paths)
+    except BaseException:
+        if prewarm is not None:
+            prewarm.close()
+        raise
+    mark = timings.lap("bundle_s", started)
+    timings.add("bundle_s", -setup)
+    say(f"Bundled {info.files} files, {_size(info.bytes)} -> {_size(info.size)} compressed (sha256 {info.sha256[:12]})")
+    report = None
+    if cache is not None and prewarm is not None:
+        prewarm.join()
+        tmp.seek(0)
+        report = validate_stream(tmp, cache=cache)
+        compile_cache.save(cache)
+        timings.lap("validate_s", mark)
+        timings.add("validate_s", setup)
+        if not report.valid:
+            errors = [e.model_dump() for e in report.errors]
+            raise BundleInvalid(f"validation failed with {len(errors)} error(s); nothing was uploaded", errors)
+    return info, report
 
 
 def _live_version(api: ApiClient, deployment: str) -> dict[str, Any] | None:
@@ -163,10 +265,12 @@ def _live_version(api: ApiClient, deployment: str) -> dict[str, Any] | None:
 def _live_manifest(live: dict[str, Any] | None) -> list[FileEntry] | None:
     if not live or not live.get("manifest_url"):
         return None
+    from pydantic import TypeAdapter
+
     try:
         resp = httpx.get(live["manifest_url"], timeout=30)
         resp.raise_for_status()
-        return [FileEntry.model_validate(f) for f in resp.json()]
+        return TypeAdapter(list[FileEntry]).validate_json(resp.content)
     except (httpx.HTTPError, ValueError):
         return None  # the diff is informational: deploy without it
 
@@ -205,10 +309,20 @@ def _retry(say: Say, what: str, attempt: int, attempts: int) -> None:
 
 
 def wait(api: ApiClient, opts: DeployOptions, deploy_id: str, result: DeployResult, say: Say) -> DeployResult:
+    started = time.perf_counter()
+    try:
+        return _wait(api, opts, deploy_id, result, say, started)
+    finally:
+        result.timings.lap("wait_s", started)
+
+
+def _wait(api: ApiClient, opts: DeployOptions, deploy_id: str, result: DeployResult, say: Say, started: float) -> DeployResult:
     deadline = time.monotonic() + opts.timeout
     last_state = ""
+    seen: tuple[Any, ...] = ()
     while True:
-        view = api.get_deploy(opts.deployment, deploy_id)
+        asked = time.monotonic()
+        view = api.get_deploy(opts.deployment, deploy_id, wait=max(0, min(LONG_POLL_SECONDS, int(deadline - asked))))
         deploy = view["deploy"]
         result.state = deploy["state"]
         result.version = deploy.get("version")
@@ -220,6 +334,8 @@ def wait(api: ApiClient, opts: DeployOptions, deploy_id: str, result: DeployResu
             say(f"State {result.state}" + (f" (v{result.version})" if result.version else ""))
             last_state = result.state
         if result.state == "REJECTED":
+            result.timings.lap("wait_s", started)
+            result.timings.finish()
             raise BundleInvalid(f"the server rejected deploy {deploy_id}", result.errors, result.to_json())
         if result.state not in ("PENDING", "VALIDATING", "ACTIVE"):
             return result
@@ -232,7 +348,13 @@ def wait(api: ApiClient, opts: DeployOptions, deploy_id: str, result: DeployResu
                 f"timed out after {opts.timeout:g}s: deploy {deploy_id} is {result.state}, "
                 f"{on}/{view.get('live_sidecars', 0)} live sidecars on it"
             )
-        time.sleep(opts.poll_interval)
+        # The API answers a long poll when something changed, so ask again at once; an answer that
+        # came back at once with nothing new (an API without long polls) means polling: pause first.
+        now = (result.state, view.get("sidecars_on_version"), view.get("live_sidecars"))
+        elapsed = time.monotonic() - asked
+        if now == seen and elapsed < opts.poll_interval:
+            time.sleep(opts.poll_interval - elapsed)
+        seen = now
 
 
 def _size(n: int) -> str:

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import random
 import shutil
 import signal
 import threading
@@ -233,6 +234,10 @@ class Syncer:
                 (self.manifests / f"{version}.json").unlink(missing_ok=True)
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -258,9 +263,12 @@ class Sidecar:
         self.queue_url: str | None = None
         self.last_error: str | None = None
         self.last_sync_at: int | None = None
+        self.last_notified_at: int | None = None  # when it learned of the live version (epoch ms)
         self.failures = 0
         self._polling = False
         self._received: list[str] = []
+        self._received_at: int | None = None
+        self._older_api = False  # its heartbeat refused last_notified_at
 
     def install_signal_handlers(self) -> None:
         def handler(signum: int, frame: FrameType | None) -> None:
@@ -280,23 +288,27 @@ class Sidecar:
             while not self.stop.is_set():
                 now = time.monotonic()
                 if now >= next_resync:
-                    self._step(None)
-                    next_resync = now + self.cfg.resync_interval
-                    next_heartbeat = 0.0
+                    if self._step(None):  # a new version or an error: report it now (nothing new waits its turn)
+                        next_heartbeat = 0.0
+                    # +-10 %: sidecars started together (a rollout) would otherwise all ask the API at once, for ever
+                    next_resync = now + self.cfg.resync_interval * random.uniform(0.9, 1.1)
                 if time.monotonic() >= next_heartbeat:
                     self._heartbeat()
                     next_heartbeat = time.monotonic() + self.cfg.heartbeat_interval
                 wait = max(0.0, min(self.cfg.wait_seconds, next_resync - time.monotonic(), next_heartbeat - time.monotonic()))
                 announced = self._poll(wait)
-                if announced is not None and self._step(int(announced["version"]), announced):
-                    next_heartbeat = 0.0
+                if announced is not None and self._step(int(announced["version"]), announced, self._received_at):
+                    self._heartbeat()  # report the new version first: `dagcast deploy --wait` is waiting on it
+                    next_heartbeat = time.monotonic() + self.cfg.heartbeat_interval
                 self._delete_received()
         except _Interrupted:
             pass
         finally:
             self._deregister()
 
-    def _step(self, target: int | None, announced: dict[str, Any] | None = None) -> bool:
+    def _step(self, target: int | None, announced: dict[str, Any] | None = None, notified_at: int | None = None) -> bool:
+        """One sync; `notified_at` is when the announcement arrived (a reconcile learns now)."""
+        notified_at = notified_at or _now_ms()
         try:
             changed = self.syncer.sync(target, announced)
         except (ClientError, OSError) as exc:
@@ -310,6 +322,7 @@ class Sidecar:
         self.last_error = None
         if changed is not None:
             self.last_sync_at = self.syncer.published_at
+            self.last_notified_at = notified_at
         return changed is not None
 
     def _poll(self, wait: float) -> dict[str, Any] | None:
@@ -325,6 +338,7 @@ class Sidecar:
             out = self.sqs.receive_message(
                 QueueUrl=self.queue_url, WaitTimeSeconds=min(20, max(1, math.ceil(wait))), MaxNumberOfMessages=10
             )
+            self._received_at = _now_ms()
         except Exception as exc:  # noqa: BLE001 - any transport failure: fall back to resync, with backoff
             if isinstance(exc, _Interrupted):
                 raise
@@ -370,12 +384,24 @@ class Sidecar:
             log.error("registration failed; syncing by periodic reconcile only", extra={"error": str(exc)})
 
     def _heartbeat(self) -> None:
-        body = {"version": self.syncer.live_version(), "last_sync_at": self.last_sync_at, "last_error": self.last_error}
+        body: dict[str, Any] = {
+            "version": self.syncer.live_version(),
+            "last_sync_at": self.last_sync_at,
+            "last_notified_at": self.last_notified_at,
+            "last_error": self.last_error,
+        }
+        if self._older_api:
+            del body["last_notified_at"]
         try:
             self.api.heartbeat(self.cfg.deployment, self.cfg.name, body)
         except ApiError as exc:
             if exc.status == 404:
                 self._register()
+            elif exc.status == 400 and "last_notified_at" in str(exc) and not self._older_api:
+                # an API older than this sidecar (upgraded first) refuses the field: report without it
+                log.info("the API does not take notification times; leaving them out")
+                self._older_api = True
+                self._heartbeat()
             else:
                 log.warning("heartbeat failed", extra={"error": str(exc)})
         except ClientError as exc:

@@ -237,6 +237,27 @@
     return h("ul", { class: "errors", "aria-label": "Errors" }, items);
   }
 
+  function secs(s) {
+    return s < 10 ? `${s.toFixed(2)} s` : `${s.toFixed(1)} s`;
+  }
+
+  // Where the deploy's time went, from the timestamps on its record (the API computes `stages`).
+  function stagesLine(d) {
+    const st = d.stages;
+    if (!st) return null;
+    const parts = [];
+    if (st.upload_to_ingest_s != null && st.ingest_to_active_s != null) {
+      const validation = st.validation_s != null ? ` (validation ${secs(st.validation_s)})` : "";
+      parts.push(`upload → ACTIVE ${secs(st.upload_to_ingest_s + st.ingest_to_active_s)}${validation}`);
+    }
+    if (st.active_to_all_live_s != null) parts.push(`ACTIVE → all sidecars ${secs(st.active_to_all_live_s)}`);
+    if (!parts.length) return null;
+    const each = (st.sidecars || []).map((s) => `${s.name}: ` +
+      (s.notified_s != null ? `notified after ${secs(s.notified_s)}, ` : "") +
+      (s.live_s != null ? `live after ${secs(s.live_s)}` : "not live")).join("\n");
+    return h("div", { class: "stages muted", title: each || null }, parts.join(" · "));
+  }
+
   function gitCell(git) {
     if (!git || !git.sha) return h("span", { class: "muted" }, "—");
     return h("span", { class: "git" },
@@ -265,6 +286,7 @@
         td({ "data-label": "Description", class: "description" },
           h("div", {}, d.description || h("span", { class: "muted" }, "(no description)")),
           h("div", { class: "deploy-id muted" }, d.deploy_id),
+          stagesLine(d),
           errorList(d)),
         td({ "data-label": "Who" }, d.created_by || "—"),
         td({ "data-label": "When" }, timeEl(d.created_at, formatTime(d.created_at))),

@@ -162,6 +162,8 @@ def test_a_deploy_is_watched_live_until_active_with_every_sidecar_converged(
     expect(row).to_contain_text(f"v{result['version']}")
     expect(row).to_contain_text("watched from the console")
     expect(row).to_contain_text("+1 DAG")
+    expect(row.locator(".stages")).to_contain_text("upload → ACTIVE")
+    expect(row.locator(".stages")).to_contain_text("ACTIVE → all sidecars")
     card = deployment_card(page, "demo")
     expect(card.locator(".version")).to_have_text(f"v{result['version']}")
     expect(card.locator(".convergence")).to_have_text("converged")

@@ -222,3 +222,28 @@ def test_a_poisoned_local_compile_cache_cannot_get_broken_code_live(stack: dict[
     doc = parse_json_stdout(proc)
     assert doc["state"] == "REJECTED", "the local check was fooled; the server was not"
     assert [(e["path"], e["code"]) for e in doc["errors"]] == [("broken.py", "syntax_error")]
+
+
+def test_every_stage_of_a_deploy_is_on_record_from_the_cli_to_each_sidecar(stack: dict[str, Any], tmp_path: Path) -> None:
+    """The CLI's --json says how long it spent bundling, validating, presigning, uploading and waiting; the
+    deploy record holds when S3 stored the upload, ingest started, it went ACTIVE, and when each sidecar
+    got the announcement and ran the version; the API serves the stages computed from them."""
+    dags = write_dags(tmp_path / "dags", {"staged.py": dag_source("staged"), "sql/q.sql": "select 1;\n"})
+    proc = deploy(stack_env(stack), dags, "--wait")
+    assert proc.returncode == 0, proc.stderr
+    doc = parse_json_stdout(proc)
+    timings = doc["timings"]
+    assert all(timings[k] is not None and timings[k] >= 0 for k in
+               ("bundle_s", "validate_s", "diff_s", "presign_s", "upload_s", "wait_s", "total_s")), timings
+
+    view = Api(stack).json("GET", f"/deployments/{stack['deployment']}/deploys/{doc['deploy_id']}")
+    d, stages = view["deploy"], view["stages"]
+    assert d["created_at"] <= d["stored_at"] <= d["uploaded_at"] <= d["activated_at"], d
+    names = {s["name"] for s in view["sidecars"] if s["live"]}
+    assert names >= {s["name"] for s in stack["sidecars"]}
+    assert set(d["notified"]) >= names and set(d["activations"]) >= names
+    assert all(d["activated_at"] <= d["notified"][n] <= d["activations"][n] for n in names), d
+    assert d["converged_at"] == max(d["activations"][n] for n in names)
+    by_name = {s["name"]: s for s in stages["sidecars"]}
+    assert all(by_name[n]["notified_s"] is not None and by_name[n]["sync_s"] is not None for n in names), stages
+    assert stages["active_to_all_live_s"] is not None and stages["upload_to_ingest_s"] is not None

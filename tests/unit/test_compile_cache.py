@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -91,3 +92,34 @@ def test_the_cli_cache_file_round_trips_and_a_corrupt_file_is_an_empty_cache(tmp
     assert compile_cache.load().entries == cache.entries
     compile_cache._path().write_text("{not json")
     assert compile_cache.load().entries == {}
+
+
+def test_the_cli_cache_appends_what_it_learns_and_rewrites_the_file_only_now_and_then(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dagcast import compile_cache
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(compile_cache, "JOURNAL_MAX", 3)
+    cache = compile_cache.load()
+    for digest in ("a", "b"):
+        cache.put(digest, [digest])
+    compile_cache.save(cache)
+    path = compile_cache._path()
+    journal = path.with_suffix(".log")
+    assert json.loads(path.read_text()) == {"a": ["a"], "b": ["b"]} and not journal.exists()
+
+    for digest in ("c", "d"):
+        cache = compile_cache.load()
+        cache.put(digest, [digest])
+        compile_cache.save(cache)
+    assert json.loads(path.read_text()) == {"a": ["a"], "b": ["b"]}, "a file or two learned: appended, not rewritten"
+    with journal.open("a") as f:
+        f.write('["e", ["e"')  # an append cut short
+    assert compile_cache.load().entries == {k: [k] for k in "abcd"}
+
+    cache = compile_cache.load()
+    cache.put("f", ["f"])
+    cache.put("g", ["g"])
+    compile_cache.save(cache)
+    assert json.loads(path.read_text()) == {k: [k] for k in "abcdfg"} and not journal.exists()

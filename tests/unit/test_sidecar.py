@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import subprocess
 import tarfile
@@ -249,3 +250,111 @@ def test_a_poll_shortly_before_a_heartbeat_still_long_polls(env: Any) -> None:
     for wait in (0.0, 0.3, 0.999, 19.2, 45.0):
         daemon._poll(wait)
     assert waits == [1, 1, 1, 20, 20], "WaitTimeSeconds=0 would return at once and spin"
+
+
+def test_after_an_announced_sync_it_reports_first_with_when_the_announcement_arrived(
+    env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The heartbeat right after a swap carries the version and the announcement's arrival time (the API
+    keeps both on the deploy), and goes out before anything else, messages deleted after it."""
+    import dagcast.sidecar as sidecar_module
+
+    syncer, api, _ = env
+    events: list[tuple[str, Any]] = []
+    blob = versions_of(1, tmp_path)
+    monkeypatch.setattr(sidecar_module, "_now_ms", lambda: 4242)
+
+    class Api(FakeApi):
+        def register_sidecar(self, deployment: str, name: str, component: str) -> dict[str, Any]:
+            return {"queue_url": "q"}
+
+        def heartbeat(self, deployment: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+            events.append(("heartbeat", dict(body)))
+            return {}
+
+        def deregister_sidecar(self, deployment: str, name: str) -> None:
+            events.append(("deregister", None))
+
+    fake = Api()
+    fake.blobs, fake.sha = api.blobs, api.sha  # the download handler of `env` serves these
+
+    class Sqs:
+        def receive_message(self, **_: Any) -> dict[str, Any]:
+            if any(e[0] == "receive" for e in events):
+                daemon.stop.set()
+                return {}
+            events.append(("receive", None))
+            fake.add(1, blob)
+            body = {"deployment": "d", "version": 1, "sha256": fake.sha[1], "download_url": "http://bundles.test/v1"}
+            return {"Messages": [{"Body": json.dumps(body), "ReceiptHandle": "r1"}]}
+
+        def delete_message_batch(self, QueueUrl: str, Entries: list[dict[str, str]]) -> None:  # noqa: N803
+            events.append(("delete", [e["ReceiptHandle"] for e in Entries]))
+
+    cfg = syncer.cfg
+    cfg.resync_interval = 3600
+    daemon = Sidecar(cfg, fake, Sqs())  # type: ignore[arg-type]
+    daemon.syncer = syncer
+    syncer.api = fake  # type: ignore[assignment]
+    daemon.run()
+    kinds = [kind for kind, _ in events]
+    after = kinds[kinds.index("receive") + 1:]
+    assert after[:2] == ["heartbeat", "delete"], kinds
+    report = events[kinds.index("receive") + 1][1]
+    assert report["version"] == 1 and report["last_notified_at"] == 4242
+    assert report["last_sync_at"] is not None and report["last_sync_at"] == syncer.published_at
+    assert events[-1] == ("deregister", None)
+
+
+def test_against_an_older_api_the_heartbeat_leaves_the_notification_time_out(env: Any) -> None:
+    syncer, _, _ = env
+    sent: list[dict[str, Any]] = []
+
+    class OlderApi(FakeApi):
+        def heartbeat(self, deployment: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+            sent.append(dict(body))
+            if "last_notified_at" in body:
+                raise ApiError(400, "invalid_request", "invalid request body: last_notified_at: Extra inputs are not permitted")
+            return {}
+
+    daemon = Sidecar(syncer.cfg, OlderApi(), None)  # type: ignore[arg-type]
+    daemon.last_notified_at = 5
+    daemon._heartbeat()
+    daemon._heartbeat()
+    assert ["last_notified_at" in body for body in sent] == [True, False, False]
+
+
+def test_a_reconcile_that_finds_nothing_new_sends_no_extra_heartbeat(env: Any, tmp_path: Path) -> None:
+    syncer, api, _ = env
+    api.add(1, versions_of(1, tmp_path))
+    beats: list[int] = []
+    polls: list[int] = []
+
+    class Api(FakeApi):
+        def register_sidecar(self, deployment: str, name: str, component: str) -> dict[str, Any]:
+            return {"queue_url": "q"}
+
+        def heartbeat(self, deployment: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+            beats.append(body["version"])
+            return {}
+
+        def deregister_sidecar(self, deployment: str, name: str) -> None:
+            pass
+
+    fake = Api()
+    fake.blobs, fake.sha, fake.current = api.blobs, api.sha, api.current
+
+    class Sqs:
+        def receive_message(self, **_: Any) -> dict[str, Any]:
+            polls.append(1)
+            if len(polls) == 5:
+                daemon.stop.set()
+            return {}
+
+    syncer.cfg.resync_interval = 1e-9  # a reconcile on every pass of the loop
+    daemon = Sidecar(syncer.cfg, fake, Sqs())  # type: ignore[arg-type]
+    daemon.syncer = syncer
+    syncer.api = fake  # type: ignore[assignment]
+    daemon.run()
+    assert len(polls) == 5 and len(fake.lookups) >= 5, "it reconciled on every pass"
+    assert beats == [1], "one report of v1; the reconciles that found nothing new sent none"

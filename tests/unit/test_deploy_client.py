@@ -1,0 +1,191 @@
+"""`dagcast deploy` against a fake API: the stage timings it reports, the long poll of --wait, the
+look-ahead that fetches the live version while the bundle is built, and compiling in parallel."""
+from __future__ import annotations
+
+import os
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import chalicelib.validation as validation
+from chalicelib.validation import CompileCache, validate_stream
+from dagcast import compile_cache, deploy
+from dagcast.exceptions import ApiError, BundleInvalid
+
+
+def write(root: Path, files: dict[str, str]) -> Path:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+    return root
+
+
+class FakeApi:
+    """Answers like the control API; `views` are the successive answers to GET deploy."""
+
+    def __init__(self, views: list[dict[str, Any]] | None = None, live_error: ApiError | None = None) -> None:
+        self.views = views or []
+        self.live_error = live_error
+        self.waits: list[int] = []
+        self.created: list[dict[str, Any]] = []
+
+    def get_version(self, deployment: str, version: int | None) -> dict[str, Any]:
+        raise self.live_error or ApiError(404, "not_found", "no version yet")
+
+    def create_deploy(self, deployment: str, body: dict[str, Any]) -> dict[str, Any]:
+        self.created.append(body)
+        return {"deploy": {"deploy_id": "0123456789a-abcdef"}, "upload": {"url": "http://s3.test/", "fields": {}}}
+
+    def get_deploy(self, deployment: str, deploy_id: str, wait: int = 0) -> dict[str, Any]:
+        self.waits.append(wait)
+        return self.views.pop(0) if len(self.views) > 1 else self.views[0]
+
+
+def view(state: str, on: int = 0, live: int = 2) -> dict[str, Any]:
+    return {
+        "deploy": {"state": state, "version": 1 if state == "ACTIVE" else None, "errors": []},
+        "sidecars": [{"name": f"s{i}", "version": 1 if i < on else 0, "live": True} for i in range(live)],
+        "sidecars_on_version": on, "live_sidecars": live, "converged": state == "ACTIVE" and on == live,
+    }
+
+
+def record_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """deploy's pauses, recorded instead of slept (its clocks stay real)."""
+    sleeps: list[float] = []
+    clock = types.SimpleNamespace(monotonic=time.monotonic, perf_counter=time.perf_counter, sleep=sleeps.append)
+    monkeypatch.setattr(deploy, "time", clock)
+    return sleeps
+
+
+@pytest.fixture
+def no_upload(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(deploy, "upload", lambda *args, **kwargs: None)
+
+
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def test_the_json_result_says_how_long_each_stage_took(tmp_path: Path, no_upload: None) -> None:
+    dags = write(tmp_path / "dags", {"a.py": "x = 1\n", "q.sql": "select 1;\n"})
+    api = FakeApi([view("VALIDATING"), view("ACTIVE", on=2)])
+    said: list[str] = []
+    result = deploy.run(api, deploy.DeployOptions(dags_path=dags, deployment="d"), said.append)  # type: ignore[arg-type]
+    assert any(line.startswith("Bundled 2 files") for line in said), said
+    timings = result.to_json()["timings"]
+    assert set(timings) == {"bundle_s", "validate_s", "diff_s", "presign_s", "upload_s", "wait_s", "total_s"}
+    assert all(isinstance(v, float) and v >= 0 for v in timings.values()), timings
+    assert timings["total_s"] >= max(v for k, v in timings.items() if k != "total_s")
+
+
+def test_stages_that_did_not_run_are_null(tmp_path: Path, no_upload: None) -> None:
+    dags = write(tmp_path / "dags", {"a.py": "x = 1\n"})
+    opts = deploy.DeployOptions(dags_path=dags, deployment="d", wait=False, skip_validation=True)
+    timings = deploy.run(FakeApi(), opts, lambda _: None).to_json()["timings"]  # type: ignore[arg-type]
+    assert timings["validate_s"] is None and timings["wait_s"] is None
+    assert timings["upload_s"] is not None and timings["total_s"] is not None
+
+
+def test_wait_long_polls_and_asks_again_at_once_after_each_change(
+    tmp_path: Path, no_upload: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sleeps = record_sleeps(monkeypatch)
+    dags = write(tmp_path / "dags", {"a.py": "x = 1\n"})
+    api = FakeApi([view("PENDING"), view("VALIDATING"), view("ACTIVE"), view("ACTIVE", on=1), view("ACTIVE", on=2)])
+    result = deploy.run(api, deploy.DeployOptions(dags_path=dags, deployment="d"), lambda _: None)  # type: ignore[arg-type]
+    assert result.converged and result.state == "ACTIVE"
+    assert api.waits == [deploy.LONG_POLL_SECONDS] * 5, "every request lets the API hold the answer"
+    assert sleeps == [], "each answer brought news: no pause between requests"
+
+
+def test_wait_still_paces_itself_against_an_api_that_answers_at_once(
+    tmp_path: Path, no_upload: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sleeps = record_sleeps(monkeypatch)
+    dags = write(tmp_path / "dags", {"a.py": "x = 1\n"})
+    api = FakeApi([view("ACTIVE")] * 4 + [view("ACTIVE", on=2)])
+    deploy.run(api, deploy.DeployOptions(dags_path=dags, deployment="d", poll_interval=0.2), lambda _: None)  # type: ignore[arg-type]
+    assert len(sleeps) == 3 and all(0 < s <= 0.2 for s in sleeps), sleeps
+
+
+def test_local_validation_errors_come_before_an_api_error_and_nothing_is_created(tmp_path: Path, no_upload: None) -> None:
+    api = FakeApi(live_error=ApiError(401, "unauthorized", "bad token"))
+    broken = write(tmp_path / "broken", {"bad.py": "def f(:\n"})
+    with pytest.raises(BundleInvalid):
+        deploy.run(api, deploy.DeployOptions(dags_path=broken, deployment="d"), lambda _: None)  # type: ignore[arg-type]
+    good = write(tmp_path / "good", {"ok.py": "x = 1\n"})
+    with pytest.raises(ApiError, match="bad token"):
+        deploy.run(api, deploy.DeployOptions(dags_path=good, deployment="d"), lambda _: None)  # type: ignore[arg-type]
+    assert api.created == []
+
+
+# --- compiling new files in worker processes -------------------------------------------------
+
+
+def many_files(root: Path, n: int, broken: int | None = None) -> list[str]:
+    files = {f"pkg_{i % 7}/m_{i}.py": f"from airflow import DAG\nDAG('dag_{i}')\nX = {i}\n" for i in range(n)}
+    if broken is not None:
+        files[f"pkg_{broken % 7}/m_{broken}.py"] = "def f(:\n"
+    write(root, {**files, "q.sql": "select 1;\n"})
+    return sorted([*files, "q.sql"])
+
+
+def test_new_files_are_compiled_by_workers_with_the_validators_own_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compile_cache, "PARALLEL_MIN", 10)
+    root = tmp_path / "dags"
+    paths = many_files(root, 40, broken=3)
+    cache = CompileCache()
+    assert compile_cache.Prewarm(root, paths, cache, workers=2).join() == 39
+    reference = CompileCache()
+    deploy.bundler.build(root, (tmp_path / "b.tgz").open("wb"), paths)
+    with (tmp_path / "b.tgz").open("rb") as f:
+        report = validate_stream(f, cache=reference)
+    assert cache.entries == reference.entries, "the same entries the validator makes, and none for the broken file"
+    assert not report.valid and [e.path for e in report.errors] == ["pkg_3/m_3.py"]
+
+
+def test_an_everyday_change_starts_no_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compile_cache, "PARALLEL_MIN", 10)
+    root = tmp_path / "dags"
+    paths = many_files(root, 40)
+    cache = CompileCache()
+    compile_cache.Prewarm(root, paths, cache, workers=2).join()
+    (root / "pkg_0" / "m_0.py").write_text("X = 'changed'\n")
+    started: list[Any] = []
+    monkeypatch.setattr("concurrent.futures.ProcessPoolExecutor", lambda *a, **k: started.append(a))
+    assert compile_cache.Prewarm(root, paths, cache, workers=2).join() == 0
+    assert started == []
+
+
+def test_with_workers_the_cli_reports_what_the_serial_validator_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_upload: None
+) -> None:
+    monkeypatch.setattr(compile_cache, "PARALLEL_MIN", 10)
+    compiled: list[str] = []
+    real = validation._check_python
+    monkeypatch.setattr(validation, "_check_python", lambda source, path: (compiled.append(path), real(source, path))[1])
+    root = tmp_path / "dags"
+    many_files(root, 30, broken=5)
+    with pytest.raises(BundleInvalid) as caught:
+        deploy.run(FakeApi(), deploy.DeployOptions(dags_path=root, deployment="d"), lambda _: None)  # type: ignore[arg-type]
+    assert [e["path"] for e in caught.value.errors] == ["pkg_5/m_5.py"]
+    assert compiled == ["pkg_5/m_5.py"], "workers compiled the rest; only the file that failed is compiled again here"
+    assert os.path.exists(compile_cache._path())
+
+
+def test_the_deploy_command_starts_without_the_terminal_ui_libraries() -> None:
+    """Start-up is on the path of every deploy: rich (progress bars, and httpx's own command line)
+    is imported only when a progress bar is shown."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dagcast.cli, dagcast.deploy, dagcast.client, httpx\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('rich', 'pygments'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
