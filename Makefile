@@ -39,6 +39,7 @@ bench: install
 	$(PY) bench/bundle_bench.py
 	$(PY) bench/validate_bench.py
 	$(PY) bench/sidecar_bench.py
+	$(PY) bench/e2e.py
 
 # The deployable template and zip, offline: no AWS credentials needed (the zip's
 # dependencies come from PyPI, like the rest of the install).
