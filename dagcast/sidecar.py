@@ -64,6 +64,7 @@ class Syncer:
         self.downloads = cfg.root / "downloads"
         self.manifests = cfg.root / "manifests"
         self.published_at: int | None = None  # epoch ms when the link last moved
+        self.prune_after_publish = True  # the daemon turns this off and prunes after it reported the swap
         self.metrics = metrics or SidecarMetrics()
 
     def prepare(self) -> None:
@@ -143,7 +144,8 @@ class Syncer:
         self._publish(folder)
         self.published_at = int(time.time() * 1000)
         log.info("version live", extra={"version": version, "previous": live})
-        self._prune(version)
+        if self.prune_after_publish:
+            self._prune(version)
         return version
 
     def fetch(self, version: int, url: str, sha256: str) -> Path:
@@ -220,6 +222,10 @@ class Syncer:
         os.replace(tmp, link)
         _fsync_dir(link.parent)
 
+    def prune(self) -> None:
+        """Remove versions beyond --keep around the live one (see _prune)."""
+        self._prune(self.live_version())
+
     def _prune(self, live: int) -> None:
         """Remove versions beyond --keep; never the live one, nor one a reader holds a lease on."""
         numbered = sorted((int(p.name) for p in self.versions.iterdir() if p.name.isdigit()), reverse=True)
@@ -268,6 +274,7 @@ class Sidecar:
         self._polling = False
         self._received: list[str] = []
         self._received_at: int | None = None
+        self._unpruned = False  # a version was published and older ones not yet pruned
         self._older_api = False  # its heartbeat refused last_notified_at
 
     def install_signal_handlers(self) -> None:
@@ -281,6 +288,8 @@ class Sidecar:
 
     def run(self) -> None:
         self.syncer.prepare()
+        # Removing a large old version takes seconds: report the swap first (see _report).
+        self.syncer.prune_after_publish = False
         self._register()
         next_resync = 0.0
         next_heartbeat = 0.0
@@ -293,12 +302,12 @@ class Sidecar:
                     # +-10 %: sidecars started together (a rollout) would otherwise all ask the API at once, for ever
                     next_resync = now + self.cfg.resync_interval * random.uniform(0.9, 1.1)
                 if time.monotonic() >= next_heartbeat:
-                    self._heartbeat()
+                    self._report()
                     next_heartbeat = time.monotonic() + self.cfg.heartbeat_interval
                 wait = max(0.0, min(self.cfg.wait_seconds, next_resync - time.monotonic(), next_heartbeat - time.monotonic()))
                 announced = self._poll(wait)
                 if announced is not None and self._step(int(announced["version"]), announced, self._received_at):
-                    self._heartbeat()  # report the new version first: `dagcast deploy --wait` is waiting on it
+                    self._report()  # report the new version first: `dagcast deploy --wait` is waiting on it
                     next_heartbeat = time.monotonic() + self.cfg.heartbeat_interval
                 self._delete_received()
         except _Interrupted:
@@ -323,7 +332,18 @@ class Sidecar:
         if changed is not None:
             self.last_sync_at = self.syncer.published_at
             self.last_notified_at = notified_at
+            self._unpruned = True
         return changed is not None
+
+    def _report(self) -> None:
+        """Heartbeat; then, after a swap, remove versions beyond --keep (never before it was reported)."""
+        self._heartbeat()
+        if self._unpruned:
+            self._unpruned = False
+            try:
+                self.syncer.prune()
+            except OSError as exc:
+                log.warning("cannot remove old versions", extra={"error": str(exc)})
 
     def _poll(self, wait: float) -> dict[str, Any] | None:
         """Long-poll the queue; returns the announcement of the highest version, messages deleted."""

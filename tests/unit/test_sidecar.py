@@ -358,3 +358,49 @@ def test_a_reconcile_that_finds_nothing_new_sends_no_extra_heartbeat(env: Any, t
     daemon.run()
     assert len(polls) == 5 and len(fake.lookups) >= 5, "it reconciled on every pass"
     assert beats == [1], "one report of v1; the reconciles that found nothing new sent none"
+
+
+def test_the_daemon_removes_old_versions_only_after_it_reported_the_new_one(env: Any, tmp_path: Path) -> None:
+    """Removing a large old version takes seconds; `dagcast deploy --wait` should not wait for it."""
+    syncer, api, _ = env  # keep=2
+    for i in (1, 2):
+        api.add(i, versions_of(i, tmp_path))
+        syncer.sync(i)
+    on_disk_at_report: list[list[str]] = []
+
+    class Api(FakeApi):
+        def register_sidecar(self, deployment: str, name: str, component: str) -> dict[str, Any]:
+            return {"queue_url": "q"}
+
+        def heartbeat(self, deployment: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+            on_disk_at_report.append(sorted(p.name for p in syncer.versions.iterdir()))
+            return {}
+
+        def deregister_sidecar(self, deployment: str, name: str) -> None:
+            pass
+
+    fake = Api()
+    fake.blobs, fake.sha, fake.current = api.blobs, api.sha, api.current
+    received: list[int] = []
+
+    class Sqs:
+        def receive_message(self, **_: Any) -> dict[str, Any]:
+            if received:
+                daemon.stop.set()
+                return {}
+            received.append(1)
+            fake.add(3, versions_of(3, tmp_path))
+            body = {"deployment": "d", "version": 3, "sha256": fake.sha[3], "download_url": "http://bundles.test/v3"}
+            return {"Messages": [{"Body": json.dumps(body), "ReceiptHandle": "r3"}]}
+
+        def delete_message_batch(self, QueueUrl: str, Entries: list[dict[str, str]]) -> None:  # noqa: N803
+            pass
+
+    syncer.cfg.resync_interval = 3600
+    daemon = Sidecar(syncer.cfg, fake, Sqs())  # type: ignore[arg-type]
+    daemon.syncer = syncer
+    syncer.api = fake  # type: ignore[assignment]
+    daemon.run()
+    assert on_disk_at_report[-1] == ["1", "2", "3"], "v3 reported before v1 was removed"
+    assert sorted(p.name for p in syncer.versions.iterdir()) == ["2", "3"]
+    assert syncer.live_version() == 3
