@@ -1025,8 +1025,8 @@ def _call_paren(text: str, start: int) -> int:
     return _UNSURE if text.startswith("(", beyond) else -1
 
 
-def _bracket_end(text: str, pos: int) -> int:
-    """The position after the bracket matching the one at pos; -1 when not found."""
+def _bracket_walk(text: str, pos: int) -> Iterator[tuple[re.Match[str], str, int]]:
+    """Tokens from pos with the bracket depth after each; stops (unsure) at an unterminated quote."""
     depth = 0
     for m in _TOKENS.finditer(text, pos):
         c = text[m.start()]
@@ -1034,29 +1034,26 @@ def _bracket_end(text: str, pos: int) -> int:
             depth += 1
         elif c in ")]}":
             depth -= 1
-            if depth == 0:
-                return m.end()
         elif c in "'\"" and m.end() - m.start() == 1:
-            return -1
+            return
+        yield m, c, depth
+
+
+def _bracket_end(text: str, pos: int) -> int:
+    """The position after the bracket matching the one at pos; -1 when not found."""
+    for m, c, depth in _bracket_walk(text, pos):
+        if c in ")]}" and depth == 0:
+            return m.end()
     return -1
 
 
 def _line_end(text: str, pos: int) -> int:
     """The position of the line break ending the logical line that goes on at pos; -1 if unsure."""
-    depth = 0
-    for m in _TOKENS.finditer(text, pos):
-        c = text[m.start()]
-        if c in "([{":
-            depth += 1
-        elif c in ")]}":
-            depth -= 1
-            if depth < 0:
-                return -1  # pos was inside brackets: not a decorator
-        elif c in "\r\n":
-            if depth == 0:
-                return m.start()
-        elif c in "'\"" and m.end() - m.start() == 1:
-            return -1
+    for m, c, depth in _bracket_walk(text, pos):
+        if depth < 0:
+            return -1  # pos was inside brackets: not a decorator
+        if c in "\r\n" and depth == 0:
+            return m.start()
     return -1
 
 
