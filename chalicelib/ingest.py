@@ -17,9 +17,11 @@ from urllib.parse import unquote_plus
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.data_classes import S3Event
 
+from chalicelib.delta import DeltaCollector
 from chalicelib.exceptions import NotFound, StorageError
+from chalicelib.manifest import diff_manifests
 from chalicelib.models import Deploy, IngestEvent
-from chalicelib.publish import Publisher
+from chalicelib.publish import LiveBase, Publisher
 from chalicelib.settings import Settings
 from chalicelib.storage import BundleStorage, parse_bundle_key
 from chalicelib.store import Store
@@ -81,13 +83,15 @@ class Ingest:
 
     def _validate_and_publish(self, deploy: Deploy) -> Outcome:
         started = time.monotonic()
-        limits = self._store.get_deployment(deploy.deployment).limits
+        deployment = self._store.get_deployment(deploy.deployment)
+        base = self._publisher.live_base(deployment)
+        collect = DeltaCollector({f.path: f.sha256 for f in base.manifest}) if base else None
         body, size = self._bundles.open(deploy.key)
         try:
             if size != deploy.size:
                 return self._reject(deploy, [_issue("size_mismatch", f"uploaded {size} bytes, announced {deploy.size}")], started)
             try:
-                report = validate_stream(body, limits, cache=_COMPILED)
+                report = validate_stream(body, deployment.limits, cache=_COMPILED, collect=collect)
             except OSError as exc:  # the S3 stream broke: let the queue redeliver
                 raise StorageError(f"cannot read bundle {deploy.key}: {exc}") from exc
         finally:
@@ -102,7 +106,7 @@ class Ingest:
             )
         if not report.valid:
             return self._reject(deploy, report.errors, started, report)
-        return self._activate(deploy, report, started)
+        return self._activate(deploy, report, started, base, collect)
 
     def _reject(self, deploy: Deploy, errors: list[Issue], started: float, report: Report | None = None) -> Outcome:
         validation_ms = int((time.monotonic() - started) * 1000)
@@ -118,8 +122,14 @@ class Ingest:
             self._bundles.tag(deploy.key, {"dagcast-state": "rejected"})  # the lifecycle rule expires it
         return Outcome.REJECTED
 
-    def _activate(self, deploy: Deploy, report: Report, started: float) -> Outcome:
+    def _activate(
+        self, deploy: Deploy, report: Report, started: float, base: LiveBase | None, collect: DeltaCollector | None
+    ) -> Outcome:
         manifest_key = self._publisher.save_manifest(deploy, report.manifest)
+        built = collect.build(report.manifest, report.bytes) if collect else None
+        delta = self._publisher.save_delta(deploy, base, built) if base and built else None
+        if collect and collect.abandoned:
+            logger.info("no delta for this deploy", extra={"reason": collect.abandoned})
         validation_ms = int((time.monotonic() - started) * 1000)
         fields = {
             "files": report.files,
@@ -127,9 +137,9 @@ class Ingest:
             "dag_ids": report.dag_ids[:MAX_STORED_DAG_IDS],
             "validation_ms": validation_ms,
             "manifest_key": manifest_key,
-            "diff": self._publisher.diff_against_live(deploy.deployment, report.manifest).model_dump(),
+            "diff": diff_manifests(base.manifest if base else None, report.manifest).model_dump(),
         }
-        version = self._publisher.publish(deploy, fields)
+        version = self._publisher.publish(deploy, fields, delta)
         if version is None:
             return Outcome.IGNORED
         uploaded = deploy.uploaded_at

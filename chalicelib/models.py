@@ -145,6 +145,18 @@ class DeployStages(BaseModel):
     sidecars: list[SidecarStages] = Field(default_factory=list)
 
 
+class Delta(BaseModel):
+    """A version's changes against the version live before it, as a small archive (see chalicelib.delta)."""
+
+    base_version: int
+    key: str
+    sha256: str
+    size: int
+    files: int = Field(description="files in the archive: the changed and added ones")
+    removed: list[str] = Field(default_factory=list, description="files of the base version this one no longer has")
+    files_sha256: str = Field(description="digest of this version's file list that applying the delta must give")
+
+
 class Version(BaseModel):
     deployment: str
     version: int
@@ -153,6 +165,7 @@ class Version(BaseModel):
     size: int
     key: str
     created_at: int
+    delta: Delta | None = None
 
 
 class Sidecar(BaseModel):
@@ -256,6 +269,7 @@ class VersionView(BaseModel):
     version: Version
     download_url: str
     manifest_url: str | None = None
+    delta_url: str | None = None
 
 
 class Registration(BaseModel):

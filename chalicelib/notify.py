@@ -17,9 +17,10 @@ class Notifier:
         self._sns = sns
         self._topic_arn = topic_arn
 
-    def publish_version(self, version: Version, download_url: str | None = None) -> None:
-        """Announce a version. With a presigned download URL sidecars fetch without asking the API first."""
-        body = {
+    def publish_version(self, version: Version, download_url: str | None = None, delta_url: str | None = None) -> None:
+        """Announce a version. With presigned download URLs (the bundle's, and its delta's when it
+        has one) sidecars fetch without asking the API first."""
+        body: dict[str, Any] = {
             "deployment": version.deployment,
             "version": version.version,
             "deploy_id": version.deploy_id,
@@ -28,6 +29,9 @@ class Notifier:
             "size": version.size,
             **({"download_url": download_url} if download_url else {}),
         }
+        if version.delta is not None and delta_url:
+            body["delta"] = version.delta.model_dump(mode="json")
+            body["delta_url"] = delta_url
         try:
             self._sns.publish(
                 TopicArn=self._topic_arn,

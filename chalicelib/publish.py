@@ -1,4 +1,4 @@
-"""Publishing a validated deploy as the next version: manifest, DAG diff, transaction, announcement.
+"""Publishing a validated deploy as the next version: manifest, delta, DAG diff, transaction, announcement.
 
 Shared by the ingest function (new uploads) and rollback (an earlier bundle again).
 """
@@ -8,17 +8,19 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aws_lambda_powertools import Logger
 from pydantic import TypeAdapter
 
+from chalicelib.delta import BuiltDelta
 from chalicelib.exceptions import Conflict, StorageError
 from chalicelib.manifest import DeployDiff, diff_manifests
-from chalicelib.models import Deploy, Version
+from chalicelib.models import Delta, Deploy, Deployment, Version
 from chalicelib.notify import Notifier
 from chalicelib.settings import Settings
-from chalicelib.storage import BundleStorage
+from chalicelib.storage import BUNDLE_CONTENT_TYPE, BundleStorage, delta_key
 from chalicelib.store import Store, VersionRace
 from chalicelib.validation import FileEntry
 
@@ -30,6 +32,15 @@ CACHED_MANIFESTS = 4
 
 def manifest_key(deployment: str, deploy_id: str) -> str:
     return f"manifests/{deployment}/{deploy_id}.json"
+
+
+@dataclass(frozen=True)
+class LiveBase:
+    """The version live when a deploy started validating, with its file list."""
+
+    version: int
+    deploy_id: str
+    manifest: list[FileEntry]
 
 
 class Publisher:
@@ -77,6 +88,27 @@ class Publisher:
         while len(self._manifests) > CACHED_MANIFESTS:
             self._manifests.popitem(last=False)
 
+    def live_base(self, deployment: Deployment) -> LiveBase | None:
+        """The deployment's live version and its manifest; None before the first version."""
+        if not deployment.current_deploy_id:
+            return None
+        prev = self._store.get_deploy_fields(deployment.name, deployment.current_deploy_id, ["manifest_key"])
+        manifest = self.load_manifest(prev.get("manifest_key"))
+        return None if manifest is None else LiveBase(deployment.current_version, deployment.current_deploy_id, manifest)
+
+    def save_delta(self, deploy: Deploy, base: LiveBase, built: BuiltDelta) -> Delta:
+        key = delta_key(deploy.deployment, deploy.deploy_id)
+        self._bundles.put(key, built.data, BUNDLE_CONTENT_TYPE)
+        return Delta(
+            base_version=base.version,
+            key=key,
+            sha256=built.sha256,
+            size=len(built.data),
+            files=built.files,
+            removed=built.removed,
+            files_sha256=built.files_sha256,
+        )
+
     def diff_against_live(self, deployment: str, manifest: list[FileEntry]) -> DeployDiff:
         current = self._store.get_deployment(deployment)
         previous: list[FileEntry] | None = None
@@ -85,7 +117,7 @@ class Publisher:
             previous = self.load_manifest(prev.get("manifest_key"))
         return diff_manifests(previous, manifest)
 
-    def publish(self, deploy: Deploy, fields: dict[str, Any]) -> Version | None:
+    def publish(self, deploy: Deploy, fields: dict[str, Any], delta: Delta | None = None) -> Version | None:
         """VALIDATING -> ACTIVE as the next version; the previous live deploy becomes SUPERSEDED.
 
         Retries bounded times when another deploy took the number; None when this deploy
@@ -102,6 +134,7 @@ class Publisher:
                 size=deploy.size,
                 key=deploy.key,
                 created_at=clock,
+                delta=delta,
             )
             try:
                 self._store.activate(version, current.last_version, current.current_deploy_id,
@@ -113,8 +146,10 @@ class Publisher:
                 logger.info("deploy finished by another delivery")
                 return None
             logger.info("version active", extra={"version": version.version})
-            url = self._bundles.presigned_download(version.key, self._settings.announce_url_expiry_seconds)
-            self._notifier.publish_version(version, url)
+            expiry = self._settings.announce_url_expiry_seconds
+            url = self._bundles.presigned_download(version.key, expiry)
+            delta_url = self._bundles.presigned_download(delta.key, expiry) if delta else None
+            self._notifier.publish_version(version, url, delta_url)
             return version
         raise StorageError(
             f"cannot assign a version to deploy {deploy.deploy_id} after {self._settings.activation_retries} attempts"

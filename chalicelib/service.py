@@ -247,6 +247,7 @@ class ControlPlane:
             version=record,
             download_url=self._bundles.presigned_download(record.key, expiry),
             manifest_url=self._bundles.presigned_download(manifest_key, expiry) if manifest_key else None,
+            delta_url=self._bundles.presigned_download(record.delta.key, expiry) if record.delta else None,
         )
 
     # --- sidecars --------------------------------------------------------------------
@@ -347,6 +348,8 @@ class ControlPlane:
             if v.version in in_use or v.key in keep_keys or v.created_at >= cutoff:
                 continue
             self._bundles.delete(v.key)
+            if v.delta is not None:
+                self._bundles.delete(v.delta.key)
             keep_keys.add(v.key)  # a rollback may share the key: delete once
             pruned.append(f"{dep.name}/v{v.version}")
         return pruned

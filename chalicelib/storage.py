@@ -15,6 +15,11 @@ def bundle_key(deployment: str, deploy_id: str) -> str:
     return f"bundles/{deployment}/{deploy_id}.tar.gz"
 
 
+def delta_key(deployment: str, deploy_id: str) -> str:
+    """Where a deploy's delta against the version live before it is kept (outside bundles/: no ingest)."""
+    return f"deltas/{deployment}/{deploy_id}.tar.gz"
+
+
 def parse_bundle_key(key: str) -> tuple[str, str] | None:
     """(deployment, deploy_id) of a bundle key, or None for keys that are not bundles."""
     parts = key.split("/")

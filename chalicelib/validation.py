@@ -15,17 +15,21 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import sys
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from chalicelib.exceptions import DagcastError
+
+if TYPE_CHECKING:
+    from chalicelib.delta import DeltaCollector
 
 __all__ = [
     "BundleRejected",
@@ -36,6 +40,8 @@ __all__ = [
     "Limits",
     "Report",
     "extract_bundle",
+    "extract_delta",
+    "files_digest",
     "validate_file",
     "validate_stream",
 ]
@@ -107,6 +113,12 @@ class Report(BaseModel):
     def dag_ids(self) -> list[str]:
         """Every DAG id found in the manifest, sorted and de-duplicated."""
         return sorted({d for f in self.manifest for d in f.dag_ids})
+
+
+class DeltaMismatch(DagcastError):
+    """A delta did not turn its base version's files into the version it belongs to."""
+
+    code = "delta_mismatch"
 
 
 class BundleRejected(DagcastError):
@@ -686,8 +698,12 @@ class _Scan:
             return False, "the symlink points at itself or one of its parent directories (a loop)"
         return True, "/".join(resolved)
 
-    def finish(self) -> None:
-        """Checks that need the whole member list: symlink targets and an empty bundle."""
+    def finish(self, present: frozenset[str] = frozenset()) -> None:
+        """Checks that need the whole member list: symlink targets and an empty bundle.
+
+        `present`: paths (files and their directories) that exist beside the archive's members,
+        as when a delta is applied over an earlier version's files.
+        """
         if self.halted:
             return
         for path, target in self._symlinks.items():
@@ -700,7 +716,7 @@ class _Scan:
                 self.issues.add(
                     Issue(code="unsafe_symlink", path=shown, message=f"{shown}: the symlink {how} ({via})")
                 )
-            elif target not in self._kinds and target not in self._implied:
+            elif target not in self._kinds and target not in self._implied and target not in present:
                 self.issues.add(
                     Issue(
                         code="unsafe_symlink",
@@ -708,7 +724,7 @@ class _Scan:
                         message=f"{shown}: the symlink target {target} does not exist in the bundle",
                     )
                 )
-        if self.files == 0 and not self.issues:
+        if self.files == 0 and not present and not self.issues:
             self.issues.add(Issue(code="empty_bundle", message="The bundle contains no files"))
 
 
@@ -1180,11 +1196,17 @@ class _Extractor:
             os.close(fd)
 
     def link(self, rel: str, source: str) -> bool:
-        """Hard-link an identical file of an earlier version instead of writing it; False if not possible."""
+        """Hard-link an identical, non-executable file of an earlier version instead of writing it;
+        False if not possible (the caller then writes the bytes itself)."""
         parent, _, name = rel.rpartition("/")
+        fd = self._dir(parent)
         try:
-            os.link(source, name, dst_dir_fd=self._dir(parent), follow_symlinks=False)
+            os.link(source, name, dst_dir_fd=fd, follow_symlinks=False)
         except OSError:
+            return False
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode) or st.st_mode & 0o111:  # the bundle's member is a plain 0644 file
+            os.unlink(name, dir_fd=fd)
             return False
         return True
 
@@ -1195,7 +1217,7 @@ class _Extractor:
         """Create symlinks (after every file exists), then fsync all directories."""
         for rel, target in self._symlinks:
             parent, _, name = rel.rpartition("/")
-            os.symlink(_relative_link(parent, target), name, dir_fd=self._dir(parent))
+            os.symlink(relative_link(parent, target), name, dir_fd=self._dir(parent))
         if _syncfs is not None:
             # One flush of the filesystem makes every file and directory written here durable,
             # far cheaper than an fsync per file; the caller renames the folder into place after.
@@ -1232,7 +1254,7 @@ def _load_syncfs() -> Any:
 _syncfs = _load_syncfs()
 
 
-def _relative_link(parent: str, target: str) -> str:
+def relative_link(parent: str, target: str) -> str:
     """Path of target (relative to the root) as seen from directory parent: "../"s then names."""
     here = parent.split("/") if parent else []
     there = target.split("/")
@@ -1290,8 +1312,14 @@ def _run(
     sink: _Extractor | None,
     reuse: Reuse | None = None,
     cache: CompileCache | None = None,
+    collect: DeltaCollector | None = None,
+    present: frozenset[str] = frozenset(),
 ) -> Report:
-    """Drive one scan with one consumer (validation only, or extraction)."""
+    """Drive one scan with one consumer (validation only, or extraction).
+
+    `collect` is shown every member (with the bytes of the files it asks for) to build a delta;
+    `present` names paths that exist beside the archive (see _Scan.finish).
+    """
     scan = _Scan(fileobj, limits or Limits())
     manifest: list[FileEntry] = []
     for member in scan.members():
@@ -1300,15 +1328,20 @@ def _run(
         if member.kind == "dir":
             if sink is not None:
                 sink.mkdir(member.path)
+            if collect is not None:
+                collect.add_dir(member.path)
             continue
         if member.kind == "symlink":
             if sink is not None:
                 sink.add_symlink(member.path, member.target)
+            if collect is not None:
+                collect.add_symlink(member.path, member.target)
             continue
         earlier = reuse.files.get(member.path) if reuse is not None and sink is not None else None
         deferred = earlier is not None and earlier[1] == member.size and member.size <= _REUSE_MAX and not member.mode & 0o111
         want_python = check_python and member.path.endswith(".py")
-        keep = want_python or deferred
+        collecting = collect is not None and collect.wants(member.size)
+        keep = want_python or deferred or collecting
         parts: list[bytes] = []
         digest = hashlib.sha256()
         fd = sink.open_file(member.path, member.mode) if sink is not None and not deferred else -1
@@ -1324,30 +1357,33 @@ def _run(
                 _Extractor.close_file(fd)
         if scan.halted:
             break
+        sha256 = digest.hexdigest()
         if deferred and sink is not None and reuse is not None and earlier is not None:
             source = os.path.join(reuse.folder, member.path)
-            if earlier[0] != digest.hexdigest() or not sink.link(member.path, source):
+            if earlier[0] != sha256 or not sink.link(member.path, source):
                 fd = sink.open_file(member.path, member.mode)
                 try:
                     for piece in parts:
                         _Extractor.write(fd, piece)
                 finally:
                     _Extractor.close_file(fd)
+        if collect is not None:
+            collect.add_file(member.path, member.mode, sha256, parts if collecting else None)
         dag_ids: list[str] = []
-        cached = cache.get(digest.hexdigest()) if want_python and cache is not None else None
+        cached = cache.get(sha256) if want_python and cache is not None else None
         if cached is not None:
             dag_ids = list(cached)
         elif want_python:
             issue, dag_ids = _check_python(b"".join(parts), member.path)
             if issue is None and cache is not None:
-                cache.put(digest.hexdigest(), dag_ids)
+                cache.put(sha256, dag_ids)
             del parts
             if issue is not None:
                 scan.issues.add(issue)
-        entry = FileEntry(path=member.path, size=member.size, sha256=digest.hexdigest(), dag_ids=dag_ids)
+        entry = FileEntry(path=member.path, size=member.size, sha256=sha256, dag_ids=dag_ids)
         manifest.append(entry)
     if sink is None or not scan.issues:
-        scan.finish()
+        scan.finish(present)
     valid = not scan.issues
     return Report(
         valid=valid,
@@ -1362,13 +1398,19 @@ def _run(
 
 
 def validate_stream(
-    fileobj: BinaryIO, limits: Limits | None = None, *, check_python: bool = True, cache: CompileCache | None = None
+    fileobj: BinaryIO,
+    limits: Limits | None = None,
+    *,
+    check_python: bool = True,
+    cache: CompileCache | None = None,
+    collect: DeltaCollector | None = None,
 ) -> Report:
     """Validate a bundle read once from fileobj. Never raises for any input bytes.
 
-    With `cache`, .py files whose exact bytes compiled before are not compiled again.
+    With `cache`, .py files whose exact bytes compiled before are not compiled again; with
+    `collect`, the members a delta against an earlier version needs are handed to it.
     """
-    return _run(fileobj, limits, check_python, None, cache=cache)
+    return _run(fileobj, limits, check_python, None, cache=cache, collect=collect)
 
 
 def validate_file(path: Path, limits: Limits | None = None) -> Report:
@@ -1399,3 +1441,79 @@ def extract_bundle(
         sink.abort()
         raise BundleRejected(report)
     return report
+
+
+def files_digest(entries: Iterable[FileEntry]) -> str:
+    """sha256 over a version's regular files (path, size, sha256; sorted by path)."""
+    h = hashlib.sha256()
+    for path, size, sha256 in sorted((e.path, e.size, e.sha256) for e in entries):
+        h.update(f"{path}\0{size}\0{sha256}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def _copy_verified(sink: _Extractor, rel: str, source: str, sha256: str) -> None:
+    """Write rel as a plain file with the bytes of source, which must hash to sha256 (a base copy that
+    cannot be linked: it is executable, say, and the new version's file is not)."""
+    try:
+        with open(source, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as f:
+            data = f.read()
+    except OSError as exc:
+        raise DeltaMismatch(f"{rel}: the earlier version's copy cannot be read ({exc.strerror})") from exc
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise DeltaMismatch(f"{rel}: the earlier version's copy was changed on disk")
+    fd = sink.open_file(rel, 0o644)
+    try:
+        _Extractor.write(fd, data)
+    finally:
+        _Extractor.close_file(fd)
+
+
+def extract_delta(
+    fileobj: BinaryIO,
+    dest: Path,
+    base: Reuse,
+    removed: Collection[str],
+    files_sha256: str,
+    limits: Limits | None = None,
+) -> Report:
+    """Build version folder dest (which must not exist yet) from an earlier version and a delta.
+
+    The delta archive (see chalicelib.delta) is checked and extracted like a bundle; every file
+    of `base` not in `removed` and not in the archive is hard-linked from base.folder. The
+    result must match `files_sha256`, the digest of the new version's file list. Raises
+    BundleRejected when the archive breaks a rule, DeltaMismatch when the result would differ
+    from the version (or a base file cannot be reused); dest is removed on any error. The
+    returned report's manifest lists every file of the result.
+    """
+    gone = set(removed)
+    kept = {path: entry for path, entry in base.files.items() if path not in gone}
+    present = set(kept)
+    for path in kept:
+        parent = path.rpartition("/")[0]
+        while parent and parent not in present:
+            present.add(parent)
+            parent = parent.rpartition("/")[0]
+    sink = _Extractor(dest)
+    try:
+        report = _run(fileobj, limits, False, sink, present=frozenset(present))
+        if report.valid:
+            entries = list(report.manifest)
+            written = {e.path for e in entries}
+            for path, (sha256, size) in kept.items():
+                if path in written:
+                    continue
+                source = os.path.join(base.folder, path)
+                if not sink.link(path, source):
+                    _copy_verified(sink, path, source, sha256)
+                entries.append(FileEntry.model_construct(path=path, size=size, sha256=sha256, dag_ids=[]))
+            if files_digest(entries) != files_sha256:
+                raise DeltaMismatch("the files after applying the delta differ from the version's file list")
+            sink.finish()
+    except BaseException:
+        sink.abort()
+        raise
+    if not report.valid:
+        sink.abort()
+        raise BundleRejected(report)
+    entries.sort(key=lambda e: e.path)
+    return report.model_copy(update={"manifest": entries, "files": len(entries), "bytes": sum(e.size for e in entries)})

@@ -30,8 +30,16 @@ class SidecarMetrics:
         self.failures = Gauge("dagcast_sidecar_consecutive_failures", "Failed syncs in a row", registry=self.registry)
         self.last_sync = Gauge("dagcast_sidecar_last_sync_timestamp_seconds", "When a version was last published",
                                registry=self.registry)
+        self.fetches = Counter(
+            "dagcast_sidecar_fetches",
+            "Versions fetched: the whole bundle, or built from a delta against the live version (or a delta refused)",
+            ["kind"],
+            registry=self.registry,
+        )
         for result in ("published", "unchanged", "error"):
             self.syncs.labels(result=result)
+        for kind in ("bundle", "delta", "delta_refused"):
+            self.fetches.labels(kind=kind)
 
 
 def serve(addr: str, metrics: SidecarMetrics, ready: Callable[[], bool]) -> ThreadingHTTPServer:

@@ -26,7 +26,8 @@ from typing import Any
 
 import httpx
 
-from chalicelib.validation import BundleRejected, FileEntry, Reuse, extract_bundle
+from chalicelib.exceptions import DagcastError
+from chalicelib.validation import BundleRejected, FileEntry, Reuse, extract_bundle, extract_delta
 from dagcast.client import ApiClient, backoff
 from dagcast.exceptions import ApiError, ClientError, SyncError
 from dagcast.lease import claim_for_removal
@@ -117,7 +118,8 @@ class Syncer:
     def _sync(self, live: int, target: int | None, announced: dict[str, Any] | None) -> int | None:
         if announced and target is not None and int(announced.get("version", 0)) == target and "download_url" in announced:
             # The announcement carries the version record's sha256 and a presigned URL: no API round trip.
-            view = {"version": {**announced, "created_at": 0}, "download_url": announced["download_url"]}
+            view = {"version": {**announced, "created_at": 0}, "download_url": announced["download_url"],
+                    "delta_url": announced.get("delta_url")}
             try:
                 return self._sync_view(live, view)
             except SyncError as exc:
@@ -139,7 +141,7 @@ class Syncer:
         if record.get("created_at"):
             self.metrics.seconds_behind.set(max(0.0, time.time() - int(record["created_at"]) / 1000))
         folder = self.versions / str(version)
-        if not folder.is_dir():
+        if not folder.is_dir() and not self._fetch_delta(live, version, record.get("delta"), view.get("delta_url")):
             self.fetch(version, view["download_url"], record["sha256"])
         self._publish(folder)
         self.published_at = int(time.time() * 1000)
@@ -185,8 +187,42 @@ class Syncer:
         self._save_manifest(version, report.manifest)
         os.rename(tmp, folder)
         _fsync_dir(self.versions)
+        self.metrics.fetches.labels(kind="bundle").inc()
         log.debug("extracted", extra={"version": version})
         return folder
+
+    def _fetch_delta(self, live: int, version: int, delta: dict[str, Any] | None, url: str | None) -> bool:
+        """Build versions/<version> from the live version and the version's delta, when the delta is
+        against the live version; True when it did. Any problem (download, checksum, the archive's
+        rules, a result that differs from the version's file list) leaves nothing behind and returns
+        False: the caller then fetches the whole bundle."""
+        if not delta or not url or int(delta.get("base_version", 0)) != live or live == 0:
+            return False
+        reuse = self._reuse()
+        if reuse is None:
+            return False
+        part = self.downloads / f"{version}.delta.part"
+        tmp = self.versions / f".tmp-{version}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            digest = self._download(url, part)
+            if digest != delta["sha256"]:
+                raise SyncError(f"sha256 {digest} does not match the version record {delta['sha256']}")
+            with part.open("rb") as f:
+                report = extract_delta(f, tmp, reuse, delta.get("removed", []), delta["files_sha256"])
+        except (SyncError, DagcastError, httpx.HTTPError, OSError, KeyError, TypeError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.metrics.fetches.labels(kind="delta_refused").inc()
+            log.warning("delta not usable; fetching the whole bundle", extra={"version": version, "error": str(exc)})
+            return False
+        finally:
+            part.unlink(missing_ok=True)
+        self._save_manifest(version, report.manifest)
+        os.rename(tmp, self.versions / str(version))
+        _fsync_dir(self.versions)
+        self.metrics.fetches.labels(kind="delta").inc()
+        log.debug("built from the delta", extra={"version": version, "base": live, "files": delta.get("files")})
+        return True
 
     def _reuse(self) -> Reuse | None:
         """The live version and its manifest, so unchanged files are hard-linked rather than rewritten."""

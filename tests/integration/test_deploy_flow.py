@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import httpx
 from helpers import Api, dag_source, files_of, parse_json_stdout, run_dagcast, stack_env, write_dags
 
 
@@ -51,6 +52,28 @@ def test_two_deploys_land_exactly_on_every_sidecar_and_keep_the_old_version(stac
         assert old.is_dir(), "the previous version must stay for tasks still running on it"
         assert (old / "old.py").read_text() == v1_files["old.py"]
         assert "# changed" not in (old / "etl.py").read_text()
+
+
+def delta_fetches(sidecar: dict[str, str]) -> float:
+    text = httpx.get(sidecar["metrics_url"] + "/metrics", timeout=10).text
+    [line] = [x for x in text.splitlines() if x.startswith('dagcast_sidecar_fetches_total{kind="delta"}')]
+    return float(line.split()[-1])
+
+
+def test_an_everyday_change_reaches_every_sidecar_as_a_delta_and_lands_exactly(stack: dict[str, Any], tmp_path: Path) -> None:
+    files = {f"team_{i % 4}/dag_{i}.py": dag_source(f"dag_{i}", "# " + "x" * 2000 + "\n") for i in range(40)}
+    dags = write_dags(tmp_path / "dags", files)
+    assert deploy(stack, dags).returncode == 0
+    before = [delta_fetches(s) for s in stack["sidecars"]]
+    (dags / "team_1/dag_1.py").write_text(dag_source("dag_1", "# changed\n"))
+    (dags / "team_2/dag_2.py").unlink()
+    proc = deploy(stack, dags)
+    assert proc.returncode == 0, proc.stderr
+    version = parse_json_stdout(proc)["version"]
+    for sidecar, count in zip(stack["sidecars"], before, strict=True):
+        assert live_version(sidecar) == version
+        assert files_of(Path(sidecar["dags_path"]).resolve()) == files_of(dags)
+        assert delta_fetches(sidecar) == count + 1, "the sidecar built the version from its delta"
 
 
 def test_server_rejects_a_syntax_error_and_sidecars_keep_the_live_version(stack: dict[str, Any], tmp_path: Path) -> None:

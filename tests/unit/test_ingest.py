@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import urllib.parse
@@ -12,10 +13,12 @@ import boto3
 import pytest
 from boto3.dynamodb.conditions import Key
 from chalice.test import Client
+from helpers import files_of
 
 import app as app_module
 from chalicelib.ingest import parse_notification
 from chalicelib.models import DeployState
+from chalicelib.validation import Reuse, extract_bundle, extract_delta
 from dagcast.bootstrap import StackOutputs
 
 MakeBundle = Callable[[dict[str, bytes | str]], bytes]
@@ -228,6 +231,54 @@ def test_deploy_view_converges_when_sidecars_report_the_new_version(
     client.http.put(f"/deployments/{deployment}/sidecars/scheduler", headers=headers, body='{"version": 1}')
     after = client.http.get(path, headers=headers).json_body
     assert (after["live_sidecars"], after["sidecars_on_version"], after["converged"]) == (1, 1, True)
+
+
+# --- deltas -----------------------------------------------------------------------------
+
+ASSETS = {f"dags/sql/q{i}.sql": f"-- query {i}\n" + "select 1;\n" * 400 for i in range(6)}
+
+
+def test_a_deploy_carries_a_delta_against_the_live_version_that_rebuilds_it_exactly(
+    client: Client, aws: StackOutputs, deployment: str, deployer_token: str, sidecar_token: str, make_bundle: MakeBundle,
+    announcements: Any, tmp_path: Any,
+) -> None:
+    first_data = make_bundle({**GOOD, **ASSETS})
+    deploy_and_ingest(client, aws, deployment, deployer_token, first_data)
+    files = {k: v for k, v in {**GOOD, **ASSETS}.items() if k != "dags/include/helpers.py"}
+    second_data = make_bundle({**files, "dags/etl.py": dag("etl") + "# changed\n"})
+    second = deploy_and_ingest(client, aws, deployment, deployer_token, second_data)
+
+    record = app_module.get_store().get_version(deployment, 2)
+    assert app_module.get_store().get_version(deployment, 1).delta is None, "a first version has no base"
+    delta = record.delta
+    assert delta is not None
+    assert (delta.base_version, delta.files, delta.removed) == (1, 1, ["dags/include/helpers.py"])
+    assert delta.key == f"deltas/{deployment}/{second['deploy_id']}.tar.gz"
+    archive = boto3.client("s3").get_object(Bucket=aws.bucket, Key=delta.key)["Body"].read()
+    assert hashlib.sha256(archive).hexdigest() == delta.sha256 and len(archive) == delta.size < len(second_data)
+
+    *_, announced = announcements()
+    assert announced["delta"] == delta.model_dump(mode="json")
+    assert urllib.parse.quote(delta.key, safe="/") in announced["delta_url"]
+    headers = {"Authorization": f"Bearer {sidecar_token}"}
+    view = client.http.get(f"/deployments/{deployment}/versions/2", headers=headers).json_body
+    assert view["version"]["delta"] == delta.model_dump(mode="json") and "X-Amz-Signature=" in view["delta_url"]
+
+    base_dir = tmp_path / "v1"
+    base = extract_bundle(io.BytesIO(first_data), base_dir)
+    got = extract_delta(io.BytesIO(archive), tmp_path / "v2", Reuse.from_manifest(base_dir, base.manifest),
+                        delta.removed, delta.files_sha256)
+    full = extract_bundle(io.BytesIO(second_data), tmp_path / "full")
+    assert [(e.path, e.sha256) for e in got.manifest] == [(e.path, e.sha256) for e in full.manifest]
+    assert files_of(tmp_path / "v2") == files_of(tmp_path / "full")
+
+
+def test_no_delta_when_most_of_the_bundle_changed(
+    client: Client, aws: StackOutputs, deployment: str, deployer_token: str, make_bundle: MakeBundle
+) -> None:
+    deploy_and_ingest(client, aws, deployment, deployer_token, make_bundle(GOOD))
+    deploy_and_ingest(client, aws, deployment, deployer_token, make_bundle({"dags/other.py": dag("other")}))
+    assert app_module.get_store().get_version(deployment, 2).delta is None
 
 
 # --- rejections -------------------------------------------------------------------------

@@ -99,7 +99,10 @@ def test_bundles_beyond_retention_are_pruned_but_never_the_live_one_or_one_a_sid
     janitor_control: ControlPlane, aws: StackOutputs, deployment: str, clock: Clock, make_bundle: Callable[..., bytes]
 ) -> None:
     janitor_control.update_deployment(deployment, UpdateDeployment(keep_versions=2, retention_days=1))
-    deploys = [publish(janitor_control, aws, deployment, make_bundle({"v.py": f"v = {i}\n"})) for i in range(1, 6)]
+    asset = {"big.sql": "-- " + "x" * 5000 + "\n"}  # most of each bundle is unchanged: every version has a delta
+    deploys = [publish(janitor_control, aws, deployment, make_bundle({**asset, "v.py": f"v = {i}\n"})) for i in range(1, 6)]
+    deltas = [app_module.get_store().get_version(deployment, v).delta for v in range(1, 6)]
+    assert deltas[0] is None and all(d is not None for d in deltas[1:])
     janitor_control.register_sidecar(deployment, RegisterSidecar(name="old-worker"))
     janitor_control.heartbeat(deployment, "old-worker", Heartbeat(version=1))
     assert janitor_control.janitor().bundles_pruned == [], "younger than retention_days: kept"
@@ -109,3 +112,4 @@ def test_bundles_beyond_retention_are_pruned_but_never_the_live_one_or_one_a_sid
     assert sorted(report.bundles_pruned) == [f"{deployment}/v2", f"{deployment}/v3"]
     present = [object_exists(aws.bucket, d.key) for d in deploys]
     assert present == [True, False, False, True, True]
+    assert [object_exists(aws.bucket, d.key) for d in deltas[1:] if d] == [False, False, True, True]

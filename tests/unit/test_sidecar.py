@@ -14,6 +14,8 @@ import httpx
 import pytest
 
 from chalicelib.bundle import write_bundle
+from chalicelib.delta import DeltaCollector
+from chalicelib.validation import validate_stream
 from dagcast.exceptions import ApiError, SyncError
 from dagcast.sidecar import Sidecar, SidecarConfig, Syncer
 
@@ -33,6 +35,7 @@ class FakeApi:
     def __init__(self) -> None:
         self.blobs: dict[int, bytes] = {}
         self.sha: dict[int, str] = {}
+        self.deltas: dict[int, tuple[dict[str, Any], bytes]] = {}  # version -> (record's delta, archive)
         self.current = 0
         self.lookups: list[int | None] = []
 
@@ -47,7 +50,21 @@ class FakeApi:
         if v not in self.blobs:
             raise ApiError(404, "not_found", "no such version")
         record = {"version": v, "sha256": self.sha[v], "created_at": 0, "deploy_id": f"d{v}", "key": "k", "size": 1}
+        if v in self.deltas:
+            record["delta"] = self.deltas[v][0]
+            return {"version": record, "download_url": f"http://bundles.test/v{v}", "delta_url": f"http://bundles.test/d{v}"}
         return {"version": record, "download_url": f"http://bundles.test/v{v}"}
+
+    def add_delta(self, version: int, base: int, **record: Any) -> None:
+        """Build version's delta against base the way the ingest function does."""
+        base_report = validate_stream(io.BytesIO(self.blobs[base]), check_python=False)
+        collector = DeltaCollector({f.path: f.sha256 for f in base_report.manifest})
+        report = validate_stream(io.BytesIO(self.blobs[version]), check_python=False, collect=collector)
+        built = collector.build(report.manifest, report.bytes * 4)
+        assert built is not None
+        delta = {"base_version": base, "key": "dk", "sha256": built.sha256, "size": len(built.data), "files": built.files,
+                 "removed": built.removed, "files_sha256": built.files_sha256, **record}
+        self.deltas[version] = (delta, built.data)
 
 
 @pytest.fixture
@@ -57,7 +74,8 @@ def env(tmp_path: Path) -> tuple[Syncer, FakeApi, list[str]]:
 
     def handler(request: httpx.Request) -> httpx.Response:
         downloads.append(request.url.path)
-        return httpx.Response(200, content=api.blobs[int(request.url.path.removeprefix("/v"))])
+        kind, n = request.url.path[1], int(request.url.path[2:])
+        return httpx.Response(200, content=api.blobs[n] if kind == "v" else api.deltas[n][1])
 
     cfg = SidecarConfig(name="t", root=tmp_path / "root", link=tmp_path / "dags", deployment="d", keep=2)
     syncer = Syncer(cfg, api, http=httpx.Client(transport=httpx.MockTransport(handler)))  # type: ignore[arg-type]
@@ -217,6 +235,76 @@ def test_a_version_without_a_saved_manifest_is_extracted_in_full(env: Any, tmp_p
 
 def files_of_dir(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+MANY = {f"dags/team_{i % 3}/dag_{i}.py": f"DAG_ID = 'dag_{i}'\n" for i in range(12)}
+
+
+def test_a_version_with_a_delta_against_the_live_one_is_built_from_it(env: Any, tmp_path: Path) -> None:
+    syncer, api, downloads = env
+    api.add(1, bundle_bytes(tmp_path / "s1", {**MANY, "gone.sql": "select 1;\n"}))
+    api.add(2, bundle_bytes(tmp_path / "s2", {**MANY, "dags/team_0/dag_0.py": "DAG_ID = 'changed'\n", "new.py": "n = 1\n"}))
+    api.add_delta(2, base=1)
+    syncer.sync(1)
+    assert syncer.sync(2) == 2
+    assert downloads == ["/v1", "/d2"]
+    v1, v2 = syncer.versions / "1", syncer.versions / "2"
+    want = {**MANY, "dags/team_0/dag_0.py": "DAG_ID = 'changed'\n", "new.py": "n = 1\n"}
+    assert files_of_dir(v2) == {k: v.encode() for k, v in want.items()}
+    assert (v1 / "dags/team_1/dag_1.py").stat().st_ino == (v2 / "dags/team_1/dag_1.py").stat().st_ino
+    assert json.loads((syncer.manifests / "2.json").read_text()) == json.loads(json.dumps(sorted(
+        ({"path": k, "size": len(v), "sha256": hashlib.sha256(v.encode()).hexdigest()} for k, v in want.items()),
+        key=lambda e: e["path"])))
+    assert syncer.metrics.fetches.labels(kind="delta")._value.get() == 1
+    assert sorted(p.name for p in syncer.downloads.iterdir()) == []
+
+
+def test_a_delta_that_fails_verification_falls_back_to_the_whole_bundle(env: Any, tmp_path: Path) -> None:
+    syncer, api, downloads = env
+    api.add(1, bundle_bytes(tmp_path / "s1", MANY))
+    api.add(2, bundle_bytes(tmp_path / "s2", {**MANY, "dags/team_0/dag_0.py": "DAG_ID = 'changed'\n"}))
+    api.add_delta(2, base=1, sha256="0" * 64)
+    syncer.sync(1)
+    assert syncer.sync(2) == 2
+    assert downloads == ["/v1", "/d2", "/v2"]
+    assert (syncer.cfg.link / "dags/team_0/dag_0.py").read_text() == "DAG_ID = 'changed'\n"
+    assert syncer.metrics.fetches.labels(kind="delta_refused")._value.get() == 1
+    assert not list(syncer.versions.glob(".tmp-*")) and not list(syncer.downloads.iterdir())
+
+
+def test_a_delta_whose_result_differs_from_the_version_falls_back_to_the_whole_bundle(env: Any, tmp_path: Path) -> None:
+    syncer, api, downloads = env
+    api.add(1, bundle_bytes(tmp_path / "s1", MANY))
+    api.add(2, bundle_bytes(tmp_path / "s2", {**MANY, "dags/team_0/dag_0.py": "DAG_ID = 'changed'\n"}))
+    api.add_delta(2, base=1, removed=["dags/team_1/dag_1.py"])  # would drop a file the version has
+    syncer.sync(1)
+    assert syncer.sync(2) == 2
+    assert downloads == ["/v1", "/d2", "/v2"]
+    assert (syncer.cfg.link / "dags/team_1/dag_1.py").read_text() == "DAG_ID = 'dag_1'\n"
+
+
+def test_a_delta_against_another_version_than_the_live_one_is_not_used(env: Any, tmp_path: Path) -> None:
+    syncer, api, downloads = env
+    for v in (1, 2, 3):
+        api.add(v, bundle_bytes(tmp_path / f"s{v}", {**MANY, "v.py": f"v = {v}\n"}))
+    api.add_delta(3, base=2)
+    syncer.sync(1)
+    assert syncer.sync(3) == 3
+    assert downloads == ["/v1", "/v3"]
+    assert (syncer.cfg.link / "v.py").read_text() == "v = 3\n"
+
+
+def test_an_announcement_with_a_delta_url_builds_from_the_delta_with_no_api_lookup(env: Any, tmp_path: Path) -> None:
+    syncer, api, downloads = env
+    api.add(1, bundle_bytes(tmp_path / "s1", MANY))
+    api.add(2, bundle_bytes(tmp_path / "s2", {**MANY, "x.py": "x = 1\n"}))
+    api.add_delta(2, base=1)
+    syncer.sync(1)
+    announced = {"deployment": "d", "version": 2, "sha256": api.sha[2], "download_url": "http://bundles.test/v2",
+                 "delta": api.deltas[2][0], "delta_url": "http://bundles.test/d2"}
+    assert syncer.sync(2, announced) == 2
+    assert api.lookups == [1] and downloads == ["/v1", "/d2"]
+    assert (syncer.cfg.link / "x.py").read_text() == "x = 1\n"
 
 
 def test_an_announcement_with_a_download_url_needs_no_api_lookup(env: Any, tmp_path: Path) -> None:
