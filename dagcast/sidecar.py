@@ -36,6 +36,7 @@ from dagcast.observe import SidecarMetrics
 log = logging.getLogger("dagcast.sidecar")
 
 CHUNK = 1 << 20
+IDLE_BEFORE_PRUNE = 2.0  # seconds of quiet queue after a swap before old versions are removed
 
 
 @dataclass
@@ -228,11 +229,11 @@ class Syncer:
         """The live version and its manifest, so unchanged files are hard-linked rather than rewritten."""
         live = self.live_version()
         try:
-            raw = json.loads((self.manifests / f"{live}.json").read_text())
-            entries = [FileEntry.model_validate(e) for e in raw]
-        except (OSError, ValueError):
+            raw = json.loads((self.manifests / f"{live}.json").read_bytes())
+            files = {str(e["path"]): (str(e["sha256"]), int(e["size"])) for e in raw}
+        except (OSError, ValueError, KeyError, TypeError):
             return None
-        return Reuse.from_manifest(self.versions / str(live), entries)
+        return Reuse(self.versions / str(live), files)
 
     def _save_manifest(self, version: int, manifest: list[FileEntry]) -> None:
         tmp = self.manifests / f".tmp-{version}.json"
@@ -324,7 +325,8 @@ class Sidecar:
 
     def run(self) -> None:
         self.syncer.prepare()
-        # Removing a large old version takes seconds: report the swap first (see _report).
+        # Removing a large old version takes seconds of disk and CPU: report the swap first, and
+        # remove old versions once the queue has been quiet for a moment (see _prune_when_idle).
         self.syncer.prune_after_publish = False
         self._register()
         next_resync = 0.0
@@ -341,10 +343,14 @@ class Sidecar:
                     self._report()
                     next_heartbeat = time.monotonic() + self.cfg.heartbeat_interval
                 wait = max(0.0, min(self.cfg.wait_seconds, next_resync - time.monotonic(), next_heartbeat - time.monotonic()))
+                if self._unpruned:
+                    wait = min(wait, IDLE_BEFORE_PRUNE)
                 announced = self._poll(wait)
                 if announced is not None and self._step(int(announced["version"]), announced, self._received_at):
                     self._report()  # report the new version first: `dagcast deploy --wait` is waiting on it
                     next_heartbeat = time.monotonic() + self.cfg.heartbeat_interval
+                elif announced is None:
+                    self._prune_when_idle()
                 self._delete_received()
         except _Interrupted:
             pass
@@ -372,14 +378,19 @@ class Sidecar:
         return changed is not None
 
     def _report(self) -> None:
-        """Heartbeat; then, after a swap, remove versions beyond --keep (never before it was reported)."""
         self._heartbeat()
-        if self._unpruned:
-            self._unpruned = False
-            try:
-                self.syncer.prune()
-            except OSError as exc:
-                log.warning("cannot remove old versions", extra={"error": str(exc)})
+
+    def _prune_when_idle(self) -> None:
+        """After a swap, remove versions beyond --keep once a poll came back empty: never before the
+        swap was reported, and not while a burst of deploys (or other sidecars beside this one on
+        the same machine) still has work to do."""
+        if not self._unpruned:
+            return
+        self._unpruned = False
+        try:
+            self.syncer.prune()
+        except OSError as exc:
+            log.warning("cannot remove old versions", extra={"error": str(exc)})
 
     def _poll(self, wait: float) -> dict[str, Any] | None:
         """Long-poll the queue; returns the announcement of the highest version, messages deleted."""

@@ -448,7 +448,9 @@ def test_a_reconcile_that_finds_nothing_new_sends_no_extra_heartbeat(env: Any, t
     assert beats == [1], "one report of v1; the reconciles that found nothing new sent none"
 
 
-def test_the_daemon_removes_old_versions_only_after_it_reported_the_new_one(env: Any, tmp_path: Path) -> None:
+def test_the_daemon_removes_old_versions_only_after_it_reported_the_new_one_and_the_queue_is_quiet(
+    env: Any, tmp_path: Path
+) -> None:
     """Removing a large old version takes seconds; `dagcast deploy --wait` should not wait for it."""
     syncer, api, _ = env  # keep=2
     for i in (1, 2):
@@ -470,10 +472,14 @@ def test_the_daemon_removes_old_versions_only_after_it_reported_the_new_one(env:
     fake = Api()
     fake.blobs, fake.sha, fake.current = api.blobs, api.sha, api.current
     received: list[int] = []
+    on_disk_at_idle_poll: list[list[str]] = []
+    idle_waits: list[int] = []
 
     class Sqs:
-        def receive_message(self, **_: Any) -> dict[str, Any]:
+        def receive_message(self, **kw: Any) -> dict[str, Any]:
             if received:
+                on_disk_at_idle_poll.append(sorted(p.name for p in syncer.versions.iterdir()))
+                idle_waits.append(kw["WaitTimeSeconds"])
                 daemon.stop.set()
                 return {}
             received.append(1)
@@ -490,5 +496,7 @@ def test_the_daemon_removes_old_versions_only_after_it_reported_the_new_one(env:
     syncer.api = fake  # type: ignore[assignment]
     daemon.run()
     assert on_disk_at_report[-1] == ["1", "2", "3"], "v3 reported before v1 was removed"
+    assert on_disk_at_idle_poll == [["1", "2", "3"]], "removed only once a poll came back empty"
+    assert idle_waits == [2], "a pending removal shortens the next long poll"
     assert sorted(p.name for p in syncer.versions.iterdir()) == ["2", "3"]
     assert syncer.live_version() == 3
