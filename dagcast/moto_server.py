@@ -18,12 +18,26 @@ already in the wire format, so attribute values without binary data are passed t
 update deep-copies the item only to feed DynamoDB Streams, which this stack's table does not
 have, every request was logged to moto.log, and each one listed moto's package folder to find
 its service: none of that happens here.
+
+Two of moto's DynamoDB costs grow with the item, and a deploy record is big (its DAG ids, and one
+entry per sidecar in `activations` and `notified`), so every sidecar report paid them. A read with
+a ProjectionExpression converted the whole item to plain Python and back to keep a few attributes:
+names of top-level attributes are now picked from the item as stored (a get without a projection
+returns the same values), and nested paths or list elements still go through moto. An update_item
+deep-copied the item, wrote it out twice and compared it attribute by attribute, all only to answer
+ReturnValues: with NONE or ALL_NEW none of that can change the answer, so it is skipped (ALL_NEW
+still writes the new item out once), and the other ReturnValues go through moto as before.
+
+Each update_item also parsed its UpdateExpression twice (handler and backend), and dagcast sends the
+same few expressions over and over: a parsed expression is kept (moto only reads it; its validators
+work on a deep copy).
 """
 from __future__ import annotations
 
 import copy
 import functools
 import logging
+import re
 import threading
 import types
 from collections.abc import Callable
@@ -35,6 +49,8 @@ from moto.core.serialize import BaseJSONSerializer
 from moto.dynamodb.models import DynamoDBBackend
 from moto.dynamodb.models.dynamo_type import DynamoType, Item
 from moto.dynamodb.models.table import Table
+from moto.dynamodb.parsing.expressions import UpdateExpressionParser  # type: ignore[attr-defined]
+from moto.dynamodb.responses import DynamoHandler
 from moto.server import main
 
 _WRITE_LOCK = threading.RLock()
@@ -127,6 +143,83 @@ def _attribute_values_as_they_are(method: Callable[..., Any]) -> Callable[..., A
     return serialize
 
 
+_LIST_ELEMENT = re.compile(r".+\[\d+\]$")  # how moto's projection paths name a list element
+
+
+def _top_level_names_as_stored(method: Callable[..., Item]) -> Callable[..., Item]:
+    """Item.project that keeps top-level attributes without converting the whole item (see the module docstring)."""
+
+    @functools.wraps(method)
+    def project(self: Item, projection_expressions: list[list[str]]) -> Item:
+        if not all(len(path) == 1 and not _LIST_ELEMENT.match(path[0]) for path in projection_expressions):
+            return method(self, projection_expressions)  # nested paths and list elements: moto's way
+        projected = Item(self.hash_key, self.range_key, attrs={})
+        for (name,) in projection_expressions:
+            if name in self.attrs:
+                # bypasses LimitedSizeDict's size check, which walks the item: these values passed it
+                dict.__setitem__(projected.attrs, name, copy.deepcopy(self.attrs[name]))
+        return projected
+
+    return project
+
+
+class _UpdateOutcome(threading.local):
+    """What the update_item request being handled on this thread needs of moto's bookkeeping."""
+
+    return_values: str | None = None  # NONE or ALL_NEW while one is in progress
+
+
+_UPDATE = _UpdateOutcome()
+_LEAN_RETURN_VALUES = ("NONE", "ALL_NEW")
+
+
+def _lean_when_returning_none_or_new(method: Callable[..., Any]) -> Callable[..., Any]:
+    """DynamoHandler.update_item that, for ReturnValues NONE or ALL_NEW, lets moto skip the copy of the
+    item before the update and the attribute comparison (both only feed ALL_OLD and UPDATED_*)."""
+
+    @functools.wraps(method)
+    def update_item(self: DynamoHandler) -> Any:
+        return_values = self.body.get("ReturnValues", "NONE")
+        if return_values not in _LEAN_RETURN_VALUES:
+            return method(self)
+        _UPDATE.return_values = return_values
+        try:
+            return method(self)
+        finally:
+            _UPDATE.return_values = None
+
+    return update_item
+
+
+def _no_old_item_for_lean_updates(method: Callable[..., Any]) -> Callable[..., Any]:
+    """DynamoDBBackend.get_item, which moto's update_item handler calls once, before the update, for the
+    item's old attributes: in a lean update it still checks the key, then reports no old item."""
+
+    @functools.wraps(method)
+    def get_item(self: DynamoDBBackend, *args: Any, **kwargs: Any) -> Any:
+        item = method(self, *args, **kwargs)
+        return None if _UPDATE.return_values is not None else item
+
+    return get_item
+
+
+class _Unreturned:
+    """The updated item as moto's update_item handler sees it when ReturnValues is NONE: it drops the
+    attributes anyway, so they are not written out."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"Attributes": {}}
+
+
+def _unreturned_when_none(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def update_item(self: DynamoDBBackend, *args: Any, **kwargs: Any) -> Any:
+        item = method(self, *args, **kwargs)
+        return _Unreturned() if _UPDATE.return_values == "NONE" else item
+
+    return update_item
+
+
 def patch() -> None:
     modules = frozenset(moto.backends.list_of_moto_modules())
     moto.backends.list_of_moto_modules = lambda: modules
@@ -134,6 +227,11 @@ def patch() -> None:
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     ddb_models.copy = types.SimpleNamespace(deepcopy=_by_reference)  # type: ignore[assignment]
     DynamoDBBackend.transact_write_items = _touched_items_only(DynamoDBBackend.transact_write_items)  # type: ignore[method-assign]
+    Item.project = _top_level_names_as_stored(Item.project)  # type: ignore[method-assign]
+    DynamoHandler.update_item = _lean_when_returning_none_or_new(DynamoHandler.update_item)  # type: ignore[method-assign]
+    DynamoDBBackend.get_item = _no_old_item_for_lean_updates(DynamoDBBackend.get_item)  # type: ignore[method-assign]
+    DynamoDBBackend.update_item = _unreturned_when_none(DynamoDBBackend.update_item)  # type: ignore[method-assign]
+    UpdateExpressionParser.make = staticmethod(functools.lru_cache(maxsize=256)(UpdateExpressionParser.make))
     for name in WRITES:
         setattr(DynamoDBBackend, name, _serialised(getattr(DynamoDBBackend, name)))
 
