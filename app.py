@@ -114,7 +114,7 @@ def get_publisher() -> Publisher:
 def get_control() -> ControlPlane:
     s = get_settings()
     queues = SidecarQueues(boto3.client("sqs", config=_AWS_CONFIG), get_sns(), s.topic_arn, s.sidecar_queue_prefix)
-    return ControlPlane(s, get_store(), get_bundles(), queues, get_publisher(), telemetry=telemetry)
+    return ControlPlane(s, get_store(), get_bundles(), queues, get_publisher(), telemetry=telemetry, forget_token=get_auth().forget)
 
 
 @functools.lru_cache(maxsize=1)
@@ -124,7 +124,7 @@ def get_ingest() -> Ingest:
 
 @functools.lru_cache(maxsize=1)
 def get_auth() -> Authenticator:
-    return Authenticator(get_store())
+    return Authenticator(get_store(), get_settings().token_cache_seconds)
 
 
 # --- one wrapper for every route: path checks, auth, body parsing, error mapping -------

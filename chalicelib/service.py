@@ -63,8 +63,10 @@ class ControlPlane:
         clock: Callable[[], int] = now_ms,
         telemetry: Telemetry | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        forget_token: Callable[[str], None] | None = None,
     ) -> None:
         self._telemetry = telemetry or Telemetry()
+        self._forget_token = forget_token  # drops a revoked token from this process's authenticator cache
         self._sleep = sleep
         self._settings = settings
         self._store = store
@@ -129,19 +131,34 @@ class ControlPlane:
     def get_deploy(self, deployment: str, deploy_id: str, wait_seconds: float = 0) -> DeployView:
         """The deploy with its sidecars. With `wait_seconds`, a long poll: while the deploy is still on
         its way (PENDING, VALIDATING, or ACTIVE with live sidecars not on it yet), answer when its
-        state, its sidecars' activations or its convergence change, or when the time is up."""
+        state, its sidecars' activations or its convergence change, or when the time is up.
+
+        Each answer is a full view (the whole deploy record and every sidecar), so while sidecars run
+        an ACTIVE deploy one by one, their reports are gathered: the first one, and the one after which
+        every live sidecar has run it, are answered at once; the others once the poll has lasted
+        `wait_answer_seconds`."""
         view = self._deploy_view(deployment, deploy_id)
         if wait_seconds <= 0 or _settled(view):
             return view
-        deadline = self._clock() + wait_seconds * 1000
+        started = self._clock()
+        deadline = started + wait_seconds * 1000
+        gather_until = started + self._settings.wait_answer_seconds * 1000
         seen = _progress(view.deploy.model_dump(mode="json", include=set(PROGRESS_FIELDS)))
         active = view.deploy.state is DeployState.ACTIVE
+        version = view.deploy.version or 0
+        waiting_on = {s.name for s in view.sidecars if s.live and s.version < version}
+        gathered = False
         while self._clock() < deadline:
             # Before ACTIVE nothing waits on this answer but the CLI's next message; once ACTIVE the
             # last sidecar's report ends the wait, so look more often.
             self._sleep(self._settings.wait_check_active_seconds if active else self._settings.wait_check_seconds)
-            now = self._store.get_deploy_fields(deployment, deploy_id, list(PROGRESS_FIELDS))
-            if _progress(now) != seen:
+            now = _progress(self._store.get_deploy_fields(deployment, deploy_id, list(PROGRESS_FIELDS)))
+            if now != seen:
+                state, activations, converged_at = now
+                if (state, converged_at) != (seen[0], seen[2]) or not seen[1] or waiting_on <= set(activations):
+                    break
+                gathered, seen = True, now
+            if gathered and self._clock() >= gather_until:
                 break
         return self._deploy_view(deployment, deploy_id)
 
@@ -278,12 +295,12 @@ class ControlPlane:
         sidecar, previous_version = self._store.heartbeat(deployment, name, fields)
         if req.version and previous_version != req.version:
             try:
-                version = self._store.get_version(deployment, req.version)
+                deploy_id = self._store.deploy_of_version(deployment, req.version)
             except NotFound:  # a folder left from an older installation: report it, record nothing
-                version = None
-            if version is not None:
+                deploy_id = None
+            if deploy_id is not None:
                 at = req.last_sync_at or fields["last_heartbeat"]
-                self._store.record_activation(deployment, version.deploy_id, name, at, req.last_notified_at)
+                self._store.record_activation(deployment, deploy_id, name, at, req.last_notified_at)
         return self._view(sidecar, fields["last_heartbeat"])
 
     def deregister_sidecar(self, deployment: str, name: str) -> None:
@@ -374,16 +391,19 @@ class ControlPlane:
         return [_token_view(t) for t in self._store.list_tokens()]
 
     def revoke_token(self, name: str) -> TokenView:
-        return _token_view(self._store.revoke_token(name))
+        token = self._store.revoke_token(name)
+        if self._forget_token is not None:
+            self._forget_token(token.token_hash)
+        return _token_view(token)
 
 
 PROGRESS_FIELDS = ("state", "activations", "converged_at")
 
 
-def _progress(fields: dict[str, object]) -> tuple[object, ...]:
+def _progress(fields: dict[str, object]) -> tuple[object, list[str], object]:
     """What a long poll watches on a deploy record: state, which sidecars ran it, convergence."""
     activations = fields.get("activations") or {}
-    return fields.get("state"), sorted(activations) if isinstance(activations, dict) else (), fields.get("converged_at")
+    return fields.get("state"), sorted(activations) if isinstance(activations, dict) else [], fields.get("converged_at")
 
 
 def _settled(view: DeployView) -> bool:

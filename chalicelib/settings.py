@@ -25,6 +25,16 @@ class Settings(BaseSettings):
     activation_retries: int = Field(60, ge=1, description="bound on version-assignment retries under contention")
     wait_check_seconds: float = Field(0.25, gt=0, le=5, description="a deploy long poll re-reads the deploy this often")
     wait_check_active_seconds: float = Field(0.05, gt=0, le=5, description="the same once the deploy is ACTIVE")
+    wait_answer_seconds: float = Field(
+        0.5, ge=0, le=5,
+        description="while sidecars run an ACTIVE deploy one by one, a long poll answers their reports at most "
+        "this often (the first one, and the one that completes the set, at once)",
+    )
+    token_cache_seconds: float = Field(
+        5, ge=0, le=300,
+        description="a function keeps each token it read this long (0: read on every request); the bound on "
+        "how long a token revoked through another function still works on this one",
+    )
 
 
 @lru_cache(maxsize=1)

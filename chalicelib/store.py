@@ -19,6 +19,7 @@ from chalicelib.exceptions import Conflict, InvalidRequest, NotFound, StorageErr
 from chalicelib.models import Deploy, Deployment, DeployState, Sidecar, Token, Version
 
 META = "META"
+KEPT_VERSION_DEPLOYS = 1024  # (deployment, version) -> deploy id answers a Store keeps
 
 
 def _pk(deployment: str) -> str:
@@ -62,6 +63,7 @@ class Store:
     def __init__(self, table: Any) -> None:
         self._table = table
         self._client = table.meta.client
+        self._version_deploys: dict[tuple[str, int], str] = {}
 
     # --- deployments -----------------------------------------------------------------
 
@@ -402,6 +404,22 @@ class Store:
         if item is None:
             raise NotFound(f"version {version} of deployment {deployment!r} does not exist")
         return Version.model_validate(_strip(item))
+
+    def deploy_of_version(self, deployment: str, version: int) -> str:
+        """The id of the deploy that published `version` (NotFound when none did). A published
+        version never changes, so the answer is kept: each sidecar that reports the version then
+        costs no read of it."""
+        key = (deployment, version)
+        deploy_id = self._version_deploys.get(key)
+        if deploy_id is None:
+            item = self._get(_pk(deployment), _version_sk(version), f"version {version}", ["deploy_id"])
+            if not item:
+                raise NotFound(f"version {version} of deployment {deployment!r} does not exist")
+            deploy_id = str(item["deploy_id"])
+            if len(self._version_deploys) >= KEPT_VERSION_DEPLOYS:
+                self._version_deploys.clear()
+            self._version_deploys[key] = deploy_id
+        return deploy_id
 
     # --- sidecars --------------------------------------------------------------------
 
