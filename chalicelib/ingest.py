@@ -17,6 +17,7 @@ from urllib.parse import unquote_plus
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.data_classes import S3Event
 
+from chalicelib.compile_workers import CompileWorkerError, CompileWorkers
 from chalicelib.delta import DeltaCollector
 from chalicelib.exceptions import NotFound, StorageError
 from chalicelib.manifest import diff_manifests
@@ -34,6 +35,10 @@ MAX_STORED_ERRORS = 100
 # Python files this container compiled before, by content hash: a warm function validating the
 # everyday one-file change compiles one file. Different bytes never hit (see CompileCache).
 _COMPILED = CompileCache()
+# A large bundle that is mostly new Python (a first deploy) is compiled by one process per CPU;
+# started on the first such bundle and kept, like the cache, for the next one.
+_WORKERS = CompileWorkers()
+PARALLEL_MIN_BUNDLE = 2 * 1024 * 1024  # compressed bytes; smaller bundles compile in well under a second
 MAX_STORED_DAG_IDS = 2000
 
 
@@ -90,10 +95,13 @@ class Ingest:
         try:
             if size != deploy.size:
                 return self._reject(deploy, [_issue("size_mismatch", f"uploaded {size} bytes, announced {deploy.size}")], started)
+            workers = _WORKERS if size >= PARALLEL_MIN_BUNDLE and _WORKERS.size > 1 else None
             try:
-                report = validate_stream(body, deployment.limits, cache=_COMPILED, collect=collect)
+                report = validate_stream(body, deployment.limits, cache=_COMPILED, collect=collect, workers=workers)
             except OSError as exc:  # the S3 stream broke: let the queue redeliver
                 raise StorageError(f"cannot read bundle {deploy.key}: {exc}") from exc
+            except CompileWorkerError as exc:  # killed mid-bundle (out of memory?): let the queue redeliver
+                raise StorageError(f"cannot validate bundle {deploy.key}: {exc}") from exc
         finally:
             body.close()
         # A bundle that broke a limit was not read to the end, so its hash covers only a prefix:

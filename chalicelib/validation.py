@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from chalicelib.exceptions import DagcastError
 
 if TYPE_CHECKING:
+    from chalicelib.compile_workers import CompileSession, CompileWorkers
     from chalicelib.delta import DeltaCollector
 
 __all__ = [
@@ -1303,6 +1304,7 @@ class Reuse:
 
 
 _REUSE_MAX = 8 * MiB  # members up to this size are hashed in memory before deciding to link
+PARALLEL_AFTER = 1 * MiB  # new Python compiled in the scanning process before worker processes take the rest
 
 
 def _run(
@@ -1314,14 +1316,62 @@ def _run(
     cache: CompileCache | None = None,
     collect: DeltaCollector | None = None,
     present: frozenset[str] = frozenset(),
+    workers: CompileWorkers | None = None,
 ) -> Report:
     """Drive one scan with one consumer (validation only, or extraction).
 
     `collect` is shown every member (with the bytes of the files it asks for) to build a delta;
-    `present` names paths that exist beside the archive (see _Scan.finish).
+    `present` names paths that exist beside the archive (see _Scan.finish). With `workers`, once
+    PARALLEL_AFTER bytes of Python new to `cache` were compiled here, the rest is compiled by them.
     """
     scan = _Scan(fileobj, limits or Limits())
     manifest: list[FileEntry] = []
+    session = workers.session() if workers is not None else None  # starts them while this scan begins
+    try:
+        _members(scan, manifest, check_python, sink, reuse, cache, collect, session)
+        if session is not None:
+            _worker_results(session, manifest, scan, cache)
+    finally:
+        if session is not None:
+            session.close()
+    if sink is None or not scan.issues:
+        scan.finish(present)
+    valid = not scan.issues
+    return Report(
+        valid=valid,
+        files=scan.files,
+        bytes=scan.bytes,
+        errors=scan.issues.items,
+        errors_truncated=scan.issues.truncated,
+        manifest=manifest if valid else [],
+        sha256=scan.inf.sha.hexdigest(),
+        compressed_bytes=scan.inf.compressed,
+    )
+
+
+def _worker_results(session: CompileSession, manifest: list[FileEntry], scan: _Scan, cache: CompileCache | None) -> None:
+    for index, issue, dag_ids in session.results():
+        entry = manifest[index]
+        if issue is None:
+            entry.dag_ids = dag_ids
+            if cache is not None:
+                cache.put(entry.sha256, dag_ids)
+        else:
+            scan.issues.add(Issue.model_validate(issue))
+
+
+def _members(
+    scan: _Scan,
+    manifest: list[FileEntry],
+    check_python: bool,
+    sink: _Extractor | None,
+    reuse: Reuse | None,
+    cache: CompileCache | None,
+    collect: DeltaCollector | None,
+    session: CompileSession | None,
+) -> None:
+    """The member loop of _run: each member to the sink, the collector, the compiler and the manifest."""
+    inline = 0  # bytes of new Python compiled in this process
     for member in scan.members():
         if sink is not None and scan.issues:
             break  # extraction stops at the first problem
@@ -1374,27 +1424,19 @@ def _run(
         if cached is not None:
             dag_ids = list(cached)
         elif want_python:
-            issue, dag_ids = _check_python(b"".join(parts), member.path)
-            if issue is None and cache is not None:
-                cache.put(sha256, dag_ids)
+            code = b"".join(parts)
             del parts
-            if issue is not None:
-                scan.issues.add(issue)
+            if session is not None and inline >= PARALLEL_AFTER:
+                session.submit(len(manifest), member.path, code)  # its DAG ids and issue come back later
+            else:
+                inline += len(code)
+                issue, dag_ids = _check_python(code, member.path)
+                if issue is None and cache is not None:
+                    cache.put(sha256, dag_ids)
+                if issue is not None:
+                    scan.issues.add(issue)
         entry = FileEntry(path=member.path, size=member.size, sha256=sha256, dag_ids=dag_ids)
         manifest.append(entry)
-    if sink is None or not scan.issues:
-        scan.finish(present)
-    valid = not scan.issues
-    return Report(
-        valid=valid,
-        files=scan.files,
-        bytes=scan.bytes,
-        errors=scan.issues.items,
-        errors_truncated=scan.issues.truncated,
-        manifest=manifest if valid else [],
-        sha256=scan.inf.sha.hexdigest(),
-        compressed_bytes=scan.inf.compressed,
-    )
 
 
 def validate_stream(
@@ -1404,13 +1446,16 @@ def validate_stream(
     check_python: bool = True,
     cache: CompileCache | None = None,
     collect: DeltaCollector | None = None,
+    workers: CompileWorkers | None = None,
 ) -> Report:
     """Validate a bundle read once from fileobj. Never raises for any input bytes.
 
     With `cache`, .py files whose exact bytes compiled before are not compiled again; with
-    `collect`, the members a delta against an earlier version needs are handed to it.
+    `collect`, the members a delta against an earlier version needs are handed to it; with
+    `workers`, a bundle with many new Python files is compiled in those processes (the report is
+    the same, except that their issues follow the others). CompileWorkerError when one dies.
     """
-    return _run(fileobj, limits, check_python, None, cache=cache, collect=collect)
+    return _run(fileobj, limits, check_python, None, cache=cache, collect=collect, workers=workers)
 
 
 def validate_file(path: Path, limits: Limits | None = None) -> Report:

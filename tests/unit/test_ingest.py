@@ -281,6 +281,29 @@ def test_no_delta_when_most_of_the_bundle_changed(
     assert app_module.get_store().get_version(deployment, 2).delta is None
 
 
+def test_a_large_bundle_is_compiled_by_worker_processes_with_the_same_outcome(
+    client: Client, aws: StackOutputs, deployment: str, deployer_token: str, make_bundle: MakeBundle,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import chalicelib.ingest as ingest_module
+    import chalicelib.validation as validation
+
+    monkeypatch.setattr(ingest_module, "PARALLEL_MIN_BUNDLE", 0)
+    monkeypatch.setattr(validation, "PARALLEL_AFTER", 0)
+    monkeypatch.setattr(ingest_module, "_COMPILED", ingest_module.CompileCache())
+    files = {f"dags/d{i}.py": dag(f"d{i}") for i in range(200)}
+    deploy = deploy_and_ingest(client, aws, deployment, deployer_token, make_bundle(files))
+    stored = app_module.get_store().get_deploy(deployment, deploy["deploy_id"])
+    assert stored.state is DeployState.ACTIVE and stored.dag_ids == sorted(f"d{i}" for i in range(200))
+    assert ingest_module._WORKERS._workers and all(w.alive() for w in ingest_module._WORKERS._workers)
+
+    broken = deploy_and_ingest(client, aws, deployment, deployer_token,
+                               make_bundle({**files, "dags/zz.py": "def f(:\n", "dags/new.py": dag("new")}))
+    stored = app_module.get_store().get_deploy(deployment, broken["deploy_id"])
+    assert stored.state is DeployState.REJECTED
+    assert [(e.path, e.line, e.code) for e in stored.errors] == [("dags/zz.py", 1, "syntax_error")]
+
+
 # --- rejections -------------------------------------------------------------------------
 
 
