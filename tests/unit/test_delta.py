@@ -260,3 +260,13 @@ def test_applying_a_delta_always_gives_the_bundle_itself(tmp_path_factory: pytes
     extract_delta(io.BytesIO(built.data), dest, Reuse.from_manifest(base_dir, base.manifest), built.removed,
                   built.files_sha256)
     assert snapshot(dest) == snapshot(full)
+
+
+def test_long_and_non_ascii_paths_travel_in_the_delta(tmp_path: Path) -> None:
+    long = "dags/" + "très_long_dossier_" * 8 + "/données.py"
+    base_dir, base = extracted(tmp_path, "v1", tar_of({**BASE, long: b"x = 1\n"}))
+    new = tar_of({**BASE, long: b"x = 2\n"})
+    applied, _ = apply(tmp_path, base_dir, base, new)
+    full, _ = extracted(tmp_path, "full", new)
+    assert snapshot(applied) == snapshot(full)
+    assert (applied / long).read_bytes() == b"x = 2\n"
