@@ -110,12 +110,8 @@ class Publisher:
         )
 
     def diff_against_live(self, deployment: str, manifest: list[FileEntry]) -> DeployDiff:
-        current = self._store.get_deployment(deployment)
-        previous: list[FileEntry] | None = None
-        if current.current_deploy_id:
-            prev = self._store.get_deploy_fields(deployment, current.current_deploy_id, ["manifest_key"])
-            previous = self.load_manifest(prev.get("manifest_key"))
-        return diff_manifests(previous, manifest)
+        base = self.live_base(self._store.get_deployment(deployment))
+        return diff_manifests(base.manifest if base else None, manifest)
 
     def publish(self, deploy: Deploy, fields: dict[str, Any], delta: Delta | None = None) -> Version | None:
         """VALIDATING -> ACTIVE as the next version; the previous live deploy becomes SUPERSEDED.

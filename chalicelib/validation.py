@@ -19,7 +19,7 @@ import stat
 import sys
 import warnings
 import zlib
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
@@ -1326,14 +1326,12 @@ def _run(
     """
     scan = _Scan(fileobj, limits or Limits())
     manifest: list[FileEntry] = []
-    session = workers.session() if workers is not None else None  # starts them while this scan begins
+    compiler = _Compiler(cache, workers)
     try:
-        _members(scan, manifest, check_python, sink, reuse, cache, collect, session)
-        if session is not None:
-            _worker_results(session, manifest, scan, cache)
+        _members(scan, manifest, check_python, sink, reuse, cache, collect, compiler)
+        compiler.finish(manifest, scan)
     finally:
-        if session is not None:
-            session.close()
+        compiler.close()
     if sink is None or not scan.issues:
         scan.finish(present)
     valid = not scan.issues
@@ -1349,15 +1347,47 @@ def _run(
     )
 
 
-def _worker_results(session: CompileSession, manifest: list[FileEntry], scan: _Scan, cache: CompileCache | None) -> None:
-    for index, issue, dag_ids in session.results():
-        entry = manifest[index]
-        if issue is None:
-            entry.dag_ids = dag_ids
-            if cache is not None:
-                cache.put(entry.sha256, dag_ids)
-        else:
-            scan.issues.add(Issue.model_validate(issue))
+class _Compiler:
+    """Compiles a bundle's Python files new to the cache: here, or with `workers` once PARALLEL_AFTER
+    bytes were compiled here, in worker processes (started a quarter of the way there, so they are
+    ready; a bundle with a few new files never starts them)."""
+
+    def __init__(self, cache: CompileCache | None, workers: CompileWorkers | None) -> None:
+        self._cache = cache
+        self._workers = workers
+        self._session: CompileSession | None = None
+        self._inline = 0  # bytes compiled in this process
+
+    def check(self, index: int, path: str, sha256: str, code: bytes) -> tuple[Issue | None, list[str]] | None:
+        """The file's issue (or None) and DAG ids; None when a worker was given it (see finish)."""
+        if self._session is not None and self._inline >= PARALLEL_AFTER:
+            self._session.submit(index, path, code)
+            return None
+        if self._workers is not None and self._inline >= PARALLEL_AFTER // 4:
+            self._session = self._workers.session()  # None while another bundle has them: stay inline
+            self._workers = None
+        self._inline += len(code)
+        issue, dag_ids = _check_python(code, path)
+        if issue is None and self._cache is not None:
+            self._cache.put(sha256, dag_ids)
+        return issue, dag_ids
+
+    def finish(self, manifest: list[FileEntry], scan: _Scan) -> None:
+        """Fill in what the workers found: DAG ids in the manifest, issues after the others."""
+        if self._session is None:
+            return
+        for index, issue, dag_ids in self._session.results():
+            entry = manifest[index]
+            if issue is None:
+                entry.dag_ids = dag_ids
+                if self._cache is not None:
+                    self._cache.put(entry.sha256, dag_ids)
+            else:
+                scan.issues.add(Issue.model_validate(issue))
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
 
 
 def _members(
@@ -1368,10 +1398,9 @@ def _members(
     reuse: Reuse | None,
     cache: CompileCache | None,
     collect: DeltaCollector | None,
-    session: CompileSession | None,
+    compiler: _Compiler,
 ) -> None:
     """The member loop of _run: each member to the sink, the collector, the compiler and the manifest."""
-    inline = 0  # bytes of new Python compiled in this process
     for member in scan.members():
         if sink is not None and scan.issues:
             break  # extraction stops at the first problem
@@ -1424,15 +1453,10 @@ def _members(
         if cached is not None:
             dag_ids = list(cached)
         elif want_python:
-            code = b"".join(parts)
+            checked = compiler.check(len(manifest), member.path, sha256, b"".join(parts))
             del parts
-            if session is not None and inline >= PARALLEL_AFTER:
-                session.submit(len(manifest), member.path, code)  # its DAG ids and issue come back later
-            else:
-                inline += len(code)
-                issue, dag_ids = _check_python(code, member.path)
-                if issue is None and cache is not None:
-                    cache.put(sha256, dag_ids)
+            if checked is not None:
+                issue, dag_ids = checked
                 if issue is not None:
                     scan.issues.add(issue)
         entry = FileEntry(path=member.path, size=member.size, sha256=sha256, dag_ids=dag_ids)
@@ -1474,9 +1498,15 @@ def extract_bundle(
     only filled in the manifest when check_python is true. With `reuse`, files whose bytes
     equal the earlier version's are hard-linked from it instead of written again.
     """
+    return _extract(dest, lambda sink: _run(fileobj, limits, check_python, sink, reuse))
+
+
+def _extract(dest: Path, fill: Callable[[_Extractor], Report]) -> Report:
+    """Create dest, fill it, and finish it when the report is valid; on an invalid report
+    (BundleRejected) or any error dest is removed."""
     sink = _Extractor(dest)
     try:
-        report = _run(fileobj, limits, check_python, sink, reuse)
+        report = fill(sink)
         if report.valid:
             sink.finish()
     except BaseException:
@@ -1538,27 +1568,23 @@ def extract_delta(
         while parent and parent not in present:
             present.add(parent)
             parent = parent.rpartition("/")[0]
-    sink = _Extractor(dest)
-    try:
+
+    def fill(sink: _Extractor) -> Report:
         report = _run(fileobj, limits, False, sink, present=frozenset(present))
-        if report.valid:
-            entries = list(report.manifest)
-            written = {e.path for e in entries}
-            for path, (sha256, size) in kept.items():
-                if path in written:
-                    continue
-                source = os.path.join(base.folder, path)
-                if not sink.link(path, source):
-                    _copy_verified(sink, path, source, sha256)
-                entries.append(FileEntry.model_construct(path=path, size=size, sha256=sha256, dag_ids=[]))
-            if files_digest(entries) != files_sha256:
-                raise DeltaMismatch("the files after applying the delta differ from the version's file list")
-            sink.finish()
-    except BaseException:
-        sink.abort()
-        raise
-    if not report.valid:
-        sink.abort()
-        raise BundleRejected(report)
-    entries.sort(key=lambda e: e.path)
-    return report.model_copy(update={"manifest": entries, "files": len(entries), "bytes": sum(e.size for e in entries)})
+        if not report.valid:
+            return report
+        entries = list(report.manifest)
+        written = {e.path for e in entries}
+        for path, (sha256, size) in kept.items():
+            if path in written:
+                continue
+            source = os.path.join(base.folder, path)
+            if not sink.link(path, source):
+                _copy_verified(sink, path, source, sha256)
+            entries.append(FileEntry.model_construct(path=path, size=size, sha256=sha256, dag_ids=[]))
+        if files_digest(entries) != files_sha256:
+            raise DeltaMismatch("the files after applying the delta differ from the version's file list")
+        entries.sort(key=lambda e: e.path)
+        return report.model_copy(update={"manifest": entries, "files": len(entries), "bytes": sum(e.size for e in entries)})
+
+    return _extract(dest, fill)

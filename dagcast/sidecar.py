@@ -157,7 +157,6 @@ class Syncer:
         Raises SyncError when the download fails (after bounded retries), the bytes do not match,
         or the extractor refuses the archive; nothing is left behind then.
         """
-        folder = self.versions / str(version)
         part = self.downloads / f"{version}.part"
         for attempt in range(self.cfg.fetch_attempts):
             try:
@@ -185,12 +184,8 @@ class Syncer:
             raise SyncError(f"v{version} refused by the extractor: {detail}") from exc
         finally:
             part.unlink(missing_ok=True)
-        self._save_manifest(version, report.manifest)
-        os.rename(tmp, folder)
-        _fsync_dir(self.versions)
-        self.metrics.fetches.labels(kind="bundle").inc()
         log.debug("extracted", extra={"version": version})
-        return folder
+        return self._install(version, tmp, report.manifest, "bundle")
 
     def _fetch_delta(self, live: int, version: int, delta: dict[str, Any] | None, url: str | None) -> bool:
         """Build versions/<version> from the live version and the version's delta, when the delta is
@@ -212,18 +207,24 @@ class Syncer:
             with part.open("rb") as f:
                 report = extract_delta(f, tmp, reuse, delta.get("removed", []), delta["files_sha256"])
         except (SyncError, DagcastError, httpx.HTTPError, OSError, KeyError, TypeError) as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
+            # extract_delta removes tmp itself on any error
             self.metrics.fetches.labels(kind="delta_refused").inc()
             log.warning("delta not usable; fetching the whole bundle", extra={"version": version, "error": str(exc)})
             return False
         finally:
             part.unlink(missing_ok=True)
-        self._save_manifest(version, report.manifest)
-        os.rename(tmp, self.versions / str(version))
-        _fsync_dir(self.versions)
-        self.metrics.fetches.labels(kind="delta").inc()
         log.debug("built from the delta", extra={"version": version, "base": live, "files": delta.get("files")})
+        self._install(version, tmp, report.manifest, "delta")
         return True
+
+    def _install(self, version: int, tmp: Path, manifest: list[FileEntry], kind: str) -> Path:
+        """Rename a complete extraction into versions/<version> (its manifest saved first); return it."""
+        folder = self.versions / str(version)
+        self._save_manifest(version, manifest)
+        os.rename(tmp, folder)
+        _fsync_dir(self.versions)
+        self.metrics.fetches.labels(kind=kind).inc()
+        return folder
 
     def _reuse(self) -> Reuse | None:
         """The live version and its manifest, so unchanged files are hard-linked rather than rewritten."""

@@ -29,6 +29,11 @@ class Tokens:
         )
         return secret
 
+    def revoke(self, secret: str) -> None:
+        """Revoke in the store only, as another function serving DELETE /tokens would."""
+        key = hash_token(secret)
+        self.tokens[key] = self.tokens[key].model_copy(update={"revoked": True})
+
     def get_token(self, token_hash: str) -> Token | None:
         self.reads += 1
         token = self.tokens.get(token_hash)
@@ -69,7 +74,7 @@ def test_a_kept_token_is_read_again_once_the_period_is_over_and_a_revocation_els
     secret = tokens.add("reader")
     auth = authenticator(tokens, clock)
     auth.authenticate(bearer(secret))
-    tokens.tokens[hash_token(secret)] = tokens.tokens[hash_token(secret)].model_copy(update={"revoked": True})
+    tokens.revoke(secret)
     clock.now += 4.9
     assert auth.authenticate(bearer(secret)).name == "reader", "revoked by another process: still kept here"
     clock.now += 0.1
@@ -83,7 +88,7 @@ def test_a_forgotten_token_is_read_again_at_once() -> None:
     secret = tokens.add("reader")
     auth = authenticator(tokens, clock)
     auth.authenticate(bearer(secret))
-    tokens.tokens[hash_token(secret)] = tokens.tokens[hash_token(secret)].model_copy(update={"revoked": True})
+    tokens.revoke(secret)
     auth.forget(hash_token(secret))
     with pytest.raises(Unauthorized, match="revoked"):
         auth.authenticate(bearer(secret))
@@ -95,7 +100,7 @@ def test_a_read_that_began_before_a_revocation_is_not_kept() -> None:
     auth = authenticator(tokens, clock)
 
     def revoke_meanwhile() -> None:
-        tokens.tokens[hash_token(secret)] = tokens.tokens[hash_token(secret)].model_copy(update={"revoked": True})
+        tokens.revoke(secret)
         auth.forget(hash_token(secret))
 
     tokens.during_read = revoke_meanwhile
