@@ -5,6 +5,7 @@ import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import boto3
@@ -55,6 +56,7 @@ from chalicelib.openapi import RouteSpec, build_document
 from chalicelib.publish import Publisher
 from chalicelib.service import ControlPlane, now_ms
 from chalicelib.settings import get_settings
+from chalicelib.signing import FileSigner, KmsSigner, Signer
 from chalicelib.storage import BundleStorage
 from chalicelib.store import Store
 from chalicelib.telemetry import Telemetry
@@ -105,16 +107,26 @@ def get_sns() -> Any:
 
 
 @functools.lru_cache(maxsize=1)
+def get_signer() -> Signer:
+    s = get_settings()
+    if s.signing_key_arn:
+        return KmsSigner(boto3.client("kms", config=_AWS_CONFIG), s.signing_key_arn)
+    assert s.signing_key_file is not None  # Settings requires one of the two
+    return FileSigner(Path(s.signing_key_file))
+
+
+@functools.lru_cache(maxsize=1)
 def get_publisher() -> Publisher:
     s = get_settings()
-    return Publisher(s, get_store(), get_bundles(), Notifier(get_sns(), s.topic_arn), now_ms)
+    return Publisher(s, get_store(), get_bundles(), Notifier(get_sns(), s.topic_arn), now_ms, get_signer())
 
 
 @functools.lru_cache(maxsize=1)
 def get_control() -> ControlPlane:
     s = get_settings()
     queues = SidecarQueues(boto3.client("sqs", config=_AWS_CONFIG), get_sns(), s.topic_arn, s.sidecar_queue_prefix)
-    return ControlPlane(s, get_store(), get_bundles(), queues, get_publisher(), telemetry=telemetry, forget_token=get_auth().forget)
+    return ControlPlane(s, get_store(), get_bundles(), queues, get_publisher(), telemetry=telemetry,
+                        forget_token=get_auth().forget, signer=get_signer())
 
 
 @functools.lru_cache(maxsize=1)
@@ -131,6 +143,8 @@ def get_auth() -> Authenticator:
 
 ROUTES: list[RouteSpec] = []
 MAX_WAIT_SECONDS = 20  # a long poll stays well inside API Gateway's 29 s integration timeout
+SIDECAR_SECRET_HEADER = "x-dagcast-sidecar-secret"
+_SECRET_DOC = {"X-Dagcast-Sidecar-Secret": "the secret this sidecar's registration returned"}
 _PARAM_PATTERNS = {
     "deployment": re.compile(NAME_RE),
     "name": re.compile(NAME_RE),
@@ -146,6 +160,11 @@ class Ctx:
     token: Token | None
     body: Any
     query: dict[str, str]
+    headers: dict[str, str]
+
+    def sidecar_secret(self) -> str | None:
+        """The secret a sidecar was given at registration (X-Dagcast-Sidecar-Secret)."""
+        return self.headers.get(SIDECAR_SECRET_HEADER) or None
 
 
 def error_response(exc: DagcastError) -> Response:
@@ -163,8 +182,10 @@ def api(
     response: type[BaseModel] | None = None,
     status: int = 200,
     query: dict[str, str] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Callable[[Callable[..., Any]], Any]:
-    ROUTES.append(RouteSpec(path, method, summary, permission.value if permission else None, body, response, status, query or {}))
+    ROUTES.append(RouteSpec(path, method, summary, permission.value if permission else None, body, response, status,
+                            query or {}, headers or {}))
 
     def decorate(fn: Callable[..., Any]) -> Any:
         @functools.wraps(fn)
@@ -179,7 +200,8 @@ def api(
                     header = request.headers.get("authorization") if request else None
                     token = get_auth().authorize(header, permission, params.get("deployment"))
                 parsed = _parse_body(body, request.raw_body if request else b"") if body else None
-                result = fn(Ctx(token, parsed, dict(request.query_params or {}) if request else {}), **params)
+                headers = {k.lower(): v for k, v in request.headers.items()} if request else {}
+                result = fn(Ctx(token, parsed, dict(request.query_params or {}) if request else {}, headers), **params)
             except DagcastError as exc:
                 return error_response(exc)
             except BotoCoreError as exc:
@@ -288,16 +310,18 @@ def rollback(ctx: Ctx, deployment: str, deploy_id: str) -> Deploy:
     return get_control().rollback(deployment, deploy_id, ctx.token.name)
 
 
-@api("/deployments/{deployment}/versions/current", "GET", "The live version with a download URL", Permission.READ,
+@api("/deployments/{deployment}/versions/current", "GET",
+     "The live version; download URLs for tokens that may download (sidecar, admin)", Permission.READ,
      response=VersionView)
 def current_version(ctx: Ctx, deployment: str) -> VersionView:
-    return get_control().get_version(deployment, None)
+    return get_control().get_version(deployment, None, ctx.token)
 
 
-@api("/deployments/{deployment}/versions/{version}", "GET", "A version with a download URL", Permission.READ,
+@api("/deployments/{deployment}/versions/{version}", "GET",
+     "A version; download URLs for tokens that may download (sidecar, admin)", Permission.READ,
      response=VersionView)
 def get_version(ctx: Ctx, deployment: str, version: str) -> VersionView:
-    return get_control().get_version(deployment, int(version))
+    return get_control().get_version(deployment, int(version), ctx.token)
 
 
 @api("/deployments/{deployment}/sidecars", "GET", "Registered sidecars and their versions", Permission.READ)
@@ -305,22 +329,27 @@ def list_sidecars(ctx: Ctx, deployment: str) -> dict[str, Any]:
     return {"items": [s.model_dump(mode="json") for s in get_control().sidecar_views(deployment)]}
 
 
-@api("/deployments/{deployment}/sidecars", "POST", "Register a sidecar and create its queue", Permission.SYNC,
-     body=RegisterSidecar, response=Registration, status=201)
+@api("/deployments/{deployment}/sidecars", "POST",
+     "Register a sidecar: its queue, its own secret (shown once) and the keys that sign announcements",
+     Permission.SYNC, body=RegisterSidecar, response=Registration, status=201, headers=_SECRET_DOC)
 def register_sidecar(ctx: Ctx, deployment: str) -> Registration:
-    return get_control().register_sidecar(deployment, ctx.body)
+    assert ctx.token is not None
+    return get_control().register_sidecar(deployment, ctx.body, ctx.token, ctx.sidecar_secret())
 
 
-@api("/deployments/{deployment}/sidecars/{name}", "PUT", "Sidecar heartbeat with its live version", Permission.SYNC,
-     body=Heartbeat, response=SidecarView)
+@api("/deployments/{deployment}/sidecars/{name}", "PUT",
+     "Sidecar heartbeat with its live version (needs the sidecar's X-Dagcast-Sidecar-Secret)", Permission.SYNC,
+     body=Heartbeat, response=SidecarView, headers=_SECRET_DOC)
 def heartbeat(ctx: Ctx, deployment: str, name: str) -> SidecarView:
-    return get_control().heartbeat(deployment, name, ctx.body)
+    return get_control().heartbeat(deployment, name, ctx.body, ctx.sidecar_secret())
 
 
-@api("/deployments/{deployment}/sidecars/{name}", "DELETE", "Deregister a sidecar and remove its queue",
-     Permission.SYNC, status=204)
+@api("/deployments/{deployment}/sidecars/{name}", "DELETE",
+     "Deregister a sidecar and remove its queue (its X-Dagcast-Sidecar-Secret, or an admin)", Permission.SYNC, status=204,
+     headers=_SECRET_DOC)
 def deregister_sidecar(ctx: Ctx, deployment: str, name: str) -> None:
-    get_control().deregister_sidecar(deployment, name)
+    assert ctx.token is not None
+    get_control().deregister_sidecar(deployment, name, ctx.token, ctx.sidecar_secret())
 
 
 @api("/tokens", "GET", "List tokens (never their secrets)", Permission.ADMIN)

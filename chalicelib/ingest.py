@@ -3,6 +3,11 @@
 Idempotent by conditional state transitions: PENDING -> VALIDATING -> ACTIVE | REJECTED.
 A second delivery of the same event finds the deploy final and changes nothing; a
 delivery after a crash mid-way finds it VALIDATING and finishes the job.
+
+Writes that must not stay are removed: an upload for a deploy that was cancelled or expired,
+and a second write to the key of a deploy already decided (its recorded object version is the
+one that is served; see chalicelib.storage). Python is compiled within bounds (memory and CPU
+per file, a deadline per bundle; see chalicelib.compile_workers).
 """
 from __future__ import annotations
 
@@ -17,17 +22,17 @@ from urllib.parse import unquote_plus
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.data_classes import S3Event
 
-from chalicelib.compile_workers import CompileWorkerError, CompileWorkers
+from chalicelib.compile_workers import Bounds, CompileWorkerError, CompileWorkers
 from chalicelib.delta import DeltaCollector
 from chalicelib.exceptions import NotFound, StorageError
 from chalicelib.manifest import diff_manifests
-from chalicelib.models import Deploy, IngestEvent
+from chalicelib.models import Deploy, DeployState, IngestEvent
 from chalicelib.publish import LiveBase, Publisher
 from chalicelib.settings import Settings
 from chalicelib.storage import BundleStorage, parse_bundle_key
 from chalicelib.store import Store
 from chalicelib.telemetry import Telemetry
-from chalicelib.validation import CompileCache, Issue, Report, validate_stream
+from chalicelib.validation import CompileCache, Issue, Limits, Report, validate_stream
 
 logger = Logger(service="dagcast", child=True)
 
@@ -35,10 +40,20 @@ MAX_STORED_ERRORS = 100
 # Python files this container compiled before, by content hash: a warm function validating the
 # everyday one-file change compiles one file. Different bytes never hit (see CompileCache).
 _COMPILED = CompileCache()
-# A large bundle that is mostly new Python (a first deploy) is compiled by one process per CPU;
-# started on the first such bundle and kept, like the cache, for the next one.
-_WORKERS = CompileWorkers()
+# Bounded compile workers, one per CPU: every large Python file is compiled alone in one of them,
+# and a large bundle that is mostly new Python (a first deploy) by all of them. Started with the
+# function and kept, like the cache, for the next bundle.
+_WORKERS: CompileWorkers | None = None
 PARALLEL_MIN_BUNDLE = 2 * 1024 * 1024  # compressed bytes; smaller bundles compile in well under a second
+ABANDONED = (DeployState.CANCELLED, DeployState.EXPIRED)
+
+
+def compile_workers(settings: Settings) -> CompileWorkers:
+    global _WORKERS
+    if _WORKERS is None:
+        _WORKERS = CompileWorkers(bounds=Bounds(settings.compile_memory_mb, settings.compile_cpu_seconds))
+        _WORKERS.start()
+    return _WORKERS
 MAX_STORED_DAG_IDS = 2000
 
 
@@ -64,6 +79,7 @@ class Ingest:
         self._publisher = publisher
         self._clock = clock
         self._telemetry = telemetry or Telemetry()
+        self._workers = compile_workers(settings)
 
     def handle(self, event: IngestEvent) -> Outcome:
         parsed = parse_bundle_key(event.key)
@@ -82,22 +98,48 @@ class Ingest:
             deployment, deploy_id, self._clock(), stored_at=event.stored_at
         )
         if uploaded_at is None:
-            logger.info("deploy already processed", extra={"state": deploy.state.value})
+            self._remove_late_write(self._store.get_deploy(deployment, deploy_id), event)
             return Outcome.IGNORED
-        return self._validate_and_publish(deploy.model_copy(update={"uploaded_at": uploaded_at}))
+        return self._validate_and_publish(deploy.model_copy(update={"uploaded_at": uploaded_at}), event.version_id)
 
-    def _validate_and_publish(self, deploy: Deploy) -> Outcome:
+    def _remove_late_write(self, deploy: Deploy, event: IngestEvent) -> None:
+        """A write to the key of a deploy already decided: the upload of a cancelled or expired deploy
+        is deleted; another object version of a deploy that went live or was rejected is deleted, so
+        the recorded one stays current (downloads are pinned to it either way)."""
+        if deploy.state in ABANDONED:
+            logger.info("deleting the upload of an abandoned deploy", extra={"state": deploy.state.value})
+            self._bundles.delete(deploy.key)
+            return
+        recorded = self._recorded_object_version(deploy)
+        if event.version_id and recorded and event.version_id != recorded:
+            logger.warning("deleting a second write to a decided deploy's bundle", extra={"state": deploy.state.value})
+            self._bundles.delete_version(deploy.key, event.version_id)
+        else:
+            logger.info("deploy already processed", extra={"state": deploy.state.value})
+
+    def _recorded_object_version(self, deploy: Deploy) -> str | None:
+        if deploy.version is None:
+            return deploy.object_version
+        try:
+            return self._store.get_version(deploy.deployment, deploy.version).object_version
+        except NotFound:
+            return None
+
+    def _validate_and_publish(self, deploy: Deploy, object_version: str | None) -> Outcome:
         started = time.monotonic()
         deployment = self._store.get_deployment(deploy.deployment)
         base = self._publisher.live_base(deployment)
         collect = DeltaCollector({f.path: f.sha256 for f in base.manifest}) if base else None
-        body, size = self._bundles.open(deploy.key)
+        body, size, object_version = self._bundles.open(deploy.key, object_version)
         try:
             if size != deploy.size:
                 return self._reject(deploy, [_issue("size_mismatch", f"uploaded {size} bytes, announced {deploy.size}")], started)
-            workers = _WORKERS if size >= PARALLEL_MIN_BUNDLE and _WORKERS.size > 1 else None
+            deadline = started + self._settings.validation_deadline_seconds
             try:
-                report = validate_stream(body, deployment.limits, cache=_COMPILED, collect=collect, workers=workers)
+                report = validate_stream(
+                    body, deployment.limits, cache=_COMPILED, collect=collect, workers=self._workers,
+                    parallel=size >= PARALLEL_MIN_BUNDLE, deadline=deadline,
+                )
             except OSError as exc:  # the S3 stream broke: let the queue redeliver
                 raise StorageError(f"cannot read bundle {deploy.key}: {exc}") from exc
             except CompileWorkerError as exc:  # killed mid-bundle (out of memory?): let the queue redeliver
@@ -113,15 +155,19 @@ class Ingest:
                 started,
             )
         if not report.valid:
-            return self._reject(deploy, report.errors, started, report)
-        return self._activate(deploy, report, started, base, collect)
+            return self._reject(deploy, report.errors, started, report, object_version)
+        return self._activate(deploy, report, started, base, collect, deployment.limits, object_version)
 
-    def _reject(self, deploy: Deploy, errors: list[Issue], started: float, report: Report | None = None) -> Outcome:
+    def _reject(
+        self, deploy: Deploy, errors: list[Issue], started: float, report: Report | None = None,
+        object_version: str | None = None,
+    ) -> Outcome:
         validation_ms = int((time.monotonic() - started) * 1000)
-        fields = {
+        fields: dict[str, Any] = {
             "errors": [e.model_dump(mode="json") for e in errors[:MAX_STORED_ERRORS]],
             "errors_truncated": max(0, len(errors) - MAX_STORED_ERRORS) + (report.errors_truncated if report else 0),
             "validation_ms": validation_ms,
+            **({"object_version": object_version} if object_version else {}),
         }
         if self._store.finish_rejected(deploy.deployment, deploy.deploy_id, fields):
             reason = errors[0].code if errors else "unknown"
@@ -131,7 +177,8 @@ class Ingest:
         return Outcome.REJECTED
 
     def _activate(
-        self, deploy: Deploy, report: Report, started: float, base: LiveBase | None, collect: DeltaCollector | None
+        self, deploy: Deploy, report: Report, started: float, base: LiveBase | None, collect: DeltaCollector | None,
+        limits: Limits, object_version: str | None,
     ) -> Outcome:
         manifest_key = self._publisher.save_manifest(deploy, report.manifest)
         built = collect.build(report.manifest, report.bytes) if collect else None
@@ -147,8 +194,15 @@ class Ingest:
             "manifest_key": manifest_key,
             "diff": diff_manifests(base.manifest if base else None, report.manifest).model_dump(),
         }
-        version = self._publisher.publish(deploy, fields, delta)
+        fields["object_version"] = object_version
+        version = self._publisher.publish(deploy, fields, limits, object_version, delta)
         if version is None:
+            final = self._store.get_deploy(deploy.deployment, deploy.deploy_id)
+            if final.state in ABANDONED:  # cancelled while it was validated: it never goes live
+                logger.info("deploy cancelled during validation; deleting its upload")
+                self._bundles.delete(deploy.key)
+                if delta is not None:
+                    self._bundles.delete(delta.key)
             return Outcome.IGNORED
         uploaded = deploy.uploaded_at
         self._telemetry.deploy_accepted(
@@ -183,7 +237,8 @@ def parse_notification(body: str) -> list[IngestEvent]:
             continue
         obj = record.s3.get_object
         events.append(IngestEvent(
-            bucket=record.s3.bucket.name, key=unquote_plus(obj.key), size=obj.size, stored_at=_epoch_ms(record.get("eventTime"))
+            bucket=record.s3.bucket.name, key=unquote_plus(obj.key), size=obj.size,
+            stored_at=_epoch_ms(record.get("eventTime")), version_id=obj.version_id or None,
         ))
     return events
 

@@ -1,9 +1,10 @@
 """Pydantic models: API input and output, and the records kept in DynamoDB."""
 from __future__ import annotations
 
+import fnmatch
 import re
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -51,6 +52,7 @@ class Strict(BaseModel):
 
 class Deployment(BaseModel):
     name: str
+    uid: str = Field("", description="immutable random id given at creation: part of every version's identity")
     mechanism: Mechanism = Mechanism.IMAGE
     current_version: int = 0
     last_version: int = 0
@@ -91,6 +93,7 @@ class Deploy(BaseModel):
     errors: list[Issue] = Field(default_factory=list)
     errors_truncated: int = 0
     rollback_of: str | None = None
+    object_version: str | None = Field(None, description="the S3 object version ingest validated")
     manifest_key: str | None = None
     diff: DeployDiff | None = None
     activations: dict[str, int] = Field(default_factory=dict)
@@ -149,15 +152,19 @@ class Delta(BaseModel):
     """A version's changes against the version live before it, as a small archive (see chalicelib.delta)."""
 
     base_version: int
+    base_sha256: str | None = Field(None, description="the bundle sha256 of the base version")
     key: str
     sha256: str
     size: int
+    object_version: str | None = Field(None, description="the S3 object version written (the bucket is versioned)")
     files: int = Field(description="files in the archive: the changed and added ones")
     removed: list[str] = Field(default_factory=list, description="files of the base version this one no longer has")
     files_sha256: str = Field(description="digest of this version's file list that applying the delta must give")
 
 
 class Version(BaseModel):
+    """A published version. Its identity is (deployment_id, version, sha256); it never changes."""
+
     deployment: str
     version: int
     deploy_id: str
@@ -165,6 +172,9 @@ class Version(BaseModel):
     size: int
     key: str
     created_at: int
+    deployment_id: str = ""
+    object_version: str | None = Field(None, description="the S3 object version that was validated: the one served")
+    limits: Limits = Field(default_factory=Limits, description="the limits it was validated with: sidecars extract with these")
     delta: Delta | None = None
 
 
@@ -175,6 +185,10 @@ class Sidecar(BaseModel):
     queue_url: str | None = None
     subscription_arn: str | None = None
     version: int = 0
+    sha256: str | None = None
+    deployment_id: str | None = None
+    secret_hash: str = ""
+    registered_by: str = ""
     last_sync_at: int | None = None
     last_notified_at: int | None = None
     last_error: str | None = None
@@ -187,11 +201,16 @@ class Token(BaseModel):
     name: str
     role: Role
     deployments: list[str] = Field(default_factory=lambda: ["*"])
+    sidecar_names: list[str] | None = None
     revoked: bool = False
     created_at: int = 0
 
     def allows(self, deployment: str) -> bool:
         return "*" in self.deployments or deployment in self.deployments
+
+    def allows_sidecar(self, name: str) -> bool:
+        """Whether this token may register a sidecar of this name (patterns like `worker-*`; None: any)."""
+        return self.sidecar_names is None or any(fnmatch.fnmatchcase(name, p) for p in self.sidecar_names)
 
 
 # --- API input -------------------------------------------------------------------------
@@ -223,6 +242,8 @@ class RegisterSidecar(Strict):
 
 class Heartbeat(Strict):
     version: int = Field(0, ge=0)
+    sha256: str | None = Field(None, pattern=SHA256_RE, description="the bundle sha256 of the live version")
+    deployment_id: str | None = Field(None, max_length=64, description="the deployment id the live version belongs to")
     last_sync_at: int | None = Field(None, description="epoch ms when the live version went live here")
     last_notified_at: int | None = Field(
         None, description="epoch ms when this sidecar learned of its live version: the announcement arrived, "
@@ -238,6 +259,8 @@ class SidecarView(BaseModel):
     name: str
     component: str
     version: int
+    sha256: str | None = None
+    on_current: bool = Field(False, description="it reports the deployment's current version: number, sha256 and id")
     live: bool
     last_heartbeat: int
     last_sync_at: int | None
@@ -267,32 +290,50 @@ class CreatedDeploy(BaseModel):
 
 class VersionView(BaseModel):
     version: Version
-    download_url: str
+    download_url: str | None = Field(None, description="only for tokens that may download bundles (sidecar, admin)")
     manifest_url: str | None = None
     delta_url: str | None = None
 
 
+class SigningKey(BaseModel):
+    key_id: str
+    algorithm: str
+    public_key: str = Field(description="PEM")
+
+
 class Registration(BaseModel):
-    sidecar: Sidecar
+    sidecar: SidecarView
     queue_url: str
+    secret: str = Field(description="this sidecar's own secret, shown once: heartbeats and deregistration need it")
+    deployment_id: str
+    signing_keys: list[SigningKey] = Field(description="the keys that sign version announcements")
 
 
 class JanitorReport(BaseModel):
     sidecars_removed: list[str] = Field(default_factory=list)
     deploys_expired: list[str] = Field(default_factory=list)
     bundles_pruned: list[str] = Field(default_factory=list)
+    late_uploads_deleted: list[str] = Field(default_factory=list)
+
+
+SIDECAR_PATTERN_RE = r"^[a-z0-9*]([a-z0-9*-]{0,61}[a-z0-9*])?$"
 
 
 class CreateToken(Strict):
     name: str = Field(pattern=NAME_RE)
     role: Role
     deployments: list[str] = Field(default_factory=lambda: ["*"], min_length=1, max_length=100)
+    sidecar_names: list[Annotated[str, Field(pattern=SIDECAR_PATTERN_RE)]] | None = Field(
+        None, min_length=1, max_length=100,
+        description="sidecar tokens only: the names (or patterns such as `worker-*`) it may register",
+    )
 
 
 class TokenView(BaseModel):
     name: str
     role: Role
     deployments: list[str]
+    sidecar_names: list[str] | None = None
     revoked: bool
     created_at: int
 
@@ -317,6 +358,7 @@ class IngestEvent(BaseModel):
     key: str
     size: int
     stored_at: int | None = Field(None, description="epoch ms of the notification's eventTime: when S3 stored it")
+    version_id: str | None = Field(None, description="the S3 object version this notification is about")
 
     @field_validator("key")
     @classmethod

@@ -17,21 +17,27 @@ class Notifier:
         self._sns = sns
         self._topic_arn = topic_arn
 
-    def publish_version(self, version: Version, download_url: str | None = None, delta_url: str | None = None) -> None:
-        """Announce a version. With presigned download URLs (the bundle's, and its delta's when it
-        has one) sidecars fetch without asking the API first."""
+    def publish_version(
+        self,
+        version: Version,
+        statement: bytes,
+        signature: str,
+        key_id: str,
+        download_url: str | None = None,
+        delta_url: str | None = None,
+    ) -> None:
+        """Announce a version: its signed statement (what a sidecar may trust), and presigned URLs of
+        the bundle and its delta so that sidecars fetch without asking the API first. `deployment`
+        and `version` outside the statement are only for routing and logs."""
         body: dict[str, Any] = {
             "deployment": version.deployment,
             "version": version.version,
-            "deploy_id": version.deploy_id,
-            "key": version.key,
-            "sha256": version.sha256,
-            "size": version.size,
+            "statement": statement.decode(),
+            "signature": signature,
+            "key_id": key_id,
             **({"download_url": download_url} if download_url else {}),
+            **({"delta_url": delta_url} if delta_url and version.delta is not None else {}),
         }
-        if version.delta is not None and delta_url:
-            body["delta"] = version.delta.model_dump(mode="json")
-            body["delta_url"] = delta_url
         try:
             self._sns.publish(
                 TopicArn=self._topic_arn,

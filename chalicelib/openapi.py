@@ -19,6 +19,7 @@ class RouteSpec:
     response: type[BaseModel] | None = None
     status: int = 200
     query: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 ERROR_SCHEMA = {
@@ -53,7 +54,9 @@ def build_document(routes: list[RouteSpec], version: str) -> dict[str, Any]:
             {"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
             for p in re.findall(r"{(\w+)}", r.path)
         ] + [{"name": q, "in": "query", "required": False, "schema": {"type": "string"}, "description": d}
-             for q, d in r.query.items()]
+             for q, d in r.query.items()] + [
+            {"name": h, "in": "header", "required": False, "schema": {"type": "string"}, "description": d}
+            for h, d in r.headers.items()]
         op: dict[str, Any] = {
             "summary": r.summary,
             "operationId": f"{r.method.lower()}_{re.sub(r'[^a-z0-9]+', '_', r.path.lower()).strip('_') or 'root'}",

@@ -5,6 +5,7 @@ Shared by the ingest function (new uploads) and rollback (an earlier bundle agai
 from __future__ import annotations
 
 import random
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -20,14 +21,28 @@ from chalicelib.manifest import DeployDiff, diff_manifests
 from chalicelib.models import Delta, Deploy, Deployment, Version
 from chalicelib.notify import Notifier
 from chalicelib.settings import Settings
+from chalicelib.signing import Signer, SigningError, statement_bytes
 from chalicelib.storage import BUNDLE_CONTENT_TYPE, BundleStorage, delta_key
 from chalicelib.store import Store, VersionRace
-from chalicelib.validation import FileEntry
+from chalicelib.validation import FileEntry, Limits
 
 logger = Logger(service="dagcast", child=True)
 
 MANIFESTS = TypeAdapter(list[FileEntry])
 CACHED_MANIFESTS = 4
+
+
+def new_uid() -> str:
+    """A deployment's immutable id: 16 random hex digits."""
+    return secrets.token_hex(8)
+
+
+def version_statement(version: Version) -> dict[str, Any]:
+    """What an announcement vouches for: the version's identity, where its bytes are, the limits a
+    sidecar extracts it with, and its delta (see chalicelib.signing)."""
+    doc = version.model_dump(mode="json", include={"deployment", "deployment_id", "version", "deploy_id", "sha256",
+                                                    "size", "object_version", "limits", "delta", "created_at"})
+    return {"type": "dagcast.version", **doc}
 
 
 def manifest_key(deployment: str, deploy_id: str) -> str:
@@ -41,6 +56,7 @@ class LiveBase:
     version: int
     deploy_id: str
     manifest: list[FileEntry]
+    sha256: str = ""
 
 
 class Publisher:
@@ -51,12 +67,14 @@ class Publisher:
         bundles: BundleStorage,
         notifier: Notifier,
         clock: Callable[[], int],
+        signer: Signer,
     ) -> None:
         self._settings = settings
         self._store = store
         self._bundles = bundles
         self._notifier = notifier
         self._clock = clock
+        self._signer = signer
         # Manifests never change once written (one key per deploy), so a warm function keeps the last
         # few: the one it just saved is the one the next deploy diffs against.
         self._manifests: OrderedDict[str, list[FileEntry]] = OrderedDict()
@@ -92,35 +110,64 @@ class Publisher:
         """The deployment's live version and its manifest; None before the first version."""
         if not deployment.current_deploy_id:
             return None
-        prev = self._store.get_deploy_fields(deployment.name, deployment.current_deploy_id, ["manifest_key"])
+        prev = self._store.get_deploy_fields(deployment.name, deployment.current_deploy_id, ["manifest_key", "sha256"])
         manifest = self.load_manifest(prev.get("manifest_key"))
-        return None if manifest is None else LiveBase(deployment.current_version, deployment.current_deploy_id, manifest)
+        if manifest is None:
+            return None
+        return LiveBase(deployment.current_version, deployment.current_deploy_id, manifest, str(prev.get("sha256", "")))
 
     def save_delta(self, deploy: Deploy, base: LiveBase, built: BuiltDelta) -> Delta:
         key = delta_key(deploy.deployment, deploy.deploy_id)
-        self._bundles.put(key, built.data, BUNDLE_CONTENT_TYPE)
+        object_version = self._bundles.put(key, built.data, BUNDLE_CONTENT_TYPE)
         return Delta(
             base_version=base.version,
+            base_sha256=base.sha256 or None,
             key=key,
             sha256=built.sha256,
             size=len(built.data),
+            object_version=object_version,
             files=built.files,
             removed=built.removed,
             files_sha256=built.files_sha256,
         )
 
+    def announce(self, version: Version) -> None:
+        """Publish the signed statement of a version, with short-lived download URLs pinned to its
+        object versions (a sidecar trusts the statement, never the URLs: it checks what it downloads)."""
+        expiry = self._settings.announce_url_expiry_seconds
+        url = self._bundles.presigned_download(version.key, expiry, version.object_version)
+        delta = version.delta
+        delta_url = self._bundles.presigned_download(delta.key, expiry, delta.object_version) if delta else None
+        statement = statement_bytes(version_statement(version))
+        try:
+            signature = self._signer.sign(statement)
+            key_id = self._signer.key_id
+        except SigningError as exc:
+            raise StorageError(f"cannot sign the announcement of version {version.version}: {exc}") from exc
+        self._notifier.publish_version(version, statement, signature, key_id, url, delta_url)
+
     def diff_against_live(self, deployment: str, manifest: list[FileEntry]) -> DeployDiff:
         base = self.live_base(self._store.get_deployment(deployment))
         return diff_manifests(base.manifest if base else None, manifest)
 
-    def publish(self, deploy: Deploy, fields: dict[str, Any], delta: Delta | None = None) -> Version | None:
+    def publish(
+        self,
+        deploy: Deploy,
+        fields: dict[str, Any],
+        limits: Limits,
+        object_version: str | None,
+        delta: Delta | None = None,
+    ) -> Version | None:
         """VALIDATING -> ACTIVE as the next version; the previous live deploy becomes SUPERSEDED.
 
+        The version records what makes it itself (the deployment's id, the bundle's sha256 and
+        S3 object version) and the limits it was validated with; the announcement is signed.
         Retries bounded times when another deploy took the number; None when this deploy
-        was already finished by another delivery.
+        was already finished by another delivery (or cancelled meanwhile).
         """
         for attempt in range(self._settings.activation_retries):
             current = self._store.get_deployment(deploy.deployment)
+            uid = current.uid or self._store.ensure_uid(deploy.deployment, new_uid())
             clock = self._clock()
             version = Version(
                 deployment=deploy.deployment,
@@ -130,6 +177,9 @@ class Publisher:
                 size=deploy.size,
                 key=deploy.key,
                 created_at=clock,
+                deployment_id=uid,
+                object_version=object_version,
+                limits=limits,
                 delta=delta,
             )
             try:
@@ -142,10 +192,7 @@ class Publisher:
                 logger.info("deploy finished by another delivery")
                 return None
             logger.info("version active", extra={"version": version.version})
-            expiry = self._settings.announce_url_expiry_seconds
-            url = self._bundles.presigned_download(version.key, expiry)
-            delta_url = self._bundles.presigned_download(delta.key, expiry) if delta else None
-            self._notifier.publish_version(version, url, delta_url)
+            self.announce(version)
             return version
         raise StorageError(
             f"cannot assign a version to deploy {deploy.deploy_id} after {self._settings.activation_retries} attempts"

@@ -8,8 +8,8 @@ import secrets
 import time
 from collections.abc import Callable
 
-from chalicelib.auth import hash_token, new_token
-from chalicelib.exceptions import Conflict, InvalidRequest, NotFound
+from chalicelib.auth import ROLE_PERMISSIONS, Permission, hash_token, new_token
+from chalicelib.exceptions import Conflict, Forbidden, InvalidRequest, NotFound, StorageError
 from chalicelib.models import (
     CreatedDeploy,
     CreateDeploy,
@@ -29,6 +29,7 @@ from chalicelib.models import (
     Role,
     Sidecar,
     SidecarView,
+    SigningKey,
     Token,
     TokenView,
     UpdateDeployment,
@@ -36,8 +37,9 @@ from chalicelib.models import (
     VersionView,
 )
 from chalicelib.notify import SidecarQueues
-from chalicelib.publish import Publisher
+from chalicelib.publish import Publisher, new_uid
 from chalicelib.settings import Settings
+from chalicelib.signing import ALGORITHM, Signer, SigningError
 from chalicelib.storage import BundleStorage, bundle_key
 from chalicelib.store import Store
 from chalicelib.telemetry import Telemetry
@@ -64,7 +66,9 @@ class ControlPlane:
         telemetry: Telemetry | None = None,
         sleep: Callable[[float], None] = time.sleep,
         forget_token: Callable[[str], None] | None = None,
+        signer: Signer | None = None,
     ) -> None:
+        self._signer = signer
         self._telemetry = telemetry or Telemetry()
         self._forget_token = forget_token  # drops a revoked token from this process's authenticator cache
         self._sleep = sleep
@@ -78,7 +82,7 @@ class ControlPlane:
     # --- deployments -----------------------------------------------------------------
 
     def create_deployment(self, req: CreateDeployment) -> Deployment:
-        dep = Deployment(name=req.name, mechanism=req.mechanism, created_at=self._clock())
+        dep = Deployment(name=req.name, uid=new_uid(), mechanism=req.mechanism, created_at=self._clock())
         self._store.create_deployment(dep)
         return dep
 
@@ -101,7 +105,7 @@ class ControlPlane:
         if dep.mechanism is not Mechanism.DAG_ONLY:
             raise Conflict(
                 f"DAG-only deploys are disabled for deployment {deployment!r} (mechanism {dep.mechanism.value}); "
-                f"an admin can enable them with `dagcast deployment update {deployment} --dag-deploy enabled`"
+                f"an admin can enable them with `dagcast deployment update --deployment {deployment} --dag-deploy enabled`"
             )
         if req.size > dep.limits.max_bundle_bytes:
             raise InvalidRequest(
@@ -145,8 +149,7 @@ class ControlPlane:
         gather_until = started + self._settings.wait_answer_seconds * 1000
         seen = _progress(view.deploy.model_dump(mode="json", include=set(PROGRESS_FIELDS)))
         active = view.deploy.state is DeployState.ACTIVE
-        version = view.deploy.version or 0
-        waiting_on = {s.name for s in view.sidecars if s.live and s.version < version}
+        waiting_on = {s.name for s in view.sidecars if s.live} - set(view.deploy.activations)
         gathered = False
         while self._clock() < deadline:
             # Before ACTIVE nothing waits on this answer but the CLI's next message; once ACTIVE the
@@ -164,9 +167,14 @@ class ControlPlane:
 
     def _deploy_view(self, deployment: str, deploy_id: str) -> DeployView:
         deploy = self._store.get_deploy(deployment, deploy_id)
-        sidecars = self.sidecar_views(deployment)
-        live = [s for s in sidecars if s.live]
-        on_version = [s for s in live if deploy.version is not None and s.version >= deploy.version]
+        dep = self._store.get_deployment(deployment)
+        uid = dep.uid or self._store.ensure_uid(deployment, new_uid())
+        sidecars = sorted(self._store.list_sidecars(deployment), key=lambda s: s.name)
+        views = self._views(dep, uid, sidecars)
+        live = [s for s in views if s.live]
+        # "on it" means exactly this version: its number, its bundle's sha256 and the deployment's id,
+        # as the sidecar itself reported them (see heartbeat)
+        on_version = [s for v, s in zip(views, sidecars, strict=True) if v.live and _runs(s, uid, deploy.version, deploy.sha256)]
         converged = deploy.state is DeployState.ACTIVE and len(on_version) == len(live)
         if converged and live and deploy.converged_at is None:
             at = self._note_convergence(deploy, [s.name for s in live])
@@ -174,7 +182,7 @@ class ControlPlane:
                 deploy = deploy.model_copy(update={"converged_at": at})
         return DeployView(
             deploy=deploy,
-            sidecars=sidecars,
+            sidecars=views,
             live_sidecars=len(live),
             sidecars_on_version=len(on_version),
             converged=converged,
@@ -197,7 +205,8 @@ class ControlPlane:
         return UploadForm(url=url, fields=fields, expires_at=self._clock() + expires * 1000)
 
     def cancel_deploy(self, deployment: str, deploy_id: str, by: str) -> Deploy:
-        """PENDING -> CANCELLED; the upload, if it arrives later, is deleted and never validated."""
+        """PENDING or VALIDATING -> CANCELLED; the deploy never goes live, and its upload is deleted
+        (now, and by ingest or the janitor if it arrives later)."""
         deploy = self._store.cancel_deploy(deployment, deploy_id, by)
         self._bundles.delete(deploy.key)
         return deploy
@@ -223,6 +232,7 @@ class ControlPlane:
             rollback_of=target.deploy_id,
             activations={},
         )
+        served = self._store.get_version(deployment, target.version)
         self._store.create_rollback(deploy)
         manifest = self._publisher.load_manifest(target.manifest_key) or []
         fields = {
@@ -233,7 +243,7 @@ class ControlPlane:
             "manifest_key": target.manifest_key,
             "diff": self._publisher.diff_against_live(deployment, manifest).model_dump(),
         }
-        self._publisher.publish(deploy, fields)
+        self._publisher.publish(deploy, fields, served.limits, served.object_version)
         return self._store.get_deploy(deployment, deploy.deploy_id)
 
     def _note_convergence(self, deploy: Deploy, live: list[str]) -> int | None:
@@ -250,80 +260,171 @@ class ControlPlane:
 
     # --- versions --------------------------------------------------------------------
 
-    def get_version(self, deployment: str, version: int | None) -> VersionView:
-        """A version (the current one when None) with a short-lived download URL."""
+    def get_version(self, deployment: str, version: int | None, caller: Token | None = None) -> VersionView:
+        """A version (the current one when None). Download URLs (short-lived, pinned to the object
+        versions the version recorded) only for callers that may download bundles; the manifest
+        (file list and sha256s, no code) for every reader."""
         if version is None:
             dep = self._store.get_deployment(deployment)
             if dep.current_version == 0:
                 raise NotFound(f"deployment {deployment!r} has no version yet: deploy DAGs first")
             version = dep.current_version
         record = self._store.get_version(deployment, version)
+        if not record.deployment_id:
+            record = record.model_copy(update={"deployment_id": self._uid(deployment)})
         expiry = self._settings.download_expiry_seconds
         manifest_key = self._store.get_deploy_fields(deployment, record.deploy_id, ["manifest_key"]).get("manifest_key")
+        downloads = caller is None or Permission.SYNC in ROLE_PERMISSIONS[caller.role]
+        delta = record.delta
         return VersionView(
             version=record,
-            download_url=self._bundles.presigned_download(record.key, expiry),
+            download_url=self._bundles.presigned_download(record.key, expiry, record.object_version) if downloads else None,
             manifest_url=self._bundles.presigned_download(manifest_key, expiry) if manifest_key else None,
-            delta_url=self._bundles.presigned_download(record.delta.key, expiry) if record.delta else None,
+            delta_url=(self._bundles.presigned_download(delta.key, expiry, delta.object_version)
+                       if delta and downloads else None),
         )
+
+    def _uid(self, deployment: str) -> str:
+        dep = self._store.get_deployment(deployment)
+        return dep.uid or self._store.ensure_uid(deployment, new_uid())
+
+    def signing_keys(self) -> list[SigningKey]:
+        if self._signer is None:
+            return []
+        try:
+            return [SigningKey(key_id=self._signer.key_id, algorithm=ALGORITHM, public_key=self._signer.public_key_pem)]
+        except SigningError as exc:
+            raise StorageError(f"cannot read the signing key: {exc}") from exc
 
     # --- sidecars --------------------------------------------------------------------
 
-    def register_sidecar(self, deployment: str, req: RegisterSidecar) -> Registration:
-        self._store.get_deployment(deployment)
+    def register_sidecar(self, deployment: str, req: RegisterSidecar, caller: Token, secret: str | None) -> Registration:
+        """Register a sidecar with a secret of its own (returned once): its heartbeats and its
+        deregistration need it, so no other credential can act as this sidecar. A name already
+        registered and live is only taken over with its secret (a restarted sidecar keeps it) or by
+        an admin; a token limited to some sidecar names registers only those."""
+        dep = self._store.get_deployment(deployment)
+        if not caller.allows_sidecar(req.name):
+            raise Forbidden(f"token {caller.name!r} may register only sidecars named {', '.join(caller.sidecar_names or [])}")
         existing = self._store.get_sidecar(deployment, req.name)
-        queue_url, sub_arn = self._queues.create(deployment, req.name)
         clock = self._clock()
+        if (
+            existing is not None
+            and existing.secret_hash
+            and clock - existing.last_heartbeat <= self._settings.sidecar_stale_seconds * 1000
+            and (secret is None or hash_token(secret) != existing.secret_hash)
+            and caller.role is not Role.ADMIN
+        ):
+            raise Conflict(
+                f"sidecar {req.name!r} is registered and live; only that sidecar (with its secret) or an admin "
+                f"can register it again, or it can be registered once it has been silent for "
+                f"{self._settings.sidecar_stale_seconds} s"
+            )
+        queue_url, sub_arn = self._queues.create(deployment, req.name)
+        new_secret = secrets.token_urlsafe(32)
+        keep = existing is not None and existing.deployment_id == dep.uid
         sidecar = Sidecar(
             deployment=deployment,
             name=req.name,
             component=req.component,
             queue_url=queue_url,
             subscription_arn=sub_arn,
-            version=existing.version if existing else 0,
+            version=existing.version if existing and keep else 0,
+            sha256=existing.sha256 if existing and keep else None,
+            deployment_id=existing.deployment_id if existing and keep else None,
             last_heartbeat=clock,
             registered_at=clock,
+            secret_hash=hash_token(new_secret),
+            registered_by=caller.name,
         )
         if existing and existing.subscription_arn and existing.subscription_arn != sub_arn:
             self._queues.delete(None, existing.subscription_arn)
         self._store.put_sidecar(sidecar)
-        return Registration(sidecar=sidecar, queue_url=queue_url)
+        uid = dep.uid or self._store.ensure_uid(deployment, new_uid())
+        return Registration(
+            sidecar=self._views(dep, uid, [sidecar])[0],
+            queue_url=queue_url,
+            secret=new_secret,
+            deployment_id=uid,
+            signing_keys=self.signing_keys(),
+        )
 
-    def heartbeat(self, deployment: str, name: str, req: Heartbeat) -> SidecarView:
+    def heartbeat(self, deployment: str, name: str, req: Heartbeat, secret: str | None) -> SidecarView:
+        """A sidecar's report of its live version. It counts as running a version only when it
+        reports that version's number, bundle sha256 and deployment id, as that version was recorded."""
+        if not secret:
+            raise Forbidden(f"a heartbeat of sidecar {name!r} needs its secret (X-Dagcast-Sidecar-Secret)")
         fields = req.model_dump(mode="json")
         fields["last_heartbeat"] = self._clock()
-        sidecar, previous_version = self._store.heartbeat(deployment, name, fields)
-        if req.version and previous_version != req.version:
+        sidecar, before = self._store.heartbeat(deployment, name, fields, hash_token(secret))
+        dep = self._store.get_deployment(deployment)
+        uid = dep.uid or self._store.ensure_uid(deployment, new_uid())
+        reported = (req.version, req.sha256, req.deployment_id)
+        if req.version and reported != (before.version, before.sha256, before.deployment_id):
             try:
-                deploy_id = self._store.deploy_of_version(deployment, req.version)
+                deploy_id, sha256, version_uid = self._store.version_identity(deployment, req.version)
             except NotFound:  # a folder left from an older installation: report it, record nothing
                 deploy_id = None
-            if deploy_id is not None:
+            if deploy_id is not None and req.sha256 == sha256 and req.deployment_id == (version_uid or uid) == uid:
                 at = req.last_sync_at or fields["last_heartbeat"]
                 self._store.record_activation(deployment, deploy_id, name, at, req.last_notified_at)
-        return self._view(sidecar, fields["last_heartbeat"])
+        return self._views(dep, uid, [sidecar])[0]
 
-    def deregister_sidecar(self, deployment: str, name: str) -> None:
-        old = self._store.delete_sidecar(deployment, name)
+    def deregister_sidecar(self, deployment: str, name: str, caller: Token, secret: str | None) -> None:
+        """Remove a sidecar and its queue: the sidecar itself (with its secret), or an admin."""
+        if caller.role is Role.ADMIN:
+            old = self._store.delete_sidecar(deployment, name)
+        elif not secret:
+            raise Forbidden(f"deregistering sidecar {name!r} needs its secret (X-Dagcast-Sidecar-Secret) or an admin")
+        else:
+            old = self._store.delete_sidecar(deployment, name, hash_token(secret))
         if old is not None:
             self._queues.delete(old.queue_url, old.subscription_arn)
 
     def sidecar_views(self, deployment: str) -> list[SidecarView]:
-        clock = self._clock()
-        return [self._view(s, clock) for s in sorted(self._store.list_sidecars(deployment), key=lambda s: s.name)]
+        dep = self._store.get_deployment(deployment)
+        uid = dep.uid or self._store.ensure_uid(deployment, new_uid())
+        return self._views(dep, uid, sorted(self._store.list_sidecars(deployment), key=lambda s: s.name))
 
-    def _view(self, s: Sidecar, clock: int) -> SidecarView:
-        live = clock - s.last_heartbeat <= self._settings.sidecar_stale_seconds * 1000
-        return SidecarView(
-            name=s.name,
-            component=s.component,
-            version=s.version,
-            live=live,
-            last_heartbeat=s.last_heartbeat,
-            last_sync_at=s.last_sync_at,
-            last_error=s.last_error,
-            last_notified_at=s.last_notified_at,
-        )
+    def _views(self, dep: Deployment, uid: str, sidecars: list[Sidecar]) -> list[SidecarView]:
+        """Sidecars as the API shows them: live or stale, and whether each runs the live version."""
+        clock = self._clock()
+        current_sha = None
+        if dep.current_version:
+            try:
+                current_sha = self._store.version_identity(dep.name, dep.current_version)[1]
+            except NotFound:
+                current_sha = None
+        return [
+            SidecarView(
+                name=s.name,
+                component=s.component,
+                version=s.version,
+                sha256=s.sha256,
+                on_current=bool(dep.current_version) and _runs(s, uid, dep.current_version, current_sha),
+                live=clock - s.last_heartbeat <= self._settings.sidecar_stale_seconds * 1000,
+                last_heartbeat=s.last_heartbeat,
+                last_sync_at=s.last_sync_at,
+                last_error=s.last_error,
+                last_notified_at=s.last_notified_at,
+            )
+            for s in sidecars
+        ]
+
+    def deregister_sidecars_of(self, token: Token) -> list[str]:
+        """Remove every sidecar a token registered (its queue too): a revoked token's sidecars get
+        no more announcements from that moment."""
+        removed = []
+        for dep in self._store.list_deployments():
+            if not token.allows(dep.name):
+                continue
+            for s in self._store.list_sidecars(dep.name):
+                if s.registered_by == token.name:
+                    old = self._store.delete_sidecar(dep.name, s.name)
+                    if old is not None:
+                        self._queues.delete(old.queue_url, old.subscription_arn)
+                        removed.append(f"{dep.name}/{s.name}")
+        return removed
 
     # --- janitor ---------------------------------------------------------------------
 
@@ -349,9 +450,22 @@ class ControlPlane:
                 if d.created_at < pending_cutoff and self._store.expire_deploy(dep.name, d.deploy_id):
                     self._bundles.delete(d.key)  # a late upload must never be picked up
                     report.deploys_expired.append(f"{dep.name}/{d.deploy_id}")
+            report.late_uploads_deleted += self._delete_late_uploads(dep.name, clock)
             report.bundles_pruned += self._prune_bundles(dep, clock)
         self._telemetry.stale_sidecars(stale)
         return report
+
+    def _delete_late_uploads(self, deployment: str, clock: int) -> list[str]:
+        """An upload can arrive until its form expires, after its deploy was cancelled or expired:
+        ingest deletes it when S3 tells it, and this catches one whose notification was lost."""
+        window = (self._settings.upload_expiry_seconds + self._settings.pending_grace_seconds) * 2000
+        deleted = []
+        abandoned = {DeployState.CANCELLED, DeployState.EXPIRED}
+        for d in self._store.recent_deploys_in(deployment, abandoned, clock - window):
+            if self._bundles.exists(d.key):
+                self._bundles.delete(d.key)
+                deleted.append(f"{deployment}/{d.deploy_id}")
+        return deleted
 
     def _prune_bundles(self, dep: Deployment, clock: int) -> list[str]:
         """Delete bundles beyond retention: older than the newest `keep_versions` versions and older
@@ -373,16 +487,19 @@ class ControlPlane:
 
     # --- tokens ----------------------------------------------------------------------
 
-    def issue_token(self, name: str, role: Role, deployments: list[str]) -> str:
+    def issue_token(self, name: str, role: Role, deployments: list[str], sidecar_names: list[str] | None = None) -> str:
         """Create a token; the secret is returned once and only its hash is stored."""
         secret = new_token()
-        self._store.put_token(
-            Token(token_hash=hash_token(secret), name=name, role=role, deployments=deployments, created_at=self._clock())
-        )
+        self._store.put_token(Token(
+            token_hash=hash_token(secret), name=name, role=role, deployments=deployments,
+            sidecar_names=sidecar_names, created_at=self._clock(),
+        ))
         return secret
 
     def create_token(self, req: CreateToken) -> IssuedToken:
-        secret = self.issue_token(req.name, req.role, req.deployments)
+        if req.sidecar_names is not None and req.role is not Role.SIDECAR:
+            raise InvalidRequest("sidecar_names limits sidecar tokens only; leave it out for other roles")
+        secret = self.issue_token(req.name, req.role, req.deployments, req.sidecar_names)
         token = self._store.token_by_name(req.name)
         assert token is not None
         return IssuedToken(token=secret, info=_token_view(token))
@@ -391,9 +508,12 @@ class ControlPlane:
         return [_token_view(t) for t in self._store.list_tokens()]
 
     def revoke_token(self, name: str) -> TokenView:
+        """Revoke a token: refused from now on (see Authenticator for other warm functions), and the
+        sidecars it registered are removed with their queues, so no announcement reaches them."""
         token = self._store.revoke_token(name)
         if self._forget_token is not None:
             self._forget_token(token.token_hash)
+        self.deregister_sidecars_of(token)
         return _token_view(token)
 
 
@@ -413,5 +533,11 @@ def _settled(view: DeployView) -> bool:
     return view.deploy.state not in (DeployState.PENDING, DeployState.VALIDATING)
 
 
+def _runs(s: Sidecar, uid: str, version: int | None, sha256: str | None) -> bool:
+    """Whether a sidecar reported exactly this version: number, bundle sha256 and deployment id."""
+    return version is not None and s.version == version and s.sha256 == sha256 and s.deployment_id == uid
+
+
 def _token_view(t: Token) -> TokenView:
-    return TokenView(name=t.name, role=t.role, deployments=t.deployments, revoked=t.revoked, created_at=t.created_at)
+    return TokenView(name=t.name, role=t.role, deployments=t.deployments, sidecar_names=t.sidecar_names,
+                     revoked=t.revoked, created_at=t.created_at)

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -18,7 +19,24 @@ class Settings(BaseSettings):
     sidecar_queue_prefix: str = Field("dagcast-sidecar-", description="name prefix of per-sidecar SQS queues")
     upload_expiry_seconds: int = Field(600, ge=1, le=3600)
     download_expiry_seconds: int = Field(300, ge=30, le=3600)
-    announce_url_expiry_seconds: int = Field(3600, ge=60, le=43200, description="lifetime of the URL in announcements")
+    announce_url_expiry_seconds: int = Field(
+        300, ge=60, le=3600,
+        description="lifetime of the download URLs in announcements: how long a URL a sidecar received keeps working "
+        "after its token was revoked",
+    )
+    signing_key_arn: str | None = Field(None, description="the KMS key (ECC_NIST_P256, SIGN_VERIFY) that signs announcements")
+    signing_key_file: str | None = Field(
+        None, description="a P-256 PEM private key file instead of KMS (the embedded stack; created when missing)"
+    )
+    compile_memory_mb: int = Field(
+        1024, ge=128, le=16384, description="address space of a process compiling an uploaded bundle's Python"
+    )
+    compile_cpu_seconds: float = Field(
+        10, gt=0, le=300, description="CPU seconds one Python file of an upload may take to compile"
+    )
+    validation_deadline_seconds: float = Field(
+        120, gt=0, le=840, description="an upload not validated by then is rejected (validation_timeout)"
+    )
     sidecar_stale_seconds: int = Field(90, ge=1, description="a sidecar silent for longer is not live")
     sidecar_expiry_seconds: int = Field(900, ge=1, description="the janitor removes sidecars silent for longer")
     pending_grace_seconds: int = Field(300, ge=0, description="extra time past the upload expiry before EXPIRED")
@@ -35,6 +53,12 @@ class Settings(BaseSettings):
         description="a function keeps each token it read this long (0: read on every request); the bound on "
         "how long a token revoked through another function still works on this one",
     )
+
+    @model_validator(mode="after")
+    def _one_signing_key(self) -> Self:
+        if not self.signing_key_arn and not self.signing_key_file:
+            raise ValueError("set DAGCAST_SIGNING_KEY_ARN (a KMS key) or DAGCAST_SIGNING_KEY_FILE: announcements are signed")
+        return self
 
 
 @lru_cache(maxsize=1)

@@ -1,4 +1,10 @@
-"""S3 access for bundles: presigned uploads and downloads, streaming reads."""
+"""S3 access for bundles: presigned uploads and downloads, streaming reads.
+
+The bucket is versioned: a recorded version names the S3 object version it validated, and
+every download of it is pinned to that object version, so a later write to the same key (an
+overwrite through a leaked form, or by a principal with s3:PutObject) can never change what a
+version serves. Deleting a key removes every object version of it.
+"""
 from __future__ import annotations
 
 import base64
@@ -63,28 +69,34 @@ class BundleStorage:
             raise StorageError(f"cannot presign upload of {key}: {exc}") from exc
         return str(post["url"]), {k: str(v) for k, v in post["fields"].items()}
 
-    def presigned_download(self, key: str, expires_in: int) -> str:
+    def presigned_download(self, key: str, expires_in: int, object_version: str | None = None) -> str:
+        """A GET of the key (of that object version, when given) that works for `expires_in` seconds."""
+        params = {"Bucket": self.bucket, "Key": key, **({"VersionId": object_version} if object_version else {})}
         try:
-            url: str = self._s3.generate_presigned_url(
-                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires_in
-            )
+            url: str = self._s3.generate_presigned_url("get_object", Params=params, ExpiresIn=expires_in)
         except ClientError as exc:
             raise StorageError(f"cannot presign download of {key}: {exc}") from exc
         return url
 
-    def open(self, key: str) -> tuple[BinaryIO, int]:
-        """A streaming body of the object and its size."""
+    def open(self, key: str, object_version: str | None = None) -> tuple[BinaryIO, int, str | None]:
+        """A streaming body of the object (the current one, or that object version), its size and its version id."""
         try:
-            out = self._s3.get_object(Bucket=self.bucket, Key=key)
+            out = self._s3.get_object(
+                Bucket=self.bucket, Key=key, **({"VersionId": object_version} if object_version else {})
+            )
         except ClientError as exc:
             raise StorageError(f"cannot read {key}: {exc}") from exc
-        return out["Body"], int(out["ContentLength"])
+        version_id = out.get("VersionId")
+        return out["Body"], int(out["ContentLength"]), None if version_id in (None, "null") else str(version_id)
 
-    def put(self, key: str, body: bytes, content_type: str) -> None:
+    def put(self, key: str, body: bytes, content_type: str) -> str | None:
+        """Write the object; returns its object version id (None on a bucket without versioning)."""
         try:
-            self._s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+            out = self._s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
         except ClientError as exc:
             raise StorageError(f"cannot write {key}: {exc}") from exc
+        version_id = out.get("VersionId")
+        return None if version_id in (None, "null") else str(version_id)
 
     def read(self, key: str) -> bytes:
         try:
@@ -92,6 +104,15 @@ class BundleStorage:
         except ClientError as exc:
             raise StorageError(f"cannot read {key}: {exc}") from exc
         return data
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._s3.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StorageError(f"cannot look up {key}: {exc}") from exc
+        return True
 
     def tag(self, key: str, tags: dict[str, str]) -> None:
         try:
@@ -102,7 +123,31 @@ class BundleStorage:
             raise StorageError(f"cannot tag {key}: {exc}") from exc
 
     def delete(self, key: str) -> None:
+        """Remove the key for good: every object version of it and every delete marker."""
         try:
-            self._s3.delete_object(Bucket=self.bucket, Key=key)
+            versions = self._object_versions(key)
+            if not versions:
+                self._s3.delete_object(Bucket=self.bucket, Key=key)
+            for version_id in versions:
+                self._s3.delete_object(Bucket=self.bucket, Key=key, VersionId=version_id)
         except ClientError as exc:
             raise StorageError(f"cannot delete {key}: {exc}") from exc
+
+    def delete_version(self, key: str, object_version: str) -> None:
+        """Remove one object version of the key (a write that must not be kept)."""
+        try:
+            self._s3.delete_object(Bucket=self.bucket, Key=key, VersionId=object_version)
+        except ClientError as exc:
+            raise StorageError(f"cannot delete version {object_version} of {key}: {exc}") from exc
+
+    def _object_versions(self, key: str) -> list[str]:
+        ids: list[str] = []
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": key}
+        while True:
+            out = self._s3.list_object_versions(**kwargs)
+            for entry in (*out.get("Versions", []), *out.get("DeleteMarkers", [])):
+                if entry.get("Key") == key and entry.get("VersionId"):
+                    ids.append(str(entry["VersionId"]))
+            if not out.get("IsTruncated"):
+                return ids
+            kwargs = {**kwargs, "KeyMarker": out.get("NextKeyMarker"), "VersionIdMarker": out.get("NextVersionIdMarker")}

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any
+from typing import Any, NoReturn
 
 from botocore.exceptions import ClientError
 
-from chalicelib.exceptions import Conflict, InvalidRequest, NotFound, StorageError
+from chalicelib.exceptions import Conflict, Forbidden, InvalidRequest, NotFound, StorageError
 from chalicelib.models import Deploy, Deployment, DeployState, Sidecar, Token, Version
 
 META = "META"
@@ -63,7 +63,7 @@ class Store:
     def __init__(self, table: Any) -> None:
         self._table = table
         self._client = table.meta.client
-        self._version_deploys: dict[tuple[str, int], str] = {}
+        self._version_deploys: dict[tuple[str, int], tuple[str, str, str]] = {}
 
     # --- deployments -----------------------------------------------------------------
 
@@ -101,6 +101,23 @@ class Store:
                 raise NotFound(f"deployment {name!r} does not exist") from exc
             raise StorageError(f"cannot update deployment {name!r}: {exc}") from exc
         return Deployment.model_validate(_strip(out["Attributes"]))
+
+    def ensure_uid(self, name: str, uid: str) -> str:
+        """The deployment's immutable id: `uid` is written only when it has none yet (a deployment
+        created before ids existed); returns the id it has."""
+        try:
+            out = self._table.update_item(
+                Key={"pk": _pk(name), "sk": META},
+                UpdateExpression="SET uid = :u",
+                ConditionExpression="attribute_exists(pk) AND (attribute_not_exists(uid) OR uid = :empty)",
+                ExpressionAttributeValues={":u": uid, ":empty": ""},
+                ReturnValues="UPDATED_NEW",
+            )
+        except ClientError as exc:
+            if _failed_condition(exc):
+                return self.get_deployment(name).uid
+            raise StorageError(f"cannot give deployment {name!r} its id: {exc}") from exc
+        return str(out["Attributes"]["uid"])
 
     def list_deployments(self) -> list[Deployment]:
         items = self._scan("sk = :meta AND begins_with(pk, :p)", {":meta": META, ":p": "DEPLOYMENT#"}, "deployments")
@@ -336,15 +353,18 @@ class Store:
         self.create_deploy(deploy)
 
     def cancel_deploy(self, deployment: str, deploy_id: str, by: str) -> Deploy:
+        """PENDING or VALIDATING -> CANCELLED. Activation requires VALIDATING in the same transaction
+        that publishes, so a deploy cancelled while its upload is validated never goes live."""
         try:
             out = self._table.update_item(
                 Key={"pk": _pk(deployment), "sk": _deploy_sk(deploy_id)},
                 UpdateExpression="SET #s = :cancelled, cancelled_by = :by",
-                ConditionExpression="#s = :pending",
+                ConditionExpression="#s IN (:pending, :validating)",
                 ExpressionAttributeNames={"#s": "state"},
                 ExpressionAttributeValues={
                     ":cancelled": DeployState.CANCELLED.value,
                     ":pending": DeployState.PENDING.value,
+                    ":validating": DeployState.VALIDATING.value,
                     ":by": by,
                 },
                 ReturnValues="ALL_NEW",
@@ -352,9 +372,20 @@ class Store:
         except ClientError as exc:
             if _failed_condition(exc):
                 state = self.get_deploy(deployment, deploy_id).state.value
-                raise Conflict(f"deploy {deploy_id} is {state}; only a PENDING deploy can be cancelled") from exc
+                raise Conflict(
+                    f"deploy {deploy_id} is {state}; only a PENDING or VALIDATING deploy can be cancelled"
+                ) from exc
             raise StorageError(f"cannot cancel deploy {deploy_id}: {exc}") from exc
         return Deploy.model_validate(_strip(out["Attributes"]))
+
+    def recent_deploys_in(self, deployment: str, states: set[DeployState], since_ms: int) -> list[Deploy]:
+        """Deploys created since `since_ms` that are in one of `states`."""
+        items = self._query_prefix(_pk(deployment), "DEPLOY#")
+        wanted = {s.value for s in states}
+        return [
+            Deploy.model_validate(_strip(i)) for i in items
+            if i.get("state") in wanted and int(i.get("created_at", 0)) >= since_ms
+        ]
 
     def record_activation(
         self, deployment: str, deploy_id: str, sidecar: str, at_ms: int, notified_ms: int | None = None
@@ -405,21 +436,25 @@ class Store:
             raise NotFound(f"version {version} of deployment {deployment!r} does not exist")
         return Version.model_validate(_strip(item))
 
-    def deploy_of_version(self, deployment: str, version: int) -> str:
-        """The id of the deploy that published `version` (NotFound when none did). A published
-        version never changes, so the answer is kept: each sidecar that reports the version then
-        costs no read of it."""
+    def version_identity(self, deployment: str, version: int) -> tuple[str, str, str]:
+        """(deploy id, bundle sha256, deployment id) of a published version (NotFound when there is
+        none). A published version never changes, so the answer is kept: each sidecar that reports
+        the version then costs no read of it."""
         key = (deployment, version)
-        deploy_id = self._version_deploys.get(key)
-        if deploy_id is None:
-            item = self._get(_pk(deployment), _version_sk(version), f"version {version}", ["deploy_id"])
+        found = self._version_deploys.get(key)
+        if found is None:
+            item = self._get(_pk(deployment), _version_sk(version), f"version {version}", ["deploy_id", "sha256", "deployment_id"])
             if not item:
                 raise NotFound(f"version {version} of deployment {deployment!r} does not exist")
-            deploy_id = str(item["deploy_id"])
+            found = (str(item["deploy_id"]), str(item["sha256"]), str(item.get("deployment_id", "")))
             if len(self._version_deploys) >= KEPT_VERSION_DEPLOYS:
                 self._version_deploys.clear()
-            self._version_deploys[key] = deploy_id
-        return deploy_id
+            self._version_deploys[key] = found
+        return found
+
+    def deploy_of_version(self, deployment: str, version: int) -> str:
+        """The id of the deploy that published `version` (NotFound when none did)."""
+        return self.version_identity(deployment, version)[0]
 
     # --- sidecars --------------------------------------------------------------------
 
@@ -434,31 +469,45 @@ class Store:
         item = self._get(_pk(deployment), _sidecar_sk(name), f"sidecar {name!r}")
         return Sidecar.model_validate(_strip(item)) if item else None
 
-    def heartbeat(self, deployment: str, name: str, fields: dict[str, Any]) -> tuple[Sidecar, int]:
-        """Record a heartbeat; returns the sidecar as updated and the version it reported before."""
+    def heartbeat(self, deployment: str, name: str, fields: dict[str, Any], secret_hash: str) -> tuple[Sidecar, Sidecar]:
+        """Record a heartbeat of the sidecar whose secret hashes to `secret_hash`; returns the sidecar
+        as updated and as it was. NotFound when it is not registered, Forbidden for another secret."""
         clauses, names, values = _assignments(fields)
         try:
             out = self._table.update_item(
                 Key={"pk": _pk(deployment), "sk": _sidecar_sk(name)},
                 UpdateExpression="SET " + ", ".join(clauses),
-                ConditionExpression="attribute_exists(pk)",
+                ConditionExpression="attribute_exists(pk) AND secret_hash = :secret",
                 ExpressionAttributeNames=names,
-                ExpressionAttributeValues=values,
+                ExpressionAttributeValues={**values, ":secret": secret_hash},
                 ReturnValues="ALL_OLD",
             )
         except ClientError as exc:
             if _failed_condition(exc):
-                raise NotFound(f"sidecar {name!r} is not registered in {deployment!r}; register it first") from exc
+                self._refuse_sidecar(deployment, name)
             raise StorageError(f"cannot record heartbeat of sidecar {name!r}: {exc}") from exc
-        old = _strip(out["Attributes"])
-        return Sidecar.model_validate({**old, **fields}), int(old.get("version", 0))
+        old = Sidecar.model_validate(_strip(out["Attributes"]))
+        return old.model_copy(update=fields), old
 
-    def delete_sidecar(self, deployment: str, name: str) -> Sidecar | None:
+    def _refuse_sidecar(self, deployment: str, name: str) -> NoReturn:
+        if self.get_sidecar(deployment, name) is None:
+            raise NotFound(f"sidecar {name!r} is not registered in {deployment!r}; register it first")
+        raise Forbidden(f"this request does not carry sidecar {name!r}'s own secret (X-Dagcast-Sidecar-Secret)")
+
+    def delete_sidecar(self, deployment: str, name: str, secret_hash: str | None = None) -> Sidecar | None:
+        """Remove a registration (only the one holding `secret_hash`, when given); returns it, or None
+        when there was none."""
+        kwargs: dict[str, Any] = {}
+        if secret_hash is not None:
+            kwargs = {"ConditionExpression": "attribute_not_exists(pk) OR secret_hash = :secret",
+                      "ExpressionAttributeValues": {":secret": secret_hash}}
         try:
             out = self._table.delete_item(
-                Key={"pk": _pk(deployment), "sk": _sidecar_sk(name)}, ReturnValues="ALL_OLD"
+                Key={"pk": _pk(deployment), "sk": _sidecar_sk(name)}, ReturnValues="ALL_OLD", **kwargs
             )
         except ClientError as exc:
+            if _failed_condition(exc):
+                self._refuse_sidecar(deployment, name)
             raise StorageError(f"cannot deregister sidecar {name!r}: {exc}") from exc
         old = out.get("Attributes")
         return Sidecar.model_validate(_strip(old)) if old else None

@@ -17,6 +17,7 @@ import re
 import shutil
 import stat
 import sys
+import time
 import warnings
 import zlib
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -26,10 +27,11 @@ from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from chalicelib.compile_workers import SUSPECT_BYTES, TOO_COMPLEX, CompileDeadline, CompileWorkers
 from chalicelib.exceptions import DagcastError
 
 if TYPE_CHECKING:
-    from chalicelib.compile_workers import CompileSession, CompileWorkers
+    from chalicelib.compile_workers import CompileSession
     from chalicelib.delta import DeltaCollector
 
 __all__ = [
@@ -58,17 +60,30 @@ _TRAILER_MAX = 16 * MiB  # decompressed bytes tolerated after the end-of-archive
 _OCTAL = re.compile(rb"[0-7]*")
 
 
+# The largest limits a deployment may set: what every sidecar and the Airflow bundle's fetch
+# extract (they extract each version with the limits it was validated with, see Version.limits).
+HARD_LIMITS = {
+    "max_bundle_bytes": 1024 * MiB,
+    "max_total_bytes": 4096 * MiB,
+    "max_members": 1_000_000,
+    "max_member_bytes": 1024 * MiB,
+    "max_py_bytes": 16 * MiB,
+    "max_path_bytes": 4096,
+}
+NAME_MAX = 255  # bytes in one path component, on every filesystem a sidecar writes to
+
+
 class Limits(BaseModel):
-    """Size and count limits; every one is enforced while streaming."""
+    """Size and count limits; every one is enforced while streaming, none may exceed HARD_LIMITS."""
 
     model_config = ConfigDict(extra="forbid")
 
-    max_bundle_bytes: int = Field(default=256 * MiB, gt=0)  # compressed input
-    max_total_bytes: int = Field(default=1024 * MiB, gt=0)  # uncompressed sum of member sizes
-    max_members: int = Field(default=100_000, gt=0)
-    max_member_bytes: int = Field(default=100 * MiB, gt=0)
-    max_py_bytes: int = Field(default=10 * MiB, gt=0)
-    max_path_bytes: int = Field(default=1024, gt=0)
+    max_bundle_bytes: int = Field(default=256 * MiB, gt=0, le=HARD_LIMITS["max_bundle_bytes"])  # compressed input
+    max_total_bytes: int = Field(default=1024 * MiB, gt=0, le=HARD_LIMITS["max_total_bytes"])  # uncompressed sum
+    max_members: int = Field(default=100_000, gt=0, le=HARD_LIMITS["max_members"])
+    max_member_bytes: int = Field(default=100 * MiB, gt=0, le=HARD_LIMITS["max_member_bytes"])
+    max_py_bytes: int = Field(default=10 * MiB, gt=0, le=HARD_LIMITS["max_py_bytes"])
+    max_path_bytes: int = Field(default=1024, gt=0, le=HARD_LIMITS["max_path_bytes"])
 
 
 class Issue(BaseModel):
@@ -606,6 +621,8 @@ class _Scan:
         parts = [p for p in name.split("/") if p not in ("", ".")]
         if ".." in parts:
             return bad("path_traversal", "the path contains '..' (it could escape the DAG folder)")
+        if any(len(p.encode()) > NAME_MAX for p in parts):
+            return bad("path_too_long", f"a file or folder name in the path is longer than {NAME_MAX} bytes")
         if raw_kind in _SPECIAL:
             code, why = _SPECIAL[raw_kind]
             if raw_kind == b"1":
@@ -751,7 +768,8 @@ def _check_python(source: bytes, path: str) -> tuple[Issue | None, list[str]]:
     except RecursionError:
         return _python_error(path, "the code is nested too deeply to compile"), []
     except MemoryError:
-        return _python_error(path, "the code is too complex to parse (nested too deeply)"), []
+        return Issue(code="python_too_complex", path=path,
+                     message=f"{path}: too complex to compile: it needs more memory than allowed"), []
     except Exception as exc:  # noqa: BLE001 - ValueError (NUL bytes), LookupError (unknown codec), ...
         return _python_error(path, f"{type(exc).__name__}: {exc}"), []
     return None, dag_ids
@@ -1317,19 +1335,32 @@ def _run(
     collect: DeltaCollector | None = None,
     present: frozenset[str] = frozenset(),
     workers: CompileWorkers | None = None,
+    parallel: bool = False,
+    deadline: float | None = None,
 ) -> Report:
     """Drive one scan with one consumer (validation only, or extraction).
 
     `collect` is shown every member (with the bytes of the files it asks for) to build a delta;
-    `present` names paths that exist beside the archive (see _Scan.finish). With `workers`, once
-    PARALLEL_AFTER bytes of Python new to `cache` were compiled here, the rest is compiled by them.
+    `present` names paths that exist beside the archive (see _Scan.finish). Python files of
+    SUSPECT_BYTES and more are compiled in a bounded worker (of `workers`, or of a pool of one made
+    for this scan); with `parallel`, once PARALLEL_AFTER bytes of Python new to `cache` were compiled
+    here, the rest goes to `workers` too. Past `deadline` (a time.monotonic() value) the scan stops
+    with a validation_timeout issue.
     """
     scan = _Scan(fileobj, limits or Limits())
     manifest: list[FileEntry] = []
-    compiler = _Compiler(cache, workers)
+    compiler = _Compiler(cache, workers, parallel, deadline)
     try:
-        _members(scan, manifest, check_python, sink, reuse, cache, collect, compiler)
-        compiler.finish(manifest, scan)
+        try:
+            _members(scan, manifest, check_python, sink, reuse, cache, collect, compiler)
+            compiler.finish(manifest, scan)
+        except CompileDeadline:
+            took = f" after {compiler.seconds:.0f} s" if compiler.seconds >= 1 else ""
+            scan.issues.add(Issue(code="validation_timeout", message=(
+                f"The bundle could not be validated in time{took}: it holds more Python than the validator "
+                "checks before its deadline"
+            )), final=True)
+            scan.halted = True
     finally:
         compiler.close()
     if sink is None or not scan.issues:
@@ -1348,29 +1379,67 @@ def _run(
 
 
 class _Compiler:
-    """Compiles a bundle's Python files new to the cache: here, or with `workers` once PARALLEL_AFTER
-    bytes were compiled here, in worker processes (started a quarter of the way there, so they are
-    ready; a bundle with a few new files never starts them)."""
+    """Compiles a bundle's Python files new to the cache.
 
-    def __init__(self, cache: CompileCache | None, workers: CompileWorkers | None) -> None:
+    A file of SUSPECT_BYTES or more is compiled alone in a bounded worker process (see
+    chalicelib.compile_workers), so that hostile code cannot take this process's memory or time;
+    smaller files are compiled here, or, with `parallel`, once PARALLEL_AFTER bytes were compiled
+    here, by the workers (started a quarter of the way there, so they are ready; a bundle with a
+    few new files never starts them). Once a file came back too complex nothing more is compiled:
+    the bundle is rejected, and the deadline is kept."""
+
+    def __init__(
+        self, cache: CompileCache | None, workers: CompileWorkers | None, parallel: bool, deadline: float | None
+    ) -> None:
         self._cache = cache
-        self._workers = workers
+        self._pool = workers
+        self._own_pool: CompileWorkers | None = None
+        self._parallel = parallel and workers is not None and workers.size > 1
+        self._deadline = deadline
         self._session: CompileSession | None = None
         self._inline = 0  # bytes compiled in this process
+        self._started = time.monotonic()
+        self.stopped = False  # a file was too complex: compile nothing more
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self._started
+
+    def tick(self) -> None:
+        """CompileDeadline once the bundle's deadline passed (called for every member)."""
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise CompileDeadline("the bundle's deadline passed")
 
     def check(self, index: int, path: str, sha256: str, code: bytes) -> tuple[Issue | None, list[str]] | None:
         """The file's issue (or None) and DAG ids; None when a worker was given it (see finish)."""
-        if self._session is not None and self._inline >= PARALLEL_AFTER:
+        self.tick()
+        if self.stopped or (self._session is not None and self._session.too_complex):
+            return None
+        if len(code) >= SUSPECT_BYTES:
+            self._ensure_session(wait=True).submit_alone(index, path, code)
+            return None
+        if self._parallel and self._inline >= PARALLEL_AFTER // 4 and self._session is None:
+            self._ensure_session(wait=False)  # None while another bundle has them: stay inline
+            if self._session is None:
+                self._parallel = False
+        if self._parallel and self._session is not None and self._inline >= PARALLEL_AFTER:
             self._session.submit(index, path, code)
             return None
-        if self._workers is not None and self._inline >= PARALLEL_AFTER // 4:
-            self._session = self._workers.session()  # None while another bundle has them: stay inline
-            self._workers = None
         self._inline += len(code)
         issue, dag_ids = _check_python(code, path)
         if issue is None and self._cache is not None:
             self._cache.put(sha256, dag_ids)
+        elif issue is not None and issue.code == TOO_COMPLEX:
+            self.stopped = True
         return issue, dag_ids
+
+    def _ensure_session(self, wait: bool) -> CompileSession:
+        if self._session is None:
+            pool = self._pool
+            if pool is None:  # a scan without a pool of its own (the CLI): one bounded worker, for this scan only
+                pool = self._own_pool = CompileWorkers(workers=1)
+            self._session = pool.session(self._deadline, wait=wait)
+        return self._session  # type: ignore[return-value]
 
     def finish(self, manifest: list[FileEntry], scan: _Scan) -> None:
         """Fill in what the workers found: DAG ids in the manifest, issues after the others."""
@@ -1388,6 +1457,8 @@ class _Compiler:
     def close(self) -> None:
         if self._session is not None:
             self._session.close()
+        if self._own_pool is not None:
+            self._own_pool.close()
 
 
 def _members(
@@ -1404,6 +1475,7 @@ def _members(
     for member in scan.members():
         if sink is not None and scan.issues:
             break  # extraction stops at the first problem
+        compiler.tick()
         if member.kind == "dir":
             if sink is not None:
                 sink.mkdir(member.path)
@@ -1471,15 +1543,21 @@ def validate_stream(
     cache: CompileCache | None = None,
     collect: DeltaCollector | None = None,
     workers: CompileWorkers | None = None,
+    parallel: bool = False,
+    deadline: float | None = None,
 ) -> Report:
     """Validate a bundle read once from fileobj. Never raises for any input bytes.
 
     With `cache`, .py files whose exact bytes compiled before are not compiled again; with
-    `collect`, the members a delta against an earlier version needs are handed to it; with
-    `workers`, a bundle with many new Python files is compiled in those processes (the report is
-    the same, except that their issues follow the others). CompileWorkerError when one dies.
+    `collect`, the members a delta against an earlier version needs are handed to it. Large Python
+    files are compiled in bounded worker processes (`workers`, kept warm by the caller, or one made
+    for this call), and with `parallel` a bundle with many new Python files is compiled by them too
+    (the report is the same, except that their issues follow the others). Past `deadline`
+    (time.monotonic()) the bundle is rejected with validation_timeout. CompileWorkerError when a
+    worker dies for another reason than its bounds.
     """
-    return _run(fileobj, limits, check_python, None, cache=cache, collect=collect, workers=workers)
+    return _run(fileobj, limits, check_python, None, cache=cache, collect=collect, workers=workers,
+                parallel=parallel, deadline=deadline)
 
 
 def validate_file(path: Path, limits: Limits | None = None) -> Report:

@@ -16,9 +16,13 @@ Two ways Airflow uses a bundle:
   (no network) and pins `path` to that version's folder, `get_current_version()` reports it. A
   lease (`dagcast.lease`) stops the sidecar from pruning the pinned folder while it is parsed.
 * With a version (a worker running a task of a DAG run that started on that version):
-  `initialize()` makes sure `<dag_bundle_storage_path>/<name>/versions/<n>` exists: hard-linked
-  from the sidecar's copy when it has one, otherwise downloaded through the API, verified by
-  sha256 and extracted with the same rules as the server's validator. Those copies are Airflow's
+  `initialize()` makes sure `<dag_bundle_storage_path>/<name>/versions/<n>-<sha16>` exists:
+  hard-linked from the sidecar's copy when it has one, otherwise downloaded through the API,
+  verified by sha256 and extracted with the limits that version was validated with.
+
+Bundle versions are dagcast's version folder names, `<n>-<sha16>`: the version number and the
+start of its bundle's sha256, so a version recorded on a DAG run names exactly one bundle, even
+if the dagcast stack is later recreated and numbers its versions from 1 again. Those copies are Airflow's
   own, tracked by its bundle version locks while tasks run and removed by its stale bundle
   cleanup, so a version a task still uses is never removed under it.
 """
@@ -32,10 +36,11 @@ from typing import Any
 
 from airflow.dag_processing.bundles.base import BaseDagBundle, BundleVersion
 
+from chalicelib.models import Version
 from dagcast.client import ApiClient
 from dagcast.exceptions import ApiError, ClientError, ConfigError
 from dagcast.lease import Lease
-from dagcast.sidecar import SidecarConfig, Syncer
+from dagcast.sidecar import SidecarConfig, Syncer, parse_folder
 
 log = logging.getLogger("dagcast.airflow")
 
@@ -45,7 +50,7 @@ class DagcastBundleError(ClientError):
 
 
 class DagcastDagBundle(BaseDagBundle):
-    """DAGs deployed by dagcast; versions are dagcast's version numbers ("1", "2", ...)."""
+    """DAGs deployed by dagcast; versions are dagcast's version folders ("12-3f9a2c1d0e4b5a6c", ...)."""
 
     supports_versioning = True
 
@@ -68,8 +73,10 @@ class DagcastDagBundle(BaseDagBundle):
         self._token = token or os.environ.get("DAGCAST_TOKEN") or ""
         self.console_url = (console_url or (self.api_url + "/" if self.api_url else "")).rstrip("/") + "/"
         if self.version is not None and not _is_version(self.version):
-            raise DagcastBundleError(f"bundle {self.name!r}: {self.version!r} is not a dagcast version (expected 1, 2, ...)")
-        self._pinned: int | None = None  # the version the unversioned (DAG processor) instance serves
+            raise DagcastBundleError(
+                f"bundle {self.name!r}: {self.version!r} is not a dagcast version (expected <n>-<sha16>, as 12-3f9a2c1d0e4b5a6c)"
+            )
+        self._pinned: str | None = None  # the version folder the unversioned (DAG processor) instance serves
         self._lease: Lease | None = None
 
     # --- what Airflow asks ---------------------------------------------------------------
@@ -79,15 +86,15 @@ class DagcastDagBundle(BaseDagBundle):
         if self.version is not None:
             return self.versions_dir / self.version
         live = self._pinned if self._pinned is not None else self._live_version()
-        return self.root / "versions" / str(live) if live else self.link
+        return self.root / "versions" / live if live else self.link
 
     def get_current_version(self) -> BundleVersion | None:
-        version = self.version if self.version is not None else _str_or_none(self._pinned or self._live_version())
+        version = self.version if self.version is not None else (self._pinned or self._live_version())
         return None if version is None else BundleVersion(version=version)
 
     def initialize(self) -> None:
         if self.version is not None:
-            self._ensure_local(int(self.version))
+            self._ensure_local(self.version)
         else:
             self._pin()
         super().initialize()
@@ -112,12 +119,12 @@ class DagcastDagBundle(BaseDagBundle):
 
     # --- the DAG processor's view: the sidecar's live version, leased -------------------------
 
-    def _live_version(self) -> int | None:
+    def _live_version(self) -> str | None:
         try:
             name = Path(os.readlink(self.link)).name
         except OSError:
             return None
-        return int(name) if name.isdigit() else None
+        return name if parse_folder(name) else None
 
     def _pin(self) -> None:
         for _ in range(5):
@@ -133,7 +140,7 @@ class DagcastDagBundle(BaseDagBundle):
                 return
             lease = Lease(self.root, live)
             lease.acquire()
-            if (self.root / "versions" / str(live)).is_dir():
+            if (self.root / "versions" / live).is_dir():
                 previous, self._lease, self._pinned = self._lease, lease, live
                 if previous is not None:
                     previous.release()
@@ -144,8 +151,8 @@ class DagcastDagBundle(BaseDagBundle):
 
     # --- a worker's view: one exact version, on local disk -----------------------------------
 
-    def _ensure_local(self, version: int) -> None:
-        folder = self.versions_dir / str(version)
+    def _ensure_local(self, version: str) -> None:
+        folder = self.versions_dir / version
         if folder.is_dir():
             return
         with self.lock():  # one process at a time per bundle; the others then find the folder
@@ -158,15 +165,15 @@ class DagcastDagBundle(BaseDagBundle):
                 if self._link_from_sidecar(version, folder):
                     log.info("bundle %s version %s linked from the sidecar's copy", self.name, version)
                     return
-                view = self._look_up(syncer.api, version)
-                syncer.fetch(version, str(view["download_url"]), str(view["version"]["sha256"]))
+                record, url = self._look_up(syncer, version)
+                syncer.fetch(record, url)
                 log.info("bundle %s version %s fetched and verified", self.name, version)
             finally:
                 syncer.http.close()
                 syncer.api.close()
 
-    def _link_from_sidecar(self, version: int, folder: Path) -> bool:
-        source = self.root / "versions" / str(version)
+    def _link_from_sidecar(self, version: str, folder: Path) -> bool:
+        source = self.root / "versions" / version
         if not source.is_dir():
             return False
         tmp = folder.parent / f".tmp-{version}"
@@ -202,13 +209,26 @@ class DagcastDagBundle(BaseDagBundle):
             )
         return ApiClient(self.api_url, self._token)
 
-    def _look_up(self, api: ApiClient, version: int) -> dict[str, Any]:
+    def _look_up(self, syncer: Syncer, version: str) -> tuple[Version, str]:
+        """The version's record from the API, which must be the bundle the version string names."""
+        number, sha = parse_folder(version) or (0, "")
         try:
-            return api.get_version(self.deployment, version)
+            view = syncer.api.get_version(self.deployment, number)
+            record = Version.model_validate(view["version"])
         except ApiError as exc:
             if exc.status == 404:
-                raise DagcastBundleError(f"deployment {self.deployment!r} has no version {version}") from exc
-            raise DagcastBundleError(f"cannot look up version {version} of {self.deployment!r}: {exc}") from exc
+                raise DagcastBundleError(f"deployment {self.deployment!r} has no version {number}") from exc
+            raise DagcastBundleError(f"cannot look up version {number} of {self.deployment!r}: {exc}") from exc
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DagcastBundleError(f"the API's answer for version {number} is not a version record") from exc
+        if not record.sha256.startswith(sha):
+            raise DagcastBundleError(
+                f"version {number} of {self.deployment!r} is now bundle {record.sha256[:16]}, not {sha}: the dagcast "
+                "stack was recreated or restored, and the version this DAG run started on is gone"
+            )
+        if not view.get("download_url"):
+            raise DagcastBundleError(f"this token may not download bundles of {self.deployment!r}: use a sidecar token")
+        return record, str(view["download_url"])
 
     def __repr__(self) -> str:
         return f"DagcastDagBundle(name={self.name}, root={self.root}, version={self.version})"
@@ -228,8 +248,4 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def _is_version(value: str) -> bool:
-    return value.isdigit() and int(value) > 0
-
-
-def _str_or_none(value: int | None) -> str | None:
-    return None if value is None else str(value)
+    return parse_folder(value) is not None

@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "infra" / "resources.yaml"
-SUPPORTED = ("AWS::DynamoDB::Table", "AWS::SNS::Topic", "AWS::SQS::Queue", "AWS::SQS::QueuePolicy", "AWS::S3::Bucket")
+SUPPORTED = ("AWS::DynamoDB::Table", "AWS::SNS::Topic", "AWS::SQS::Queue", "AWS::SQS::QueuePolicy", "AWS::S3::Bucket",
+             "AWS::KMS::Key")
 # Cloud-only resources: roles, bucket policy, alarms and dashboard have no meaning on the embedded
 # stack, and entries without a Type complete the functions that `chalice package` generates.
 CLOUD_ONLY = ("AWS::IAM::Role", "AWS::S3::BucketPolicy", "AWS::CloudWatch::Alarm", "AWS::CloudWatch::Dashboard")
@@ -29,6 +30,7 @@ class StackOutputs:
     topic_arn: str
     ingest_queue_url: str
     dead_letter_queue_url: str
+    signing_key_arn: str
 
 
 def load_template(path: Path = TEMPLATE) -> dict[str, Any]:
@@ -159,6 +161,12 @@ def bootstrap(session: Any, stack_name: str, template: dict[str, Any] | None = N
             sqs = session.client("sqs")
             for url in props["Queues"]:
                 sqs.set_queue_attributes(QueueUrl=url, Attributes={"Policy": json.dumps(props["PolicyDocument"])})
+        elif kind == "AWS::KMS::Key":
+            key = session.client("kms").create_key(
+                Description=props.get("Description", ""), KeySpec=props["KeySpec"], KeyUsage=props["KeyUsage"]
+            )["KeyMetadata"]
+            resolve.refs[logical], resolve.arns[logical] = key["KeyId"], key["Arn"]
+            out["signing_key_arn"] = key["Arn"]
         elif kind == "AWS::S3::Bucket":
             _create_bucket(session.client("s3"), region, props)
             resolve.refs[logical] = props["BucketName"]
@@ -175,6 +183,8 @@ def _create_bucket(s3: Any, region: str, props: dict[str, Any]) -> None:
     if region != "us-east-1":
         kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
     s3.create_bucket(**kwargs)
+    if "VersioningConfiguration" in props:
+        s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": props["VersioningConfiguration"]["Status"]})
     if "PublicAccessBlockConfiguration" in props:
         s3.put_public_access_block(Bucket=name, PublicAccessBlockConfiguration=props["PublicAccessBlockConfiguration"])
     rules = props.get("LifecycleConfiguration", {}).get("Rules", [])

@@ -14,6 +14,7 @@ from dagcast.exceptions import ApiError, ApiUnavailable
 log = logging.getLogger("dagcast.client")
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+SIDECAR_SECRET_HEADER = "X-Dagcast-Sidecar-Secret"  # a sidecar's own secret, from its registration
 
 
 def backoff(attempt: int, base: float = 0.2, cap: float = 5.0) -> float:
@@ -42,11 +43,14 @@ class ApiClient:
     def close(self) -> None:
         self._http.close()
 
-    def request(self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None) -> Any:
+    def request(
+        self, method: str, path: str, json: Any = None, params: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
         for attempt in range(self._attempts):
             last = attempt == self._attempts - 1
             try:
-                resp = self._http.request(method, path, json=json, params=params)
+                resp = self._http.request(method, path, json=json, params=params, headers=headers)
             except httpx.TransportError as exc:
                 if last:
                     raise ApiUnavailable(f"cannot reach the API for {method} {path}: {exc}") from exc
@@ -97,15 +101,20 @@ class ApiClient:
         which = "current" if version is None else str(version)
         return dict(self.request("GET", f"/deployments/{deployment}/versions/{which}"))
 
-    def register_sidecar(self, deployment: str, name: str, component: str) -> dict[str, Any]:
+    def register_sidecar(self, deployment: str, name: str, component: str, secret: str | None = None) -> dict[str, Any]:
+        """Register; `secret` (from an earlier registration of this sidecar) lets it take its name back."""
         body = {"name": name, "component": component}
-        return dict(self.request("POST", f"/deployments/{deployment}/sidecars", json=body))
+        return dict(self.request("POST", f"/deployments/{deployment}/sidecars", json=body, headers=_secret(secret)))
 
-    def heartbeat(self, deployment: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
-        return dict(self.request("PUT", f"/deployments/{deployment}/sidecars/{name}", json=body))
+    def heartbeat(self, deployment: str, name: str, body: dict[str, Any], secret: str | None) -> dict[str, Any]:
+        return dict(self.request("PUT", f"/deployments/{deployment}/sidecars/{name}", json=body, headers=_secret(secret)))
 
-    def deregister_sidecar(self, deployment: str, name: str) -> None:
-        self.request("DELETE", f"/deployments/{deployment}/sidecars/{name}")
+    def deregister_sidecar(self, deployment: str, name: str, secret: str | None) -> None:
+        self.request("DELETE", f"/deployments/{deployment}/sidecars/{name}", headers=_secret(secret))
+
+
+def _secret(secret: str | None) -> dict[str, str] | None:
+    return {SIDECAR_SECRET_HEADER: secret} if secret else None
 
 
 def _api_error(resp: httpx.Response) -> ApiError:

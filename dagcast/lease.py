@@ -1,7 +1,7 @@
 """Leases on a sidecar's version folders: readers hold a shared lock, the sidecar prunes only what it can lock alone.
 
 A reader (Airflow's DAG processor through `dagcast.airflow`) takes a shared flock on
-`<root>/leases/<n>` before it trusts `versions/<n>` and keeps it while it reads from that
+`<root>/leases/<folder>` before it trusts `versions/<folder>` and keeps it while it reads from that
 folder. The sidecar removes a version only while it holds the exclusive lock, so a version in
 use is never pruned. The kernel drops the lock when the reader's process ends, so a crashed
 reader leaves nothing behind to expire.
@@ -17,14 +17,14 @@ from pathlib import Path
 LEASES = "leases"
 
 
-def lease_path(root: Path, version: int) -> Path:
+def lease_path(root: Path, version: str) -> Path:
     return root / LEASES / str(version)
 
 
 class Lease:
     """A shared lock on one version, held until release() or the end of the process."""
 
-    def __init__(self, root: Path, version: int) -> None:
+    def __init__(self, root: Path, version: str) -> None:
         self.root = root
         self.version = version
         self._fd: int | None = None
@@ -66,7 +66,7 @@ class Lease:
 
 
 @contextmanager
-def claim_for_removal(root: Path, version: int) -> Iterator[bool]:
+def claim_for_removal(root: Path, version: str) -> Iterator[bool]:
     """Yield True when no reader holds `version` (it may then be removed), else False.
 
     Never blocks. When claimed, the lease file is removed on exit, while still locked.

@@ -118,6 +118,8 @@ class EmbeddedStack:
                 "DAGCAST_BUNDLES_BUCKET": outputs.bucket,
                 "DAGCAST_TOPIC_ARN": outputs.topic_arn,
                 "DAGCAST_SIDECAR_QUEUE_PREFIX": f"{self.stack_name}-sidecar-",
+                # the stack's announcement signing key: a P-256 key in the state folder (KMS on AWS)
+                "DAGCAST_SIGNING_KEY_FILE": str(self.state_dir / "signing-key.pem"),
                 "POWERTOOLS_LOG_LEVEL": os.environ.get("POWERTOOLS_LOG_LEVEL", "WARNING"),
                 "POWERTOOLS_METRICS_NAMESPACE": "dagcast",
                 # EMF lines are for CloudWatch; on this machine they would only flood the terminal
@@ -269,7 +271,7 @@ class EmbeddedStack:
         control = chalice_app.get_control()
         control.create_deployment(CreateDeployment(name=self.deployment, mechanism=Mechanism.DAG_ONLY))
         admin = control.issue_token("local-admin", Role.ADMIN, ["*"])
-        sidecar = control.issue_token("local-sidecars", Role.SIDECAR, [self.deployment])
+        sidecar = control.issue_token("local-sidecars", Role.SIDECAR, [self.deployment], sidecar_names=["sidecar-*"])
         return admin, sidecar
 
     def start_sidecar(self, name: str, extra_args: list[str] | None = None) -> SidecarInfo:
@@ -321,7 +323,9 @@ class EmbeddedStack:
         doc = asdict(self.info)
         doc["sidecars"] = [{"name": s.name, "dags_path": s.dags_path, "metrics_url": s.metrics_url} for s in self.info.sidecars]
         tmp = self.state_dir / ".local.json.tmp"
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the admin token
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(doc, indent=2) + "\n")
         os.replace(tmp, self.state_dir / "local.json")
 
 

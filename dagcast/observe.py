@@ -36,6 +36,22 @@ class SidecarMetrics:
             ["kind"],
             registry=self.registry,
         )
+        self.announcements = Counter(
+            "dagcast_sidecar_announcements",
+            "Queue messages by verdict: accepted (signed by the deployment's key), or why they were not trusted",
+            ["result"],
+            registry=self.registry,
+        )
+        self.refused = Counter(
+            "dagcast_sidecar_refused_downloads",
+            "Downloads never installed: bytes that did not match the version record, or an archive the extractor refused",
+            ["reason"],
+            registry=self.registry,
+        )
+        for verdict in ("accepted", "bad_signature", "unsigned", "unknown_key", "other_deployment", "malformed"):
+            self.announcements.labels(result=verdict)
+        for reason in ("checksum", "extractor"):
+            self.refused.labels(reason=reason)
         for result in ("published", "unchanged", "error"):
             self.syncs.labels(result=result)
         for kind in ("bundle", "delta", "delta_refused"):

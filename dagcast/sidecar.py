@@ -1,11 +1,24 @@
 """The sidecar: keeps a local folder on the deployment's live version, published atomically.
 
+It installs only versions the API vouches for: a version record read from the API with this
+sidecar's token, or an announcement whose statement is signed by a key the API gave it at
+registration (see chalicelib.signing). Nothing else in a queue message (URLs, numbers) is
+trusted: downloads are checked against the vouched-for sha256 and extracted with the limits the
+version was validated with.
+
+A version's identity is the deployment's immutable id, the version number and the bundle's
+sha256: folders are named by number and sha256, and a folder belonging to another deployment id
+(a stack that was recreated) or a sha256 the API does not know (a table that was restored) is
+replaced by the API's current version rather than kept because its number is higher.
+
 Layout under --root:
-  versions/<n>/          complete, immutable version folders (never modified once renamed in)
-  versions/.tmp-<n>/     an extraction in progress (removed at start if a crash left it)
-  downloads/<n>.part     a download in progress
-  leases/<n>             readers' shared locks: a version leased by a reader is never pruned
---link is a symlink with a relative target to versions/<n>, replaced by rename.
+  versions/<n>-<sha16>/  complete, immutable version folders (never modified once renamed in)
+  versions/.tmp-<name>/  an extraction in progress (removed at start if a crash left it)
+  manifests/<name>.json  each folder's identity (deployment id, version, sha256) and file list
+  downloads/<name>.part  a download in progress
+  leases/<name>          readers' shared locks: a version leased by a reader is never pruned
+  sidecars/<sidecar>.secret  this sidecar's own secret from its registration (mode 0600)
+--link is a symlink with a relative target to versions/<name>, replaced by rename.
 """
 from __future__ import annotations
 
@@ -25,8 +38,11 @@ from types import FrameType
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 from chalicelib.exceptions import DagcastError
+from chalicelib.models import Version
+from chalicelib.signing import Verifier
 from chalicelib.validation import BundleRejected, FileEntry, Reuse, extract_bundle, extract_delta
 from dagcast.client import ApiClient, backoff
 from dagcast.exceptions import ApiError, ClientError, SyncError
@@ -51,6 +67,41 @@ class SidecarConfig:
     keep: int = 5
     wait_seconds: int = 20
     fetch_attempts: int = 3
+
+
+def folder_name(version: int, sha256: str) -> str:
+    """The folder of a version: its number and the start of its bundle's sha256."""
+    return f"{version}-{sha256[:16]}"
+
+
+def parse_folder(name: str) -> tuple[int, str] | None:
+    """(version, sha256 prefix) of a version folder's name, or None for anything else."""
+    number, _, sha = name.partition("-")
+    if not number.isdigit() or int(number) <= 0 or len(sha) != 16:
+        return None
+    return int(number), sha
+
+
+@dataclass(frozen=True)
+class Installed:
+    """A version folder on disk, as its manifest records it ("" where an older layout did not say)."""
+
+    folder: str
+    version: int
+    sha256: str
+    deployment_id: str
+
+    def same(self, record: Version) -> bool:
+        return (self.version, self.sha256, self.deployment_id) == (record.version, record.sha256, record.deployment_id)
+
+
+@dataclass(frozen=True)
+class Announced:
+    """A version an announcement vouches for (its signed statement) and the URLs it came with (unchecked)."""
+
+    record: Version
+    download_url: str | None
+    delta_url: str | None
 
 
 class Syncer:
@@ -83,28 +134,46 @@ class Syncer:
         for leftover in self.cfg.link.parent.glob(f".{self.cfg.link.name}.tmp-*"):
             leftover.unlink(missing_ok=True)
 
-    def live_version(self) -> int:
+    # --- what is live here ---------------------------------------------------------------
+
+    def installed(self) -> Installed | None:
+        """The version the link points at, with the identity its manifest recorded."""
         try:
-            target = os.readlink(self.cfg.link)
+            name = Path(os.readlink(self.cfg.link)).name
         except OSError:
-            return 0
-        name = Path(target).name
-        return int(name) if name.isdigit() else 0
-
-    def sync(self, target: int | None = None, announced: dict[str, Any] | None = None) -> int | None:
-        """Bring the link to `target` (the deployment's current version when None).
-
-        Returns the new live version, or None when nothing changed (older or equal versions
-        are dropped). Raises SyncError; the live version is untouched on any failure.
-        """
-        live = self.live_version()
-        self.metrics.current_version.set(live)
-        if target is not None and target <= live:
-            log.debug("dropping announcement of an older or equal version", extra={"version": target, "live": live})
             return None
+        parsed = parse_folder(name)
+        if parsed is None:
+            return None
+        meta = self._read_meta(name)
+        sha256 = str(meta.get("sha256", ""))
+        return Installed(name, parsed[0], sha256 if sha256.startswith(parsed[1]) else "", str(meta.get("deployment_id", "")))
+
+    def live_version(self) -> int:
+        live = self.installed()
+        return live.version if live else 0
+
+    def _read_meta(self, name: str) -> dict[str, Any]:
+        try:
+            doc = json.loads((self.manifests / f"{name}.json").read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    # --- syncing -------------------------------------------------------------------------
+
+    def sync(self, announced: Announced | None = None) -> int | None:
+        """Bring the link to the version the API vouches for: `announced` (a verified announcement),
+        or the deployment's current version read from the API when None.
+
+        Returns the new live version, or None when nothing changed (an older announcement of the
+        same deployment is dropped). Raises SyncError; the live version is untouched on any failure.
+        """
+        live = self.installed()
+        self.metrics.current_version.set(live.version if live else 0)
         started = time.monotonic()
         try:
-            changed = self._sync(live, target, announced)
+            changed = self._sync(live, announced)
         except (ClientError, OSError):
             self.metrics.syncs.labels(result="error").inc()
             raise
@@ -116,111 +185,154 @@ class Syncer:
             self.metrics.seconds_behind.set(0)
         return changed
 
-    def _sync(self, live: int, target: int | None, announced: dict[str, Any] | None) -> int | None:
-        if announced and target is not None and int(announced.get("version", 0)) == target and "download_url" in announced:
-            # The announcement carries the version record's sha256 and a presigned URL: no API round trip.
-            view = {"version": {**announced, "created_at": 0}, "download_url": announced["download_url"],
-                    "delta_url": announced.get("delta_url")}
+    def _sync(self, live: Installed | None, announced: Announced | None) -> int | None:
+        if announced is not None:
+            record = announced.record
+            if live is not None and live.deployment_id == record.deployment_id:
+                if live.same(record) or record.version < live.version:
+                    log.debug("dropping an announcement of an older or equal version",
+                              extra={"version": record.version, "live": live.version})
+                    return None
+                if record.version == live.version:  # same number, other bundle: ask the API which is right
+                    return self._sync(live, None)
             try:
-                return self._sync_view(live, view)
+                return self._install(live, record, announced.download_url, announced.delta_url)
             except SyncError as exc:
-                log.info("announced URL failed; asking the API", extra={"version": target, "error": str(exc)})
-        try:
-            view = self.api.get_version(self.cfg.deployment, target)
-        except ApiError as exc:
-            if exc.status == 404:
-                raise SyncError(f"deployment {self.cfg.deployment!r} has no version to sync yet") from exc
-            raise SyncError(f"cannot look up version {target or 'current'}: {exc}") from exc
-        return self._sync_view(live, view)
-
-    def _sync_view(self, live: int, view: dict[str, Any]) -> int | None:
-        record = view["version"]
-        version = int(record["version"])
-        if version <= live:
+                log.info("announced URL failed; asking the API", extra={"version": record.version, "error": str(exc)})
+            view = self._look_up(record.version)
+            if not _same_identity(view[0], record):
+                raise SyncError(f"v{record.version} announced as {record.sha256[:12]} is {view[0].sha256[:12]} in the API")
+            return self._install(live, view[0], view[1], view[2])
+        record, url, delta_url = self._look_up(None)
+        if live is not None and live.same(record):
             self.metrics.seconds_behind.set(0)
             return None
-        if record.get("created_at"):
-            self.metrics.seconds_behind.set(max(0.0, time.time() - int(record["created_at"]) / 1000))
-        folder = self.versions / str(version)
-        if not folder.is_dir() and not self._fetch_delta(live, version, record.get("delta"), view.get("delta_url")):
-            self.fetch(version, view["download_url"], record["sha256"])
+        if live is not None and live.deployment_id == record.deployment_id and live.version > record.version:
+            # Ahead of the API's current version: fine if the API knows this exact version (a reconcile
+            # that raced an announcement), not if it does not (a table restored from a backup).
+            try:
+                known = self._look_up(live.version)[0]
+            except SyncError:
+                known = None
+            if known is not None and live.same(known):
+                return None
+            log.warning("the live version is unknown to the API; installing its current version",
+                        extra={"live": live.folder, "current": record.version})
+        elif live is not None and live.deployment_id and live.deployment_id != record.deployment_id:
+            log.warning("the live version belongs to another deployment id; installing the current version",
+                        extra={"live": live.folder, "current": record.version})
+        return self._install(live, record, url, delta_url)
+
+    def _look_up(self, version: int | None) -> tuple[Version, str | None, str | None]:
+        """A version as the API records it (the current one when None), with its download URLs."""
+        try:
+            view = self.api.get_version(self.cfg.deployment, version)
+        except ApiError as exc:
+            if exc.status == 404 and version is None:
+                raise NoVersionYet(f"deployment {self.cfg.deployment!r} has no version to sync yet") from exc
+            raise SyncError(f"cannot look up version {version or 'current'}: {exc}") from exc
+        try:
+            record = Version.model_validate(view["version"])
+        except (ValidationError, KeyError, TypeError) as exc:
+            raise SyncError(f"the API's answer for version {version or 'current'} is not a version record") from exc
+        return record, view.get("download_url"), view.get("delta_url")
+
+    def _install(self, live: Installed | None, record: Version, url: str | None, delta_url: str | None) -> int:
+        if record.created_at:
+            self.metrics.seconds_behind.set(max(0.0, time.time() - record.created_at / 1000))
+        folder = self.versions / folder_name(record.version, record.sha256)
+        if not folder.is_dir() and not self._fetch_delta(live, record, delta_url):
+            if not url:
+                raise SyncError(f"no download URL for v{record.version}: this token may not download bundles")
+            self.fetch(record, url)
         self._publish(folder)
         self.published_at = int(time.time() * 1000)
-        log.info("version live", extra={"version": version, "previous": live})
+        log.info("version live", extra={"version": record.version, "previous": live.version if live else 0})
         if self.prune_after_publish:
-            self._prune(version)
-        return version
+            self._prune(folder.name)
+        return record.version
 
-    def fetch(self, version: int, url: str, sha256: str) -> Path:
-        """Download, verify against `sha256`, extract and rename into versions/<version>; return it.
+    def fetch(self, record: Version, url: str) -> Path:
+        """Download, verify against the record's sha256, extract with its limits and rename into
+        versions/<n>-<sha16>; return the folder.
 
         Raises SyncError when the download fails (after bounded retries), the bytes do not match,
         or the extractor refuses the archive; nothing is left behind then.
         """
-        part = self.downloads / f"{version}.part"
+        name = folder_name(record.version, record.sha256)
+        part = self.downloads / f"{name}.part"
         for attempt in range(self.cfg.fetch_attempts):
             try:
                 digest = self._download(url, part)
                 break
             except (httpx.HTTPError, OSError) as exc:
-                if attempt == self.cfg.fetch_attempts - 1:
+                if attempt == self.cfg.fetch_attempts - 1 or _not_retried(exc):
                     part.unlink(missing_ok=True)
-                    raise SyncError(f"cannot download v{version}: {exc}") from exc
+                    raise SyncError(f"cannot download v{record.version}: {exc}") from exc
                 delay = backoff(attempt)
-                log.warning("download failed, retrying", extra={"version": version, "delay": round(delay, 2), "error": str(exc)})
+                log.warning("download failed, retrying",
+                            extra={"version": record.version, "delay": round(delay, 2), "error": str(exc)})
                 time.sleep(delay)
-        if digest != sha256:
+        if digest != record.sha256:
             part.unlink(missing_ok=True)
-            raise SyncError(f"v{version} failed verification: sha256 {digest} does not match the version record {sha256}")
-        log.debug("downloaded and verified", extra={"version": version})
-        tmp = self.versions / f".tmp-{version}"
+            self.metrics.refused.labels(reason="checksum").inc()
+            raise SyncError(
+                f"v{record.version} failed verification: sha256 {digest} does not match the version record {record.sha256}"
+            )
+        log.debug("downloaded and verified", extra={"version": record.version})
+        tmp = self.versions / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             with part.open("rb") as f:
-                report = extract_bundle(f, tmp, reuse=self._reuse())
+                report = extract_bundle(f, tmp, record.limits, reuse=self._reuse())
         except BundleRejected as exc:
             first = exc.report.errors[0] if exc.report.errors else None
             detail = f"{first.path}: {first.message}" if first else "no detail"
-            raise SyncError(f"v{version} refused by the extractor: {detail}") from exc
+            self.metrics.refused.labels(reason="extractor").inc()
+            raise SyncError(f"v{record.version} refused by the extractor: {detail}") from exc
         finally:
             part.unlink(missing_ok=True)
-        log.debug("extracted", extra={"version": version})
-        return self._install(version, tmp, report.manifest, "bundle")
+        log.debug("extracted", extra={"version": record.version})
+        return self._place(record, tmp, report.manifest, "bundle")
 
-    def _fetch_delta(self, live: int, version: int, delta: dict[str, Any] | None, url: str | None) -> bool:
-        """Build versions/<version> from the live version and the version's delta, when the delta is
-        against the live version; True when it did. Any problem (download, checksum, the archive's
-        rules, a result that differs from the version's file list) leaves nothing behind and returns
-        False: the caller then fetches the whole bundle."""
-        if not delta or not url or int(delta.get("base_version", 0)) != live or live == 0:
+    def _fetch_delta(self, live: Installed | None, record: Version, url: str | None) -> bool:
+        """Build the version's folder from the live version and the version's delta, when the delta is
+        against exactly the live version; True when it did. Any problem (download, checksum, the
+        archive's rules, a result that differs from the version's file list) leaves nothing behind and
+        returns False: the caller then fetches the whole bundle."""
+        delta = record.delta
+        if delta is None or not url or live is None or live.deployment_id != record.deployment_id:
+            return False
+        if delta.base_version != live.version or (delta.base_sha256 and delta.base_sha256 != live.sha256):
             return False
         reuse = self._reuse()
         if reuse is None:
             return False
-        part = self.downloads / f"{version}.delta.part"
-        tmp = self.versions / f".tmp-{version}"
+        name = folder_name(record.version, record.sha256)
+        part = self.downloads / f"{name}.delta.part"
+        tmp = self.versions / f".tmp-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             digest = self._download(url, part)
-            if digest != delta["sha256"]:
-                raise SyncError(f"sha256 {digest} does not match the version record {delta['sha256']}")
+            if digest != delta.sha256:
+                raise SyncError(f"sha256 {digest} does not match the version record {delta.sha256}")
             with part.open("rb") as f:
-                report = extract_delta(f, tmp, reuse, delta.get("removed", []), delta["files_sha256"])
-        except (SyncError, DagcastError, httpx.HTTPError, OSError, KeyError, TypeError) as exc:
+                report = extract_delta(f, tmp, reuse, delta.removed, delta.files_sha256, record.limits)
+        except (SyncError, DagcastError, httpx.HTTPError, OSError) as exc:
             # extract_delta removes tmp itself on any error
             self.metrics.fetches.labels(kind="delta_refused").inc()
-            log.warning("delta not usable; fetching the whole bundle", extra={"version": version, "error": str(exc)})
+            log.warning("delta not usable; fetching the whole bundle", extra={"version": record.version, "error": str(exc)})
             return False
         finally:
             part.unlink(missing_ok=True)
-        log.debug("built from the delta", extra={"version": version, "base": live, "files": delta.get("files")})
-        self._install(version, tmp, report.manifest, "delta")
+        log.debug("built from the delta", extra={"version": record.version, "base": live.version, "files": delta.files})
+        self._place(record, tmp, report.manifest, "delta")
         return True
 
-    def _install(self, version: int, tmp: Path, manifest: list[FileEntry], kind: str) -> Path:
-        """Rename a complete extraction into versions/<version> (its manifest saved first); return it."""
-        folder = self.versions / str(version)
-        self._save_manifest(version, manifest)
+    def _place(self, record: Version, tmp: Path, manifest: list[FileEntry], kind: str) -> Path:
+        """Rename a complete extraction into its folder (its identity and manifest saved first); return it."""
+        folder = self.versions / folder_name(record.version, record.sha256)
+        self._save_manifest(folder.name, record, manifest)
         os.rename(tmp, folder)
         _fsync_dir(self.versions)
         self.metrics.fetches.labels(kind=kind).inc()
@@ -228,18 +340,26 @@ class Syncer:
 
     def _reuse(self) -> Reuse | None:
         """The live version and its manifest, so unchanged files are hard-linked rather than rewritten."""
-        live = self.live_version()
-        try:
-            raw = json.loads((self.manifests / f"{live}.json").read_bytes())
-            files = {str(e["path"]): (str(e["sha256"]), int(e["size"])) for e in raw}
-        except (OSError, ValueError, KeyError, TypeError):
+        live = self.installed()
+        if live is None:
             return None
-        return Reuse(self.versions / str(live), files)
+        try:
+            files = {str(e["path"]): (str(e["sha256"]), int(e["size"])) for e in self._read_meta(live.folder)["files"]}
+        except (KeyError, ValueError, TypeError):
+            return None
+        return Reuse(self.versions / live.folder, files)
 
-    def _save_manifest(self, version: int, manifest: list[FileEntry]) -> None:
-        tmp = self.manifests / f".tmp-{version}.json"
-        tmp.write_text(json.dumps([{"path": f.path, "size": f.size, "sha256": f.sha256} for f in manifest]))
-        os.replace(tmp, self.manifests / f"{version}.json")
+    def _save_manifest(self, name: str, record: Version, manifest: list[FileEntry]) -> None:
+        doc = {
+            "deployment": record.deployment,
+            "deployment_id": record.deployment_id,
+            "version": record.version,
+            "sha256": record.sha256,
+            "files": [{"path": f.path, "size": f.size, "sha256": f.sha256} for f in manifest],
+        }
+        tmp = self.manifests / f".tmp-{name}.json"
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, self.manifests / f"{name}.json")
 
     def _download(self, url: str, part: Path) -> str:
         h = hashlib.sha256()
@@ -262,20 +382,43 @@ class Syncer:
 
     def prune(self) -> None:
         """Remove versions beyond --keep around the live one (see _prune)."""
-        self._prune(self.live_version())
+        live = self.installed()
+        self._prune(live.folder if live else "")
 
-    def _prune(self, live: int) -> None:
-        """Remove versions beyond --keep; never the live one, nor one a reader holds a lease on."""
-        numbered = sorted((int(p.name) for p in self.versions.iterdir() if p.name.isdigit()), reverse=True)
-        for version in numbered[self.cfg.keep :]:
-            if version in (live, self.live_version()):
-                continue
-            with claim_for_removal(self.cfg.root, version) as claimed:
-                if not claimed:
-                    log.debug("keeping a version in use", extra={"version": version})
+    def _prune(self, live: str) -> None:
+        """Remove the versions beyond the --keep installed last; never the live one, nor one a reader
+        holds a lease on."""
+        folders = []
+        for p in self.versions.iterdir():
+            if parse_folder(p.name) is not None:
+                try:
+                    folders.append((p.stat().st_ctime_ns, p.name))  # renamed in when it was installed
+                except FileNotFoundError:
                     continue
-                shutil.rmtree(self.versions / str(version), ignore_errors=True)
-                (self.manifests / f"{version}.json").unlink(missing_ok=True)
+        folders.sort(reverse=True)
+        for _, name in folders[self.cfg.keep :]:
+            current = self.installed()
+            if name in (live, current.folder if current else ""):
+                continue
+            with claim_for_removal(self.cfg.root, name) as claimed:
+                if not claimed:
+                    log.debug("keeping a version in use", extra={"folder": name})
+                    continue
+                shutil.rmtree(self.versions / name, ignore_errors=True)
+                (self.manifests / f"{name}.json").unlink(missing_ok=True)
+
+
+class NoVersionYet(SyncError):
+    """The deployment has no version yet: nothing to sync, and nothing wrong."""
+
+
+def _same_identity(a: Version, b: Version) -> bool:
+    return (a.deployment_id, a.version, a.sha256) == (b.deployment_id, b.version, b.sha256)
+
+
+def _not_retried(exc: BaseException) -> bool:
+    """A download refused outright (an expired or revoked URL): asking again will not help."""
+    return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code in (400, 401, 403, 404)
 
 
 def _now_ms() -> int:
@@ -294,6 +437,41 @@ class _Interrupted(Exception):
     pass
 
 
+class Trust:
+    """What this sidecar learnt at registration: the deployment's id and the keys that sign its
+    announcements. `check` turns a queue message into a vouched-for version, or says why not."""
+
+    def __init__(self, deployment: str, deployment_id: str, keys: dict[str, str]) -> None:
+        self.deployment = deployment
+        self.deployment_id = deployment_id
+        self._verifier = Verifier(keys)
+
+    def check(self, doc: Any) -> tuple[Announced | None, str]:
+        """(the announcement, "accepted"), or (None, why it is not trusted)."""
+        if not isinstance(doc, dict):
+            return None, "malformed"
+        if doc.get("deployment") != self.deployment:
+            return None, "other_deployment"
+        statement, signature, key_id = doc.get("statement"), doc.get("signature"), doc.get("key_id")
+        if not isinstance(statement, str) or not isinstance(signature, str) or not isinstance(key_id, str):
+            return None, "unsigned"
+        if not self._verifier.knows(key_id):
+            return None, "unknown_key"
+        if not self._verifier.verify(key_id, statement.encode(), signature):
+            return None, "bad_signature"
+        try:
+            signed = json.loads(statement)
+            if signed.pop("type", None) != "dagcast.version":
+                return None, "malformed"
+            record = Version.model_validate({**signed, "key": ""})
+        except (ValueError, ValidationError, AttributeError):
+            return None, "malformed"
+        if record.deployment != self.deployment or record.deployment_id != self.deployment_id:
+            return None, "other_deployment"
+        urls = [doc.get("download_url"), doc.get("delta_url")]
+        return Announced(record, *(u if isinstance(u, str) else None for u in urls)), "accepted"
+
+
 class Sidecar:
     """The daemon: register, reconcile, long-poll the queue, heartbeat; until stopped."""
 
@@ -305,15 +483,20 @@ class Sidecar:
         self.syncer = Syncer(cfg, api, metrics=self.metrics)
         self.stop = threading.Event()
         self.queue_url: str | None = None
+        self.trust: Trust | None = None
+        self.secret: str | None = None
         self.last_error: str | None = None
         self.last_sync_at: int | None = None
         self.last_notified_at: int | None = None  # when it learned of the live version (epoch ms)
         self.failures = 0
+        self.waiting = False  # the deployment has no version yet
         self._polling = False
         self._received: list[str] = []
         self._received_at: int | None = None
         self._unpruned = False  # a version was published and older ones not yet pruned
+        self._reconcile_now = False  # a message asked for a look at the API (an unknown key, say)
         self._older_api = False  # its heartbeat refused last_notified_at
+        self._secret_file = cfg.root / "sidecars" / f"{cfg.name}.secret"
 
     def install_signal_handlers(self) -> None:
         def handler(signum: int, frame: FrameType | None) -> None:
@@ -335,7 +518,8 @@ class Sidecar:
         try:
             while not self.stop.is_set():
                 now = time.monotonic()
-                if now >= next_resync:
+                if now >= next_resync or self._reconcile_now:
+                    self._reconcile_now = False
                     if self._step(None):  # a new version or an error: report it now (nothing new waits its turn)
                         next_heartbeat = 0.0
                     # +-10 %: sidecars started together (a rollout) would otherwise all ask the API at once, for ever
@@ -347,7 +531,7 @@ class Sidecar:
                 if self._unpruned:
                     wait = min(wait, IDLE_BEFORE_PRUNE)
                 announced = self._poll(wait)
-                if announced is not None and self._step(int(announced["version"]), announced, self._received_at):
+                if announced is not None and self._step(announced, self._received_at):
                     self._report()  # report the new version first: `dagcast deploy --wait` is waiting on it
                     next_heartbeat = time.monotonic() + self.cfg.heartbeat_interval
                 elif announced is None:
@@ -358,17 +542,25 @@ class Sidecar:
         finally:
             self._deregister()
 
-    def _step(self, target: int | None, announced: dict[str, Any] | None = None, notified_at: int | None = None) -> bool:
+    def _step(self, announced: Announced | None, notified_at: int | None = None) -> bool:
         """One sync; `notified_at` is when the announcement arrived (a reconcile learns now)."""
         notified_at = notified_at or _now_ms()
         try:
-            changed = self.syncer.sync(target, announced)
+            changed = self.syncer.sync(announced)
+        except NoVersionYet:
+            if not self.waiting:
+                log.info("waiting for the first deploy", extra={"deployment": self.cfg.deployment})
+            self.waiting = True
+            self.failures = 0
+            self.last_error = None
+            return False
         except (ClientError, OSError) as exc:
             self.failures += 1
             self.metrics.failures.set(self.failures)
             self.last_error = str(exc)
-            log.error("sync failed", extra={"target": target, "failures": self.failures, "error": str(exc)})
+            log.error("sync failed", extra={"failures": self.failures, "error": str(exc)})
             return True
+        self.waiting = False
         self.failures = 0
         self.metrics.failures.set(0)
         self.last_error = None
@@ -393,8 +585,10 @@ class Sidecar:
         except OSError as exc:
             log.warning("cannot remove old versions", extra={"error": str(exc)})
 
-    def _poll(self, wait: float) -> dict[str, Any] | None:
-        """Long-poll the queue; returns the announcement of the highest version, messages deleted."""
+    def _poll(self, wait: float) -> Announced | None:
+        """Long-poll the queue; returns the highest version a verified announcement vouches for.
+        Every message is dropped after this poll (see _delete_received): one that is not trusted is
+        logged and counted, and never installed."""
         if self.queue_url is None or self.sqs is None:
             self.stop.wait(wait)
             return None
@@ -416,19 +610,24 @@ class Sidecar:
         finally:
             self._polling = False
         messages = out.get("Messages", [])
-        announcements = []
+        trusted: list[Announced] = []
         for m in messages:
             try:
                 doc = json.loads(m["Body"])
-                if doc.get("deployment") == self.cfg.deployment:
-                    doc["version"] = int(doc["version"])
-                    announcements.append(doc)
-            except (ValueError, KeyError, TypeError, AttributeError):
-                log.warning("ignoring malformed message")
-        versions = [a["version"] for a in announcements]
-        log.debug("messages received", extra={"count": len(messages), "versions": versions})
+            except (ValueError, KeyError, TypeError):
+                doc = None
+            announced, verdict = self.trust.check(doc) if self.trust else (None, "unsigned")
+            self.metrics.announcements.labels(result=verdict).inc()
+            if announced is not None:
+                trusted.append(announced)
+            elif verdict == "unknown_key":
+                log.info("an announcement signed by a key this sidecar does not know; asking the API")
+                self._reconcile_now = True
+            elif verdict != "other_deployment":
+                log.warning("ignoring an announcement that is not vouched for", extra={"reason": verdict})
+        log.debug("messages received", extra={"count": len(messages), "versions": [a.record.version for a in trusted]})
         self._received = [m["ReceiptHandle"] for m in messages]
-        return max(announcements, key=lambda a: int(a["version"])) if announcements else None
+        return max(trusted, key=lambda a: a.record.version) if trusted else None
 
     def _delete_received(self) -> None:
         """Delete what the last poll received; done after the sync so it stays off the critical path.
@@ -443,17 +642,46 @@ class Sidecar:
             log.warning("cannot delete messages", extra={"error": str(exc)})
 
     def _register(self) -> None:
+        """Register (again, with the secret kept from last time when there is one) and learn the
+        deployment's id and signing keys; the new secret is kept for the next start."""
         try:
-            reg = self.api.register_sidecar(self.cfg.deployment, self.cfg.name, self.cfg.component)
+            reg = self.api.register_sidecar(self.cfg.deployment, self.cfg.name, self.cfg.component, self._saved_secret())
+            keys = {k["key_id"]: k["public_key"] for k in reg.get("signing_keys", [])}
+            self.trust = Trust(self.cfg.deployment, str(reg["deployment_id"]), keys)
+            self.secret = str(reg["secret"])
+            self._save_secret(self.secret)
             self.queue_url = reg["queue_url"]
             log.info("registered", extra={"sidecar": self.cfg.name, "deployment": self.cfg.deployment})
         except ClientError as exc:
             self.last_error = f"cannot register: {exc}"
             log.error("registration failed; syncing by periodic reconcile only", extra={"error": str(exc)})
+        except (KeyError, TypeError, ValueError) as exc:
+            self.last_error = "cannot register: the API's answer is not a registration"
+            log.error("registration failed; syncing by periodic reconcile only", extra={"error": repr(exc)})
+
+    def _saved_secret(self) -> str | None:
+        try:
+            return self._secret_file.read_text().strip() or None
+        except OSError:
+            return None
+
+    def _save_secret(self, secret: str) -> None:
+        try:
+            self._secret_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._secret_file.with_name(f".{self._secret_file.name}.tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secret)
+            os.replace(tmp, self._secret_file)
+        except OSError as exc:
+            log.warning("cannot keep the sidecar's secret; it registers anew after a restart", extra={"error": str(exc)})
 
     def _heartbeat(self) -> None:
+        live = self.syncer.installed()
         body: dict[str, Any] = {
-            "version": self.syncer.live_version(),
+            "version": live.version if live else 0,
+            "sha256": live.sha256 or None if live else None,
+            "deployment_id": live.deployment_id or None if live else None,
             "last_sync_at": self.last_sync_at,
             "last_notified_at": self.last_notified_at,
             "last_error": self.last_error,
@@ -461,10 +689,12 @@ class Sidecar:
         if self._older_api:
             del body["last_notified_at"]
         try:
-            self.api.heartbeat(self.cfg.deployment, self.cfg.name, body)
+            self.api.heartbeat(self.cfg.deployment, self.cfg.name, body, self.secret)
         except ApiError as exc:
-            if exc.status == 404:
+            if exc.status == 404 or (exc.status == 403 and "secret" in str(exc)):
+                # not registered (the janitor removed it, the stack was recreated) or under another secret
                 self._register()
+                self._reconcile_now = True
             elif exc.status == 400 and "last_notified_at" in str(exc) and not self._older_api:
                 # an API older than this sidecar (upgraded first) refuses the field: report without it
                 log.info("the API does not take notification times; leaving them out")
@@ -479,7 +709,7 @@ class Sidecar:
         if self.queue_url is None:
             return
         try:
-            self.api.deregister_sidecar(self.cfg.deployment, self.cfg.name)
+            self.api.deregister_sidecar(self.cfg.deployment, self.cfg.name, self.secret)
             log.info("deregistered", extra={"sidecar": self.cfg.name})
         except ClientError as exc:
             log.warning("deregistration failed", extra={"error": str(exc)})

@@ -48,14 +48,41 @@ class Api:
         self.base = info["api_url"].rstrip("/")
         self.token = token or info["token"]
 
-    def call(self, method: str, path: str, body: Any = None, token: str | None = None) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {token or self.token}"}
+    def call(
+        self, method: str, path: str, body: Any = None, token: str | None = None, headers: dict[str, str] | None = None
+    ) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token or self.token}", **(headers or {})}
         return httpx.request(method, self.base + path, json=body, headers=headers, timeout=30)
 
-    def json(self, method: str, path: str, body: Any = None) -> Any:
-        resp = self.call(method, path, body)
+    def json(self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> Any:
+        resp = self.call(method, path, body, headers=headers)
         assert resp.status_code < 400, resp.text
         return resp.json()
+
+
+class PlayedSidecar:
+    """A sidecar played over HTTP: registered with the API client's token, acting with its own secret."""
+
+    def __init__(self, api: Api, deployment: str, name: str, component: str = "worker") -> None:
+        self.api, self.deployment, self.name = api, deployment, name
+        self.registration = api.json("POST", f"/deployments/{deployment}/sidecars", {"name": name, "component": component})
+        self.secret: str = self.registration["secret"]
+        self.deployment_id: str = self.registration["deployment_id"]
+
+    @property
+    def path(self) -> str:
+        return f"/deployments/{self.deployment}/sidecars/{self.name}"
+
+    def report(self, body: dict[str, Any]) -> Any:
+        return self.api.json("PUT", self.path, body, headers={"X-Dagcast-Sidecar-Secret": self.secret})
+
+    def deregister(self) -> httpx.Response:
+        return self.api.call("DELETE", self.path, headers={"X-Dagcast-Sidecar-Secret": self.secret})
+
+
+def version_of_link(link: str | Path) -> int:
+    """The version number a sidecar's dags link points at (its folder is <n>-<sha16>)."""
+    return int(Path(os.readlink(link)).name.split("-")[0])
 
 
 def stack_env(info: dict[str, Any], **extra: str) -> dict[str, str]:

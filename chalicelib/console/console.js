@@ -157,7 +157,7 @@
     if (!sidecars) return { text: "checking sidecars…", kind: "muted" };
     const live = sidecars.filter((s) => s.live);
     if (!live.length) return { text: "no live sidecars", kind: "muted" };
-    const on = live.filter((s) => s.version === v).length;
+    const on = live.filter((s) => s.on_current).length;  // the API's word: exact version, sha256 and deployment id
     if (on === live.length) return { text: "converged", kind: "ok" };
     return { text: `${on} of ${plural(live.length, "sidecar")} on v${v}`, kind: "progress" };
   }
@@ -399,7 +399,7 @@
     const v = dep ? dep.current_version : 0;
     const sig = JSON.stringify([v, items, Math.floor(Date.now() / 1000)]);
     render(body, sig, () => items.map((s) => {
-      const behind = s.live && v && s.version !== v;
+      const behind = s.live && v && !s.on_current;
       return h("tr", { class: "sidecar" + (s.live ? "" : " stale") + (behind ? " behind" : ""), dataset: { sidecar: s.name } },
         td({ "data-label": "Name", class: "name" }, s.name),
         td({ "data-label": "Component" }, s.component),
@@ -556,7 +556,9 @@
 
   function readHash() {
     const params = new URLSearchParams(window.location.hash.slice(1));
-    const version = /^[1-9][0-9]*$/.test(params.get("v") || "") ? Number(params.get("v")) : null;
+    // v=12, or an Airflow bundle version (the version folder, 12-<first 16 hex digits of the sha256>)
+    const v = /^([1-9][0-9]*)(-[0-9a-f]{16})?$/.exec(params.get("v") || "");
+    const version = v ? Number(v[1]) : null;
     return { deployment: params.get("d"), tab: TABS.includes(params.get("tab")) ? params.get("tab") : null, version };
   }
 

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import boto3
 import pytest
-from helpers import dag_source, files_of, parse_json_stdout, run_dagcast, stack_env, write_dags
+from helpers import dag_source, files_of, parse_json_stdout, run_dagcast, stack_env, version_of_link, write_dags
 
 from dagcast.lease import claim_for_removal
 
@@ -42,13 +42,18 @@ def deploy(info: dict[str, Any], dags: Path) -> dict[str, Any]:
     return doc
 
 
+def bundle_version_of(doc: dict[str, Any]) -> str:
+    """The Airflow bundle version of a deploy: its version folder, number and start of the sha256."""
+    return f"{doc['version']}-{doc['sha256'][:16]}"
+
+
 def sidecar_root(info: dict[str, Any]) -> Path:
     return Path(info["sidecars"][0]["dags_path"]).parent
 
 
 def wait_live(root: Path, version: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while Path(os.readlink(root / "current")).name != str(version):
+    while version_of_link(root / "current") != version:
         assert time.monotonic() < deadline, f"sidecar at {root} not on v{version}"
         time.sleep(0.05)
 
@@ -127,9 +132,9 @@ def test_dag_processor_parses_the_live_version_and_records_it_on_every_dag(
     process_once()
     dags, versions, bundle_version = parsed()
     want = {"customer_churn_report", "daily_sales_etl", "warehouse_maintenance"}
-    assert dags == {dag_id: str(first["version"]) for dag_id in want}
-    assert sorted(versions) == sorted((dag_id, str(first["version"])) for dag_id in want)
-    assert bundle_version == str(first["version"])
+    assert dags == {dag_id: bundle_version_of(first) for dag_id in want}
+    assert sorted(versions) == sorted((dag_id, bundle_version_of(first)) for dag_id in want)
+    assert bundle_version == bundle_version_of(first)
 
     changed = write_dags(tmp_path / "v2", {})
     shutil.copytree(EXAMPLES, changed, dirs_exist_ok=True)
@@ -139,9 +144,9 @@ def test_dag_processor_parses_the_live_version_and_records_it_on_every_dag(
     wait_live(root, second["version"])
     process_once()
     dags, versions, bundle_version = parsed()
-    assert dags == {dag_id: str(second["version"]) for dag_id in want | {"fresh_report"}}
-    assert bundle_version == str(second["version"])
-    assert ("fresh_report", str(second["version"])) in versions
+    assert dags == {dag_id: bundle_version_of(second) for dag_id in want | {"fresh_report"}}
+    assert bundle_version == bundle_version_of(second)
+    assert ("fresh_report", bundle_version_of(second)) in versions
 
 
 def test_a_pinned_version_keeps_its_files_while_refresh_moves_the_processor_on(
@@ -159,9 +164,10 @@ def test_a_pinned_version_keeps_its_files_while_refresh_moves_the_processor_on(
     try:
         assert processor.stdin is not None and processor.stdout is not None
         before = read_answer(processor.stdout)
-        assert before["version"] == str(first["version"]) and before["files"] == digests(old)
-        assert before["view_url"] == f"{stack['api_url'].rstrip('/')}/#d={stack['deployment']}&tab=history&v={first['version']}"
-        with claim_for_removal(root, first["version"]) as claimed:
+        assert before["version"] == bundle_version_of(first) and before["files"] == digests(old)
+        console = f"{stack['api_url'].rstrip('/')}/#d={stack['deployment']}&tab=history&v={bundle_version_of(first)}"
+        assert before["view_url"] == console
+        with claim_for_removal(root, bundle_version_of(first)) as claimed:
             assert not claimed  # the processor's lease: the sidecar cannot prune the folder it parses
 
         second = deploy(stack, new)
@@ -169,19 +175,19 @@ def test_a_pinned_version_keeps_its_files_while_refresh_moves_the_processor_on(
         processor.stdin.write("refresh\n")
         processor.stdin.flush()
         after = read_answer(processor.stdout)
-        assert after["version"] == str(second["version"]) and after["files"] == digests(new)
-        with claim_for_removal(root, second["version"]) as claimed:
+        assert after["version"] == bundle_version_of(second) and after["files"] == digests(new)
+        with claim_for_removal(root, bundle_version_of(second)) as claimed:
             assert not claimed
-        with claim_for_removal(root, first["version"]) as claimed:
+        with claim_for_removal(root, bundle_version_of(first)) as claimed:
             assert claimed  # released by the refresh
     finally:
         processor.kill()
         processor.wait()
 
     # A task of a DAG run that started on the first version still gets the first version's bytes.
-    pinned = drive(env, "versioned", str(first["version"]))
+    pinned = drive(env, "versioned", bundle_version_of(first))
     assert pinned["exit"] == 0, pinned
-    assert pinned["version"] == str(first["version"])
+    assert pinned["version"] == bundle_version_of(first)
     assert pinned["files"] == digests(old)
     assert Path(pinned["path"]).is_relative_to(tmp_path / "bundle-storage")  # Airflow's own copy, tracked by Airflow
 
@@ -192,16 +198,12 @@ def test_a_version_missing_locally_is_fetched_and_a_corrupted_download_is_refuse
     root = sidecar_root(stack)
     dags = write_dags(tmp_path / "dags", {"etl.py": dag_source("fetched_etl"), "include/lib.py": "X = 1\n"})
     good = deploy(stack, dags)
-    bad = deploy(stack, write_dags(tmp_path / "bad", {"etl.py": dag_source("tampered_etl")}))
+    bad_dags = write_dags(tmp_path / "bad", {"etl.py": dag_source("tampered_etl")})
+    bad = deploy(stack, bad_dags)
     wait_live(root, bad["version"])
 
-    never_had_it = tmp_path / "fresh-worker"  # a worker whose sidecar never saw these versions
-    never_had_it.mkdir()
-    fetched = drive(airflow_env(never_had_it), "versioned", str(good["version"]))
-    assert fetched["exit"] == 0, fetched
-    assert fetched["files"] == digests(dags)
-    assert "fetched and verified" in fetched["log"]
-
+    # Overwriting the stored bundle changes nothing: the version's downloads are pinned to the object
+    # version ingest validated.
     s3 = boto3.client("s3", endpoint_url=stack["aws_endpoint_url"], region_name="us-east-1",
                       aws_access_key_id="testing", aws_secret_access_key="testing")
     (bucket,) = [b["Name"] for b in s3.list_buckets()["Buckets"] if "bundle" in b["Name"]]
@@ -210,17 +212,33 @@ def test_a_version_missing_locally_is_fetched_and_a_corrupted_download_is_refuse
     body[len(body) // 2] ^= 0xFF
     s3.put_object(Bucket=bucket, Key=key, Body=bytes(body))
 
+    never_had_it = tmp_path / "fresh-worker"  # a worker whose sidecar never saw these versions
+    never_had_it.mkdir()
+    for doc, folder in ((good, dags), (bad, bad_dags)):
+        fetched = drive(airflow_env(never_had_it), "versioned", bundle_version_of(doc))
+        assert fetched["exit"] == 0, fetched
+        assert fetched["files"] == digests(folder)
+        assert "fetched and verified" in fetched["log"]
+
+    # Bytes that do not match the version record are refused (here the record says another sha256).
+    table = boto3.resource("dynamodb", endpoint_url=stack["aws_endpoint_url"], region_name="us-east-1",
+                           aws_access_key_id="testing", aws_secret_access_key="testing").Table("dagcast-local-state")
+    wrong = "0" * 64
+    table.update_item(Key={"pk": f"DEPLOYMENT#{stack['deployment']}", "sk": f"VERSION#{good['version']:010d}"},
+                      UpdateExpression="SET sha256 = :s", ExpressionAttributeValues={":s": wrong})
     storage = tmp_path / "other-storage"
-    refused = drive(airflow_env(never_had_it, storage), "versioned", str(bad["version"]))
+    refused = drive(airflow_env(never_had_it, storage), "versioned", f"{good['version']}-{wrong[:16]}")
     assert refused["exit"] == 1
     assert "failed verification" in refused["error"] and "does not match the version record" in refused["error"]
-    assert not (storage / "dagcast" / "versions" / str(bad["version"])).exists()
+    assert not list((storage / "dagcast" / "versions").glob(f"{good['version']}-*"))
     assert not list((storage / "dagcast" / "versions").glob(".tmp-*"))
+    gone = drive(airflow_env(never_had_it, storage), "versioned", bundle_version_of(good))
+    assert gone["exit"] == 1 and "is now bundle 0000000000000000" in gone["error"], "the run's bundle is not silently replaced"
 
-    unknown = drive(airflow_env(never_had_it, storage), "versioned", "99999")
+    unknown = drive(airflow_env(never_had_it, storage), "versioned", "99999-0123456789abcdef")
     assert unknown["exit"] == 1 and "has no version 99999" in unknown["error"]
     no_token = {k: v for k, v in airflow_env(never_had_it, storage).items() if k != "DAGCAST_TOKEN"}
-    unconfigured = drive(no_token, "versioned", str(good["version"]))
+    unconfigured = drive(no_token, "versioned", bundle_version_of(bad))
     assert unconfigured["exit"] == 1 and "needs token" in unconfigured["error"] and "DAGCAST_TOKEN" in unconfigured["error"]
 
 
@@ -235,7 +253,7 @@ def test_concurrent_initialize_from_several_processes_leaves_one_intact_copy(
     empty.mkdir()
     env = airflow_env(empty)
     procs = [
-        subprocess.Popen([sys.executable, str(DRIVER), "versioned", str(done["version"])], env=env,
+        subprocess.Popen([sys.executable, str(DRIVER), "versioned", bundle_version_of(done)], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(4)
     ]
@@ -245,7 +263,7 @@ def test_concurrent_initialize_from_several_processes_leaves_one_intact_copy(
     assert all(d["files"] == digests(dags) for d in docs)
     assert sum("fetched and verified" in out + err for out, err in results) == 1  # one download; the others waited
     versions = tmp_path / "bundle-storage" / "dagcast" / "versions"
-    assert sorted(p.name for p in versions.iterdir()) == [str(done["version"])]
+    assert sorted(p.name for p in versions.iterdir()) == [bundle_version_of(done)]
     assert not any((tmp_path / "bundle-storage" / "dagcast" / "downloads").iterdir())
 
 

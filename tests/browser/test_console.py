@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from helpers import DAGCAST, Api, dag_source, parse_json_stdout, run_dagcast, stack_env, write_dags
+from helpers import DAGCAST, Api, PlayedSidecar, dag_source, parse_json_stdout, run_dagcast, stack_env, version_of_link, write_dags
 from playwright.sync_api import Page, expect
 
 OpenConsole = Callable[..., Page]
@@ -70,9 +69,9 @@ def test_a_sidecar_behind_the_current_version_shows_in_the_badge_and_the_sidecar
     page = open_console(fragment="#d=demo&tab=sidecars")
     sign_in(page, stack["token"])
     expect(page.locator("#detail-badge")).to_have_text(f"converged on v{v}")
-    api.json("POST", "/deployments/demo/sidecars", {"name": "console-lagging", "component": "scheduler"})
+    lagging = PlayedSidecar(api, "demo", "console-lagging", "scheduler")
     try:
-        api.json("PUT", "/deployments/demo/sidecars/console-lagging", {"version": v - 1, "last_error": "disk full: /opt/airflow/dags"})
+        lagging.report({"version": v - 1, "last_error": "disk full: /opt/airflow/dags"})
         expect(deployment_card(page, "demo").locator(".convergence")).to_have_text(f"{live} of {live + 1} sidecars on v{v}")
         row = page.locator('#sidecar-body tr[data-sidecar="console-lagging"]')
         expect(row).to_contain_text(f"v{v - 1}")
@@ -82,7 +81,7 @@ def test_a_sidecar_behind_the_current_version_shows_in_the_badge_and_the_sidecar
         expect(row.locator(".badge")).to_have_text("live")
         shoot(page, screenshots, "desktop-sidecars-converging")
     finally:
-        api.call("DELETE", "/deployments/demo/sidecars/console-lagging")
+        lagging.deregister()
     expect(page.locator("#detail-badge")).to_have_text(f"converged on v{v}")
     expect(row).to_have_count(0)
 
@@ -219,7 +218,7 @@ def test_rollback_from_the_console_asks_first_then_moves_every_sidecar_to_a_new_
     expect(live_versions).to_have_text([f"v{new}"] * len(stack["sidecars"]))
     expect(page.locator("#detail-badge")).to_have_text(f"converged on v{new}")
     deadline = time.monotonic() + 30
-    while any(Path(os.readlink(s["dags_path"])).name != str(new) for s in stack["sidecars"]):
+    while any(version_of_link(s["dags_path"]) != new for s in stack["sidecars"]):
         assert time.monotonic() < deadline, "the sidecars' dags links did not move to the new version"
         time.sleep(0.1)
     shoot(page, screenshots, "desktop-sidecars")

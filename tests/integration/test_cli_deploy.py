@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import Api, dag_source, parse_json_stdout, run_dagcast, stack_env, write_dags
+from helpers import Api, PlayedSidecar, dag_source, parse_json_stdout, run_dagcast, stack_env, write_dags
 
 
 def deploy(env: dict[str, str], dags: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -69,8 +69,7 @@ def test_dry_run_lists_files_and_the_dag_diff_and_uploads_nothing(stack: dict[st
 def test_wait_times_out_with_exit_4_when_a_live_sidecar_never_catches_up(stack: dict[str, Any], tmp_path: Path) -> None:
     api = Api(stack)
     api.json("POST", "/deployments", {"name": "laggard", "mechanism": "DAG_ONLY"})
-    api.json("POST", "/deployments/laggard/sidecars", {"name": "stuck", "component": "worker"})
-    api.json("PUT", "/deployments/laggard/sidecars/stuck", {"version": 0})
+    PlayedSidecar(api, "laggard", "stuck").report({"version": 0})
     dags = write_dags(tmp_path / "dags", {"a.py": dag_source("a")})
     proc = deploy(stack_env(stack, DAGCAST_DEPLOYMENT="laggard"), dags, "--wait", "--timeout", "3")
     assert proc.returncode == 4, proc.stderr

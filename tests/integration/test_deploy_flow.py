@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from helpers import Api, dag_source, files_of, parse_json_stdout, run_dagcast, stack_env, write_dags
+from helpers import Api, dag_source, files_of, parse_json_stdout, run_dagcast, stack_env, version_of_link, write_dags
 
 
 def deploy(info: dict[str, Any], dags: Path, *args: str) -> Any:
@@ -18,7 +18,7 @@ def deploy(info: dict[str, Any], dags: Path, *args: str) -> Any:
 
 
 def live_version(sidecar: dict[str, str]) -> int:
-    return int(Path(os.readlink(sidecar["dags_path"])).name)
+    return version_of_link(sidecar["dags_path"])
 
 
 def test_two_deploys_land_exactly_on_every_sidecar_and_keep_the_old_version(stack: dict[str, Any], tmp_path: Path) -> None:
@@ -48,7 +48,7 @@ def test_two_deploys_land_exactly_on_every_sidecar_and_keep_the_old_version(stac
         link = Path(sidecar["dags_path"])
         assert not os.path.isabs(os.readlink(link)), "the link target must be relative"
         assert files_of(link.resolve()) == files_of(dags)
-        old = link.parent / "versions" / str(doc1["version"])
+        old = link.parent / "versions" / f"{doc1['version']}-{doc1['sha256'][:16]}"
         assert old.is_dir(), "the previous version must stay for tasks still running on it"
         assert (old / "old.py").read_text() == v1_files["old.py"]
         assert "# changed" not in (old / "etl.py").read_text()

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from helpers import Api, dag_source, files_of, parse_json_stdout, run_dagcast, stack_env, write_dags
+from helpers import Api, dag_source, files_of, parse_json_stdout, run_dagcast, stack_env, version_of_link, write_dags
 
 
 def deploy(info: dict[str, Any], dags: Path, *args: str) -> dict[str, Any]:
@@ -18,7 +17,7 @@ def deploy(info: dict[str, Any], dags: Path, *args: str) -> dict[str, Any]:
 
 def wait_sidecars_on(info: dict[str, Any], version: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
-    while any(Path(os.readlink(s["dags_path"])).name != str(version) for s in info["sidecars"]):
+    while any(version_of_link(s["dags_path"]) != version for s in info["sidecars"]):
         assert time.monotonic() < deadline, f"sidecars not on v{version}"
         time.sleep(0.1)
 
@@ -100,4 +99,4 @@ def test_switching_the_mechanism_keeps_the_dags_sidecars_serve(stack: dict[str, 
     assert api.json("GET", "/deployments/switcher/versions/current")["version"]["deploy_id"] == deploy_id
     (dags / "b.py").write_text(dag_source("b"))
     refused = run_dagcast(["deploy", "--dags", "--dags-path", str(dags), "--no-wait"], env)
-    assert refused.returncode == 1 and "dagcast deployment update switcher --dag-deploy enabled" in refused.stderr
+    assert refused.returncode == 1 and "dagcast deployment update --deployment switcher --dag-deploy enabled" in refused.stderr

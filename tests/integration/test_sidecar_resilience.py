@@ -11,7 +11,7 @@ from typing import Any
 
 import boto3
 import httpx
-from helpers import DAGCAST, Api, dag_source, files_of, parse_json_stdout, run_dagcast, stack_env, write_dags
+from helpers import DAGCAST, Api, dag_source, files_of, parse_json_stdout, run_dagcast, stack_env, version_of_link, write_dags
 
 
 def sidecar_env(info: dict[str, Any]) -> dict[str, str]:
@@ -100,7 +100,7 @@ def test_a_sidecar_with_its_sns_delivery_cut_converges_by_reconcile(stack: dict[
 
         dags = write_dags(tmp_path / "dags", {"heal.py": dag_source("heal")})
         version = deploy(stack, dags)["version"]
-        _until(lambda: link.is_symlink() and link.resolve().name == str(version), 30)
+        _until(lambda: link.is_symlink() and version_of_link(link) == version, 30)
         assert files_of(link.resolve()) == files_of(dags)
 
         base = f"http://127.0.0.1:{port}"

@@ -10,6 +10,7 @@ import io
 import itertools
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -19,8 +20,9 @@ from moto import mock_aws
 
 import app as app_module
 from chalicelib.bundle import write_bundle
-from chalicelib.models import CreateDeployment, Mechanism, Role
+from chalicelib.models import CreateDeployment, Heartbeat, Mechanism, RegisterSidecar, Registration, Role, SidecarView
 from chalicelib.service import ControlPlane
+from chalicelib.settings import get_settings
 from dagcast.bootstrap import StackOutputs, bootstrap
 
 REGION = "us-east-1"
@@ -46,6 +48,7 @@ def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[StackOutputs]:
         monkeypatch.setenv("DAGCAST_TABLE_NAME", outputs.table_name)
         monkeypatch.setenv("DAGCAST_BUNDLES_BUCKET", outputs.bucket)
         monkeypatch.setenv("DAGCAST_TOPIC_ARN", outputs.topic_arn)
+        monkeypatch.setenv("DAGCAST_SIGNING_KEY_ARN", outputs.signing_key_arn)
         try:
             yield outputs
         finally:
@@ -108,3 +111,39 @@ def make_bundle(tmp_path: Path) -> Callable[[dict[str, bytes | str]], bytes]:
         return data
 
     return build
+
+
+class Sidecars:
+    """Sidecars registered through the control plane, each reporting with its own secret."""
+
+    def __init__(self, control: ControlPlane, deployment: str) -> None:
+        self.control = control
+        self.deployment = deployment
+        self.secrets: dict[str, str] = {}
+        control.issue_token("unit-sidecars", Role.SIDECAR, [deployment])
+        token = app_module.get_store().token_by_name("unit-sidecars")
+        assert token is not None
+        self.token = token
+
+    def register(self, name: str, component: str = "unknown") -> Registration:
+        reg = self.control.register_sidecar(
+            self.deployment, RegisterSidecar(name=name, component=component), self.token, self.secrets.get(name)
+        )
+        self.secrets[name] = reg.secret
+        return reg
+
+    def report(self, name: str, version: int, **fields: Any) -> SidecarView:
+        """A heartbeat saying it runs `version`, with that version's exact identity when it was published."""
+        # read beside the app (not through its store, whose reads some tests count)
+        table = boto3.resource("dynamodb").Table(get_settings().table_name)
+        pk = f"DEPLOYMENT#{self.deployment}"
+        record = table.get_item(Key={"pk": pk, "sk": f"VERSION#{version:010d}"}).get("Item") or {}
+        sha256, uid = record.get("sha256"), record.get("deployment_id")
+        uid = uid or table.get_item(Key={"pk": pk, "sk": "META"})["Item"]["uid"]
+        body = Heartbeat(version=version, sha256=sha256, deployment_id=uid if version else None, **fields)
+        return self.control.heartbeat(self.deployment, name, body, self.secrets[name])
+
+
+@pytest.fixture
+def sidecars(control: ControlPlane, deployment: str) -> Sidecars:
+    return Sidecars(control, deployment)

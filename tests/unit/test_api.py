@@ -11,6 +11,7 @@ import boto3
 import pytest
 from botocore.exceptions import ClientError
 from chalice.test import Client
+from sidecar_calls import SidecarCalls
 
 import app as app_module
 from chalicelib.auth import hash_token, new_token
@@ -224,7 +225,7 @@ def test_create_deploy_while_mechanism_is_image_is_409_and_says_how_to_enable(
     assert "legacy" in msg
     assert "IMAGE" in msg
     assert "enable" in msg
-    assert "dagcast deployment update legacy" in msg
+    assert "dagcast deployment update --deployment legacy --dag-deploy enabled" in msg
     assert app_module.get_store().list_deploys("legacy", 10, None) == ([], None)
 
 
@@ -313,8 +314,7 @@ def test_get_deploy_shows_state_and_per_sidecar_versions(
 ) -> None:
     deploy_id = create_deploy(client, deployment, deployer_token).json_body["deploy"]["deploy_id"]
     for name, version in (("scheduler", 0), ("worker", 3)):
-        assert call(client, "POST", f"/deployments/{deployment}/sidecars", sidecar_token, {"name": name}).status_code == 201
-        resp = call(client, "PUT", f"/deployments/{deployment}/sidecars/{name}", sidecar_token, {"version": version})
+        resp = SidecarCalls(client, deployment, sidecar_token, name).report({"version": version})
         assert resp.status_code == 200, resp.body
 
     resp = call(client, "GET", f"/deployments/{deployment}/deploys/{deploy_id}", viewer_token)
@@ -416,8 +416,11 @@ def test_register_sidecar_creates_a_queue_subscribed_to_the_topic_with_a_deploym
     assert resp.status_code == 201, resp.body
     queue_url = resp.json_body["queue_url"]
     sidecar = resp.json_body["sidecar"]
-    assert sidecar["queue_url"] == queue_url
     assert sidecar["component"] == "scheduler"
+    assert "secret_hash" not in sidecar and "queue_url" not in sidecar, "a registration shows the sidecar's view only"
+    assert len(resp.json_body["secret"]) >= 32
+    assert resp.json_body["deployment_id"] == app_module.get_store().get_deployment(deployment).uid
+    assert [k["algorithm"] for k in resp.json_body["signing_keys"]] == ["ECDSA_P256_SHA256"]
 
     sqs = boto3.client("sqs")
     sns = boto3.client("sns")
@@ -431,10 +434,11 @@ def test_register_sidecar_creates_a_queue_subscribed_to_the_topic_with_a_deploym
     attrs = sns.get_subscription_attributes(SubscriptionArn=subs[0]["SubscriptionArn"])["Attributes"]
     assert attrs["RawMessageDelivery"] == "true"
     assert json.loads(attrs["FilterPolicy"]) == {"deployment": [deployment]}
-    assert sidecar["subscription_arn"] == subs[0]["SubscriptionArn"]
 
     stored = app_module.get_store().get_sidecar(deployment, "scheduler")
     assert stored is not None and stored.queue_url == queue_url
+    assert stored.subscription_arn == subs[0]["SubscriptionArn"]
+    assert stored.registered_by == "unit-sidecar" and stored.secret_hash == hash_token(resp.json_body["secret"])
 
 
 def test_sidecar_queue_receives_only_its_deployments_announcements(
@@ -457,20 +461,23 @@ def test_registering_a_sidecar_twice_keeps_one_queue_and_one_subscription(
     client: Client, aws: StackOutputs, deployment: str, sidecar_token: str
 ) -> None:
     path = f"/deployments/{deployment}/sidecars"
-    first = call(client, "POST", path, sidecar_token, {"name": "scheduler"}).json_body
-    assert call(client, "PUT", f"{path}/scheduler", sidecar_token, {"version": 4}).status_code == 200
-    second = call(client, "POST", path, sidecar_token, {"name": "scheduler"})
-    assert second.status_code == 201
-    assert second.json_body["queue_url"] == first["queue_url"]
+    first = SidecarCalls(client, deployment, sidecar_token, "scheduler")
+    uid = first.deployment_id
+    assert first.report({"version": 4, "sha256": "a" * 64, "deployment_id": uid}).status_code == 200
+    headers = {"Authorization": f"Bearer {sidecar_token}", "X-Dagcast-Sidecar-Secret": first.secret}
+    second = client.http.post(path, headers=headers, body=json.dumps({"name": "scheduler"}))
+    assert second.status_code == 201, second.body
+    assert second.json_body["queue_url"] == first.registration["queue_url"]
     assert second.json_body["sidecar"]["version"] == 4  # the live version survives re-registration
+    assert second.json_body["secret"] != first.secret
     subs = boto3.client("sns").list_subscriptions_by_topic(TopicArn=aws.topic_arn)["Subscriptions"]
     assert len(subs) == 1
 
 
 def test_heartbeat_updates_the_sidecar_version(client: Client, deployment: str, sidecar_token: str, viewer_token: str) -> None:
     path = f"/deployments/{deployment}/sidecars"
-    assert call(client, "POST", path, sidecar_token, {"name": "worker"}).status_code == 201
-    resp = call(client, "PUT", f"{path}/worker", sidecar_token, {"version": 7, "last_sync_at": 1234, "last_error": "disk full"})
+    worker = SidecarCalls(client, deployment, sidecar_token, "worker")
+    resp = worker.report({"version": 7, "last_sync_at": 1234, "last_error": "disk full"})
     assert resp.status_code == 200, resp.body
     assert resp.json_body["version"] == 7
     assert resp.json_body["live"] is True
@@ -483,16 +490,16 @@ def test_heartbeat_updates_the_sidecar_version(client: Client, deployment: str, 
 
 
 def test_heartbeat_of_unregistered_sidecar_is_404(client: Client, deployment: str, sidecar_token: str) -> None:
-    resp = call(client, "PUT", f"/deployments/{deployment}/sidecars/ghost", sidecar_token, {"version": 1})
+    headers = {"Authorization": f"Bearer {sidecar_token}", "X-Dagcast-Sidecar-Secret": "s" * 43}
+    resp = client.http.put(f"/deployments/{deployment}/sidecars/ghost", headers=headers, body=json.dumps({"version": 1}))
     msg = assert_error(resp, 404, "not_found")
     assert "register" in msg
     assert app_module.get_store().get_sidecar(deployment, "ghost") is None
 
 
 def test_heartbeat_with_negative_version_is_400(client: Client, deployment: str, sidecar_token: str) -> None:
-    path = f"/deployments/{deployment}/sidecars"
-    assert call(client, "POST", path, sidecar_token, {"name": "worker"}).status_code == 201
-    msg = assert_error(call(client, "PUT", f"{path}/worker", sidecar_token, {"version": -1}), 400, "invalid_request")
+    worker = SidecarCalls(client, deployment, sidecar_token, "worker")
+    msg = assert_error(worker.report({"version": -1}), 400, "invalid_request")
     assert "version" in msg
 
 
@@ -505,9 +512,9 @@ def test_deployer_cannot_register_sidecars(client: Client, deployment: str, depl
 def test_deregister_removes_the_queue_subscription_and_record(
     client: Client, aws: StackOutputs, deployment: str, sidecar_token: str
 ) -> None:
-    path = f"/deployments/{deployment}/sidecars"
-    queue_url = call(client, "POST", path, sidecar_token, {"name": "scheduler"}).json_body["queue_url"]
-    resp = call(client, "DELETE", f"{path}/scheduler", sidecar_token)
+    scheduler = SidecarCalls(client, deployment, sidecar_token, "scheduler")
+    queue_url = scheduler.registration["queue_url"]
+    resp = scheduler.deregister()
     assert resp.status_code == 204
     sqs = boto3.client("sqs")
     assert sqs.list_queues(QueueNamePrefix="dagcast-sidecar-").get("QueueUrls", []) == []
@@ -516,4 +523,4 @@ def test_deregister_removes_the_queue_subscription_and_record(
     assert boto3.client("sns").list_subscriptions_by_topic(TopicArn=aws.topic_arn)["Subscriptions"] == []
     assert app_module.get_store().get_sidecar(deployment, "scheduler") is None
     # Deregistering again is harmless.
-    assert call(client, "DELETE", f"{path}/scheduler", sidecar_token).status_code == 204
+    assert scheduler.deregister().status_code == 204

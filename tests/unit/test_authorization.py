@@ -147,6 +147,7 @@ class World:
     sidecar: str
     victim_token: str
     names: Iterator[str]
+    secrets: dict[str, str]  # sidecar name -> the secret its registration returned
 
 
 def _session() -> boto3.session.Session:
@@ -191,6 +192,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 mp.setenv("DAGCAST_TABLE_NAME", outputs.table_name)
                 mp.setenv("DAGCAST_BUNDLES_BUCKET", outputs.bucket)
                 mp.setenv("DAGCAST_TOPIC_ARN", outputs.topic_arn)
+                mp.setenv("DAGCAST_SIGNING_KEY_ARN", outputs.signing_key_arn)
                 control = app_module.get_control()
                 for name in (HOME, OTHER):
                     control.create_deployment(CreateDeployment(name=name, mechanism=Mechanism.DAG_ONLY))
@@ -202,7 +204,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 tokens["admin-all"] = control.issue_token("admin-all", Role.ADMIN, ["*"])
                 control.issue_token("victim", Role.VIEWER, [HOME])
                 deploy_id = _activate_a_deploy(control, outputs.bucket, _bundle(tmp_path_factory.mktemp("authz") / "dags"))
-                control.register_sidecar(HOME, RegisterSidecar(name="worker-1", component="worker"))
+                registrar = app_module.get_store().token_by_name("sidecar-home")
+                assert registrar is not None
+                registered = control.register_sidecar(HOME, RegisterSidecar(name="worker-1", component="worker"), registrar, None)
                 counter = itertools.count()
                 yield World(
                     client=Client(app_module.app),
@@ -212,6 +216,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                     sidecar="worker-1",
                     victim_token="victim",
                     names=(f"cell-{i}" for i in counter),
+                    secrets={"worker-1": registered.secret},
                 )
         finally:
             clear_app_caches()
@@ -226,7 +231,9 @@ def _fresh_pending_deploy(world: World) -> str:
 
 def _fresh_sidecar(world: World) -> str:
     name = next(world.names)
-    world.control.register_sidecar(HOME, RegisterSidecar(name=name))
+    registrar = app_module.get_store().token_by_name("sidecar-home")
+    assert registrar is not None
+    world.secrets[name] = world.control.register_sidecar(HOME, RegisterSidecar(name=name), registrar, None).secret
     return name
 
 
@@ -301,6 +308,8 @@ def test_route_answers_the_status_its_permission_and_scope_demand(route: RouteSp
     params = path_params(route, world)
     path = route.path.format(**params)
     headers = {"Content-Type": "application/json", **authorization(caller, world)}
+    if "name" in params and "/sidecars/" in route.path:  # the sidecar's own secret: a sidecar acts only as itself
+        headers["X-Dagcast-Sidecar-Secret"] = world.secrets[params["name"]]
     resp = world.client.http.request(route.method, path, headers=headers, body=request_body(route, world))
 
     assert resp.status_code < 500, f"{route.method} {path} as {caller.id}: {resp.status_code} {resp.body!r}"

@@ -163,3 +163,15 @@ def test_uploaded_bundles_and_only_bundles_reach_the_ingest_queue(aws: StackOutp
         s3.put_object(Bucket=aws.bucket, Key=key, Body=b"12345")
     events = [e for body in _drain(aws.ingest_queue_url) for e in parse_notification(body)]
     assert [(e.bucket, e.key, e.size) for e in events] == [(aws.bucket, "bundles/analytics/0123456789a-abcdef.tar.gz", 5)]
+
+
+def test_bucket_versioning_matches_the_template(aws: StackOutputs, template: dict[str, Any]) -> None:
+    want = template["Resources"]["BundlesBucket"]["Properties"]["VersioningConfiguration"]["Status"]
+    assert want == "Enabled"
+    assert boto3.client("s3").get_bucket_versioning(Bucket=aws.bucket)["Status"] == want
+
+
+def test_the_signing_key_is_an_asymmetric_p256_key_for_signing(aws: StackOutputs, template: dict[str, Any]) -> None:
+    props = template["Resources"]["SigningKey"]["Properties"]
+    meta = boto3.client("kms").describe_key(KeyId=aws.signing_key_arn)["KeyMetadata"]
+    assert (meta["KeySpec"], meta["KeyUsage"]) == (props["KeySpec"], props["KeyUsage"]) == ("ECC_NIST_P256", "SIGN_VERIFY")

@@ -1,8 +1,9 @@
 """The template's core resources created by (moto's) CloudFormation, and one deploy end to end on them.
 
 moto's CloudFormation creates the bucket, queues, topic and table, but skips a bucket's
-NotificationConfiguration and AWS::SQS::QueuePolicy without failing: this test creates the
-bucket notification itself from the template's definition, and says so; the queue policy
+NotificationConfiguration and AWS::SQS::QueuePolicy without failing, and makes a KMS key
+symmetric whatever its KeySpec: this test creates the bucket notification and the signing key
+itself from the template's definitions, and says so; the queue policy
 only matters to real S3, which moto's in-process delivery does not check. (Subscriptions
 are made by the API when sidecars register.)
 """
@@ -22,6 +23,7 @@ from moto import mock_aws
 
 import app as app_module
 from chalicelib.models import CreateDeployment, Mechanism, Role
+from chalicelib.signing import Verifier
 from dagcast.bootstrap import SUPPORTED, load_template
 
 STACK = "cfn"
@@ -37,6 +39,9 @@ def cfn_stack(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
         boto3.DEFAULT_SESSION = _session()
         template = load_template()
         core = {name: res for name, res in template["Resources"].items() if res.get("Type") in SUPPORTED}
+        # moto's CloudFormation makes every KMS key a symmetric one (it ignores KeySpec and KeyUsage): the signing
+        # key is made below with the KMS API from the template's own definition, like the bucket notification.
+        signing = core.pop("SigningKey")["Properties"]
         cfn = boto3.client("cloudformation")
         body = {"AWSTemplateFormatVersion": "2010-09-09", "Parameters": template["Parameters"], "Resources": core}
         cfn.create_stack(StackName=STACK, TemplateBody=json.dumps(body))
@@ -61,6 +66,9 @@ def cfn_stack(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
             "DAGCAST_BUNDLES_BUCKET": physical["BundlesBucket"],
             "DAGCAST_TOPIC_ARN": physical["VersionsTopic"],
             "DAGCAST_SIDECAR_QUEUE_PREFIX": f"{STACK}-sidecar-",
+            "DAGCAST_SIGNING_KEY_ARN": boto3.client("kms").create_key(
+                KeySpec=signing["KeySpec"], KeyUsage=signing["KeyUsage"], Policy=json.dumps(signing["KeyPolicy"])
+            )["KeyMetadata"]["Arn"],
         }
         for k, v in names.items():
             monkeypatch.setenv(k, v)
@@ -98,7 +106,10 @@ def test_one_deploy_goes_end_to_end_on_resources_made_by_cloudformation(
     assert view["deploy"]["state"] == "ACTIVE" and view["deploy"]["version"] == 1
     announced = sqs.receive_message(QueueUrl=reg.json_body["queue_url"])["Messages"]
     body = json.loads(announced[0]["Body"])
-    assert (body["deployment"], body["version"], body["sha256"]) == ("prod", 1, hashlib.sha256(bundle).hexdigest())
+    statement = json.loads(body["statement"])
+    assert (statement["deployment"], statement["version"], statement["sha256"]) == ("prod", 1, hashlib.sha256(bundle).hexdigest())
+    [key] = reg.json_body["signing_keys"]
+    assert Verifier({key["key_id"]: key["public_key"]}).verify(body["key_id"], body["statement"].encode(), body["signature"])
 
 
 def _lambda_record(m: dict[str, Any]) -> dict[str, Any]:

@@ -92,9 +92,9 @@ def test_a_worker_that_dies_mid_bundle_is_an_error_and_the_next_bundle_gets_new_
 
     monkeypatch.setattr(CompileSession, "submit", killing_submit)
     with pytest.raises(CompileWorkerError, match="stopped unexpectedly"):
-        validate_stream(io.BytesIO(data), cache=CompileCache(), workers=workers)
+        validate_stream(io.BytesIO(data), cache=CompileCache(), workers=workers, parallel=True)
     monkeypatch.setattr(CompileSession, "submit", submit)
-    report = validate_stream(io.BytesIO(data), cache=CompileCache(), workers=workers)
+    report = validate_stream(io.BytesIO(data), cache=CompileCache(), workers=workers, parallel=True)
     assert report.valid and len(report.dag_ids) == 400
     assert all(w.alive() for w in workers._workers)
 
@@ -104,7 +104,7 @@ def test_a_second_bundle_while_the_workers_are_busy_compiles_inline(workers: Com
     assert held is not None
     try:
         assert workers.session() is None
-        report = validate_stream(io.BytesIO(bundle(MIXED)), cache=CompileCache(), workers=workers)
+        report = validate_stream(io.BytesIO(bundle(MIXED)), cache=CompileCache(), workers=workers, parallel=True)
         assert [e.path for e in report.errors] == ["dags/broken.py", "dags/nul.py", "dags/later_broken.py"]
     finally:
         held.close()

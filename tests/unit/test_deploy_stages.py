@@ -11,11 +11,12 @@ from typing import Any
 import boto3
 import pytest
 from chalice.test import Client
+from conftest import Sidecars
 
 import app as app_module
 from chalicelib.exceptions import NotFound
 from chalicelib.ingest import parse_notification
-from chalicelib.models import CreateDeploy, Deploy, DeployState, Heartbeat, RegisterSidecar
+from chalicelib.models import CreateDeploy, Deploy, DeployState
 from chalicelib.notify import SidecarQueues
 from chalicelib.service import ControlPlane
 from chalicelib.settings import get_settings
@@ -51,10 +52,10 @@ def publish(control: ControlPlane, aws: StackOutputs, deployment: str, bundle: b
 
 
 @pytest.fixture
-def live_deploy(control: ControlPlane, aws: StackOutputs, deployment: str, make_bundle: Callable[..., bytes]) -> str:
+def live_deploy(control: ControlPlane, aws: StackOutputs, deployment: str, make_bundle: Callable[..., bytes], sidecars: Sidecars) -> str:
     """An ACTIVE v1 with two registered sidecars that have not run it yet."""
     for name in ("w1", "w2"):
-        control.register_sidecar(deployment, RegisterSidecar(name=name))
+        sidecars.register(name)
     return publish(control, aws, deployment, make_bundle({"a.py": "x = 1\n", "q.sql": "select 1;\n"}))
 
 
@@ -106,34 +107,34 @@ def test_the_notifications_event_time_is_read_as_utc_epoch_ms(event_time: str | 
 
 
 def test_a_sidecar_reports_when_it_learned_of_a_version_and_the_deploy_keeps_it(
-    control: ControlPlane, deployment: str, live_deploy: str
+    control: ControlPlane, deployment: str, live_deploy: str, sidecars: Sidecars,
 ) -> None:
-    view = control.heartbeat(deployment, "w1", Heartbeat(version=1, last_notified_at=1_000, last_sync_at=1_300))
+    view = sidecars.report("w1", 1, last_notified_at=1_000, last_sync_at=1_300)
     assert view.last_notified_at == 1_000
     deploy = app_module.get_store().get_deploy(deployment, live_deploy)
     assert deploy.notified == {"w1": 1_000} and deploy.activations == {"w1": 1_300}
     [w1] = [s for s in control.get_deploy(deployment, live_deploy).stages.sidecars if s.name == "w1"]
     assert w1.sync_s == 0.3
     # a later heartbeat never moves the first report
-    control.heartbeat(deployment, "w1", Heartbeat(version=1, last_notified_at=5_000, last_sync_at=6_000))
+    sidecars.report("w1", 1, last_notified_at=5_000, last_sync_at=6_000)
     assert app_module.get_store().get_deploy(deployment, live_deploy).notified == {"w1": 1_000}
 
 
 def test_a_deploy_recorded_before_notification_times_existed_still_records_activations(
-    control: ControlPlane, aws: StackOutputs, deployment: str, live_deploy: str
+    control: ControlPlane, aws: StackOutputs, deployment: str, live_deploy: str, sidecars: Sidecars,
 ) -> None:
     table = boto3.resource("dynamodb").Table(aws.table_name)
     table.update_item(Key={"pk": f"DEPLOYMENT#{deployment}", "sk": f"DEPLOY#{live_deploy}"}, UpdateExpression="REMOVE notified")
-    control.heartbeat(deployment, "w1", Heartbeat(version=1, last_notified_at=1_000, last_sync_at=1_300))
+    sidecars.report("w1", 1, last_notified_at=1_000, last_sync_at=1_300)
     deploy = app_module.get_store().get_deploy(deployment, live_deploy)
     assert deploy.activations == {"w1": 1_300} and deploy.notified == {}
 
 
 def test_the_api_serves_stages_with_a_deploy_and_in_the_history(
-    client: Client, control: ControlPlane, deployment: str, live_deploy: str, viewer_token: str
+    client: Client, control: ControlPlane, deployment: str, live_deploy: str, viewer_token: str, sidecars: Sidecars,
 ) -> None:
     for name, notified, live in (("w1", 100, 400), ("w2", 150, 900)):
-        control.heartbeat(deployment, name, Heartbeat(version=1, last_notified_at=notified, last_sync_at=live))
+        sidecars.report(name, 1, last_notified_at=notified, last_sync_at=live)
     headers = {"Authorization": f"Bearer {viewer_token}"}
     view = client.http.get(f"/deployments/{deployment}/deploys/{live_deploy}", headers=headers).json_body
     assert view["converged"] is True
@@ -173,8 +174,10 @@ def waiting_control(ticks: Ticks) -> ControlPlane:
                         clock=ticks.clock, sleep=ticks.sleep)
 
 
-def test_the_long_poll_answers_when_a_sidecar_reports_the_version(control: ControlPlane, deployment: str, live_deploy: str) -> None:
-    ticks = Ticks({3: lambda: control.heartbeat(deployment, "w1", Heartbeat(version=1, last_sync_at=5))})
+def test_the_long_poll_answers_when_a_sidecar_reports_the_version(
+    control: ControlPlane, deployment: str, live_deploy: str, sidecars: Sidecars
+) -> None:
+    ticks = Ticks({3: lambda: sidecars.report("w1", 1, last_sync_at=5)})
     view = waiting_control(ticks).get_deploy(deployment, live_deploy, wait_seconds=10)
     assert len(ticks.sleeps) == 3, "it answered at the first look after the report, not at the end of the wait"
     assert view.sidecars_on_version == 1 and not view.converged
@@ -182,10 +185,10 @@ def test_the_long_poll_answers_when_a_sidecar_reports_the_version(control: Contr
 
 
 def test_the_long_poll_answers_at_once_when_there_is_nothing_to_wait_for(
-    control: ControlPlane, deployment: str, live_deploy: str
+    control: ControlPlane, deployment: str, live_deploy: str, sidecars: Sidecars,
 ) -> None:
     for name in ("w1", "w2"):
-        control.heartbeat(deployment, name, Heartbeat(version=1))
+        sidecars.report(name, 1)
     ticks = Ticks()
     assert waiting_control(ticks).get_deploy(deployment, live_deploy, wait_seconds=10).converged
     assert ticks.sleeps == []

@@ -7,11 +7,11 @@ from typing import Any
 
 import boto3
 import pytest
+from conftest import Sidecars
 from test_deploy_stages import publish
 
 import app as app_module
 from chalicelib.exceptions import NotFound
-from chalicelib.models import Heartbeat, RegisterSidecar
 from chalicelib.service import ControlPlane
 from dagcast.bootstrap import StackOutputs
 
@@ -36,15 +36,16 @@ def version_reads(aws: StackOutputs) -> Iterator[list[str]]:
 
 
 def test_the_deploy_behind_a_version_is_read_once_for_all_sidecars_reporting_it(
-    control: ControlPlane, aws: StackOutputs, deployment: str, make_bundle: Callable[..., bytes], version_reads: list[str]
+    control: ControlPlane, aws: StackOutputs, deployment: str, make_bundle: Callable[..., bytes], version_reads: list[str],
+    sidecars: Sidecars,
 ) -> None:
     names = ("w1", "w2", "w3")
     for name in names:
-        control.register_sidecar(deployment, RegisterSidecar(name=name))
+        sidecars.register(name)
     deploy_id = publish(control, aws, deployment, make_bundle({"a.py": "x = 1\n"}))
     version_reads.clear()
     for i, name in enumerate(names):
-        control.heartbeat(deployment, name, Heartbeat(version=1, last_sync_at=100 + i))
+        sidecars.report(name, 1, last_sync_at=100 + i)
     assert version_reads == ["VERSION#0000000001"]
     deploy = app_module.get_store().get_deploy(deployment, deploy_id)
     assert deploy.activations == {"w1": 100, "w2": 101, "w3": 102}
@@ -62,10 +63,10 @@ def test_a_version_never_published_is_not_remembered(control: ControlPlane, aws:
 
 
 def test_a_report_of_a_version_never_published_records_nothing(
-    control: ControlPlane, deployment: str, version_reads: list[str]
+    control: ControlPlane, deployment: str, version_reads: list[str], sidecars: Sidecars,
 ) -> None:
-    control.register_sidecar(deployment, RegisterSidecar(name="w1"))
-    view = control.heartbeat(deployment, "w1", Heartbeat(version=3))
+    sidecars.register("w1")
+    view = sidecars.report("w1", 3)
     assert view.version == 3
-    assert control.heartbeat(deployment, "w1", Heartbeat(version=4)).version == 4
+    assert sidecars.report("w1", 4).version == 4
     assert version_reads == ["VERSION#0000000003", "VERSION#0000000004"]

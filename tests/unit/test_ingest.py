@@ -14,11 +14,13 @@ import pytest
 from boto3.dynamodb.conditions import Key
 from chalice.test import Client
 from helpers import files_of
+from sidecar_calls import SidecarCalls
 
 import app as app_module
 from chalicelib.ingest import parse_notification
 from chalicelib.models import DeployState
-from chalicelib.validation import Reuse, extract_bundle, extract_delta
+from chalicelib.signing import Verifier
+from chalicelib.validation import Limits, Reuse, extract_bundle, extract_delta
 from dagcast.bootstrap import StackOutputs
 
 MakeBundle = Callable[[dict[str, bytes | str]], bytes]
@@ -177,11 +179,20 @@ def test_valid_bundle_becomes_version_1_and_is_announced(
 
     [announced] = announcements()
     url = announced.pop("download_url")
-    assert announced == {
-        "deployment": deployment, "version": 1, "deploy_id": deploy["deploy_id"], "key": deploy["key"], "sha256": sha,
-        "size": len(data),
+    statement = announced.pop("statement")
+    signature, key_id = announced.pop("signature"), announced.pop("key_id")
+    assert announced == {"deployment": deployment, "version": 1}, "routing fields only, outside the statement"
+    signer = app_module.get_signer()
+    assert key_id == signer.key_id
+    assert Verifier({key_id: signer.public_key_pem}).verify(key_id, statement.encode(), signature)
+    record = versions[0]
+    assert json.loads(statement) == {
+        "type": "dagcast.version", "deployment": deployment, "deployment_id": dep.uid, "version": 1,
+        "deploy_id": deploy["deploy_id"], "sha256": sha, "size": len(data), "created_at": int(record["created_at"]),
+        "object_version": record["object_version"], "limits": Limits().model_dump(), "delta": None,
     }
     assert urllib.parse.quote(deploy["key"], safe="/") in url and "X-Amz-Signature=" in url
+    assert f"versionId={record['object_version']}" in url, "the download is pinned to the validated object version"
 
 
 def test_current_version_is_served_with_a_download_url_after_activation(
@@ -222,15 +233,22 @@ def test_deploy_view_converges_when_sidecars_report_the_new_version(
     client: Client, aws: StackOutputs, deployment: str, deployer_token: str, sidecar_token: str, make_bundle: MakeBundle
 ) -> None:
     headers = {"Authorization": f"Bearer {sidecar_token}", "Content-Type": "application/json"}
-    assert client.http.post(f"/deployments/{deployment}/sidecars", headers=headers, body='{"name": "scheduler"}').status_code == 201
+    scheduler = SidecarCalls(client, deployment, sidecar_token, "scheduler")
     deploy = deploy_and_ingest(client, aws, deployment, deployer_token, make_bundle(GOOD))
     path = f"/deployments/{deployment}/deploys/{deploy['deploy_id']}"
 
     before = client.http.get(path, headers=headers).json_body
     assert (before["deploy"]["state"], before["sidecars_on_version"], before["converged"]) == ("ACTIVE", 0, False)
-    client.http.put(f"/deployments/{deployment}/sidecars/scheduler", headers=headers, body='{"version": 1}')
+    for wrong in ({"version": 1}, {"version": 1, "sha256": "0" * 64, "deployment_id": scheduler.deployment_id},
+                  {"version": 2, "sha256": deploy["sha256"], "deployment_id": scheduler.deployment_id},
+                  {"version": 1, "sha256": deploy["sha256"], "deployment_id": "another-stack"}):
+        assert scheduler.report(wrong).status_code == 200
+        view = client.http.get(path, headers=headers).json_body
+        assert (view["sidecars_on_version"], view["converged"]) == (0, False), f"{wrong} is not version 1"
+    scheduler.report_running(1)
     after = client.http.get(path, headers=headers).json_body
     assert (after["live_sidecars"], after["sidecars_on_version"], after["converged"]) == (1, 1, True)
+    assert after["sidecars"][0]["on_current"] is True
 
 
 # --- deltas -----------------------------------------------------------------------------
@@ -258,7 +276,8 @@ def test_a_deploy_carries_a_delta_against_the_live_version_that_rebuilds_it_exac
     assert hashlib.sha256(archive).hexdigest() == delta.sha256 and len(archive) == delta.size < len(second_data)
 
     *_, announced = announcements()
-    assert announced["delta"] == delta.model_dump(mode="json")
+    assert json.loads(announced["statement"])["delta"] == delta.model_dump(mode="json")
+    assert delta.base_sha256 == hashlib.sha256(first_data).hexdigest()
     assert urllib.parse.quote(delta.key, safe="/") in announced["delta_url"]
     headers = {"Authorization": f"Bearer {sidecar_token}"}
     view = client.http.get(f"/deployments/{deployment}/versions/2", headers=headers).json_body

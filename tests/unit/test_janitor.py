@@ -7,10 +7,11 @@ from typing import Any
 import boto3
 import pytest
 from botocore.exceptions import ClientError
+from conftest import Sidecars
 
 import app as app_module
 from chalicelib.ingest import Outcome
-from chalicelib.models import CreateDeploy, DeployState, Heartbeat, IngestEvent, RegisterSidecar, UpdateDeployment
+from chalicelib.models import CreateDeploy, DeployState, IngestEvent, UpdateDeployment
 from chalicelib.notify import SidecarQueues
 from chalicelib.service import ControlPlane, now_ms
 from chalicelib.settings import get_settings
@@ -36,7 +37,14 @@ def clock() -> Clock:
 def janitor_control(aws: StackOutputs, deployment: str, clock: Clock) -> ControlPlane:
     s = get_settings()
     queues = SidecarQueues(boto3.client("sqs"), boto3.client("sns"), s.topic_arn, s.sidecar_queue_prefix)
-    return ControlPlane(s, app_module.get_store(), app_module.get_bundles(), queues, app_module.get_publisher(), clock=clock)
+    return ControlPlane(s, app_module.get_store(), app_module.get_bundles(), queues, app_module.get_publisher(), clock=clock,
+                        signer=app_module.get_signer())
+
+
+@pytest.fixture
+def sidecars(janitor_control: ControlPlane, deployment: str) -> Sidecars:
+    """Sidecars that report on the janitor's clock."""
+    return Sidecars(janitor_control, deployment)
 
 
 def publish(control: ControlPlane, aws: StackOutputs, deployment: str, bundle: bytes) -> Any:
@@ -79,35 +87,37 @@ def test_a_deploy_never_uploaded_expires_and_a_late_upload_is_never_validated(
 
 
 def test_silent_sidecars_lose_their_queue_subscription_and_record(
-    janitor_control: ControlPlane, deployment: str, clock: Clock
+    janitor_control: ControlPlane, deployment: str, clock: Clock, sidecars: Sidecars,
 ) -> None:
-    silent = janitor_control.register_sidecar(deployment, RegisterSidecar(name="silent"))
-    janitor_control.register_sidecar(deployment, RegisterSidecar(name="chatty"))
+    sidecars.register("silent")
+    silent = app_module.get_store().get_sidecar(deployment, "silent")
+    assert silent is not None
+    sidecars.register("chatty")
     clock.now += get_settings().sidecar_expiry_seconds * 1000 + 1000
-    janitor_control.heartbeat(deployment, "chatty", Heartbeat(version=0))
+    sidecars.report("chatty", 0)
     report = janitor_control.janitor()
     assert report.sidecars_removed == [f"{deployment}/silent"]
     assert [s.name for s in janitor_control.sidecar_views(deployment)] == ["chatty"]
     with pytest.raises(ClientError):
         boto3.client("sqs").get_queue_attributes(QueueUrl=silent.queue_url, AttributeNames=["QueueArn"])
     subs = boto3.client("sns").list_subscriptions()["Subscriptions"]
-    assert silent.sidecar.subscription_arn not in {s["SubscriptionArn"] for s in subs}
+    assert silent.subscription_arn not in {s["SubscriptionArn"] for s in subs}
     assert len(subs) == 1
 
 
 def test_bundles_beyond_retention_are_pruned_but_never_the_live_one_or_one_a_sidecar_runs(
-    janitor_control: ControlPlane, aws: StackOutputs, deployment: str, clock: Clock, make_bundle: Callable[..., bytes]
+    janitor_control: ControlPlane, aws: StackOutputs, deployment: str, clock: Clock, make_bundle: Callable[..., bytes], sidecars: Sidecars,
 ) -> None:
     janitor_control.update_deployment(deployment, UpdateDeployment(keep_versions=2, retention_days=1))
     asset = {"big.sql": "-- " + "x" * 5000 + "\n"}  # most of each bundle is unchanged: every version has a delta
     deploys = [publish(janitor_control, aws, deployment, make_bundle({**asset, "v.py": f"v = {i}\n"})) for i in range(1, 6)]
     deltas = [app_module.get_store().get_version(deployment, v).delta for v in range(1, 6)]
     assert deltas[0] is None and all(d is not None for d in deltas[1:])
-    janitor_control.register_sidecar(deployment, RegisterSidecar(name="old-worker"))
-    janitor_control.heartbeat(deployment, "old-worker", Heartbeat(version=1))
+    sidecars.register("old-worker")
+    sidecars.report("old-worker", 1)
     assert janitor_control.janitor().bundles_pruned == [], "younger than retention_days: kept"
     clock.now += 2 * DAY_MS
-    janitor_control.heartbeat(deployment, "old-worker", Heartbeat(version=1))
+    sidecars.report("old-worker", 1)
     report = janitor_control.janitor()
     assert sorted(report.bundles_pruned) == [f"{deployment}/v2", f"{deployment}/v3"]
     present = [object_exists(aws.bucket, d.key) for d in deploys]

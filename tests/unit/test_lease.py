@@ -8,72 +8,74 @@ import time
 from pathlib import Path
 from typing import Any
 
-from test_sidecar import env, versions_of  # noqa: F401 - the fixture and helper of the sync tests
+from test_sidecar import env, on_disk, signer, versions_of  # noqa: F401 - the fixtures and helpers of the sync tests
 
 from dagcast.lease import Lease, claim_for_removal, lease_path
+from dagcast.sidecar import folder_name
 
 
 def test_a_held_lease_stops_a_claim_and_a_released_one_does_not(tmp_path: Path) -> None:
-    with Lease(tmp_path, 3):
-        with claim_for_removal(tmp_path, 3) as claimed:
+    with Lease(tmp_path, "3-a"):
+        with claim_for_removal(tmp_path, "3-a") as claimed:
             assert claimed is False
-        assert lease_path(tmp_path, 3).exists()
-    with claim_for_removal(tmp_path, 3) as claimed:
+        assert lease_path(tmp_path, "3-a").exists()
+    with claim_for_removal(tmp_path, "3-a") as claimed:
         assert claimed is True
-    assert not lease_path(tmp_path, 3).exists()  # removed with the version, while still locked
+    assert not lease_path(tmp_path, "3-a").exists()  # removed with the version, while still locked
 
 
 def test_leases_on_other_versions_do_not_interfere(tmp_path: Path) -> None:
-    with Lease(tmp_path, 1), Lease(tmp_path, 2), claim_for_removal(tmp_path, 3) as claimed:
+    with Lease(tmp_path, "1-a"), Lease(tmp_path, "2-a"), claim_for_removal(tmp_path, "3-a") as claimed:
         assert claimed is True
 
 
 def test_the_sidecar_keeps_a_version_a_reader_holds_beyond_keep_and_prunes_it_once_released(env: Any, tmp_path: Path) -> None:  # noqa: F811
     syncer, api, _ = env  # keep=2
     api.add(1, versions_of(1, tmp_path))
-    syncer.sync(1)
-    reader = Lease(syncer.cfg.root, 1)
+    syncer.sync(api.announced(1))
+    v1 = folder_name(1, api.records[1].sha256)
+    reader = Lease(syncer.cfg.root, v1)
     reader.acquire()
     for i in (2, 3, 4):
         api.add(i, versions_of(i, tmp_path))
-        syncer.sync(i)
-    assert sorted(p.name for p in syncer.versions.iterdir()) == ["1", "3", "4"]
-    assert (syncer.versions / "1" / "dag.py").read_text() == "VERSION = 1\n"
+        syncer.sync(api.announced(i))
+    assert on_disk(syncer) == [1, 3, 4]
+    assert (syncer.versions / v1 / "dag.py").read_text() == "VERSION = 1\n"
     reader.release()
     api.add(5, versions_of(5, tmp_path))
-    syncer.sync(5)
-    assert sorted(p.name for p in syncer.versions.iterdir()) == ["4", "5"]
+    syncer.sync(api.announced(5))
+    assert on_disk(syncer) == [4, 5]
 
 
 def test_a_lease_held_by_another_process_counts_and_dies_with_it(tmp_path: Path) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c",
          "import sys, time; from pathlib import Path; from dagcast.lease import Lease;"
-         f"Lease(Path({str(tmp_path)!r}), 7).acquire(); print('held', flush=True); time.sleep(60)"],
+         f"Lease(Path({str(tmp_path)!r}), '7-a').acquire(); print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        with claim_for_removal(tmp_path, 7) as claimed:
+        with claim_for_removal(tmp_path, "7-a") as claimed:
             assert claimed is False
     finally:
         holder.kill()
         holder.wait()
-    with claim_for_removal(tmp_path, 7) as claimed:
+    with claim_for_removal(tmp_path, "7-a") as claimed:
         assert claimed is True  # the kernel dropped the dead reader's lock
 
 
 def test_a_reader_waiting_on_a_removal_ends_up_holding_the_file_at_the_path(tmp_path: Path) -> None:
     """The pruner unlinks the lease file while locked; a reader that queued on that inode must retry."""
     got: list[Lease] = []
-    with claim_for_removal(tmp_path, 9) as claimed:
+    with claim_for_removal(tmp_path, "9-a") as claimed:
         assert claimed
-        reader = threading.Thread(target=lambda: got.append(Lease(tmp_path, 9).__enter__()))
+        reader = threading.Thread(target=lambda: got.append(Lease(tmp_path, "9-a").__enter__()))
         reader.start()
         time.sleep(0.2)  # the reader is now blocked on the exclusive lock
         assert not got
     reader.join(timeout=10)
     assert got and got[0].held
-    with claim_for_removal(tmp_path, 9) as claimed:
+    with claim_for_removal(tmp_path, "9-a") as claimed:
         assert claimed is False  # the reader's lock is on the file the next pruner sees
     got[0].release()

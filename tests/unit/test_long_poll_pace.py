@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from conftest import Sidecars
 from test_deploy_stages import Ticks, publish, waiting_control
 
-from chalicelib.models import Heartbeat, RegisterSidecar
 from chalicelib.service import ControlPlane
 from chalicelib.settings import get_settings
 from dagcast.bootstrap import StackOutputs
@@ -16,16 +16,22 @@ from dagcast.bootstrap import StackOutputs
 SIDECARS = ("w1", "w2", "w3", "w4")
 
 
+_SIDECARS: list[Sidecars] = []
+
+
 @pytest.fixture
-def live_on_four(control: ControlPlane, aws: StackOutputs, deployment: str, make_bundle: Callable[..., bytes]) -> str:
+def live_on_four(
+    control: ControlPlane, aws: StackOutputs, deployment: str, make_bundle: Callable[..., bytes], sidecars: Sidecars
+) -> str:
     """An ACTIVE v1 with four registered sidecars that have not run it yet."""
     for name in SIDECARS:
-        control.register_sidecar(deployment, RegisterSidecar(name=name))
+        sidecars.register(name)
+    _SIDECARS[:] = [sidecars]
     return publish(control, aws, deployment, make_bundle({"a.py": "x = 1\n"}))
 
 
 def report(control: ControlPlane, deployment: str, name: str) -> Callable[[], object]:
-    return lambda: control.heartbeat(deployment, name, Heartbeat(version=1, last_sync_at=5))
+    return lambda: _SIDECARS[0].report(name, 1, last_sync_at=5)
 
 
 def test_reports_after_the_first_are_gathered_into_one_answer(

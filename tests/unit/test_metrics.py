@@ -9,6 +9,7 @@ from typing import Any
 
 import boto3
 import pytest
+from conftest import Sidecars
 
 import app as app_module
 from chalicelib.models import CreateDeploy
@@ -82,14 +83,14 @@ def test_a_rejection_is_counted_overall_and_by_reason(
 
 
 def test_convergence_time_is_emitted_once_from_the_sidecars_activation_times(
-    control: ControlPlane, aws: StackOutputs, deployment: str, make_bundle: Callable[..., bytes], capsys: pytest.CaptureFixture[str]
+    control: ControlPlane, aws: StackOutputs, deployment: str, make_bundle: Callable[..., bytes], capsys: pytest.CaptureFixture[str],
+    sidecars: Sidecars,
 ) -> None:
-    from chalicelib.models import Heartbeat, RegisterSidecar
 
-    control.register_sidecar(deployment, RegisterSidecar(name="w1"))
+    sidecars.register("w1")
     deploy_id = upload_and_ingest(control, aws, deployment, make_bundle({"a.py": "x = 1\n"}))
     capsys.readouterr()
-    control.heartbeat(deployment, "w1", Heartbeat(version=1))
+    sidecars.report("w1", 1)
     view = control.get_deploy(deployment, deploy_id)
     control.get_deploy(deployment, deploy_id)
     app_module.telemetry.flush()
