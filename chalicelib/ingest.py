@@ -111,11 +111,15 @@ class Ingest:
             self._bundles.delete(deploy.key)
             return
         recorded = self._recorded_object_version(deploy)
-        if event.version_id and recorded and event.version_id != recorded:
+        if recorded is None or event.version_id == recorded:
+            logger.info("deploy already processed", extra={"state": deploy.state.value})
+        elif event.version_id:
             logger.warning("deleting a second write to a decided deploy's bundle", extra={"state": deploy.state.value})
             self._bundles.delete_version(deploy.key, event.version_id)
-        else:
-            logger.info("deploy already processed", extra={"state": deploy.state.value})
+        else:  # a notification that does not say which object version it is about: keep only the recorded one
+            removed = self._bundles.delete_other_versions(deploy.key, recorded)
+            if removed:
+                logger.warning("deleted second writes to a decided deploy's bundle", extra={"removed": len(removed)})
 
     def _recorded_object_version(self, deploy: Deploy) -> str | None:
         if deploy.version is None:
@@ -130,7 +134,14 @@ class Ingest:
         deployment = self._store.get_deployment(deploy.deployment)
         base = self._publisher.live_base(deployment)
         collect = DeltaCollector({f.path: f.sha256 for f in base.manifest}) if base else None
-        body, size, object_version = self._bundles.open(deploy.key, object_version)
+        try:
+            body, size, object_version = self._bundles.open(deploy.key, object_version)
+        except StorageError:
+            if self._store.get_deploy(deploy.deployment, deploy.deploy_id).state in ABANDONED:
+                logger.info("deploy cancelled before its upload was read")  # cancel deleted the upload
+                self._bundles.delete(deploy.key)
+                return Outcome.IGNORED
+            raise
         try:
             if size != deploy.size:
                 return self._reject(deploy, [_issue("size_mismatch", f"uploaded {size} bytes, announced {deploy.size}")], started)

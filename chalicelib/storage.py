@@ -140,6 +140,16 @@ class BundleStorage:
         except ClientError as exc:
             raise StorageError(f"cannot delete version {object_version} of {key}: {exc}") from exc
 
+    def delete_other_versions(self, key: str, keep: str) -> list[str]:
+        """Remove every object version of the key but `keep` (and every delete marker); returns the removed."""
+        try:
+            removed = [v for v in self._object_versions(key) if v != keep]
+            for version_id in removed:
+                self._s3.delete_object(Bucket=self.bucket, Key=key, VersionId=version_id)
+        except ClientError as exc:
+            raise StorageError(f"cannot remove other versions of {key}: {exc}") from exc
+        return removed
+
     def _object_versions(self, key: str) -> list[str]:
         ids: list[str] = []
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": key}

@@ -13,7 +13,7 @@ import httpx
 
 from chalicelib.bundle import BundleInfo
 from chalicelib.manifest import diff_manifests, summary
-from chalicelib.validation import FileEntry, Report, validate_stream
+from chalicelib.validation import FileEntry, Limits, Report, validate_stream
 from dagcast import bundler, compile_cache, gitinfo
 from dagcast.client import ApiClient, backoff
 from dagcast.exceptions import ApiError, BundleInvalid, UploadExpired, UploadFailed, WaitTimeout
@@ -140,10 +140,16 @@ class _LookAhead(threading.Thread):
         self.live: dict[str, Any] | None = None
         self.manifest: list[FileEntry] | None = None
         self.git: dict[str, Any] | None = None
+        self.limits: Limits | None = None  # the deployment's: what the server validates with
+        self.limits_known = threading.Event()
         self._error: BaseException | None = None
 
     def run(self) -> None:
         try:
+            try:
+                self.limits = Limits.model_validate(self._api.get_deployment(self._opts.deployment).get("limits") or {})
+            finally:
+                self.limits_known.set()
             self.live = _live_version(self._api, self._opts.deployment)
             self.manifest = _live_manifest(self.live)
             self.git = gitinfo.describe(self._opts.dags_path)
@@ -163,7 +169,7 @@ def _run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | Non
     ahead.start()
     with tempfile.TemporaryFile(prefix="dagcast-bundle-") as tmp:
         say(f"Bundling {opts.dags_path} ...")
-        info, report = _bundle_and_validate(opts, tmp, timings, say)
+        info, report = _bundle_and_validate(opts, tmp, timings, say, ahead)
         mark = time.perf_counter()
         live = ahead.result().live
         result = DeployResult(None, None, "PENDING", info.sha256, info.files, info.bytes, timings=timings)
@@ -218,7 +224,7 @@ def _run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | Non
 
 
 def _bundle_and_validate(
-    opts: DeployOptions, tmp: BinaryIO, timings: Timings, say: Say
+    opts: DeployOptions, tmp: BinaryIO, timings: Timings, say: Say, ahead: _LookAhead
 ) -> tuple[BundleInfo, Report | None]:
     """Write the bundle to tmp and (unless skipped) validate it with the server's rules; the validator's
     compile cache is this machine's, and .py files it has never seen are compiled by worker processes
@@ -242,8 +248,9 @@ def _bundle_and_validate(
     report = None
     if cache is not None and prewarm is not None:
         prewarm.join()
+        ahead.limits_known.wait(30)  # the deployment's limits, read while the bundle was written
         tmp.seek(0)
-        report = validate_stream(tmp, cache=cache)
+        report = validate_stream(tmp, ahead.limits, cache=cache)
         compile_cache.save(cache)
         timings.lap("validate_s", mark)
         timings.add("validate_s", setup)

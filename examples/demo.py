@@ -35,8 +35,9 @@ def show_sidecars(info: dict, version_hint: str) -> None:
         target = os.readlink(link)
         files = files_of(link.resolve())
         print(f"   {s['name']}: {link.name} -> {target}  ({len(files)} files: {', '.join(sorted(files))})")
-        versions = sorted(p.name for p in (link.parent / "versions").iterdir() if p.name.isdigit())
-        print(f"   {' ' * len(s['name'])}  versions on disk: {', '.join('v' + v for v in versions)} {version_hint}")
+        versions = sorted((p.name for p in (link.parent / "versions").iterdir() if p.name[:1].isdigit()),
+                          key=lambda name: int(name.split("-")[0]))  # <n>-<start of the bundle's sha256>
+        print(f"   {' ' * len(s['name'])}  versions on disk: {', '.join(versions)} {version_hint}")
 
 
 def deploy(env: dict[str, str], dags: Path, description: str) -> dict:
@@ -89,7 +90,7 @@ def main() -> int:
 
         for s in info["sidecars"]:
             live = Path(s["dags_path"]).resolve()
-            assert live.name == str(second["version"]), f"{s['name']} is not on v{second['version']}"
+            assert live.name == f"{second['version']}-{second['sha256'][:16]}", f"{s['name']} is not on v{second['version']}"
             assert "latam" in (live / "include" / "regions.py").read_text()
         step(f"Both sidecars swapped from v{first['version']} to v{second['version']} atomically. Demo OK.")
         return 0

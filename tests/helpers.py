@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +97,44 @@ def parse_json_stdout(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise AssertionError(f"stdout is not one JSON object: {proc.stdout!r}\nstderr: {proc.stderr}") from exc
     return doc
+
+
+def until(cond: Any, timeout: float = 30, what: str = "condition") -> None:
+    """Wait for `cond()` to become true (each look is an event: a file, a metric, an API answer)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout:g}s"
+        time.sleep(0.05)
+
+
+def aws(info: dict[str, Any], service: str) -> Any:
+    """A boto3 client of the embedded stack's AWS (moto server), as anyone with its endpoint has."""
+    import boto3
+
+    return boto3.client(service, endpoint_url=info["aws_endpoint_url"], region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+def metric(metrics_url: str, name: str, labels: str = "") -> float:
+    """One sample of a sidecar's Prometheus metrics (0 when it is not there yet)."""
+    want = f"{name}{{{labels}}}" if labels else name
+    text = httpx.get(metrics_url + "/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(want + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def sidecar_pid(sidecar: dict[str, Any]) -> int:
+    """The process of one of a stack's sidecars (found by its --root, the parent of its dags link)."""
+    root = str(Path(sidecar["dags_path"]).parent)
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"sidecar" in args and root.encode() in args:
+            return int(proc.name)
+    raise AssertionError(f"no process for the sidecar at {root}")

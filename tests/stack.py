@@ -20,6 +20,7 @@ def local_stack(
 ) -> Iterator[dict[str, Any]]:
     """`dagcast local up` as a user runs it, in its own process group; yields local.json."""
     state.mkdir(parents=True, exist_ok=True)
+    (state / "local.json").unlink(missing_ok=True)  # a run before this one left its own
     log = open(state / "local-up.log", "w")
     proc = subprocess.Popen(
         [*DAGCAST, "local", "up", "--state-dir", str(state), "--sidecars", str(sidecars), *(extra or [])],

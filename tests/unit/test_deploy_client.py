@@ -32,6 +32,9 @@ class FakeApi:
         self.waits: list[int] = []
         self.created: list[dict[str, Any]] = []
 
+    def get_deployment(self, deployment: str) -> dict[str, Any]:
+        return {"name": deployment, "limits": {}}
+
     def get_version(self, deployment: str, version: int | None) -> dict[str, Any]:
         raise self.live_error or ApiError(404, "not_found", "no version yet")
 
