@@ -18,6 +18,12 @@ class InvalidRequest(DagcastError):
     code = "invalid_request"
 
 
+class BundleTooLarge(InvalidRequest):
+    """The announced bundle is over the deployment's max_bundle_bytes: a rejection, not a malformed request."""
+
+    code = "bundle_too_large"
+
+
 class Unauthorized(DagcastError):
     """No bearer token, or one that is unknown, malformed or revoked."""
 

@@ -13,16 +13,30 @@ MAX_LISTED = 50
 
 
 class DeployDiff(BaseModel):
-    """What a deploy changes against the version live when it was validated."""
+    """What a deploy changes against the version live when it was validated.
+
+    DAG ids are those given as literals; a DAG definition whose id is computed at parse time
+    (`DAG(f"etl_{team}")` in a loop) cannot be named before Airflow parses it, so files holding
+    such definitions are listed instead, and when the new version has any, literal ids that are
+    gone are only "maybe removed": the computed ones may build them.
+    """
 
     dags_added: list[str] = Field(default_factory=list)
     dags_removed: list[str] = Field(default_factory=list)
     dags_added_count: int = 0
     dags_removed_count: int = 0
+    dags_maybe_removed: list[str] = Field(default_factory=list)
+    dynamic_dags: int = Field(0, description="DAG definitions with computed ids in the new version")
+    dynamic_files: list[str] = Field(default_factory=list, description="files of the new version that hold them")
+    dynamic_files_removed: list[str] = Field(default_factory=list, description="files with computed DAG ids that are gone")
     files_added: int = 0
     files_removed: int = 0
     files_changed: int = 0
     changed_paths: list[str] = Field(default_factory=list)
+
+    @property
+    def removes_dags(self) -> bool:
+        return bool(self.dags_removed_count or self.dags_maybe_removed or self.dynamic_files_removed)
 
 
 def diff_manifests(old: list[FileEntry] | None, new: list[FileEntry]) -> DeployDiff:
@@ -33,11 +47,18 @@ def diff_manifests(old: list[FileEntry] | None, new: list[FileEntry]) -> DeployD
     old_dags = {d for f in old for d in f.dag_ids}
     new_dags = {d for f in new for d in f.dag_ids}
     changed = sorted(p for p in before.keys() & after.keys() if before[p].sha256 != after[p].sha256)
+    dynamic_files = sorted(f.path for f in new if f.dynamic_dags)
+    gone = sorted(old_dags - new_dags)
+    removed_dynamic = sorted(f.path for f in old if f.dynamic_dags and f.path not in after)
     return DeployDiff(
         dags_added=sorted(new_dags - old_dags)[:MAX_LISTED],
-        dags_removed=sorted(old_dags - new_dags)[:MAX_LISTED],
+        dags_removed=[] if dynamic_files else gone[:MAX_LISTED],
         dags_added_count=len(new_dags - old_dags),
-        dags_removed_count=len(old_dags - new_dags),
+        dags_removed_count=0 if dynamic_files else len(gone),
+        dags_maybe_removed=gone[:MAX_LISTED] if dynamic_files else [],
+        dynamic_dags=sum(f.dynamic_dags for f in new),
+        dynamic_files=dynamic_files[:MAX_LISTED],
+        dynamic_files_removed=removed_dynamic[:MAX_LISTED],
         files_added=len(after.keys() - before.keys()),
         files_removed=len(before.keys() - after.keys()),
         files_changed=len(changed),
@@ -45,14 +66,26 @@ def diff_manifests(old: list[FileEntry] | None, new: list[FileEntry]) -> DeployD
     )
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
 def summary(diff: DeployDiff) -> str:
-    """'+2 DAGs, -1 DAG: etl_old, 14 files changed'."""
+    """'+2 DAGs, -1 DAG: etl_old, 3 DAGs in 1 file whose ids are computed at parse time, 14 files changed'."""
     parts = []
     if diff.dags_added_count:
-        parts.append(f"+{diff.dags_added_count} DAG{'s' if diff.dags_added_count != 1 else ''}")
+        parts.append(f"+{_plural(diff.dags_added_count, 'DAG')}")
     if diff.dags_removed_count:
-        n = diff.dags_removed_count
-        parts.append(f"-{n} DAG{'s' if n != 1 else ''}: {', '.join(diff.dags_removed)}")
+        parts.append(f"-{_plural(diff.dags_removed_count, 'DAG')}: {', '.join(diff.dags_removed)}")
+    if diff.dags_maybe_removed:
+        parts.append(f"{_plural(len(diff.dags_maybe_removed), 'DAG')} no longer given by name "
+                     f"(maybe built at parse time): {', '.join(diff.dags_maybe_removed)}")
+    if diff.dynamic_dags:
+        parts.append(f"{_plural(diff.dynamic_dags, 'DAG')} in {_plural(len(diff.dynamic_files), 'file')} "
+                     "whose ids are computed at parse time")
+    if diff.dynamic_files_removed:
+        parts.append(f"removes {_plural(len(diff.dynamic_files_removed), 'file')} with DAGs computed at parse time: "
+                     f"{', '.join(diff.dynamic_files_removed)}")
     changed = diff.files_changed + diff.files_added + diff.files_removed
-    parts.append(f"{changed} file{'s' if changed != 1 else ''} changed")
+    parts.append(f"{_plural(changed, 'file')} changed")
     return ", ".join(parts)

@@ -36,6 +36,11 @@ class Mechanism(str, Enum):
     DAG_ONLY = "DAG_ONLY"
 
 
+class DagRemoval(str, Enum):
+    ALLOW = "allow"
+    CONFIRM = "confirm"
+
+
 class Role(str, Enum):
     VIEWER = "viewer"
     DEPLOYER = "deployer"
@@ -60,6 +65,11 @@ class Deployment(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     keep_versions: int = 20
     retention_days: int = 30
+    dag_removal: DagRemoval = Field(
+        DagRemoval.ALLOW,
+        description="allow: a deploy that removes DAGs goes ahead (asked on a terminal, warned elsewhere); "
+        "confirm: refused unless the deployer confirms (--allow-dag-removal)",
+    )
     created_at: int = 0
 
 
@@ -226,6 +236,7 @@ class UpdateDeployment(Strict):
     limits: Limits | None = None
     keep_versions: int | None = Field(None, ge=1, le=1000)
     retention_days: int | None = Field(None, ge=1, le=3650)
+    dag_removal: DagRemoval | None = None
 
 
 class CreateDeploy(Strict):
@@ -261,7 +272,9 @@ class SidecarView(BaseModel):
     version: int
     sha256: str | None = None
     on_current: bool = Field(False, description="it reports the deployment's current version: number, sha256 and id")
-    live: bool
+    on_deploy: bool | None = Field(None, description="in a deploy's view: it reports exactly that deploy's version")
+    live: bool = Field(description="it heartbeat within DAGCAST_SIDECAR_STALE_SECONDS; a sidecar that did not is stale")
+    last_seen_s: float = Field(0, description="seconds since its last heartbeat, by the API's clock")
     last_heartbeat: int
     last_sync_at: int | None
     last_error: str | None

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from chalicelib.auth import ROLE_PERMISSIONS, Permission, hash_token, new_token
-from chalicelib.exceptions import Conflict, Forbidden, InvalidRequest, NotFound, StorageError
+from chalicelib.exceptions import BundleTooLarge, Conflict, Forbidden, InvalidRequest, NotFound, StorageError
 from chalicelib.models import (
     CreatedDeploy,
     CreateDeploy,
@@ -108,8 +108,8 @@ class ControlPlane:
                 f"an admin can enable them with `dagcast deployment update --deployment {deployment} --dag-deploy enabled`"
             )
         if req.size > dep.limits.max_bundle_bytes:
-            raise InvalidRequest(
-                f"bundle is {req.size} bytes, over the deployment's limit of {dep.limits.max_bundle_bytes} bytes"
+            raise BundleTooLarge(
+                f"the bundle is {_mib(req.size)} compressed, over the deployment's limit of {_mib(dep.limits.max_bundle_bytes)}"
             )
         clock = self._clock()
         deploy_id = new_deploy_id(clock)
@@ -171,10 +171,12 @@ class ControlPlane:
         uid = dep.uid or self._store.ensure_uid(deployment, new_uid())
         sidecars = sorted(self._store.list_sidecars(deployment), key=lambda s: s.name)
         views = self._views(dep, uid, sidecars)
+        for view, s in zip(views, sidecars, strict=True):
+            # "on it" means exactly this version: its number, its bundle's sha256 and the deployment's id,
+            # as the sidecar itself reported them (see heartbeat)
+            view.on_deploy = _runs(s, uid, deploy.version, deploy.sha256)
         live = [s for s in views if s.live]
-        # "on it" means exactly this version: its number, its bundle's sha256 and the deployment's id,
-        # as the sidecar itself reported them (see heartbeat)
-        on_version = [s for v, s in zip(views, sidecars, strict=True) if v.live and _runs(s, uid, deploy.version, deploy.sha256)]
+        on_version = [s for s in live if s.on_deploy]
         converged = deploy.state is DeployState.ACTIVE and len(on_version) == len(live)
         if converged and live and deploy.converged_at is None:
             at = self._note_convergence(deploy, [s.name for s in live])
@@ -403,6 +405,7 @@ class ControlPlane:
                 sha256=s.sha256,
                 on_current=bool(dep.current_version) and _runs(s, uid, dep.current_version, current_sha),
                 live=clock - s.last_heartbeat <= self._settings.sidecar_stale_seconds * 1000,
+                last_seen_s=round(max(0, clock - s.last_heartbeat) / 1000, 1),
                 last_heartbeat=s.last_heartbeat,
                 last_sync_at=s.last_sync_at,
                 last_error=s.last_error,
@@ -531,6 +534,10 @@ def _settled(view: DeployView) -> bool:
     if view.deploy.state is DeployState.ACTIVE:
         return view.converged
     return view.deploy.state not in (DeployState.PENDING, DeployState.VALIDATING)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def _runs(s: Sidecar, uid: str, version: int | None, sha256: str | None) -> bool:

@@ -96,12 +96,14 @@ class Issue(BaseModel):
 
 
 class FileEntry(BaseModel):
-    """A regular file of a valid bundle."""
+    """A regular file of a valid bundle: its DAG ids given as literals, and how many DAG definitions
+    in it have ids computed at parse time (`DAG(f"etl_{team}")` in a loop), which no scan can name."""
 
     path: str
     size: int
     sha256: str
     dag_ids: list[str] = []
+    dynamic_dags: int = 0
 
 
 class Report(BaseModel):
@@ -811,13 +813,27 @@ def _callee(node: ast.AST) -> str | None:
 
 
 def _dag_id_of_call(call: ast.Call) -> tuple[bool, str | None]:
-    """(explicit id given?, literal id or None) from positional arg 0 or dag_id=."""
+    """(explicit id given?, literal id or None) from positional arg 0 or dag_id=; a call with *args
+    or **kwargs that may hold the id counts as given, with no literal."""
     if call.args and not isinstance(call.args[0], ast.Starred):
         return True, _const_str(call.args[0])
     for kw in call.keywords:
         if kw.arg == "dag_id":
             return True, _const_str(kw.value)
+    if any(isinstance(a, ast.Starred) for a in call.args) or any(kw.arg is None for kw in call.keywords):
+        return True, None
     return False, None
+
+
+# In the DAG id lists of the checker, its workers and the compile cache, one of these stands for each
+# DAG definition whose id is computed at parse time (no real DAG id can be a NUL); FileEntry counts them.
+DYNAMIC = "\x00"
+
+
+def split_dynamic(raw: list[str]) -> tuple[list[str], int]:
+    """(literal DAG ids, number of definitions with computed ids) of a checker's DAG id list."""
+    dynamic = raw.count(DYNAMIC)
+    return (raw if not dynamic else [d for d in raw if d != DYNAMIC]), dynamic
 
 
 def _dag_lines(source: bytes) -> list[int] | None:
@@ -851,14 +867,17 @@ def _dag_ids(tree: ast.AST, source: bytes) -> list[str]:
     if lines is not None and not lines:
         return []
     found: set[str] = set()
+    dynamic = 0
     stack: list[ast.AST] = [tree]
     while stack:
         node = stack.pop()
         if isinstance(node, ast.Call):
             if _callee(node.func) == "DAG":
-                _, dag_id = _dag_id_of_call(node)
+                given, dag_id = _dag_id_of_call(node)
                 if dag_id is not None:
                     found.add(dag_id)
+                elif given:
+                    dynamic += 1
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             for dec in node.decorator_list:
                 if _callee(dec) == "dag":
@@ -869,6 +888,8 @@ def _dag_ids(tree: ast.AST, source: bytes) -> list[str]:
                         found.add(node.name)
                     elif dag_id is not None:
                         found.add(dag_id)
+                    else:
+                        dynamic += 1
         for name in node._fields:
             value = getattr(node, name, None)
             for child in value if isinstance(value, list) else (value,):
@@ -884,7 +905,7 @@ def _dag_ids(tree: ast.AST, source: bytes) -> list[str]:
                         if i == len(lines) or lines[i] > end:
                             continue
                 stack.append(child)
-    return sorted(found)
+    return sorted(found) + [DYNAMIC] * dynamic
 
 
 # A lexical scanner finds every site the AST rules above can match, so only those few
@@ -977,6 +998,7 @@ def _scan_dag_ids(source: bytes) -> list[str] | None:
     if not ascii_only and not text[code:].isascii():
         return None
     found: set[str] = set()
+    dynamic = 0
     covered = 0
     for start, paren in calls:
         if start < covered:
@@ -987,17 +1009,21 @@ def _scan_dag_ids(source: bytes) -> list[str] | None:
             return None
         for sub in ast.walk(node):
             if isinstance(sub, ast.Call) and _callee(sub.func) == "DAG":
-                dag_id = _dag_id_of_call(sub)[1]
+                given, dag_id = _dag_id_of_call(sub)
                 if dag_id is not None:
                     found.add(dag_id)
+                elif given:
+                    dynamic += 1
         covered = end
     for at in decorators:
         ok, dag_id = _decorator_dag_id(text, at)
         if not ok:
             return None
-        if dag_id is not None:
+        if dag_id == DYNAMIC:
+            dynamic += 1
+        elif dag_id is not None:
             found.add(dag_id)
-    return sorted(found)
+    return sorted(found) + [DYNAMIC] * dynamic
 
 
 def _fstring_fields(literal: str) -> list[str] | None:
@@ -1093,7 +1119,8 @@ def _line_end(text: str, pos: int) -> int:
 
 
 def _decorator_dag_id(text: str, at: int) -> tuple[bool, str | None]:
-    """(sure?, DAG id) for the decorator whose "@" is at `at` (or an "@" operator starting a line)."""
+    """(sure?, DAG id) for the decorator whose "@" is at `at` (or an "@" operator starting a line);
+    the id is DYNAMIC for a @dag(...) whose id is computed."""
     end = _line_end(text, at + 1)
     if end < 0:
         return False, None
@@ -1113,6 +1140,8 @@ def _decorator_dag_id(text: str, at: int) -> tuple[bool, str | None]:
         return False, None
     if not name:
         return True, None  # a class: only functions make DAGs
+    if given and dag_id is None:
+        return True, DYNAMIC
     return True, dag_id if given else name
 
 
@@ -1291,7 +1320,7 @@ class CompileCache:
     cache only saves compiling the same bytes twice: every other rule still runs on every member.
     """
 
-    TAG = f"{sys.implementation.cache_tag}:v1"
+    TAG = f"{sys.implementation.cache_tag}:v2"  # v2: DAG definitions with computed ids are counted
 
     def __init__(self, entries: dict[str, list[str]] | None = None, max_entries: int = 200_000) -> None:
         self.entries: dict[str, list[str]] = dict(entries or {})
@@ -1448,7 +1477,7 @@ class _Compiler:
         for index, issue, dag_ids in self._session.results():
             entry = manifest[index]
             if issue is None:
-                entry.dag_ids = dag_ids
+                entry.dag_ids, entry.dynamic_dags = split_dynamic(dag_ids)
                 if self._cache is not None:
                     self._cache.put(entry.sha256, dag_ids)
             else:
@@ -1531,7 +1560,8 @@ def _members(
                 issue, dag_ids = checked
                 if issue is not None:
                     scan.issues.add(issue)
-        entry = FileEntry(path=member.path, size=member.size, sha256=sha256, dag_ids=dag_ids)
+        ids, dynamic = split_dynamic(dag_ids)
+        entry = FileEntry(path=member.path, size=member.size, sha256=sha256, dag_ids=ids, dynamic_dags=dynamic)
         manifest.append(entry)
 
 

@@ -1,16 +1,25 @@
-"""The `dagcast` command. Exit codes are chosen here only:
+"""The `dagcast` command. Exit codes are chosen here only, in `main`:
 
-0 success; 1 error (API, network, configuration); 2 usage error;
-3 the bundle was rejected (locally or by the server); 4 --wait timed out.
-`dagcast validate` exits 1 when the bundle is rejected.
+  0 success (also "no changes")      3 rejected, locally or by the server, for any reason
+  1 error (API, network, config)     4 --wait timed out
+  2 usage (a wrong flag, a missing   5 live, but Airflow reported new import errors
+    or empty folder, a DAG removal   130 / 143 interrupted (SIGINT / SIGTERM)
+    nobody confirmed)
+  `dagcast validate` exits 1 when the bundle is rejected (its contract), 2 for a usage error.
+
+With --json every command prints exactly one JSON object on stdout on every exit path: what it
+knows at that point, with `ok`, `exit_code`, and `error: {code, message}` when it failed.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn
 
 import click
@@ -21,23 +30,53 @@ import click
 # process only (dagcast's library users, such as Airflow importing dagcast.airflow, are untouched).
 sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
 
-EXIT_ERROR, EXIT_USAGE, EXIT_REJECTED, EXIT_TIMEOUT = 1, 2, 3, 4
+from dagcast.exceptions import (  # noqa: E402 - after the httpx entry above
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    BundleInvalid,
+    ClientError,
+    Terminated,
+    UsageProblem,
+)
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 success (also no changes); 1 error (API, network, configuration); 2 usage (also a "
+    "missing or empty folder, or a DAG removal nobody confirmed); 3 rejected, locally or by the server; "
+    "4 --wait timed out; 5 live but Airflow reported new import errors; 130/143 interrupted. "
+    "`dagcast validate` exits 1 when the bundle is rejected."
+)
+
+
+class Outcome:
+    """What the running command will say on exit: with --json, one object on stdout, always."""
+
+    def __init__(self) -> None:
+        self.json = False
+        self.doc: Callable[[], dict[str, Any]] = dict  # what the command knows so far
+        self.printed = False
+
+    def emit(self, code: int, error: dict[str, str] | None = None) -> None:
+        if not self.json or self.printed:
+            return
+        self.printed = True
+        try:
+            doc = dict(self.doc())
+        except Exception:  # noqa: BLE001 - the exit report must go out even if a partial result is odd
+            doc = {}
+        doc.update({"ok": code == EXIT_OK, "exit_code": code})
+        if error is not None:
+            doc["error"] = error
+        click.echo(json.dumps(doc))
+        sys.stdout.flush()
+
+
+OUTCOME = Outcome()
 
 
 def _echo_err(msg: str) -> None:
     click.echo(msg, err=True)
-
-
-def _fail(exc: Exception, debug: bool, code: int = EXIT_ERROR) -> NoReturn:
-    _echo_err(f"error: {exc}")
-    hint = getattr(exc, "hint", None)
-    if hint:
-        _echo_err(f"hint: {hint}")
-    if debug:
-        import traceback
-
-        traceback.print_exception(exc)
-    sys.exit(code)
 
 
 def print_errors(errors: list[dict[str, Any]], prefix: str) -> None:
@@ -54,56 +93,165 @@ def _required(value: str | None, flag: str, env: str) -> str:
     return value
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _json_option(help_text: str = "Print one JSON object on stdout, whatever happens.") -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help=help_text)
+
+
+# --- the entry point ------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Run the command line; one exit code and (with --json) one JSON object, on every path."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    OUTCOME.json = "--json" in args  # known before parsing, so that a usage error is reported in JSON too
+    OUTCOME.doc = _EMPTY_DOCS.get(args[0] if args else "", dict)
+    debug = "--debug" in args
+    _install_interrupts()
+    code, error, message, hint = EXIT_OK, None, None, None
+    try:
+        rv = cli.main(args=args, prog_name="dagcast", standalone_mode=False)
+        code = rv if isinstance(rv, int) else EXIT_OK
+    except click.exceptions.Exit as exc:  # --help, --version
+        code = exc.exit_code
+    except click.exceptions.Abort:  # Ctrl-C at a prompt
+        code, error = EXIT_SIGINT, {"code": "interrupted", "message": "interrupted"}
+    except click.ClickException as exc:
+        code = exc.exit_code if exc.exit_code != 1 else EXIT_ERROR
+        error = {"code": "usage" if isinstance(exc, click.UsageError) else "error", "message": exc.format_message()}
+        if not OUTCOME.json:
+            exc.show()
+    except KeyboardInterrupt:
+        code, error = EXIT_SIGINT, {"code": "interrupted", "message": "interrupted"}
+        message = "interrupted"
+    except Terminated:
+        code, error = EXIT_SIGTERM, {"code": "interrupted", "message": "terminated (SIGTERM)"}
+        message = "terminated (SIGTERM)"
+    except ClientError as exc:
+        code = exc.exit_code
+        error = {"code": str(exc.code), "message": str(exc)}
+        message, hint = str(exc), exc.hint
+        if isinstance(exc, BundleInvalid):
+            print_errors(exc.errors, _prefix(args))
+        if debug:
+            import traceback
+
+            traceback.print_exception(exc)
+    except Exception as exc:  # noqa: BLE001 - the top of the program: one clean line, never a traceback
+        code = EXIT_ERROR
+        error = {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}
+        message = f"unexpected {type(exc).__name__}: {exc}" + ("" if debug else " (run with --debug for details)")
+        if debug:
+            import traceback
+
+            traceback.print_exception(exc)
+    if message:
+        _echo_err(f"error: {message}")
+    if hint:
+        _echo_err(f"hint: {hint}")
+    OUTCOME.emit(code, error)
+    sys.exit(code)
+
+
+def _empty_deploy() -> dict[str, Any]:
+    from dagcast.deploy import DeployResult
+
+    return DeployResult().to_json()
+
+
+# What a command's JSON holds when it failed before it started (a usage error): the same keys as always.
+_EMPTY_DOCS: dict[str, Callable[[], dict[str, Any]]] = {
+    "deploy": _empty_deploy,
+    "validate": lambda: {"valid": False, "files": 0, "bytes": 0, "errors": []},
+}
+
+
+def _prefix(args: list[str]) -> str:
+    """Where errors' paths are relative to: the --dags-path or validate's PATH, as given."""
+    if "--dags-path" in args and args.index("--dags-path") + 1 < len(args):
+        return args[args.index("--dags-path") + 1].rstrip("/")
+    if args and args[0] == "validate":
+        rest = [a for a in args[1:] if not a.startswith("-")]
+        return rest[0].rstrip("/") if rest else "."
+    return "dags"
+
+
+def _install_interrupts() -> None:
+    """The first SIGINT/SIGTERM interrupts the command (which may clean up: cancel its deploy); a
+    second one exits at once, after the JSON object."""
+
+    def second(signum: int, frame: FrameType | None) -> None:
+        code = EXIT_SIGTERM if signum == signal.SIGTERM else EXIT_SIGINT
+        OUTCOME.emit(code, {"code": "interrupted", "message": "interrupted twice: exited at once"})
+        os._exit(code)
+
+    def first(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGINT, second)
+        signal.signal(signal.SIGTERM, second)
+        if signum == signal.SIGTERM:
+            raise Terminated()
+        raise KeyboardInterrupt()
+
+    signal.signal(signal.SIGINT, first)
+    signal.signal(signal.SIGTERM, first)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.version_option(package_name="dagcast", message="dagcast %(version)s")
-def main() -> None:
+def cli() -> None:
     """dagcast: DAG-only deploys for Apache Airflow, event-driven on AWS."""
 
 
-@main.command()
+# --- validate -------------------------------------------------------------------------------
+
+
+@cli.command(epilog="Exit codes: 0 valid, 1 rejected, 2 usage error (a missing or empty folder).")
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: valid, files, bytes, errors.")
-def validate(path: Path, as_json: bool) -> None:
+@_json_option("Print one JSON object: valid, files, bytes, errors (and ok, exit_code, error).")
+def validate(path: Path, as_json: bool) -> int:
     """Validate a .tar.gz bundle or a dags folder with the server's rules."""
     from chalicelib.validation import validate_stream
 
+    OUTCOME.json = as_json
+    OUTCOME.doc = lambda: {"valid": False, "files": 0, "bytes": 0, "errors": []}
     if not path.exists():
-        _echo_err(f"error: {path} does not exist")
-        sys.exit(EXIT_USAGE)
+        raise UsageProblem(f"{path} does not exist")
+    prefix = str(path).rstrip("/")
     try:
         if path.is_dir():
             import tempfile
 
             from dagcast import bundler
-            from dagcast.exceptions import ClientError
 
             with tempfile.TemporaryFile() as tmp:
                 try:
                     bundler.build(path, tmp)
-                except ClientError as exc:
-                    _echo_err(f"error: {exc}")
-                    sys.exit(EXIT_USAGE)
+                except BundleInvalid as exc:
+                    errors = exc.errors
+                    OUTCOME.doc = lambda: {"valid": False, "files": 0, "bytes": 0, "errors": errors}
+                    if not as_json:
+                        print_errors(errors, prefix)
+                        click.echo(f"{path}: rejected ({len(errors)} error(s))")
+                    return EXIT_ERROR
                 tmp.seek(0)
                 report = validate_stream(tmp)
-            prefix = str(path).rstrip("/")
         else:
             with path.open("rb") as f:
                 report = validate_stream(f)
-            prefix = str(path)
     except OSError as exc:
-        _echo_err(f"error: cannot read {path}: {exc.strerror or exc}")
-        sys.exit(EXIT_USAGE)
+        raise UsageProblem(f"cannot read {path}: {exc.strerror or exc}") from exc
     summary = report.summary()
-    if as_json:
-        click.echo(json.dumps(summary))
-    else:
+    OUTCOME.doc = lambda: summary
+    if not as_json:
         print_errors(summary["errors"], prefix)
         verdict = "valid" if report.valid else f"rejected ({len(report.errors)} error(s))"
         click.echo(f"{path}: {verdict}: {report.files} files, {report.bytes} bytes")
-    sys.exit(0 if report.valid else 1)
+    return EXIT_OK if report.valid else EXIT_ERROR
 
 
-@main.command()
+# --- deploy ---------------------------------------------------------------------------------
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
 @click.option("--dags", "dags", is_flag=True, required=True, help="Deploy only the DAGs folder (DAG-only deploy).")
 @click.option("--dags-path", type=click.Path(path_type=Path), default=Path("dags"), show_default=True,
               help="The dags folder to bundle.")
@@ -112,11 +260,16 @@ def validate(path: Path, as_json: bool) -> None:
 @click.option("--deployment", envvar="DAGCAST_DEPLOYMENT", help="Deployment name [env DAGCAST_DEPLOYMENT].")
 @click.option("--wait/--no-wait", default=None, help="Wait until live on every sidecar (default: on a terminal).")
 @click.option("--timeout", type=click.FloatRange(min=1), default=300, show_default=True, help="Seconds to --wait.")
+@click.option("--require-all", is_flag=True,
+              help="With --wait, also wait for registered sidecars that stopped reporting (stale): exit 4 at the timeout.")
 @click.option("--description", default="", help="What this deploy changes (default: the git commit subject).")
 @click.option("--skip-validation", is_flag=True, help="Skip local validation (the server still validates).")
 @click.option("--force", is_flag=True, help="Deploy even when the live version has the same bundle.")
-@click.option("--dry-run", is_flag=True, help="List what would ship and the DAG diff against the live version.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object for CI.")
+@click.option("--dry-run", is_flag=True, help="List what would ship (links too) and the DAG diff; upload nothing.")
+@click.option("--allow-dag-removal", is_flag=True, help="Deploy even though it removes DAGs (otherwise asked on a "
+              "terminal; elsewhere warned, or refused with exit 2 where the deployment says dag_removal: confirm).")
+@click.option("--yes", "-y", is_flag=True, help="Answer yes to every question (implies --allow-dag-removal).")
+@_json_option("Print one JSON object for CI on stdout, on every exit path.")
 @click.option("--debug", is_flag=True, help="Show details of errors.")
 def deploy(
     dags: bool,
@@ -126,23 +279,31 @@ def deploy(
     deployment: str | None,
     wait: bool | None,
     timeout: float,
+    require_all: bool,
     description: str,
     skip_validation: bool,
     force: bool,
     dry_run: bool,
+    allow_dag_removal: bool,
+    yes: bool,
     as_json: bool,
     debug: bool,
-) -> None:
+) -> int:
     """Bundle the dags folder, upload it, and (with --wait) wait until every sidecar runs it."""
     from dagcast import config
     from dagcast import deploy as deploying
     from dagcast.client import ApiClient
-    from dagcast.exceptions import BundleInvalid, ClientError, ConfigError, WaitTimeout
+    from dagcast.exceptions import ConfigError
 
+    OUTCOME.json = as_json
+    result = deploying.DeployResult()
+    OUTCOME.doc = result.to_json
     try:
         settings = config.resolve(api_url, token, deployment)
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
+    interactive = sys.stdin.isatty() and sys.stderr.isatty() and not as_json
+    waiting_why = "" if wait is not None else ("not a terminal" if not sys.stdout.isatty() else "--json")
     if wait is None:
         wait = sys.stdout.isatty() and not as_json
     say: Callable[[str], None] = _echo_err if as_json else click.echo
@@ -152,39 +313,36 @@ def deploy(
         deployment=settings.deployment,
         wait=wait,
         timeout=timeout,
+        require_all=require_all,
         skip_validation=skip_validation,
         force=force,
         dry_run=dry_run,
         description=description,
+        allow_dag_removal=allow_dag_removal or yes,
+        confirm=(lambda q: click.confirm(q, default=False, err=True)) if interactive else None,
     )
     try:
         with _upload_progress(enabled=sys.stderr.isatty() and not as_json) as progress:
-            result = deploying.run(api, opts, say, progress)
-    except BundleInvalid as exc:
-        if as_json:
-            doc = exc.result or {"deploy_id": None, "version": None, "state": "INVALID", "sidecars": []}
-            click.echo(json.dumps({**doc, "errors": exc.errors}))
-        print_errors(exc.errors, str(dags_path).rstrip("/"))
-        _fail(exc, debug, EXIT_REJECTED)
-    except WaitTimeout as exc:
-        _fail(exc, debug, EXIT_TIMEOUT)
-    except ClientError as exc:
-        _fail(exc, debug)
+            deploying.run(api, opts, say, progress, result)
     finally:
         api.close()
     if as_json:
-        click.echo(json.dumps(result.to_json()))
-        return
+        return EXIT_OK
     if result.files_list is not None:
         for f in result.files_list:
-            click.echo(f"{f['size']:>12}  {f['path']}")
-        click.echo(f"{result.files} files, {result.bytes} bytes would ship (dry run: nothing uploaded)")
-        return
-    if result.sidecars:
+            target = f" -> {f['link']}" if f.get("link") else ""
+            click.echo(f"{f['size']:>12}  {f['path']}{target}")
+        click.echo(f"{len(result.files_list)} members, {result.bytes} bytes would ship (dry run: nothing uploaded)")
+        return EXIT_OK
+    if result.sidecars or result.stale_sidecars:
         click.echo(f"{'SIDECAR':<24} {'VERSION':>7}  STATE")
-        for s in result.sidecars:
-            click.echo(f"{s['name']:<24} {'v' + str(s['version']):>7}  {'live' if s['live'] else 'stale'}")
+        for s in result.sidecars + result.stale_sidecars:
+            state = ("live, on it" if s["on_it"] else "live") if s["live"] else f"stale ({s['last_seen_s'] or 0:.0f} s)"
+            click.echo(f"{s['name']:<24} {'v' + str(s['version']):>7}  {state}")
     click.echo(f"Deploy {result.deploy_id}: {result.state}" + (f" v{result.version}" if result.version else ""))
+    if result.state == "PENDING" or (result.uploaded and not wait):
+        click.echo(f"Not waiting for the sidecars ({waiting_why or '--no-wait'}): `dagcast deploys show {result.deploy_id}`")
+    return EXIT_OK
 
 
 class _upload_progress:  # noqa: N801 - used as a context manager like a function
@@ -214,7 +372,10 @@ class _upload_progress:  # noqa: N801 - used as a context manager like a functio
             self._bar.stop()
 
 
-@main.command()
+# --- project files --------------------------------------------------------------------------
+
+
+@cli.command()
 @click.option("--api-url", required=True, envvar="DAGCAST_API_URL", help="API URL [env DAGCAST_API_URL].")
 @click.option("--deployment", required=True, envvar="DAGCAST_DEPLOYMENT", help="Deployment name.")
 def init(api_url: str, deployment: str) -> None:
@@ -225,13 +386,12 @@ def init(api_url: str, deployment: str) -> None:
     click.echo(f"wrote {path}; now run `dagcast login`")
 
 
-@main.command()
+@cli.command()
 @click.option("--token", prompt=True, hide_input=True, envvar="DAGCAST_TOKEN", help="API token (prompted, never echoed).")
 def login(token: str) -> None:
     """Store a token in .dagcast/credentials.toml (mode 0600, git-ignored) after checking it works."""
     from dagcast import config
     from dagcast.client import ApiClient
-    from dagcast.exceptions import ClientError
 
     folder = config.find_project()
     if folder is None:
@@ -240,15 +400,16 @@ def login(token: str) -> None:
     api = ApiClient(values.get("api_url", ""), token.strip())
     try:
         api.get_deployment(values.get("deployment", ""))
-    except ClientError as exc:
-        _fail(exc, False)
     finally:
         api.close()
     path = config.write_credentials(folder, token.strip())
     click.echo(f"token verified and stored in {path}")
 
 
-@main.command()
+# --- the sidecar ----------------------------------------------------------------------------
+
+
+@cli.command()
 @click.option("--name", required=True, envvar="DAGCAST_SIDECAR_NAME", help="This sidecar's name, unique per deployment.")
 @click.option("--root", required=True, type=click.Path(path_type=Path), help="Folder that keeps the versions.")
 @click.option("--link", required=True, type=click.Path(path_type=Path), help="Symlink to maintain; Airflow's dags folder.")
@@ -260,6 +421,9 @@ def login(token: str) -> None:
 @click.option("--resync-interval", type=click.FloatRange(min=1), default=60, show_default=True,
               help="Seconds between reconciles with the API.")
 @click.option("--keep", type=click.IntRange(min=1), default=5, show_default=True, help="Versions to keep on disk.")
+@click.option("--heartbeat-interval", type=click.FloatRange(min=0.5), default=15, show_default=True,
+              envvar="DAGCAST_HEARTBEAT_INTERVAL",
+              help="Seconds between heartbeats; keep it well under the API's DAGCAST_SIDECAR_STALE_SECONDS (90).")
 @click.option("--metrics-addr", default="0.0.0.0:9108", show_default=True, envvar="DAGCAST_METRICS_ADDR",
               help="host:port for /healthz and /metrics; empty to disable.")
 @click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING, ERROR.")
@@ -274,13 +438,13 @@ def sidecar(
     once: bool,
     resync_interval: float,
     keep: int,
+    heartbeat_interval: float,
     metrics_addr: str,
     log_level: str,
 ) -> None:
     """Keep LINK pointing at the deployment's live DAGs version."""
     from dagcast import logs
     from dagcast.client import ApiClient
-    from dagcast.exceptions import ClientError
     from dagcast.sidecar import Sidecar, SidecarConfig, Syncer
 
     api_url = _required(api_url, "--api-url", "DAGCAST_API_URL")
@@ -289,18 +453,14 @@ def sidecar(
     logs.setup(log_level)
     cfg = SidecarConfig(
         name=name, root=root.absolute(), link=link.absolute(), deployment=deployment, component=component,
-        resync_interval=resync_interval, keep=keep,
+        resync_interval=resync_interval, keep=keep, heartbeat_interval=heartbeat_interval,
     )
     api = ApiClient(api_url, token)
     if once:
         syncer = Syncer(cfg, api)
-        try:
-            syncer.prepare()
-            version = syncer.sync(None)
-        except (ClientError, OSError) as exc:
-            _fail(exc, False)
-        live = syncer.live_version()
-        click.echo(f"{cfg.link} -> v{live}" + ("" if version else " (already current)"))
+        syncer.prepare()
+        version = syncer.sync()
+        click.echo(f"{cfg.link} -> v{syncer.live_version()}" + ("" if version else " (already current)"))
         return
     import boto3
 
@@ -309,7 +469,7 @@ def sidecar(
         from dagcast.observe import serve
 
         try:
-            server = serve(metrics_addr, daemon.metrics, lambda: daemon.syncer.live_version() > 0)
+            server = serve(metrics_addr, daemon.metrics, daemon.health)
         except (OSError, ValueError) as exc:
             raise click.BadParameter(f"cannot listen on {metrics_addr!r}: {exc}", param_hint="--metrics-addr") from exc
         host, port = server.server_address[:2]
@@ -319,36 +479,40 @@ def sidecar(
     daemon.run()
 
 
+# --- reading and changing things through the API ---------------------------------------------
+
+
 def api_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """--api-url, --token and --deployment, each with its environment fallback, plus --json and --debug."""
     for option in reversed([
         click.option("--api-url", envvar="DAGCAST_API_URL", help="API URL [env DAGCAST_API_URL]."),
         click.option("--token", envvar="DAGCAST_TOKEN", help="API token [env DAGCAST_TOKEN]."),
         click.option("--deployment", envvar="DAGCAST_DEPLOYMENT", help="Deployment name [env DAGCAST_DEPLOYMENT]."),
-        click.option("--json", "as_json", is_flag=True, help="Print JSON."),
+        _json_option(),
         click.option("--debug", is_flag=True, help="Show details of errors."),
     ]):
         fn = option(fn)
     return fn
 
 
-def _call(api_url: str | None, token: str | None, debug: bool, action: Callable[[Any], Any]) -> Any:
-    """Run one API action with a client; API and network errors become one clean line."""
+def _call(api_url: str | None, token: str | None, as_json: bool, action: Callable[[Any], Any]) -> Any:
+    """Run one API action with a client; its answer is the command's JSON output."""
     from dagcast import config
     from dagcast.client import ApiClient
-    from dagcast.exceptions import ClientError, ConfigError
+    from dagcast.exceptions import ConfigError
 
+    OUTCOME.json = as_json
     try:
         settings = config.resolve(api_url, token, "-")
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from exc
     api = ApiClient(settings.api_url, settings.token)
     try:
-        return action(api)
-    except ClientError as exc:
-        _fail(exc, debug)
+        doc = action(api)
     finally:
         api.close()
+    OUTCOME.doc = lambda: doc if isinstance(doc, dict) else {"items": doc}
+    return doc
 
 
 def _deployment(flag: str | None) -> str:
@@ -372,7 +536,7 @@ def _diff_summary(diff: dict[str, Any] | None) -> str:
     return summary(DeployDiff.model_validate(diff)) if diff else ""
 
 
-@main.group()
+@cli.group()
 def deployment() -> None:
     """Show and change a deployment's settings."""
 
@@ -382,9 +546,8 @@ def deployment() -> None:
 def deployment_show(api_url: str | None, token: str | None, deployment: str | None, as_json: bool, debug: bool) -> None:
     """Show the deployment's mechanism, live version and limits."""
     name = _deployment(deployment)
-    doc = _call(api_url, token, debug, lambda api: api.get_deployment(name))
+    doc = _call(api_url, token, as_json, lambda api: api.get_deployment(name))
     if as_json:
-        click.echo(json.dumps(doc))
         return
     dag_deploys = "enabled" if doc["mechanism"] == "DAG_ONLY" else "disabled (image deploys only)"
     click.echo(f"deployment {doc['name']}: DAG-only deploys {dag_deploys}; live version v{doc['current_version']}")
@@ -397,8 +560,11 @@ def deployment_show(api_url: str | None, token: str | None, deployment: str | No
 @click.option("--dag-deploy", type=click.Choice(["enabled", "disabled"]), help="Accept DAG-only deploys (admin only).")
 @click.option("--keep-versions", type=click.IntRange(1, 1000), help="Bundles to keep beyond the live one.")
 @click.option("--retention-days", type=click.IntRange(1, 3650), help="Days to keep older bundles.")
+@click.option("--dag-removal", type=click.Choice(["allow", "confirm"]),
+              help="confirm: a deploy that removes DAGs needs --allow-dag-removal (or a yes on a terminal).")
 def deployment_update(api_url: str | None, token: str | None, deployment: str | None, as_json: bool, debug: bool,
-                      dag_deploy: str | None, keep_versions: int | None, retention_days: int | None) -> None:
+                      dag_deploy: str | None, keep_versions: int | None, retention_days: int | None,
+                      dag_removal: str | None) -> None:
     """Change the deployment's settings. Switching DAG deploys never touches the DAGs sidecars serve."""
     name = _deployment(deployment)
     changes: dict[str, Any] = {}
@@ -408,13 +574,16 @@ def deployment_update(api_url: str | None, token: str | None, deployment: str | 
         changes["keep_versions"] = keep_versions
     if retention_days:
         changes["retention_days"] = retention_days
+    if dag_removal:
+        changes["dag_removal"] = dag_removal
     if not changes:
-        raise click.UsageError("nothing to change: give --dag-deploy, --keep-versions or --retention-days")
-    doc = _call(api_url, token, debug, lambda api: api.update_deployment(name, changes))
-    click.echo(json.dumps(doc) if as_json else f"deployment {name} updated: mechanism {doc['mechanism']}")
+        raise click.UsageError("nothing to change: give --dag-deploy, --keep-versions, --retention-days or --dag-removal")
+    doc = _call(api_url, token, as_json, lambda api: api.update_deployment(name, changes))
+    if not as_json:
+        click.echo(f"deployment {name} updated: mechanism {doc['mechanism']}")
 
 
-@main.group()
+@cli.group()
 def deploys() -> None:
     """Deploy history."""
 
@@ -426,9 +595,8 @@ def deploys_list(api_url: str | None, token: str | None, deployment: str | None,
                  limit: int) -> None:
     """Deploys, newest first: version, state, who, when, description, DAG diff."""
     name = _deployment(deployment)
-    page = _call(api_url, token, debug, lambda api: api.list_deploys(name, limit))
+    page = _call(api_url, token, as_json, lambda api: api.list_deploys(name, limit))
     if as_json:
-        click.echo(json.dumps(page))
         return
     for d in page["items"]:
         version = f"v{d['version']}" if d.get("version") else "-"
@@ -443,9 +611,8 @@ def deploys_show(deploy_id: str, api_url: str | None, token: str | None, deploym
                  debug: bool) -> None:
     """One deploy: state, errors, manifest summary and sidecars."""
     name = _deployment(deployment)
-    view = _call(api_url, token, debug, lambda api: api.get_deploy(name, deploy_id))
+    view = _call(api_url, token, as_json, lambda api: api.get_deploy(name, deploy_id))
     if as_json:
-        click.echo(json.dumps(view))
         return
     d = view["deploy"]
     click.echo(f"deploy {d['deploy_id']}: {d['state']}" + (f" v{d['version']}" if d.get("version") else ""))
@@ -460,18 +627,34 @@ def deploys_show(deploy_id: str, api_url: str | None, token: str | None, deploym
         click.echo(f"  sidecar {s['name']:<20} v{s['version']:<5} {state}  last heartbeat {_when(s['last_heartbeat'])}")
 
 
-@main.command()
+@deploys.command("cancel")
+@click.argument("deploy_id")
+@api_options
+def deploys_cancel(deploy_id: str, api_url: str | None, token: str | None, deployment: str | None, as_json: bool,
+                   debug: bool) -> None:
+    """Cancel a deploy that is PENDING or VALIDATING: it will never go live, and its upload is deleted."""
+    name = _deployment(deployment)
+    d = _call(api_url, token, as_json, lambda api: api.cancel_deploy(name, deploy_id))
+    if not as_json:
+        click.echo(f"deploy {d['deploy_id']} cancelled: it will never go live")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("deploy_id")
 @api_options
 def rollback(deploy_id: str, api_url: str | None, token: str | None, deployment: str | None, as_json: bool,
              debug: bool) -> None:
     """Make an earlier deploy's bundle live again, as a new version (admin only)."""
     name = _deployment(deployment)
-    d = _call(api_url, token, debug, lambda api: api.rollback(name, deploy_id))
-    click.echo(json.dumps(d) if as_json else f"rolled back: deploy {d['deploy_id']} is {d['state']} v{d['version']}")
+    d = _call(api_url, token, as_json, lambda api: api.rollback(name, deploy_id))
+    if not as_json:
+        click.echo(f"rolled back: deploy {d['deploy_id']} is {d['state']} v{d['version']}")
 
 
-@main.group()
+# --- operators --------------------------------------------------------------------------------
+
+
+@cli.group()
 def admin() -> None:
     """Operator commands that talk to AWS directly (your AWS credentials, not an API token)."""
 
@@ -489,7 +672,8 @@ def admin_create_token(table: str, name: str, role: str, deployments: tuple[str,
     import time
 
     import boto3
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import ClientError as BotoClientError
 
     from chalicelib.auth import hash_token, new_token
     from chalicelib.exceptions import DagcastError
@@ -501,13 +685,13 @@ def admin_create_token(table: str, name: str, role: str, deployments: tuple[str,
                   created_at=int(time.time() * 1000))
     try:
         Store(boto3.resource("dynamodb").Table(table)).put_token(token)
-    except (DagcastError, BotoCoreError, ClientError) as exc:
-        _fail(exc, False)
+    except (DagcastError, BotoCoreError, BotoClientError) as exc:
+        raise ClientError(f"cannot create the token in {table}: {exc}") from exc
     _echo_err(f"token {name!r} ({role}) created; it is shown only this once:")
     click.echo(secret)
 
 
-@main.group()
+@cli.group()
 def local() -> None:
     """The embedded stack on this machine (moto server on 127.0.0.1, no AWS account)."""
 
@@ -521,7 +705,6 @@ def local() -> None:
               help="Seconds between runs of the scheduled janitor.")
 def local_up(state_dir: Path, port: int, sidecars: int, deployment: str, janitor_interval: float) -> None:
     """Run the embedded stack in the foreground until SIGINT/SIGTERM."""
-    import signal
     import threading
 
     from dagcast.local import EmbeddedStack
@@ -541,10 +724,8 @@ def local_up(state_dir: Path, port: int, sidecars: int, deployment: str, janitor
         sys.stdout.flush()
         stop.wait()
     except Exception as exc:  # noqa: BLE001 - the top of the command: report in one line, clean up
-        _echo_err(f"error: cannot start the local stack: {exc.__class__.__name__}: {exc}")
-        _echo_err(f"hint: logs are in {state_dir}")
         stack.stop()
-        sys.exit(EXIT_ERROR)
+        raise ClientError(f"cannot start the local stack: {exc.__class__.__name__}: {exc}; logs are in {state_dir}") from exc
     click.echo("stopping ...")
     stack.stop()
 

@@ -94,6 +94,9 @@ class ApiClient:
     def renew_upload(self, deployment: str, deploy_id: str) -> dict[str, Any]:
         return dict(self.request("POST", f"/deployments/{deployment}/deploys/{deploy_id}/upload"))
 
+    def cancel_deploy(self, deployment: str, deploy_id: str) -> dict[str, Any]:
+        return dict(self.request("POST", f"/deployments/{deployment}/deploys/{deploy_id}/cancel"))
+
     def rollback(self, deployment: str, deploy_id: str) -> dict[str, Any]:
         return dict(self.request("POST", f"/deployments/{deployment}/deploys/{deploy_id}/rollback"))
 
@@ -118,9 +121,11 @@ def _secret(secret: str | None) -> dict[str, str] | None:
 
 
 def _api_error(resp: httpx.Response) -> ApiError:
+    """The API's own error, or one that says the answer came from something else (a wrong URL:
+    API Gateway's "Missing Authentication Token", a web server's 404 page)."""
     try:
         err = resp.json()["error"]
         return ApiError(resp.status_code, str(err["code"]), str(err["message"]))
     except (ValueError, KeyError, TypeError):
         text = resp.text.strip().splitlines()[0][:200] if resp.text.strip() else resp.reason_phrase
-        return ApiError(resp.status_code, "http_error", text)
+        return ApiError(resp.status_code, "not_dagcast", text, from_dagcast=False)

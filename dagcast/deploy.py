@@ -1,4 +1,9 @@
-"""`dagcast deploy --dags`: bundle, validate, request an upload, upload, wait until live."""
+"""`dagcast deploy --dags`: bundle, validate, request an upload, upload, wait until live.
+
+Every outcome is in the DeployResult the caller handed in, as far as it got: the CLI prints it
+as JSON on every exit path. An interrupt (SIGINT, SIGTERM) before the upload is complete cancels
+the deploy on the server, so a deploy this command abandoned never goes live.
+"""
 from __future__ import annotations
 
 import tempfile
@@ -12,14 +17,29 @@ from typing import IO, Any, BinaryIO, cast
 import httpx
 
 from chalicelib.bundle import BundleInfo
-from chalicelib.manifest import diff_manifests, summary
+from chalicelib.manifest import DeployDiff, diff_manifests, summary
 from chalicelib.validation import FileEntry, Limits, Report, validate_stream
 from dagcast import bundler, compile_cache, gitinfo
+from dagcast.bundler import Collected, human_size
 from dagcast.client import ApiClient, backoff
-from dagcast.exceptions import ApiError, BundleInvalid, UploadExpired, UploadFailed, WaitTimeout
+from dagcast.exceptions import (
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    ApiError,
+    ApiUnavailable,
+    BundleInvalid,
+    ClientError,
+    DagRemovalRefused,
+    Interrupted,
+    Terminated,
+    UploadExpired,
+    UploadFailed,
+    WaitTimeout,
+)
 
 Say = Callable[[str], None]
 Progress = Callable[[int, int], None]  # (bytes sent, total)
+Confirm = Callable[[str], bool]  # asks a person on a terminal; None when nobody can answer
 LONG_POLL_SECONDS = 10  # each --wait request lets the API hold the answer this long until something changes
 
 
@@ -56,6 +76,9 @@ class DeployOptions:
     force: bool = False
     dry_run: bool = False
     description: str = ""
+    require_all: bool = False  # --wait also waits for registered sidecars that are stale
+    allow_dag_removal: bool = False
+    confirm: Confirm | None = None
     upload_attempts: int = 4
     poll_interval: float = 0.2
 
@@ -91,17 +114,21 @@ class Timings:
 
 @dataclass
 class DeployResult:
-    deploy_id: str | None
-    version: int | None
-    state: str
-    sha256: str
-    files: int
-    bytes: int
+    """Everything known about the deploy so far: the --json output, on every exit path."""
+
+    deploy_id: str | None = None
+    version: int | None = None
+    state: str | None = None  # None until the API was asked; DRY_RUN, UNCHANGED, or the deploy's state
+    sha256: str | None = None
+    files: int | None = None
+    bytes: int | None = None
     errors: list[dict[str, Any]] = field(default_factory=list)
     sidecars: list[dict[str, Any]] = field(default_factory=list)
+    stale_sidecars: list[dict[str, Any]] = field(default_factory=list)
     converged: bool = False
     diff: dict[str, Any] | None = None
     files_list: list[dict[str, Any]] | None = None
+    uploaded: bool = False
     timings: Timings = field(default_factory=Timings)
 
     def to_json(self) -> dict[str, Any]:
@@ -114,6 +141,7 @@ class DeployResult:
             "bytes": self.bytes,
             "errors": self.errors,
             "sidecars": self.sidecars,
+            "stale_sidecars": self.stale_sidecars,
             "converged": self.converged,
             "diff": self.diff,
             "timings": self.timings.to_json(),
@@ -121,17 +149,54 @@ class DeployResult:
         }
 
 
-def run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | None = None) -> DeployResult:
-    timings = Timings()
+def run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | None = None,
+        result: DeployResult | None = None) -> DeployResult:
+    result = result or DeployResult()
     try:
-        return _run(api, opts, say, progress, timings)
+        return _run(api, opts, say, progress, result)
+    except BundleInvalid as exc:
+        result.errors = result.errors or exc.errors
+        result.state = result.state or "INVALID"  # refused here: nothing was uploaded
+        raise
+    except (KeyboardInterrupt, Terminated) as exc:
+        raise _interrupted(api, opts, result, say, EXIT_SIGTERM if isinstance(exc, Terminated) else EXIT_SIGINT) from None
     finally:
-        timings.finish()
+        result.timings.finish()
+
+
+def _interrupted(api: ApiClient, opts: DeployOptions, result: DeployResult, say: Say, code: int) -> Interrupted:
+    """Before the upload is complete, cancel the deploy (best effort); after it, say it goes on."""
+    how = "SIGTERM" if code == EXIT_SIGTERM else "interrupted"
+    if result.deploy_id is None:
+        return Interrupted(f"{how}: nothing was deployed", code)
+    if result.uploaded:
+        state = f"{result.state} v{result.version}" if result.version else result.state
+        return Interrupted(f"{how} while waiting: deploy {result.deploy_id} goes on on the server ({state}); "
+                           f"`dagcast deploys cancel {result.deploy_id}` stops it while it is validating", code)
+    try:
+        cancelled = api.cancel_deploy(opts.deployment, result.deploy_id)
+    except ApiError as exc:  # it raced the upload: it may be validated already, or live
+        result.state = _state_of(api, opts, result.deploy_id) or result.state
+        return Interrupted(f"{how}: deploy {result.deploy_id} could not be cancelled ({exc.api_message}); "
+                           f"it is {result.state}", code)
+    except ClientError as exc:
+        return Interrupted(f"{how}: cancelling deploy {result.deploy_id} failed ({exc}); it expires unless its "
+                           f"upload completed: `dagcast deploys show {result.deploy_id}`", code)
+    result.state = cancelled.get("state", "CANCELLED")
+    say(f"Deploy {result.deploy_id} cancelled: it will never go live")
+    return Interrupted(f"{how}: deploy {result.deploy_id} was cancelled", code)
+
+
+def _state_of(api: ApiClient, opts: DeployOptions, deploy_id: str) -> str | None:
+    try:
+        return str(api.get_deploy(opts.deployment, deploy_id)["deploy"]["state"])
+    except ClientError:
+        return None
 
 
 class _LookAhead(threading.Thread):
-    """What the deploy needs from elsewhere, fetched while the bundle is built and validated:
-    the live version and its manifest (from the API and S3), and the git checkout's metadata."""
+    """What the deploy needs from elsewhere, fetched while the bundle is built and validated: the
+    deployment's limits, the live version and its manifest (from the API and S3), and git metadata."""
 
     def __init__(self, api: ApiClient, opts: DeployOptions) -> None:
         super().__init__(name="dagcast-look-ahead", daemon=True)  # never holds up an exit on a local error
@@ -140,6 +205,7 @@ class _LookAhead(threading.Thread):
         self.live: dict[str, Any] | None = None
         self.manifest: list[FileEntry] | None = None
         self.git: dict[str, Any] | None = None
+        self.deployment: dict[str, Any] = {}
         self.limits: Limits | None = None  # the deployment's: what the server validates with
         self.limits_known = threading.Event()
         self._error: BaseException | None = None
@@ -147,7 +213,8 @@ class _LookAhead(threading.Thread):
     def run(self) -> None:
         try:
             try:
-                self.limits = Limits.model_validate(self._api.get_deployment(self._opts.deployment).get("limits") or {})
+                self.deployment = self._api.get_deployment(self._opts.deployment)
+                self.limits = Limits.model_validate(self.deployment.get("limits") or {})
             finally:
                 self.limits_known.set()
             self.live = _live_version(self._api, self._opts.deployment)
@@ -164,27 +231,31 @@ class _LookAhead(threading.Thread):
         return self
 
 
-def _run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | None, timings: Timings) -> DeployResult:
+def _run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | None, result: DeployResult) -> DeployResult:
+    timings = result.timings
     ahead = _LookAhead(api, opts)
     ahead.start()
     with tempfile.TemporaryFile(prefix="dagcast-bundle-") as tmp:
         say(f"Bundling {opts.dags_path} ...")
-        info, report = _bundle_and_validate(opts, tmp, timings, say, ahead)
+        collected, info, report = _bundle_and_validate(opts, tmp, timings, say, ahead)
+        result.sha256, result.files, result.bytes = info.sha256, info.files, info.bytes
         mark = time.perf_counter()
         live = ahead.result().live
-        result = DeployResult(None, None, "PENDING", info.sha256, info.files, info.bytes, timings=timings)
+        diff = None
         if report is not None:
             diff = diff_manifests(ahead.manifest, report.manifest)
             result.diff = diff.model_dump()
             if live is not None:
                 say(f"Changes against live v{live['version']['version']}: {summary(diff)}")
-            if diff.dags_removed_count:
-                say(f"warning: this deploy removes {diff.dags_removed_count} DAG(s): {', '.join(diff.dags_removed)}")
         timings.lap("diff_s", mark)
         if opts.dry_run:
             assert report is not None
+            if diff is not None and diff.removes_dags:
+                say(f"warning: this deploy removes {_removals(diff)}")
             result.state = "DRY_RUN"
             result.files_list = [{"path": f.path, "size": f.size} for f in report.manifest]
+            result.files_list += [{"path": p, "size": 0, "link": t} for p, t in sorted(collected.links.items())]
+            result.files_list.sort(key=lambda f: f["path"])
             return result
         if live is not None and live["version"]["sha256"] == info.sha256 and not opts.force:
             say(f"No changes to deploy: v{live['version']['version']} already has this bundle (use --force to deploy anyway)")
@@ -193,17 +264,26 @@ def _run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | Non
             result.version = live["version"]["version"]
             result.converged = True
             return result
+        if diff is not None and diff.removes_dags:
+            _confirm_removal(diff, opts, say, ahead.deployment.get("dag_removal") == "confirm")
         git = ahead.git
         description = opts.description or (git or {}).get("subject") or ""
         body: dict[str, Any] = {"sha256": info.sha256, "size": info.size, "description": description[:1024]}
         if git:
             body["git"] = git
         mark = time.perf_counter()
-        created = api.create_deploy(opts.deployment, body)
+        try:
+            created = api.create_deploy(opts.deployment, body)
+        except ApiError as exc:
+            if exc.code == "bundle_too_large":  # refused by the server for its size: a rejection
+                result.state = "REJECTED"
+                result.errors = [{"code": exc.code, "path": None, "line": None, "message": exc.api_message}]
+                raise BundleInvalid(f"the server refused the bundle: {exc.api_message}", result.errors) from exc
+            raise
         mark = timings.lap("presign_s", mark)
         deploy_id = created["deploy"]["deploy_id"]
-        result.deploy_id = deploy_id
-        say(f"Deploy {deploy_id} created; uploading {_size(info.size)}")
+        result.deploy_id, result.state = deploy_id, created["deploy"].get("state", "PENDING")
+        say(f"Deploy {deploy_id} created; uploading {human_size(info.size)}")
         form = created["upload"]
         for _ in range(2):
             try:
@@ -214,41 +294,75 @@ def _run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | Non
                 form = api.renew_upload(opts.deployment, deploy_id)
         else:
             raise UploadFailed("the upload form expired twice; check this machine's clock")
+        result.uploaded = True
         elapsed = max(time.perf_counter() - mark, 1e-6)
         mark = timings.lap("upload_s", mark)
-        say(f"Uploaded {_size(info.size)} in {elapsed:.1f}s ({_size(int(info.size / elapsed))}/s)")
+        say(f"Uploaded {human_size(info.size)} in {elapsed:.1f}s ({human_size(int(info.size / elapsed))}/s)")
         if not opts.wait:
-            say("Uploaded; not waiting (--no-wait)")
             return result
         return wait(api, opts, deploy_id, result, say)
 
 
+def _confirm_removal(diff: DeployDiff, opts: DeployOptions, say: Say, required: bool) -> None:
+    """A deploy that removes DAGs goes ahead when --allow-dag-removal says so or a person at a terminal
+    says yes. Where nobody can answer it goes ahead with a warning, unless the deployment requires a
+    confirmation (dag_removal: confirm): then DagRemovalRefused (exit 2), naming them."""
+    removes = _removals(diff)
+    if opts.allow_dag_removal:
+        say(f"warning: this deploy removes {removes}")
+        return
+    if opts.confirm is not None:
+        if opts.confirm(f"This deploy removes {removes}. Deploy anyway?"):
+            return
+        raise DagRemovalRefused(f"not confirmed: this deploy removes {removes}; nothing was uploaded")
+    if not required:
+        say(f"warning: this deploy removes {removes} (--allow-dag-removal says it is meant)")
+        return
+    raise DagRemovalRefused(f"this deploy removes {removes}, and deployment {opts.deployment!r} needs that confirmed "
+                            "(dag_removal: confirm); nothing was uploaded")
+
+
+def _removals(diff: DeployDiff) -> str:
+    what = []
+    if diff.dags_removed_count:
+        what.append(f"{diff.dags_removed_count} DAG(s): {', '.join(diff.dags_removed)}")
+    if diff.dags_maybe_removed:
+        what.append(f"maybe {len(diff.dags_maybe_removed)} DAG(s) no longer given by name: {', '.join(diff.dags_maybe_removed)}")
+    if diff.dynamic_files_removed:
+        what.append(f"the DAGs computed at parse time by {', '.join(diff.dynamic_files_removed)}")
+    return "; ".join(what)
+
+
 def _bundle_and_validate(
     opts: DeployOptions, tmp: BinaryIO, timings: Timings, say: Say, ahead: _LookAhead
-) -> tuple[BundleInfo, Report | None]:
+) -> tuple[Collected, BundleInfo, Report | None]:
     """Write the bundle to tmp and (unless skipped) validate it with the server's rules; the validator's
     compile cache is this machine's, and .py files it has never seen are compiled by worker processes
     while the bundle is written. Raises BundleInvalid, with nothing uploaded."""
     validating = not opts.skip_validation or opts.dry_run
     started = time.perf_counter()
-    paths = bundler.collect(opts.dags_path)
-    collected = time.perf_counter()
+    collected = bundler.collect(opts.dags_path)
+    ahead.limits_known.wait(30)  # the deployment's limits, read while the folder was walked
+    bundler.check_sizes(collected, ahead.limits or Limits())
+    collected.raise_problems()  # before a byte is written: a 300 MiB file is refused at once
+    paths = collected.paths
+    mark = time.perf_counter()
     cache = compile_cache.load() if validating else None
     prewarm = compile_cache.Prewarm(opts.dags_path, paths, cache) if cache is not None else None
-    setup = time.perf_counter() - collected  # validation's share, counted there
+    setup = time.perf_counter() - mark  # validation's share, counted there
     try:
-        info = bundler.build(opts.dags_path, tmp, paths)
+        info = bundler.build(opts.dags_path, tmp, collected)
     except BaseException:
         if prewarm is not None:
             prewarm.close()
         raise
     mark = timings.lap("bundle_s", started)
     timings.add("bundle_s", -setup)
-    say(f"Bundled {info.files} files, {_size(info.bytes)} -> {_size(info.size)} compressed (sha256 {info.sha256[:12]})")
+    say(f"Bundled {info.files} files, {human_size(info.bytes)} -> {human_size(info.size)} compressed "
+        f"(sha256 {info.sha256[:12]})")
     report = None
     if cache is not None and prewarm is not None:
         prewarm.join()
-        ahead.limits_known.wait(30)  # the deployment's limits, read while the bundle was written
         tmp.seek(0)
         report = validate_stream(tmp, ahead.limits, cache=cache)
         compile_cache.save(cache)
@@ -257,7 +371,7 @@ def _bundle_and_validate(
         if not report.valid:
             errors = [e.model_dump() for e in report.errors]
             raise BundleInvalid(f"validation failed with {len(errors)} error(s); nothing was uploaded", errors)
-    return info, report
+    return collected, info, report
 
 
 def _live_version(api: ApiClient, deployment: str) -> dict[str, Any] | None:
@@ -318,56 +432,97 @@ def _retry(say: Say, what: str, attempt: int, attempts: int) -> None:
 def wait(api: ApiClient, opts: DeployOptions, deploy_id: str, result: DeployResult, say: Say) -> DeployResult:
     started = time.perf_counter()
     try:
-        return _wait(api, opts, deploy_id, result, say, started)
+        return _wait(api, opts, deploy_id, result, say)
     finally:
         result.timings.lap("wait_s", started)
 
 
-def _wait(api: ApiClient, opts: DeployOptions, deploy_id: str, result: DeployResult, say: Say, started: float) -> DeployResult:
+def _wait(api: ApiClient, opts: DeployOptions, deploy_id: str, result: DeployResult, say: Say) -> DeployResult:
     deadline = time.monotonic() + opts.timeout
     last_state = ""
     seen: tuple[Any, ...] = ()
+    view: dict[str, Any] = {}
+    lost = 0  # answers missed in a row: the API restarting, the network down
     while True:
         asked = time.monotonic()
-        view = api.get_deploy(opts.deployment, deploy_id, wait=max(0, min(LONG_POLL_SECONDS, int(deadline - asked))))
-        deploy = view["deploy"]
-        result.state = deploy["state"]
-        result.version = deploy.get("version")
-        result.errors = deploy.get("errors", [])
-        result.sidecars = [{"name": s["name"], "version": s["version"], "live": s["live"]} for s in view["sidecars"]]
-        result.diff = deploy.get("diff") or result.diff
-        result.converged = bool(view["converged"])
+        try:
+            view = api.get_deploy(opts.deployment, deploy_id, wait=max(0, min(LONG_POLL_SECONDS, int(deadline - asked))))
+        except ApiUnavailable as exc:
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(f"timed out after {opts.timeout:g}s: the API did not answer ({exc})") from exc
+            if not lost:
+                say(f"warning: the API did not answer ({exc}); retrying until the --timeout")
+            lost += 1
+            time.sleep(min(backoff(min(lost, 5), base=0.5), max(0.0, deadline - time.monotonic())))
+            continue
+        if lost:
+            say("the API answers again")
+            lost = 0
+        _take(view, result)
         if result.state != last_state:
             say(f"State {result.state}" + (f" (v{result.version})" if result.version else ""))
-            last_state = result.state
+            last_state = result.state or ""
         if result.state == "REJECTED":
-            result.timings.lap("wait_s", started)
-            result.timings.finish()
-            raise BundleInvalid(f"the server rejected deploy {deploy_id}", result.errors, result.to_json())
-        if result.state not in ("PENDING", "VALIDATING", "ACTIVE"):
+            raise BundleInvalid(f"the server rejected deploy {deploy_id}", result.errors)
+        if result.state in ("CANCELLED", "EXPIRED"):
+            raise ClientError(f"deploy {deploy_id} is {result.state}: it will never go live")
+        if result.state == "SUPERSEDED":
+            say(f"v{result.version} was superseded by a newer deploy before every sidecar ran it")
             return result
-        if result.state == "ACTIVE" and result.converged:
-            say(f"v{result.version} live on {view['sidecars_on_version']}/{view['live_sidecars']} sidecars")
+        if result.state == "ACTIVE" and result.converged and (not opts.require_all or not result.stale_sidecars):
+            say(_live_line(view, result))
             return result
         if time.monotonic() >= deadline:
-            on = view.get("sidecars_on_version", 0)
-            raise WaitTimeout(
-                f"timed out after {opts.timeout:g}s: deploy {deploy_id} is {result.state}, "
-                f"{on}/{view.get('live_sidecars', 0)} live sidecars on it"
-            )
+            raise WaitTimeout(_timeout_line(opts, deploy_id, view, result))
         # The API answers a long poll when something changed, so ask again at once; an answer that
         # came back at once with nothing new (an API without long polls) means polling: pause first.
-        now = (result.state, view.get("sidecars_on_version"), view.get("live_sidecars"))
+        now = (result.state, view.get("sidecars_on_version"), view.get("live_sidecars"), len(result.stale_sidecars))
         elapsed = time.monotonic() - asked
         if now == seen and elapsed < opts.poll_interval:
             time.sleep(opts.poll_interval - elapsed)
         seen = now
 
 
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
+def _take(view: dict[str, Any], result: DeployResult) -> None:
+    deploy = view["deploy"]
+    result.state = deploy["state"]
+    result.version = deploy.get("version")
+    result.errors = deploy.get("errors", [])
+    result.diff = deploy.get("diff") or result.diff
+    result.converged = bool(view["converged"])
+    sidecars = view["sidecars"]
+    result.sidecars = [_sidecar(s) for s in sidecars if s["live"]]
+    result.stale_sidecars = [_sidecar(s) for s in sidecars if not s["live"] and not s.get("on_deploy")]
+
+
+def _sidecar(s: dict[str, Any]) -> dict[str, Any]:
+    return {"name": s["name"], "version": s["version"], "live": s["live"], "on_it": bool(s.get("on_deploy")),
+            "last_seen_s": s.get("last_seen_s")}
+
+
+def _stale_text(result: DeployResult) -> str:
+    if not result.stale_sidecars:
+        return ""
+    named = ", ".join(f"{s['name']} on v{s['version']}, last seen {s['last_seen_s'] or 0:.0f} s ago"
+                      for s in result.stale_sidecars[:5])
+    more = f" and {len(result.stale_sidecars) - 5} more" if len(result.stale_sidecars) > 5 else ""
+    return f"; {len(result.stale_sidecars)} stale ({named}{more})"
+
+
+def _live_line(view: dict[str, Any], result: DeployResult) -> str:
+    return (f"v{result.version} live on {view['sidecars_on_version']}/{view['live_sidecars']} current sidecars"
+            + _stale_text(result))
+
+
+def _timeout_line(opts: DeployOptions, deploy_id: str, view: dict[str, Any], result: DeployResult) -> str:
+    state = f"{result.state} v{result.version}" if result.version else str(result.state)
+    waiting = [s for s in result.sidecars if not s["on_it"]]
+    parts = [f"timed out after {opts.timeout:g}s: deploy {deploy_id} is {state}"]
+    if result.state == "ACTIVE":
+        parts.append(f", live on {view.get('sidecars_on_version', 0)}/{view.get('live_sidecars', 0)} current sidecars")
+        if waiting:
+            parts.append("; waiting on " + ", ".join(f"{s['name']} (on v{s['version']})" for s in waiting[:10]))
+    parts.append(_stale_text(result))
+    if opts.require_all and result.stale_sidecars:
+        parts.append(" (--require-all waits for those too)")
+    return "".join(parts)

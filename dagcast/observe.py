@@ -58,15 +58,16 @@ class SidecarMetrics:
             self.fetches.labels(kind=kind)
 
 
-def serve(addr: str, metrics: SidecarMetrics, ready: Callable[[], bool]) -> ThreadingHTTPServer:
-    """Start the endpoints on `host:port` in a daemon thread; returns the server (its real port included)."""
+def serve(addr: str, metrics: SidecarMetrics, health: Callable[[], tuple[bool, str]]) -> ThreadingHTTPServer:
+    """Start the endpoints on `host:port` in a daemon thread; returns the server (its real port included).
+    `health` says whether the sidecar is ready (a version is live) and why, for /healthz."""
     host, _, port = addr.rpartition(":")
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             if self.path == "/healthz":
-                ok = ready()
-                self._reply(200 if ok else 503, b"ok\n" if ok else b"no version live yet\n", "text/plain")
+                ok, text = health()
+                self._reply(200 if ok else 503, (text.rstrip("\n") + "\n").encode(), "text/plain")
             elif self.path == "/metrics":
                 self._reply(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
             else:

@@ -498,6 +498,15 @@ class Sidecar:
         self._older_api = False  # its heartbeat refused last_notified_at
         self._secret_file = cfg.root / "sidecars" / f"{cfg.name}.secret"
 
+    def health(self) -> tuple[bool, str]:
+        """(ready, why) for /healthz: ready once a version is live."""
+        live = self.syncer.installed()
+        if live is not None:
+            return True, f"ok: v{live.version} live"
+        if self.waiting:
+            return False, "waiting for the first deploy of this deployment"
+        return False, f"no version live yet: {self.last_error}" if self.last_error else "no version live yet"
+
     def install_signal_handlers(self) -> None:
         def handler(signum: int, frame: FrameType | None) -> None:
             self.stop.set()

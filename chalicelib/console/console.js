@@ -156,10 +156,14 @@
     if (!v) return { text: "no version live yet", kind: "muted" };
     if (!sidecars) return { text: "checking sidecars…", kind: "muted" };
     const live = sidecars.filter((s) => s.live);
-    if (!live.length) return { text: "no live sidecars", kind: "muted" };
+    // registered but silent, and not on the live version: never hidden behind a "converged"
+    const staleBehind = sidecars.filter((s) => !s.live && !s.on_current);
+    const stale = staleBehind.length ? `; ${staleBehind.length} stale and behind` : "";
+    if (!live.length) return staleBehind.length ? { text: `no live sidecars${stale}`, kind: "error" } : { text: "no live sidecars", kind: "muted" };
     const on = live.filter((s) => s.on_current).length;  // the API's word: exact version, sha256 and deployment id
-    if (on === live.length) return { text: "converged", kind: "ok" };
-    return { text: `${on} of ${plural(live.length, "sidecar")} on v${v}`, kind: "progress" };
+    if (on === live.length && !staleBehind.length) return { text: "converged", kind: "ok" };
+    if (on === live.length) return { text: `${on} of ${plural(live.length, "live sidecar")} on v${v}${stale}`, kind: "error" };
+    return { text: `${on} of ${plural(live.length, "sidecar")} on v${v}${stale}`, kind: "progress" };
   }
 
   function badge(info, extra) {

@@ -86,6 +86,31 @@ def test_a_sidecar_behind_the_current_version_shows_in_the_badge_and_the_sidecar
     expect(row).to_have_count(0)
 
 
+def test_a_stale_sidecar_behind_the_live_version_is_never_hidden_behind_converged(
+    open_console: OpenConsole, stack: dict[str, Any], demo_live: dict[str, Any], screenshots: Path
+) -> None:
+    """A sidecar registered but silent for two minutes (its record as the API keeps it), still on an older version."""
+    from helpers import aws
+
+    v = Api(stack).json("GET", "/deployments/demo")["current_version"]
+    table = aws(stack, "dynamodb")
+    key = {"pk": {"S": "DEPLOYMENT#demo"}, "sk": {"S": "SIDECAR#console-silent"}}
+    silent = int(time.time() * 1000) - 120_000
+    table.put_item(TableName="dagcast-local-state", Item={**key, "deployment": {"S": "demo"}, "name": {"S": "console-silent"},
+                   "component": {"S": "worker"}, "version": {"N": str(v - 1)}, "last_heartbeat": {"N": str(silent)},
+                   "registered_at": {"N": str(silent)}})
+    try:
+        page = open_console(fragment="#d=demo&tab=sidecars")
+        sign_in(page, stack["token"])
+        live = len(stack["sidecars"])
+        expect(page.locator("#detail-badge")).to_have_text(f"{live} of {live} live sidecars on v{v}; 1 stale and behind")
+        expect(page.locator('#sidecar-body tr[data-sidecar="console-silent"] .badge')).to_have_text("stale")
+        shoot(page, screenshots, "desktop-sidecars-stale")
+    finally:
+        table.delete_item(TableName="dagcast-local-state", Key=key)
+    expect(page.locator("#detail-badge")).to_have_text(f"converged on v{v}")
+
+
 def test_settings_mechanism_decides_whether_dag_only_deploys_are_accepted(
     open_console: OpenConsole, stack: dict[str, Any], tmp_path: Path, screenshots: Path
 ) -> None:

@@ -29,7 +29,7 @@ def validate(path: Path) -> tuple[int, dict[str, Any], str]:
 def test_validate_accepts_a_good_bundle_with_the_json_contract(tmp_path: Path) -> None:
     code, doc, err = validate(tarball(tmp_path / "good.tar.gz", {"a.py": b"x = 1\n", "lib/b.py": b"y = 2\n"}))
     assert code == 0
-    assert doc == {"valid": True, "files": 2, "bytes": 12, "errors": []}
+    assert doc == {"valid": True, "files": 2, "bytes": 12, "errors": [], "ok": True, "exit_code": 0}
 
 
 def test_validate_rejects_a_path_escape_naming_the_member(tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ def test_wait_times_out_with_exit_4_when_a_live_sidecar_never_catches_up(stack: 
     dags = write_dags(tmp_path / "dags", {"a.py": dag_source("a")})
     proc = deploy(stack_env(stack, DAGCAST_DEPLOYMENT="laggard"), dags, "--wait", "--timeout", "3")
     assert proc.returncode == 4, proc.stderr
-    assert "timed out after 3s" in proc.stderr and "0/1 live sidecars" in proc.stderr
+    assert "timed out after 3s" in proc.stderr and "live on 0/1 current sidecars; waiting on stuck (on v0)" in proc.stderr
 
 
 def test_the_token_is_never_printed(stack: dict[str, Any], tmp_path: Path) -> None:

@@ -135,11 +135,11 @@ def test_deploy_is_refused_while_the_deployment_accepts_only_image_deploys(stack
 
 def test_deploy_refuses_a_missing_or_empty_folder(stack: dict[str, Any], tmp_path: Path) -> None:
     missing = run_dagcast(["deploy", "--dags", "--dags-path", str(tmp_path / "nope")], stack_env(stack))
-    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
     (tmp_path / "empty" / "__pycache__").mkdir(parents=True)
     (tmp_path / "empty" / "__pycache__" / "x.pyc").write_bytes(b"\0")
     empty = run_dagcast(["deploy", "--dags", "--dags-path", str(tmp_path / "empty")], stack_env(stack))
-    assert empty.returncode == 1 and "no files to deploy" in empty.stderr
+    assert empty.returncode == 2 and "no files to deploy" in empty.stderr
     assert "Traceback" not in missing.stderr + empty.stderr
 
 

@@ -97,6 +97,14 @@ def test_malformed_authorization_header_is_401(client: Client, deployment: str, 
     assert "malformed" in msg
 
 
+@pytest.mark.parametrize("token", ["dgc_short", "dgc_" + "a" * 100])
+def test_a_token_of_the_right_shape_but_not_the_right_length_is_unknown_not_malformed(
+    client: Client, deployment: str, token: str
+) -> None:
+    resp = client.http.get(f"/deployments/{deployment}", headers={"Authorization": f"Bearer {token}"})
+    assert assert_error(resp, 401, "unauthorized") == "unknown token"
+
+
 def test_unknown_token_is_401(client: Client, deployment: str) -> None:
     msg = assert_error(call(client, "GET", f"/deployments/{deployment}", new_token()), 401, "unauthorized")
     assert "unknown token" in msg
@@ -251,11 +259,11 @@ def test_patch_unknown_deployment_is_404(client: Client, control: ControlPlane) 
 
 
 def test_create_deploy_over_the_bundle_size_limit_is_400(client: Client, deployment: str, admin_token: str) -> None:
-    resp = call(client, "PATCH", f"/deployments/{deployment}", admin_token, {"limits": {"max_bundle_bytes": 1000}})
+    resp = call(client, "PATCH", f"/deployments/{deployment}", admin_token, {"limits": {"max_bundle_bytes": 2 * 2**20}})
     assert resp.status_code == 200, resp.body
-    msg = assert_error(create_deploy(client, deployment, admin_token, size=1001), 400, "invalid_request")
-    assert "1000" in msg
-    assert create_deploy(client, deployment, admin_token, size=1000).status_code == 201
+    msg = assert_error(create_deploy(client, deployment, admin_token, size=3 * 2**20), 400, "bundle_too_large")
+    assert "3.0 MiB compressed, over the deployment's limit of 2.0 MiB" in msg
+    assert create_deploy(client, deployment, admin_token, size=2 * 2**20).status_code == 201
 
 
 @pytest.mark.parametrize(

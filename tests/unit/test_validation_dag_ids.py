@@ -20,7 +20,7 @@ from chalicelib import validation
 from chalicelib.validation import Issue, validate_stream
 
 
-def ids_in_bundle(source: bytes) -> list[str]:
+def entry_in_bundle(source: bytes) -> validation.FileEntry:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         info = tarfile.TarInfo("dags/d.py")
@@ -28,14 +28,23 @@ def ids_in_bundle(source: bytes) -> list[str]:
         tf.addfile(info, io.BytesIO(source))
     report = validate_stream(io.BytesIO(gzip.compress(buf.getvalue(), mtime=0)))
     assert report.valid, report.errors
-    return report.manifest[0].dag_ids
+    return report.manifest[0]
 
 
-def reference_ids(source: bytes) -> list[str]:
+def ids_in_bundle(source: bytes) -> list[str]:
+    return entry_in_bundle(source).dag_ids
+
+
+def reference_raw(source: bytes) -> list[str]:
+    """The whole-AST walk's answer: literal ids, then one DYNAMIC per definition with a computed id."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tree = compile(source, "d.py", "exec", ast.PyCF_ONLY_AST, dont_inherit=True)
     return validation._dag_ids(tree, source)
+
+
+def reference_ids(source: bytes) -> list[str]:
+    return validation.split_dynamic(reference_raw(source))[0]
 
 
 def compiles(source: bytes) -> bool:
@@ -102,7 +111,7 @@ CASES: dict[str, tuple[str | bytes, list[str], bool]] = {
     "decorator-positional": ('@dag("pos_dec")\ndef f():\n    pass\n', ["pos_dec"], FAST),
     "decorator-dynamic": ("@dag(dag_id=NAME)\ndef f():\n    pass\n", [], FAST),
     "decorator-f-string": ('@dag(dag_id=f"x{1}")\ndef f():\n    pass\n', [], FAST),
-    "decorator-starred": ("@dag(*a)\ndef from_name():\n    pass\n", ["from_name"], FAST),
+    "decorator-starred": ("@dag(*a)\ndef from_name():\n    pass\n", [], FAST),  # *a may hold the id
     "decorator-comment": ("@dag  # a comment (\ndef commented():\n    pass\n", ["commented"], FAST),
     "decorator-multi-line": (
         '@dag(\n    schedule=None,\n    tags=["a)"],\n)\ndef multi():\n    pass\n',
@@ -138,13 +147,30 @@ CASES: dict[str, tuple[str | bytes, list[str], bool]] = {
 }
 
 
+# DAG definitions whose ids are computed: counted, never named
+COMPUTED = {"kwargs-only": 1, "f-string-id": 1, "f-string-field-non-ascii": 1, "decorator-dynamic": 1,
+            "decorator-f-string": 1, "decorator-starred": 1}
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_dag_ids_match_a_walk_of_the_whole_ast(case: str) -> None:
     source, expected, fast = CASES[case]
     data = source.encode() if isinstance(source, str) else source
-    assert ids_in_bundle(data) == expected
+    entry = entry_in_bundle(data)
+    assert entry.dag_ids == expected
+    assert entry.dynamic_dags == COMPUTED.get(case, 0)
     assert reference_ids(data) == expected
-    assert (validation._scan_dag_ids(data) is not None) == fast
+    scanned = validation._scan_dag_ids(data)
+    assert (scanned is not None) == fast
+    if scanned is not None:
+        assert scanned == reference_raw(data), "the scan counts computed ids as the AST walk does"
+
+
+def test_dags_built_in_a_loop_are_counted_as_computed_and_named_nowhere() -> None:
+    source = (b"from airflow import DAG\n\nfor team in ('sales', 'ops', 'hr'):\n"
+              b"    with DAG(f'report_{team}', schedule=None):\n        pass\n\nDAG('fixed')\n")
+    entry = entry_in_bundle(source)
+    assert (entry.dag_ids, entry.dynamic_dags) == (["fixed"], 1), "one site in the source, however many DAGs it makes"
 
 
 def test_typical_dag_files_are_decided_without_the_whole_ast() -> None:
@@ -203,7 +229,7 @@ def test_scan_agrees_with_the_whole_ast_on_combined_snippets(parts: list[str], n
     if not compiles(data):
         return
     scanned = validation._scan_dag_ids(data)
-    expected = reference_ids(data)
+    expected = reference_raw(data)
     assert scanned is None or scanned == expected
     assert validation._find_dag_ids(data, "d.py") == expected
 
@@ -257,7 +283,7 @@ def test_scan_agrees_with_the_whole_ast_on_generated_modules(text: str, newline:
     if not compiles(data):
         return
     scanned = validation._scan_dag_ids(data)
-    assert scanned is None or scanned == reference_ids(data)
+    assert scanned is None or scanned == reference_raw(data)
 
 
 # --------------------------------------------------------------------------- compile errors
