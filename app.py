@@ -205,7 +205,8 @@ def api(
             except DagcastError as exc:
                 return error_response(exc)
             except BotoCoreError as exc:
-                logger.exception("AWS call failed")
+                # no traceback: the cause is the storage service, and its class and message say which
+                logger.warning("AWS call failed", extra={"error": f"{exc.__class__.__name__}: {exc}"})
                 return error_response(StorageError(f"AWS call failed: {exc.__class__.__name__}"))
             if result is None:
                 return Response(body="", status_code=204)

@@ -90,6 +90,13 @@ class Ingest:
         logger.append_keys(deployment=deployment, deploy_id=deploy_id)
         logger.set_correlation_id(deploy_id)
         try:
+            return self._handle(event, deployment, deploy_id)
+        finally:  # the next record of the batch (or the next invocation of a warm function) is another deploy
+            logger.remove_keys(["deployment", "deploy_id"])
+            logger.set_correlation_id(None)
+
+    def _handle(self, event: IngestEvent, deployment: str, deploy_id: str) -> Outcome:
+        try:
             deploy = self._store.get_deploy(deployment, deploy_id)
         except NotFound:
             logger.warning("ignoring upload with no deploy record", extra={"key": event.key})

@@ -114,8 +114,16 @@ def _queue_attributes(props: dict[str, Any]) -> dict[str, str]:
     return attrs
 
 
+def _exists(exc: Exception, *codes: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in codes
+
+
 def bootstrap(session: Any, stack_name: str, template: dict[str, Any] | None = None) -> StackOutputs:
-    """Create every supported resource of the template in the account `session` points at."""
+    """Create every supported resource of the template in the account `session` points at. Resources
+    that exist already (an embedded stack started again on its kept state) are reused and their
+    settings applied again."""
     template = template or load_template()
     resources: dict[str, Any] = {
         name: res for name, res in template["Resources"].items() if res.get("Type") not in (None, *CLOUD_ONLY)
@@ -130,20 +138,26 @@ def bootstrap(session: Any, stack_name: str, template: dict[str, Any] | None = N
         kind, props = res["Type"], resolve(res.get("Properties", {}))
         if kind == "AWS::DynamoDB::Table":
             ddb = session.client("dynamodb")
-            ddb.create_table(
-                TableName=props["TableName"],
-                AttributeDefinitions=props["AttributeDefinitions"],
-                KeySchema=props["KeySchema"],
-                BillingMode=props.get("BillingMode", "PAY_PER_REQUEST"),
-                **({"SSESpecification": {"Enabled": props["SSESpecification"]["SSEEnabled"]}}
-                   if "SSESpecification" in props else {}),
-            )
+            try:
+                ddb.create_table(
+                    TableName=props["TableName"],
+                    AttributeDefinitions=props["AttributeDefinitions"],
+                    KeySchema=props["KeySchema"],
+                    BillingMode=props.get("BillingMode", "PAY_PER_REQUEST"),
+                    **({"SSESpecification": {"Enabled": props["SSESpecification"]["SSEEnabled"]}}
+                       if "SSESpecification" in props else {}),
+                )
+                created = True
+            except Exception as exc:
+                if not _exists(exc, "ResourceInUseException"):
+                    raise
+                created = False
             ddb.get_waiter("table_exists").wait(TableName=props["TableName"])
             pitr = props.get("PointInTimeRecoverySpecification")
             if pitr:
                 ddb.update_continuous_backups(TableName=props["TableName"], PointInTimeRecoverySpecification=pitr)
             ttl = props.get("TimeToLiveSpecification")
-            if ttl:
+            if ttl and created:
                 ddb.update_time_to_live(TableName=props["TableName"], TimeToLiveSpecification=ttl)
             resolve.refs[logical] = props["TableName"]
             out["table_name"] = props["TableName"]
@@ -153,7 +167,13 @@ def bootstrap(session: Any, stack_name: str, template: dict[str, Any] | None = N
             out["topic_arn"] = arn
         elif kind == "AWS::SQS::Queue":
             sqs = session.client("sqs")
-            url = sqs.create_queue(QueueName=props["QueueName"], Attributes=_queue_attributes(props))["QueueUrl"]
+            try:
+                url = sqs.create_queue(QueueName=props["QueueName"], Attributes=_queue_attributes(props))["QueueUrl"]
+            except Exception as exc:
+                if not _exists(exc, "QueueAlreadyExists", "QueueNameExists"):
+                    raise
+                url = sqs.get_queue_url(QueueName=props["QueueName"])["QueueUrl"]
+                sqs.set_queue_attributes(QueueUrl=url, Attributes=_queue_attributes(props))
             arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
             resolve.refs[logical], resolve.arns[logical] = url, arn
             out["dead_letter_queue_url" if "RedrivePolicy" not in props else "ingest_queue_url"] = url
@@ -162,9 +182,17 @@ def bootstrap(session: Any, stack_name: str, template: dict[str, Any] | None = N
             for url in props["Queues"]:
                 sqs.set_queue_attributes(QueueUrl=url, Attributes={"Policy": json.dumps(props["PolicyDocument"])})
         elif kind == "AWS::KMS::Key":
-            key = session.client("kms").create_key(
-                Description=props.get("Description", ""), KeySpec=props["KeySpec"], KeyUsage=props["KeyUsage"]
-            )["KeyMetadata"]
+            kms = session.client("kms")
+            alias = f"alias/{stack_name}-{logical}"
+            try:
+                key = kms.describe_key(KeyId=alias)["KeyMetadata"]
+            except Exception as exc:
+                if not _exists(exc, "NotFoundException"):
+                    raise
+                key = kms.create_key(
+                    Description=props.get("Description", ""), KeySpec=props["KeySpec"], KeyUsage=props["KeyUsage"]
+                )["KeyMetadata"]
+                kms.create_alias(AliasName=alias, TargetKeyId=key["KeyId"])
             resolve.refs[logical], resolve.arns[logical] = key["KeyId"], key["Arn"]
             out["signing_key_arn"] = key["Arn"]
         elif kind == "AWS::S3::Bucket":
@@ -182,7 +210,12 @@ def _create_bucket(s3: Any, region: str, props: dict[str, Any]) -> None:
     kwargs: dict[str, Any] = {"Bucket": name}
     if region != "us-east-1":
         kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
-    s3.create_bucket(**kwargs)
+    try:
+        s3.head_bucket(Bucket=name)  # kept from an earlier run: creating it again would empty it (moto, us-east-1)
+    except Exception as exc:
+        if not _exists(exc, "404", "NoSuchBucket", "NotFound"):
+            raise
+        s3.create_bucket(**kwargs)
     if "VersioningConfiguration" in props:
         s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": props["VersioningConfiguration"]["Status"]})
     if "PublicAccessBlockConfiguration" in props:

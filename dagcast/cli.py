@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
@@ -445,8 +446,10 @@ def sidecar(
     """Keep LINK pointing at the deployment's live DAGs version."""
     from dagcast import logs
     from dagcast.client import ApiClient
+    from dagcast.lifetime import die_with_parent
     from dagcast.sidecar import Sidecar, SidecarConfig, Syncer
 
+    die_with_parent()  # started by `dagcast local up`: goes when it goes
     api_url = _required(api_url, "--api-url", "DAGCAST_API_URL")
     token = _required(token, "--token", "DAGCAST_TOKEN")
     deployment = _required(deployment, "--deployment", "DAGCAST_DEPLOYMENT")
@@ -697,14 +700,18 @@ def local() -> None:
 
 
 @local.command("up")
-@click.option("--state-dir", required=True, type=click.Path(path_type=Path), help="Where state and local.json go.")
-@click.option("--port", type=click.IntRange(0, 65535), default=0, help="API port (default: a free one).")
+@click.option("--state-dir", required=True, type=click.Path(path_type=Path), help="Where the state and local.json are kept.")
+@click.option("--port", type=click.IntRange(0, 65535), default=0,
+              help="API port (default: the one of the last run on this state folder, else a free one).")
+@click.option("--bind", default="127.0.0.1", show_default=True,
+              help="Address the API and the embedded AWS listen on; anything but loopback exposes them (warned).")
 @click.option("--sidecars", type=click.IntRange(0, 200), default=2, show_default=True, help="Sidecars to start.")
 @click.option("--deployment", default="demo", show_default=True, help="Deployment to create.")
 @click.option("--janitor-interval", type=click.FloatRange(min=0.1), default=30, show_default=True,
               help="Seconds between runs of the scheduled janitor.")
-def local_up(state_dir: Path, port: int, sidecars: int, deployment: str, janitor_interval: float) -> None:
-    """Run the embedded stack in the foreground until SIGINT/SIGTERM."""
+def local_up(state_dir: Path, port: int, bind: str, sidecars: int, deployment: str, janitor_interval: float) -> None:
+    """Run the embedded stack in the foreground until SIGINT/SIGTERM; started again on the same
+    state folder, it carries on with the same state, ports and tokens."""
     import threading
 
     from dagcast.local import EmbeddedStack
@@ -712,22 +719,113 @@ def local_up(state_dir: Path, port: int, sidecars: int, deployment: str, janitor
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stack = EmbeddedStack(state_dir, port=port, sidecars=sidecars, deployment=deployment, janitor_interval=janitor_interval)
+    if bind not in ("127.0.0.1", "localhost", "::1"):
+        _echo_err(f"warning: listening on {bind}: the API takes tokens, but the embedded AWS (moto server) has no "
+                  "authentication at all; anyone who can reach it can read and change the stack's data")
+    stack = EmbeddedStack(state_dir, port=port, sidecars=sidecars, deployment=deployment,
+                          janitor_interval=janitor_interval, bind=bind)
     try:
         info = stack.start()
         click.echo(f"dagcast local stack ready: API {info.api_url}, deployment {info.deployment!r}")
         click.echo(f"  console:    {info.console_url}")
         for s in info.sidecars:
             click.echo(f"  sidecar {s.name}: dags folder {s.dags_path}")
-        click.echo(f"  state:      {state_dir / 'local.json'} (holds an admin token)")
+        click.echo(f"  state:      {state_dir} (local.json holds an admin token; `dagcast local env --state-dir "
+                   f"{state_dir}` prints it as export lines)")
         click.echo("Press Ctrl-C to stop.", nl=True)
         sys.stdout.flush()
-        stop.wait()
+        stack.supervise(stop)
     except Exception as exc:  # noqa: BLE001 - the top of the command: report in one line, clean up
         stack.stop()
-        raise ClientError(f"cannot start the local stack: {exc.__class__.__name__}: {exc}; logs are in {state_dir}") from exc
-    click.echo("stopping ...")
+        raise ClientError(f"the local stack stopped: {exc.__class__.__name__}: {exc}; logs are in {state_dir / 'logs'}") from exc
+    started = time.monotonic()
     stack.stop()
+    click.echo(f"dagcast local stack stopped in {time.monotonic() - started:.1f}s; its state is kept in {state_dir}")
+
+
+def _local_info(state_dir: Path) -> dict[str, Any]:
+    from dagcast.local import read_info
+
+    info = read_info(state_dir)
+    if info is None:
+        raise UsageProblem(f"{state_dir} holds no embedded stack (no local.json): start one with `dagcast local up`")
+    return info
+
+
+@local.command("status")
+@click.option("--state-dir", required=True, type=click.Path(path_type=Path), help="The stack's state folder.")
+@_json_option()
+def local_status(state_dir: Path, as_json: bool) -> int:
+    """Is the stack of this state folder up: its URL, live version and sidecars."""
+    from dagcast.client import ApiClient
+    from dagcast.local import running_pid
+
+    OUTCOME.json = as_json
+    info = _local_info(state_dir)
+    pid = running_pid(state_dir)
+    doc: dict[str, Any] = {"up": False, "pid": pid, "api_url": info.get("api_url"), "deployment": info.get("deployment"),
+                           "current_version": None, "sidecars": []}
+    OUTCOME.doc = lambda: doc
+    if pid is not None:
+        api = ApiClient(info["api_url"], info["token"], attempts=1, timeout=5)
+        try:
+            dep = api.get_deployment(info["deployment"])
+            listed = api.request("GET", f"/deployments/{info['deployment']}/sidecars")["items"]
+            doc.update(up=True, current_version=dep["current_version"],
+                       sidecars=[{k: s[k] for k in ("name", "version", "live", "on_current")} for s in listed])
+        except ClientError as exc:
+            doc["error_detail"] = str(exc)
+        finally:
+            api.close()
+    if not as_json:
+        if doc["up"]:
+            click.echo(f"up (pid {pid}): API {doc['api_url']}, deployment {doc['deployment']!r} on v{doc['current_version']}")
+            for s in doc["sidecars"]:
+                state = ("live" if s["live"] else "stale") + (", on it" if s["on_current"] else "")
+                click.echo(f"  sidecar {s['name']:<20} v{s['version']:<5} {state}")
+        else:
+            click.echo(f"down: no stack runs on {state_dir}" if pid is None else
+                       f"starting or not answering (pid {pid}): {doc.get('error_detail', '')}")
+    return EXIT_OK if doc["up"] else EXIT_ERROR
+
+
+@local.command("down")
+@click.option("--state-dir", required=True, type=click.Path(path_type=Path), help="The stack's state folder.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=30, show_default=True, help="Seconds to wait for it.")
+@_json_option()
+def local_down(state_dir: Path, timeout: float, as_json: bool) -> int:
+    """Stop the stack running on this state folder (SIGTERM, then wait until it has stopped)."""
+    from dagcast.local import process_gone, running_pid
+
+    OUTCOME.json = as_json
+    pid = running_pid(state_dir)
+    doc: dict[str, Any] = {"was_up": pid is not None, "pid": pid, "stopped": pid is None}
+    OUTCOME.doc = lambda: doc
+    if pid is None:
+        if not as_json:
+            click.echo(f"no stack runs on {state_dir}")
+        return EXIT_OK
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while running_pid(state_dir) is not None or (pid > 0 and not process_gone(pid)):
+        if time.monotonic() > deadline:
+            raise ClientError(f"the stack (pid {pid}) did not stop within {timeout:g}s")
+        time.sleep(0.1)
+    doc["stopped"] = True
+    if not as_json:
+        click.echo(f"stopped the stack on {state_dir} (pid {pid}); its state is kept")
+    return EXIT_OK
+
+
+@local.command("env")
+@click.option("--state-dir", required=True, type=click.Path(path_type=Path), help="The stack's state folder.")
+def local_env(state_dir: Path) -> None:
+    """Print `export DAGCAST_...` lines for the stack (use: eval "$(dagcast local env --state-dir DIR)")."""
+    import shlex
+
+    info = _local_info(state_dir)
+    for name, key in (("DAGCAST_API_URL", "api_url"), ("DAGCAST_TOKEN", "token"), ("DAGCAST_DEPLOYMENT", "deployment")):
+        click.echo(f"export {name}={shlex.quote(str(info[key]))}")
 
 
 if __name__ == "__main__":

@@ -24,9 +24,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+_OWN = "dagcast-cli"
+
+
+def one_handler() -> None:
+    """One handler on the "dagcast" logger, so each line is written once, in one format: the CLI's
+    own if it set one up, else the functions' powertools handler (CloudWatch's JSON lines). Chalice
+    (whose app is also named "dagcast") and powertools each add one when app.py is imported."""
+    root = logging.getLogger("dagcast")
+    own = [h for h in root.handlers if h.get_name() == _OWN]
+    powertools = [h for h in root.handlers if type(h.formatter).__module__.startswith("aws_lambda_powertools")]
+    root.handlers[:] = own or powertools[:1] or root.handlers[:1]
+    root.propagate = False
+
+
 def setup(level: str = "INFO", json_lines: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.set_name(_OWN)
     root = logging.getLogger("dagcast")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -51,7 +51,6 @@ from moto.dynamodb.models.dynamo_type import DynamoType, Item
 from moto.dynamodb.models.table import Table
 from moto.dynamodb.parsing.expressions import UpdateExpressionParser  # type: ignore[attr-defined]
 from moto.dynamodb.responses import DynamoHandler
-from moto.server import main
 
 _WRITE_LOCK = threading.RLock()
 WRITES = ("put_item", "update_item", "delete_item", "transact_write_items")
@@ -236,6 +235,53 @@ def patch() -> None:
         setattr(DynamoDBBackend, name, _serialised(getattr(DynamoDBBackend, name)))
 
 
-if __name__ == "__main__":
+def serve(argv: list[str] | None = None) -> None:
+    """moto server on host:port; with --state-dir its state is restored at start and kept there
+    (see dagcast.moto_state). SIGTERM and SIGINT flush the state and exit 0."""
+    import argparse
+    import signal
+    import sys
+    from pathlib import Path
+
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    from dagcast import moto_state
+    from dagcast.lifetime import die_with_parent
+
+    die_with_parent()  # SIGTERM when `local up` goes, however it goes: the state is written, nothing is orphaned
+    parser = argparse.ArgumentParser(prog="python -m dagcast.moto_server")
+    parser.add_argument("-H", "--host", default="127.0.0.1")
+    parser.add_argument("-p", "--port", type=int, default=5000)
+    parser.add_argument("--state-dir", type=Path, help="keep the state in this folder (restored at start)")
+    args = parser.parse_args(argv)
     patch()
-    main()
+    app: Any = DomainDispatcherApplication(create_backend_app)
+    store = None
+    if args.state_dir is not None:
+        try:
+            moto_state.check_moto()
+            store = moto_state.StateStore(args.state_dir, _WRITE_LOCK)
+            counts = store.restore()
+        except moto_state.StateError as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            sys.exit(3)
+        print(f"state restored from {args.state_dir}: {counts}", flush=True)
+        store.start()
+        app = moto_state.middleware(app, store)
+    server = make_server(args.host, args.port, app, threaded=True, request_handler=MotoRequestHandler)
+
+    def stop(signum: int, frame: Any) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        if store is not None:
+            store.stop()
+
+
+if __name__ == "__main__":
+    serve()

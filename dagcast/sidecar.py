@@ -433,8 +433,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _Interrupted(Exception):
-    pass
+class _Interrupted(BaseException):  # noqa: N818 - not an error: SIGTERM during a long poll
+    """Raised by the signal handler during a long poll; a BaseException, so that no library's
+    `except Exception` (botocore's retries) swallows it and keeps polling."""
 
 
 class Trust:
@@ -611,9 +612,9 @@ class Sidecar:
             )
             self._received_at = _now_ms()
         except Exception as exc:  # noqa: BLE001 - any transport failure: fall back to resync, with backoff
-            if isinstance(exc, _Interrupted):
-                raise
             log.warning("queue poll failed", extra={"error": str(exc)})
+            if "NonExistentQueue" in str(exc) or "QueueDoesNotExist" in str(exc):
+                self._register()  # its queue is gone (a janitor, a revoked token, a recreated stack): ask for one
             self.stop.wait(min(wait, 1.0 + backoff(min(self.failures, 5))))
             return None
         finally:

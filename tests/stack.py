@@ -20,8 +20,7 @@ def local_stack(
 ) -> Iterator[dict[str, Any]]:
     """`dagcast local up` as a user runs it, in its own process group; yields local.json."""
     state.mkdir(parents=True, exist_ok=True)
-    (state / "local.json").unlink(missing_ok=True)  # a run before this one left its own
-    log = open(state / "local-up.log", "w")
+    log = open(state / "local-up.log", "a")
     proc = subprocess.Popen(
         [*DAGCAST, "local", "up", "--state-dir", str(state), "--sidecars", str(sidecars), *(extra or [])],
         stdout=log,
@@ -31,11 +30,10 @@ def local_stack(
     )
     try:
         deadline = time.monotonic() + 120
-        while not (state / "local.json").exists():
+        while (info := _info_of(state, proc.pid)) is None:  # a run before this one left its own local.json
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("local up did not start:\n" + (state / "local-up.log").read_text())
             time.sleep(0.1)
-        info = json.loads((state / "local.json").read_text())
         info["state_dir"] = str(state)
         yield info
     finally:
@@ -46,3 +44,11 @@ def local_stack(
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+
+
+def _info_of(state: Path, pid: int) -> dict[str, Any] | None:
+    try:
+        info: dict[str, Any] = json.loads((state / "local.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return info if info.get("pid") == pid else None
