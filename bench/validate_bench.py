@@ -168,7 +168,7 @@ def work_floor(path: str) -> dict[str, Any]:
 
 
 def work_validate(path: str) -> dict[str, Any]:
-    from chalicelib.validation import validate_stream
+    from chalicelib.bundle import validate_stream
 
     start = time.perf_counter()
     with open(path, "rb") as fh:

@@ -7,7 +7,7 @@ delivery after a crash mid-way finds it VALIDATING and finishes the job.
 Writes that must not stay are removed: an upload for a deploy that was cancelled or expired,
 and a second write to the key of a deploy already decided (its recorded object version is the
 one that is served; see chalicelib.storage). Python is compiled within bounds (memory and CPU
-per file, a deadline per bundle; see chalicelib.compile_workers).
+per file, a deadline per bundle; see chalicelib.bundle.compile_workers).
 """
 from __future__ import annotations
 
@@ -22,8 +22,17 @@ from urllib.parse import unquote_plus
 from aws_lambda_powertools import Logger
 from aws_lambda_powertools.utilities.data_classes import S3Event
 
-from chalicelib.compile_workers import Bounds, CompileWorkerError, CompileWorkers
-from chalicelib.delta import DeltaCollector
+from chalicelib.bundle import (
+    Bounds,
+    CompileCache,
+    CompileWorkerError,
+    CompileWorkers,
+    DeltaCollector,
+    Issue,
+    Limits,
+    Report,
+    validate_stream,
+)
 from chalicelib.exceptions import NotFound, StorageError
 from chalicelib.manifest import diff_manifests
 from chalicelib.models import Deploy, DeployState, IngestEvent
@@ -32,7 +41,6 @@ from chalicelib.settings import Settings
 from chalicelib.storage import BundleStorage, parse_bundle_key
 from chalicelib.store import Store
 from chalicelib.telemetry import Telemetry
-from chalicelib.validation import CompileCache, Issue, Limits, Report, validate_stream
 
 logger = Logger(service="dagcast", child=True)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from chalicelib.validation import FileEntry
+from chalicelib.bundle import FileEntry
 
 MAX_LISTED = 50
 

@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from chalicelib.bundle import Issue, Limits
 from chalicelib.manifest import DeployDiff as DeployDiff  # re-exported: one of the API models
-from chalicelib.validation import Issue, Limits
 
 NAME_RE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
 SHA256_RE = r"^[0-9a-f]{64}$"
@@ -159,7 +159,7 @@ class DeployStages(BaseModel):
 
 
 class Delta(BaseModel):
-    """A version's changes against the version live before it, as a small archive (see chalicelib.delta)."""
+    """A version's changes against the version live before it, as a small archive (see chalicelib.bundle.delta)."""
 
     base_version: int
     base_sha256: str | None = Field(None, description="the bundle sha256 of the base version")

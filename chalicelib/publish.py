@@ -15,7 +15,7 @@ from typing import Any
 from aws_lambda_powertools import Logger
 from pydantic import TypeAdapter
 
-from chalicelib.delta import BuiltDelta
+from chalicelib.bundle import BuiltDelta, FileEntry, Limits
 from chalicelib.exceptions import Conflict, StorageError
 from chalicelib.manifest import DeployDiff, diff_manifests
 from chalicelib.models import Delta, Deploy, Deployment, Version
@@ -24,7 +24,6 @@ from chalicelib.settings import Settings
 from chalicelib.signing import Signer, SigningError, statement_bytes
 from chalicelib.storage import BUNDLE_CONTENT_TYPE, BundleStorage, delta_key
 from chalicelib.store import Store, VersionRace
-from chalicelib.validation import FileEntry, Limits
 
 logger = Logger(service="dagcast", child=True)
 

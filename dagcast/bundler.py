@@ -16,8 +16,7 @@ from typing import Any, BinaryIO
 
 import pathspec
 
-from chalicelib.bundle import BundleInfo, write_bundle
-from chalicelib.validation import Limits
+from chalicelib.bundle import BundleInfo, Limits, write_bundle
 from dagcast.exceptions import BundleInvalid, UsageProblem
 
 IGNORE_FILE = ".dagcastignore"

@@ -210,7 +210,7 @@ def cli() -> None:
 @_json_option("Print one JSON object: valid, files, bytes, errors (and ok, exit_code, error).")
 def validate(path: Path, as_json: bool) -> int:
     """Validate a .tar.gz bundle or a dags folder with the server's rules."""
-    from chalicelib.validation import validate_stream
+    from chalicelib.bundle import validate_stream
 
     OUTCOME.json = as_json
     OUTCOME.doc = lambda: {"valid": False, "files": 0, "bytes": 0, "errors": []}

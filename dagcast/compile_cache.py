@@ -2,7 +2,7 @@
 
 Kept in $XDG_CACHE_HOME/dagcast (default ~/.cache/dagcast), one file per Python and validator
 version. A missing or unreadable file is an empty cache; the cache never decides validity,
-it only spares compiling the same bytes twice (see chalicelib.validation.CompileCache).
+it only spares compiling the same bytes twice (see chalicelib.bundle.CompileCache).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from chalicelib.validation import CompileCache
+from chalicelib.bundle import CompileCache
 
 MAX_ENTRIES = 100_000
 JOURNAL_MAX = 20_000  # entries appended since the file was last written whole
@@ -94,8 +94,7 @@ def _compile_part(root: str, relpaths: list[str]) -> dict[str, list[str]]:
     and return what its compile cache learned (only files that compiled, by the sha256 of their bytes)."""
     import io
 
-    from chalicelib.bundle import write_bundle
-    from chalicelib.validation import validate_stream
+    from chalicelib.bundle import validate_stream, write_bundle
 
     buf = io.BytesIO()
     write_bundle(Path(root), relpaths, buf, compresslevel=1)

@@ -16,9 +16,8 @@ from typing import IO, Any, BinaryIO, cast
 
 import httpx
 
-from chalicelib.bundle import BundleInfo
+from chalicelib.bundle import BundleInfo, FileEntry, Limits, Report, validate_stream
 from chalicelib.manifest import DeployDiff, diff_manifests, summary
-from chalicelib.validation import FileEntry, Limits, Report, validate_stream
 from dagcast import bundler, compile_cache, gitinfo
 from dagcast.bundler import Collected, human_size
 from dagcast.client import ApiClient, backoff

@@ -40,10 +40,10 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
+from chalicelib.bundle import BundleRejected, FileEntry, Reuse, extract_bundle, extract_delta
 from chalicelib.exceptions import DagcastError
 from chalicelib.models import Version
 from chalicelib.signing import Verifier
-from chalicelib.validation import BundleRejected, FileEntry, Reuse, extract_bundle, extract_delta
 from dagcast.client import ApiClient, backoff
 from dagcast.exceptions import ApiError, ClientError, SyncError
 from dagcast.lease import claim_for_removal

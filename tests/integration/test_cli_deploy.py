@@ -211,7 +211,7 @@ def test_a_poisoned_local_compile_cache_cannot_get_broken_code_live(stack: dict[
     broken_source = "def oops(:\n    pass\n"
     dags = write_dags(tmp_path / "dags", {"ok.py": dag_source("ok_poison"), "broken.py": broken_source})
     cache_home = tmp_path / "cache"
-    from chalicelib.validation import CompileCache
+    from chalicelib.bundle import CompileCache
 
     path = cache_home / "dagcast" / f"compiled-{CompileCache.TAG.replace(':', '-')}.json"
     path.parent.mkdir(parents=True)

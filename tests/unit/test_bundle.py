@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from chalicelib.bundle import BundleError, BundleInfo, write_bundle
+from chalicelib.bundle import BundleError, BundleInfo, extract_bundle, validate_stream, write_bundle
 from chalicelib.exceptions import DagcastError
-from chalicelib.validation import extract_bundle, validate_stream
 
 FILES = {
     "dags/etl.py": b'from airflow import DAG\nwith DAG("etl") as dag:\n    pass\n',
@@ -200,7 +199,7 @@ def test_long_and_many_paths_round_trip(tmp_path: Path) -> None:
     ],
 )
 def test_fast_headers_are_byte_identical_to_tarfile_pax_headers(name: str, size: int, kind: bytes, link: str) -> None:
-    from chalicelib.bundle import _header
+    from chalicelib.bundle.format import _header
 
     info = tarfile.TarInfo(name)
     info.size, info.type, info.linkname = size, kind, link

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from chalicelib.bundle import FileEntry, Limits, extract_bundle
 from chalicelib.manifest import diff_manifests, summary
-from chalicelib.validation import FileEntry, Limits, extract_bundle
 from dagcast import bundler
 from dagcast.exceptions import BundleInvalid, UsageProblem
 

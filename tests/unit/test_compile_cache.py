@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 
-import chalicelib.validation as validation
-from chalicelib.bundle import write_bundle
-from chalicelib.validation import CompileCache, validate_stream
+import chalicelib.bundle.validate as validation
+from chalicelib.bundle import CompileCache, validate_stream, write_bundle
 
 
 def bundle(tmp: Path, files: dict[str, str]) -> io.BytesIO:

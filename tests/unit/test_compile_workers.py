@@ -8,9 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-import chalicelib.validation as validation
-from chalicelib.compile_workers import CompileSession, CompileWorkerError, CompileWorkers
-from chalicelib.validation import CompileCache, validate_stream
+import chalicelib.bundle.validate as validation
+from chalicelib.bundle import CompileCache, CompileSession, CompileWorkerError, CompileWorkers, Report, validate_stream
 
 
 def bundle(files: dict[str, bytes]) -> bytes:
@@ -75,7 +74,7 @@ def test_results_larger_than_a_pipe_buffer_do_not_stall(workers: CompileWorkers)
     t.join(timeout=120)
     assert not t.is_alive(), "validation with workers stalled"
     report = result[0]
-    assert isinstance(report, validation.Report) and report.valid and len(report.dag_ids) == 36_000
+    assert isinstance(report, Report) and report.valid and len(report.dag_ids) == 36_000
 
 
 def test_a_worker_that_dies_mid_bundle_is_an_error_and_the_next_bundle_gets_new_workers(

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chalicelib.delta import DeltaCollector
-from chalicelib.validation import (
+from chalicelib.bundle import (
     BundleRejected,
+    DeltaCollector,
     DeltaMismatch,
     Report,
     Reuse,

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-import chalicelib.validation as validation
-from chalicelib.validation import CompileCache, validate_stream
+import chalicelib.bundle.validate as validation
+from chalicelib.bundle import CompileCache, validate_stream
 from dagcast import compile_cache, deploy
 from dagcast.exceptions import ApiError, BundleInvalid
 

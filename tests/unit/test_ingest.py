@@ -17,10 +17,10 @@ from helpers import files_of
 from sidecar_calls import SidecarCalls
 
 import app as app_module
+from chalicelib.bundle import Limits, Reuse, extract_bundle, extract_delta
 from chalicelib.ingest import parse_notification
 from chalicelib.models import DeployState
 from chalicelib.signing import Verifier
-from chalicelib.validation import Limits, Reuse, extract_bundle, extract_delta
 from dagcast.bootstrap import StackOutputs
 
 MakeBundle = Callable[[dict[str, bytes | str]], bytes]
@@ -304,8 +304,8 @@ def test_a_large_bundle_is_compiled_by_worker_processes_with_the_same_outcome(
     client: Client, aws: StackOutputs, deployment: str, deployer_token: str, make_bundle: MakeBundle,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    import chalicelib.bundle.validate as validation
     import chalicelib.ingest as ingest_module
-    import chalicelib.validation as validation
 
     monkeypatch.setattr(ingest_module, "PARALLEL_MIN_BUNDLE", 0)
     monkeypatch.setattr(validation, "PARALLEL_AFTER", 0)

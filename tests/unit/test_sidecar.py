@@ -14,12 +14,10 @@ from typing import Any
 import httpx
 import pytest
 
-from chalicelib.bundle import write_bundle
-from chalicelib.delta import DeltaCollector
+from chalicelib.bundle import DeltaCollector, Limits, validate_stream, write_bundle
 from chalicelib.models import Delta, Version
 from chalicelib.publish import version_statement
 from chalicelib.signing import FileSigner, statement_bytes
-from chalicelib.validation import Limits, validate_stream
 from dagcast.exceptions import ApiError, SyncError
 from dagcast.sidecar import Announced, Sidecar, SidecarConfig, Syncer, Trust, folder_name
 
@@ -419,7 +417,7 @@ def test_the_live_version_is_kept_even_when_it_is_older_than_the_newest_keep(env
 
 
 def _extract(api: FakeApi, version: int, syncer: Syncer) -> Path:
-    from chalicelib.validation import extract_bundle
+    from chalicelib.bundle import extract_bundle
 
     tmp = syncer.versions / f".tmp-x{version}"
     extract_bundle(io.BytesIO(api.blobs[version]), tmp)

@@ -162,8 +162,8 @@ def test_limits_above_the_hard_caps_are_refused(client: Client, admin_token: str
 def test_a_version_records_the_limits_it_was_validated_with(
     control: ControlPlane, aws: StackOutputs, deployment: str, make_bundle: MakeBundle
 ) -> None:
+    from chalicelib.bundle import Limits
     from chalicelib.models import UpdateDeployment
-    from chalicelib.validation import Limits
 
     raised = Limits(max_member_bytes=300 * 1024**2, max_py_bytes=12 * 1024**2)
     control.update_deployment(deployment, UpdateDeployment(limits=raised))
@@ -175,7 +175,7 @@ def test_a_path_component_longer_than_a_file_name_can_be_is_rejected() -> None:
     import io
     import tarfile
 
-    from chalicelib.validation import validate_stream
+    from chalicelib.bundle import validate_stream
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:

@@ -20,8 +20,7 @@ from typing import Any
 
 import pytest
 
-from chalicelib.exceptions import DagcastError
-from chalicelib.validation import (
+from chalicelib.bundle import (
     BundleRejected,
     FileEntry,
     Issue,
@@ -31,6 +30,7 @@ from chalicelib.validation import (
     validate_file,
     validate_stream,
 )
+from chalicelib.exceptions import DagcastError
 
 # --------------------------------------------------------------------------- helpers
 

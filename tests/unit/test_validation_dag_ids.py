@@ -16,11 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chalicelib import validation
-from chalicelib.validation import Issue, validate_stream
+from chalicelib.bundle import FileEntry, Issue, dag_ids, dag_scan, python, validate_stream
 
 
-def entry_in_bundle(source: bytes) -> validation.FileEntry:
+def entry_in_bundle(source: bytes) -> FileEntry:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         info = tarfile.TarInfo("dags/d.py")
@@ -40,11 +39,11 @@ def reference_raw(source: bytes) -> list[str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tree = compile(source, "d.py", "exec", ast.PyCF_ONLY_AST, dont_inherit=True)
-    return validation._dag_ids(tree, source)
+    return dag_ids._dag_ids(tree, source)
 
 
 def reference_ids(source: bytes) -> list[str]:
-    return validation.split_dynamic(reference_raw(source))[0]
+    return dag_ids.split_dynamic(reference_raw(source))[0]
 
 
 def compiles(source: bytes) -> bool:
@@ -160,7 +159,7 @@ def test_dag_ids_match_a_walk_of_the_whole_ast(case: str) -> None:
     assert entry.dag_ids == expected
     assert entry.dynamic_dags == COMPUTED.get(case, 0)
     assert reference_ids(data) == expected
-    scanned = validation._scan_dag_ids(data)
+    scanned = dag_scan._scan_dag_ids(data)
     assert (scanned is not None) == fast
     if scanned is not None:
         assert scanned == reference_raw(data), "the scan counts computed ids as the AST walk does"
@@ -181,7 +180,7 @@ def test_typical_dag_files_are_decided_without_the_whole_ast() -> None:
         b'with DAG(\n    dag_id="classic",\n    default_args={"owner": "me"},\n) as dag:\n'
         b'    print(f"{dag} loaded")  # DAG("comment")\n'
     )
-    assert validation._scan_dag_ids(typical) == ["classic", "taskflow"] == reference_ids(typical)
+    assert dag_scan._scan_dag_ids(typical) == ["classic", "taskflow"] == reference_ids(typical)
 
 
 SNIPPETS = [
@@ -228,10 +227,10 @@ def test_scan_agrees_with_the_whole_ast_on_combined_snippets(parts: list[str], n
     data = text.replace("\n", newline).encode("latin-1" if "latin-1" in prefix else "utf-8")
     if not compiles(data):
         return
-    scanned = validation._scan_dag_ids(data)
+    scanned = dag_scan._scan_dag_ids(data)
     expected = reference_raw(data)
     assert scanned is None or scanned == expected
-    assert validation._find_dag_ids(data, "d.py") == expected
+    assert python._find_dag_ids(data, "d.py") == expected
 
 
 CALLEES = ["DAG", "DAG", "models.DAG", "(DAG)", "dag", "f(DAG)", "DAGx", "x.DAG", "DAG.x"]
@@ -282,7 +281,7 @@ def test_scan_agrees_with_the_whole_ast_on_generated_modules(text: str, newline:
     data = text.replace("\n", newline).encode()
     if not compiles(data):
         return
-    scanned = validation._scan_dag_ids(data)
+    scanned = dag_scan._scan_dag_ids(data)
     assert scanned is None or scanned == reference_raw(data)
 
 
@@ -341,7 +340,7 @@ BROKEN = [
 
 @pytest.mark.parametrize("source", BROKEN)
 def test_compile_errors_are_reported_as_before(source: bytes) -> None:
-    issue, dag_ids = validation._check_python(source, "dags/broken.py")
+    issue, dag_ids = python._check_python(source, "dags/broken.py")
     expected = ast_round_trip_issue(source, "dags/broken.py")
     assert issue is not None and expected is not None and dag_ids == []
     if expected.code == "syntax_error":
@@ -378,4 +377,4 @@ def test_compile_errors_are_reported_as_before(source: bytes) -> None:
 def test_fstring_fields_are_split_only_when_every_python_splits_them_alike(
     literal: str, fields: list[str] | None
 ) -> None:
-    assert validation._fstring_fields(literal) == fields
+    assert dag_scan._fstring_fields(literal) == fields

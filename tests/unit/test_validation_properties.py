@@ -14,7 +14,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from chalicelib.validation import BundleRejected, Limits, Report, extract_bundle, validate_stream
+from chalicelib.bundle import BundleRejected, Limits, Report, extract_bundle, validate_stream
 
 SEGMENTS = [
     "a",

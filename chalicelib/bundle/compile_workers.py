@@ -17,7 +17,7 @@ The scan itself stays in one process (it reads the archive once, in order); resu
 by member index, so the report is the same as compiling inline. A session has a deadline: when
 the workers have not answered by then they are killed (``CompileDeadline``).
 
-Workers are plain child interpreters (`python -m chalicelib.compile_workers`) fed through
+Workers are plain child interpreters (`python -m chalicelib.bundle.compile_workers`) fed through
 their stdin and stdout: AWS Lambda has no /dev/shm, so `multiprocessing.Pool`, `Queue` and
 `ProcessPoolExecutor` do not work there, and "spawn" would re-import whatever module is
 `__main__` (the Lambda runtime, a CLI). They are kept for the next bundle, as a warm function
@@ -113,7 +113,7 @@ def _limit_cpu(seconds: float) -> None:
 def _serve(inp: IO[bytes], out: IO[bytes], bounds: Bounds) -> None:
     """A worker: compile batches until its stdin closes. A batch of one file is a suspect: it gets
     the CPU bound; every file gets the memory bound, and a MemoryError becomes its issue."""
-    from chalicelib.validation import _check_python
+    from chalicelib.bundle.python import _check_python
 
     signal.signal(signal.SIGXCPU, signal.SIG_DFL)  # the kernel's stop at the CPU limit ends the process
     _limit_memory(bounds.memory_mb)
@@ -143,7 +143,7 @@ class _Worker:
         root = str(Path(__file__).resolve().parent.parent)  # where chalicelib is importable from
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "chalicelib.compile_workers", str(bounds.memory_mb), repr(bounds.cpu_seconds)],
+            [sys.executable, "-m", "chalicelib.bundle.compile_workers", str(bounds.memory_mb), repr(bounds.cpu_seconds)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
         )
         self.in_flight: deque[Batch] = deque()

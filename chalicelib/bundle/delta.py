@@ -7,7 +7,7 @@ a second small archive. A sidecar still on that live version downloads the delta
 the bundle, extracts it with the same rules, hard-links every other file from its own copy of
 the base version, and checks the result against `files_sha256`, a digest of the validated
 bundle's file list; on any difference it fetches the whole bundle (see
-chalicelib.validation.extract_delta).
+chalicelib.bundle.extract.extract_delta).
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import io
 import tarfile
 from dataclasses import dataclass
 
-from chalicelib.validation import FileEntry, MiB, files_digest, relative_link
+from chalicelib.bundle.report import FileEntry, MiB, files_digest
+from chalicelib.bundle.rules import relative_link
 
 MAX_DELTA_BYTES = 16 * MiB  # changed bytes kept in memory while validating; beyond this, no delta
 MAX_REMOVED_CHARS = 64_000  # the removed paths travel in the version record and the announcement
@@ -32,7 +33,7 @@ class BuiltDelta:
 
 
 class DeltaCollector:
-    """Fed every member of a bundle during validation (see validation._run); builds its delta.
+    """Fed every member of a bundle during validation (see validate._run); builds its delta.
 
     `base` maps the live version's file paths to their sha256. A file goes into the delta when
     its bytes differ from the base's, or when it is executable (linked copies keep the base's mode).

@@ -1,0 +1,67 @@
+"""Bundles: the deterministic archive of a DAG folder, the rules it must pass, and its safe extraction.
+
+One file per idea, each layer importing only the ones below it:
+
+    report        limits, issues, manifest entries, the report (models)
+    format        writing a DAG folder as a deterministic gzip-compressed tar
+    scan          the gzip + tar stream, read once, limits enforced before inflating
+    rules         what a member may be (paths, types, symlinks, structure)
+    dag_ids       DAG ids from the AST; dag_scan: the lexical scan that spares most ASTs
+    python        the compile check of each .py file
+    compile_workers  bounded worker processes that run the compile check on hostile-sized files
+    cache         what validation and extraction may reuse (compiled digests, an earlier version)
+    validate      the engine: one pass, every member to its consumers; validate_stream
+    extract       writing a checked bundle or a delta to a new folder
+    delta         building a delta against the live version while validating
+
+The CLI, the sidecar, the Airflow bundle and the ingest function use the names re-exported here.
+"""
+from chalicelib.bundle.cache import CompileCache, Reuse
+from chalicelib.bundle.compile_workers import Bounds, CompileDeadline, CompileSession, CompileWorkerError, CompileWorkers
+from chalicelib.bundle.delta import BuiltDelta, DeltaCollector
+from chalicelib.bundle.extract import extract_bundle, extract_delta
+from chalicelib.bundle.format import BundleError, BundleInfo, write_bundle
+from chalicelib.bundle.report import (
+    HARD_LIMITS,
+    NAME_MAX,
+    BundleRejected,
+    DeltaMismatch,
+    FileEntry,
+    Issue,
+    Limits,
+    MiB,
+    Report,
+    files_digest,
+)
+from chalicelib.bundle.rules import relative_link
+from chalicelib.bundle.validate import validate_file, validate_stream
+
+__all__ = [
+    "HARD_LIMITS",
+    "NAME_MAX",
+    "Bounds",
+    "BuiltDelta",
+    "BundleError",
+    "BundleInfo",
+    "BundleRejected",
+    "CompileCache",
+    "CompileDeadline",
+    "CompileSession",
+    "CompileWorkerError",
+    "CompileWorkers",
+    "DeltaCollector",
+    "DeltaMismatch",
+    "FileEntry",
+    "Issue",
+    "Limits",
+    "MiB",
+    "Report",
+    "Reuse",
+    "extract_bundle",
+    "extract_delta",
+    "files_digest",
+    "relative_link",
+    "validate_file",
+    "validate_stream",
+    "write_bundle",
+]
