@@ -1,13 +1,14 @@
 """The gzip and tar layers of a bundle, read once, in bounded steps.
 
 `TarStream` parses gzip members and tar headers (ustar, PAX, GNU long names) itself, hashing the
-raw bytes as they pass, so that every size limit (compressed input, each member, the uncompressed
-total, member count, extended headers, trailing data) is enforced from the headers *before* the
-data is inflated. `tarfile` with the `data` extraction filter gives safe paths and modes, but it
-inflates as it goes with no bound on what a member or the archive expands to, accepts a truncated
-final member silently in stream mode, and keeps every member's `TarInfo` in memory; a zip bomb or a
-header claiming a terabyte would be found only after the work was done. What a member may be
-(paths, types, symlinks) is the next layer's job (`rules.py`): `TarStream` calls `_check` for each.
+raw bytes as they pass, so that every limit (compressed input, each member, the uncompressed
+total, member count, extended headers, data after the end-of-archive block) is enforced from the
+headers before the data is inflated, and the scan stops at the first limit crossed. `tarfile` with
+the `data` extraction filter checks paths and modes, but not this: it reads a PAX or GNU long-name
+header whole into memory whatever size it declares, keeps a `TarInfo` for every member in memory,
+has no notion of an uncompressed total or a member count, and hashing the raw input in the same
+pass would need a second wrapper anyway. What a member may be (paths, types, symlinks) is the next
+layer's job (`rules.py`): `TarStream` calls `_check` for each member.
 """
 from __future__ import annotations
 
