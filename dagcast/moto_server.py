@@ -31,11 +31,20 @@ still writes the new item out once), and the other ReturnValues go through moto 
 Each update_item also parsed its UpdateExpression twice (handler and backend), and dagcast sends the
 same few expressions over and over: a parsed expression is kept (moto only reads it; its validators
 work on a deep copy).
+
+All of this is written against one moto release (dagcast.moto_state.MOTO_VERSION, pinned in
+pyproject.toml): patch() first checks that it is the one installed and that everything it replaces
+or calls is there (check_moto), so another moto stops the server at start-up with one line on stderr
+instead of answering wrongly later. tests/integration/test_moto_patches.py compares the answers with
+moto's own.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import importlib
+import inspect
 import logging
 import re
 import threading
@@ -43,14 +52,17 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-import moto.backends
-import moto.dynamodb.models as ddb_models
-from moto.core.serialize import BaseJSONSerializer
-from moto.dynamodb.models import DynamoDBBackend
-from moto.dynamodb.models.dynamo_type import DynamoType, Item
-from moto.dynamodb.models.table import Table
-from moto.dynamodb.parsing.expressions import UpdateExpressionParser  # type: ignore[attr-defined]
-from moto.dynamodb.responses import DynamoHandler
+from dagcast import moto_state
+
+with contextlib.suppress(ImportError):  # a moto whose modules moved: check_moto() names what is missing, in one line
+    import moto.backends
+    import moto.dynamodb.models as ddb_models
+    from moto.core.serialize import BaseJSONSerializer
+    from moto.dynamodb.models import DynamoDBBackend
+    from moto.dynamodb.models.dynamo_type import DynamoType, Item
+    from moto.dynamodb.models.table import Table
+    from moto.dynamodb.parsing.expressions import UpdateExpressionParser  # type: ignore[attr-defined]
+    from moto.dynamodb.responses import DynamoHandler
 
 _WRITE_LOCK = threading.RLock()
 WRITES = ("put_item", "update_item", "delete_item", "transact_write_items")
@@ -219,7 +231,79 @@ def _unreturned_when_none(method: Callable[..., Any]) -> Callable[..., Any]:
     return update_item
 
 
+class MotoMismatch(RuntimeError):
+    """The installed moto is not the one these patches are written for (the message says how, in one line)."""
+
+
+# What patch() and serve() replace or call in moto, as (module, attribute, parameters): the parameters a
+# wrapper passes on by name or position (the first ones of the signature), or None for an attribute that
+# must only exist and be callable. Attributes of instances (Table.items, DynamoHandler.body) cannot be
+# checked before there is one: the differential tests cover them.
+_MOTO_INTERNALS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
+    ("moto.backends", "list_of_moto_modules", ()),
+    ("moto.core.serialize", "BaseJSONSerializer._serialize", ("self", "serialized", "value", "shape", "key")),
+    ("moto.core.serialize", "BaseJSONSerializer.get_serialized_name", ("self", "shape", "default_name")),
+    ("moto.dynamodb.models", "copy.deepcopy", None),  # the module's own `copy`, replaced by _by_reference
+    ("moto.dynamodb.models", "DynamoDBBackend.transact_write_items", ("self", "transact_items")),
+    ("moto.dynamodb.models", "DynamoDBBackend.get_item", None),
+    *(("moto.dynamodb.models", f"DynamoDBBackend.{name}", None) for name in WRITES),  # update_item among them
+    ("moto.dynamodb.models.dynamo_type", "DynamoType", ("type_as_dict",)),
+    ("moto.dynamodb.models.dynamo_type", "Item", ("hash_key", "range_key", "attrs")),
+    ("moto.dynamodb.models.dynamo_type", "Item.project", ("self", "projection_expressions")),
+    ("moto.dynamodb.models.table", "Table.get_item", ("self", "hash_key", "range_key")),
+    ("moto.dynamodb.models.table", "Table.delete_item", ("self", "hash_key", "range_key")),
+    ("moto.dynamodb.parsing.expressions", "UpdateExpressionParser.make", ("expression_str",)),
+    ("moto.dynamodb.responses", "DynamoHandler.update_item", ("self",)),
+    ("moto.moto_server.werkzeug_app", "DomainDispatcherApplication", None),
+    ("moto.moto_server.werkzeug_app", "MotoRequestHandler", None),
+    ("moto.moto_server.werkzeug_app", "create_backend_app", None),
+)
+
+
+def check_moto() -> None:
+    """Raise MotoMismatch unless the installed moto is the pinned release and has every internal patch()
+    touches, with the parameters its wrappers pass on: checked before anything is patched."""
+    pinned = moto_state.MOTO_VERSION
+    if (installed := moto_state.installed_moto_differs()) is not None:
+        raise MotoMismatch(f"moto {installed} is installed, dagcast's moto patches are written for {pinned}: "
+                           f"install dagcast's pinned requirements (moto[server]=={pinned})")
+    written_for = f"dagcast's moto patches are written for moto {pinned}"
+    for module_name, path, params in _MOTO_INTERNALS:
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise MotoMismatch(f"moto's {module_name} cannot be imported ({exc}): {written_for}") from None
+        for name in path.split("."):
+            if not hasattr(obj, name):
+                raise MotoMismatch(f"moto has no {path} (in {module_name}): {written_for}")
+            obj = getattr(obj, name)
+        if not callable(obj):
+            raise MotoMismatch(f"moto's {path} (in {module_name}) is not callable: {written_for}")
+        if params:
+            try:
+                found = tuple(inspect.signature(obj).parameters)
+            except (TypeError, ValueError):  # no signature to read (a builtin): calling it is all there is
+                continue
+            if found[: len(params)] != params:
+                raise MotoMismatch(f"moto's {path} (in {module_name}) takes ({', '.join(found)}), "
+                                   f"dagcast's patch passes ({', '.join(params)}): {written_for}")
+
+
+_PATCHED = "_dagcast_patched"  # set on moto.backends once patched: on moto, so a second copy of this module sees it too
+_PATCH_LOCK = threading.Lock()
+
+
 def patch() -> None:
+    """Check moto (check_moto), then patch it, once: a second call changes nothing (no wrapper is wrapped again)."""
+    check_moto()  # first: without the modules it checks, `moto.backends` below is not even imported
+    with _PATCH_LOCK:
+        if getattr(moto.backends, _PATCHED, False):
+            return
+        _patch()
+        setattr(moto.backends, _PATCHED, True)
+
+
+def _patch() -> None:
     modules = frozenset(moto.backends.list_of_moto_modules())
     moto.backends.list_of_moto_modules = lambda: modules
     BaseJSONSerializer._serialize = _attribute_values_as_they_are(BaseJSONSerializer._serialize)  # type: ignore[method-assign]
@@ -246,7 +330,6 @@ def serve(argv: list[str] | None = None) -> None:
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from werkzeug.serving import make_server
 
-    from dagcast import moto_state
     from dagcast.lifetime import die_with_parent
 
     die_with_parent()  # SIGTERM when `local up` goes, however it goes: the state is written, nothing is orphaned
@@ -255,7 +338,11 @@ def serve(argv: list[str] | None = None) -> None:
     parser.add_argument("-p", "--port", type=int, default=5000)
     parser.add_argument("--state-dir", type=Path, help="keep the state in this folder (restored at start)")
     args = parser.parse_args(argv)
-    patch()
+    try:
+        patch()
+    except (MotoMismatch, ImportError) as exc:  # one line for `dagcast local up` to show, not a traceback
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(3)
     app: Any = DomainDispatcherApplication(create_backend_app)
     store = None
     if args.state_dir is not None:

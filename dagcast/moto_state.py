@@ -44,7 +44,7 @@ from typing import Any
 
 log = logging.getLogger("dagcast.moto_state")
 
-MOTO_VERSION = "5.2.5"
+MOTO_VERSION = "5.2.5"  # the moto pinned in pyproject.toml; dagcast.moto_server's patches check it too
 FLUSH_DELAY = 0.25  # seconds after a change before it is written: changes are batched, and a SIGKILL loses at most these
 COMPACT_LOG_BYTES = 32 << 20
 PICKLED = ("s3", "sqs", "sns", "events")
@@ -55,15 +55,23 @@ class StateError(RuntimeError):
     """The state folder cannot be read or written (the message says which file)."""
 
 
+def installed_moto_differs() -> str | None:
+    """The installed moto's version when it is not MOTO_VERSION, the one release this module and
+    dagcast.moto_server's patches are written for (the one place that names it, besides pyproject.toml)."""
+    import moto
+
+    installed = str(moto.__version__)
+    return installed if installed != MOTO_VERSION else None
+
+
 def check_moto() -> None:
     """Fail at start-up, in one clear line, when moto is not the release this module knows."""
-    import moto
     from moto.dynamodb.models.dynamo_type import Item
     from moto.dynamodb.models.table import Table
     from moto.s3.models import FakeKey
 
-    if moto.__version__ != MOTO_VERSION:
-        raise StateError(f"dagcast's embedded state needs moto {MOTO_VERSION}; moto {moto.__version__} is installed "
+    if (installed := installed_moto_differs()) is not None:
+        raise StateError(f"dagcast's embedded state needs moto {MOTO_VERSION}; moto {installed} is installed "
                          "(install dagcast's pinned requirements)")
     for cls, attrs in ((Table, ("get_item", "put_item", "delete_item", "all_items")), (Item, ("to_json",)),
                        (FakeKey, ("value",))):
