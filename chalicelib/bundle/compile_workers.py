@@ -17,7 +17,7 @@ The scan itself stays in one process (it reads the archive once, in order); resu
 by member index, so the report is the same as compiling inline. A session has a deadline: when
 the workers have not answered by then they are killed (``CompileDeadline``).
 
-Workers are plain child interpreters (`python -m chalicelib.bundle.compile_workers`) fed through
+Workers are plain child interpreters (`python -c ...compile_workers.main`) fed through
 their stdin and stdout: AWS Lambda has no /dev/shm, so `multiprocessing.Pool`, `Queue` and
 `ProcessPoolExecutor` do not work there, and "spawn" would re-import whatever module is
 `__main__` (the Lambda runtime, a CLI). They are kept for the next bundle, as a warm function
@@ -138,12 +138,22 @@ def _serve(inp: IO[bytes], out: IO[bytes], bounds: Bounds) -> None:
         _write(out, results)
 
 
+# A worker's entry: `-c` rather than `-m`, since the package's __init__ imports this module first
+# (runpy would then run a second copy of it as __main__).
+_ENTRY = "import sys; from chalicelib.bundle.compile_workers import main; main(sys.argv[1:])"
+
+
+def main(argv: list[str]) -> None:
+    """A worker process: serve compile batches on stdin/stdout under the bounds given as arguments."""
+    _serve(sys.stdin.buffer, sys.stdout.buffer, Bounds(int(argv[0]), float(argv[1])))
+
+
 class _Worker:
     def __init__(self, bounds: Bounds) -> None:
-        root = str(Path(__file__).resolve().parent.parent)  # where chalicelib is importable from
+        root = str(Path(__file__).resolve().parents[2])  # where chalicelib is importable from
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "chalicelib.bundle.compile_workers", str(bounds.memory_mb), repr(bounds.cpu_seconds)],
+            [sys.executable, "-c", _ENTRY, str(bounds.memory_mb), repr(bounds.cpu_seconds)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
         )
         self.in_flight: deque[Batch] = deque()
@@ -364,5 +374,3 @@ class CompileDeadline(RuntimeError):
     """The bundle's Python was not compiled by its deadline: the caller rejects the bundle."""
 
 
-if __name__ == "__main__":
-    _serve(sys.stdin.buffer, sys.stdout.buffer, Bounds(int(sys.argv[1]), float(sys.argv[2])))
