@@ -42,6 +42,8 @@ from chalicelib.models import (
     Heartbeat,
     IssuedToken,
     Page,
+    ParseRecord,
+    ParseReport,
     RegisterSidecar,
     Registration,
     SidecarView,
@@ -343,6 +345,13 @@ def register_sidecar(ctx: Ctx, deployment: str) -> Registration:
      body=Heartbeat, response=SidecarView, headers=_SECRET_DOC)
 def heartbeat(ctx: Ctx, deployment: str, name: str) -> SidecarView:
     return get_control().heartbeat(deployment, name, ctx.body, ctx.sidecar_secret())
+
+
+@api("/deployments/{deployment}/sidecars/{name}/parse", "PUT",
+     "A sidecar's report of what Airflow made of a version it parsed (needs its X-Dagcast-Sidecar-Secret)",
+     Permission.SYNC, body=ParseReport, response=ParseRecord, headers=_SECRET_DOC)
+def report_parse(ctx: Ctx, deployment: str, name: str) -> ParseRecord:
+    return get_control().report_parse(deployment, name, ctx.body, ctx.sidecar_secret())
 
 
 @api("/deployments/{deployment}/sidecars/{name}", "DELETE",

@@ -4,9 +4,9 @@ from __future__ import annotations
 import fnmatch
 import re
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from chalicelib.bundle import Issue, Limits
 from chalicelib.manifest import DeployDiff as DeployDiff  # re-exported: one of the API models
@@ -41,6 +41,13 @@ class DagRemoval(str, Enum):
     CONFIRM = "confirm"
 
 
+class ParseMode(str, Enum):
+    """When a sidecar with Airflow importable parses a new version with Airflow's own loader."""
+
+    REPORT = "report"  # install it, then parse and report
+    GATE = "gate"  # parse first; a version that adds import errors is held back (not installed) and reported
+
+
 class Role(str, Enum):
     VIEWER = "viewer"
     DEPLOYER = "deployer"
@@ -65,6 +72,10 @@ class Deployment(BaseModel):
     limits: Limits = Field(default_factory=Limits)
     keep_versions: int = 20
     retention_days: int = 30
+    parse_mode: ParseMode = Field(
+        ParseMode.REPORT, description="report: sidecars install, then parse and report; gate: they parse first and "
+        "hold back a version that adds import errors (a sidecar's --parse flag can override it)"
+    )
     dag_removal: DagRemoval = Field(
         DagRemoval.ALLOW,
         description="allow: a deploy that removes DAGs goes ahead (asked on a terminal, warned elsewhere); "
@@ -107,6 +118,7 @@ class Deploy(BaseModel):
     manifest_key: str | None = None
     diff: DeployDiff | None = None
     activations: dict[str, int] = Field(default_factory=dict)
+    parsed: dict[str, int] = Field(default_factory=dict, description="sidecar -> when it reported parsing this version")
     notified: dict[str, int] = Field(
         default_factory=dict, description="when each sidecar learned of this version (before it downloaded it)"
     )
@@ -186,6 +198,7 @@ class Version(BaseModel):
     object_version: str | None = Field(None, description="the S3 object version that was validated: the one served")
     limits: Limits = Field(default_factory=Limits, description="the limits it was validated with: sidecars extract with these")
     delta: Delta | None = None
+    parse_mode: ParseMode = Field(ParseMode.REPORT, description="the deployment's parse_mode when it was published")
 
 
 class Sidecar(BaseModel):
@@ -204,6 +217,8 @@ class Sidecar(BaseModel):
     last_error: str | None = None
     last_heartbeat: int = 0
     registered_at: int = 0
+    failures: int = 0
+    parser: str | None = None
 
 
 class Token(BaseModel):
@@ -237,6 +252,7 @@ class UpdateDeployment(Strict):
     keep_versions: int | None = Field(None, ge=1, le=1000)
     retention_days: int | None = Field(None, ge=1, le=3650)
     dag_removal: DagRemoval | None = None
+    parse_mode: ParseMode | None = None
 
 
 class CreateDeploy(Strict):
@@ -261,6 +277,100 @@ class Heartbeat(Strict):
         "or the reconcile that found it started"
     )
     last_error: str | None = Field(None, max_length=2048)
+    failures: int = Field(0, ge=0, le=1_000_000, description="syncs failed in a row (0 after a good one)")
+    parser: str | None = Field(None, max_length=64, description="the Airflow that parses new versions here "
+                               "(\"airflow 3.3.2\"), or None when this sidecar has none")
+
+
+# --- parse reports: what Airflow made of a version on one sidecar -----------------------
+
+MAX_REPORTED = 50  # import errors, duplicates and new-error paths a report lists (the rest are counted)
+_Path = Annotated[str, StringConstraints(max_length=1024)]
+_Frame = Annotated[str, StringConstraints(max_length=400)]
+_DagId = Annotated[str, StringConstraints(max_length=250)]
+
+
+class ImportFailure(Strict):
+    """One file Airflow could not load: the exception, where, and the traceback's last frames."""
+
+    path: _Path
+    line: int | None = Field(None, ge=0)
+    type: str = Field(max_length=200)
+    message: str = Field(max_length=2000)
+    frames: list[_Frame] = Field(default_factory=list, max_length=5)
+
+
+class DuplicateDag(Strict):
+    dag_id: _DagId
+    paths: list[_Path] = Field(max_length=MAX_REPORTED)
+
+
+class ParseReport(Strict):
+    """A sidecar's report of parsing one version (sent with its own secret), bounded in size:
+    lists hold the first MAX_REPORTED entries and the *_total fields count them all."""
+
+    version: int = Field(ge=1)
+    sha256: str = Field(pattern=SHA256_RE)
+    status: Literal["parsed", "unavailable", "failed"]
+    message: str | None = Field(None, max_length=2000, description="unavailable or failed: why")
+    mode: ParseMode = ParseMode.REPORT
+    held: bool = Field(False, description="gate: the version adds import errors and was not installed here")
+    parser: str | None = Field(None, max_length=64)
+    files: int = Field(0, ge=0, description="Python files Airflow parsed")
+    dags: int = Field(0, ge=0, description="DAGs loaded")
+    import_errors: list[ImportFailure] = Field(default_factory=list, max_length=MAX_REPORTED)
+    import_errors_total: int = Field(0, ge=0)
+    new_import_errors: list[_Path] = Field(default_factory=list, max_length=MAX_REPORTED,
+                                           description="files whose import error the version before did not have here")
+    new_import_errors_total: int = Field(0, ge=0)
+    duplicates: list[DuplicateDag] = Field(default_factory=list, max_length=MAX_REPORTED)
+    dags_added: list[_DagId] = Field(default_factory=list, max_length=MAX_REPORTED)
+    dags_removed: list[_DagId] = Field(default_factory=list, max_length=MAX_REPORTED)
+    parsed_files: int = Field(0, ge=0, description="files parsed this time; the others' results were reused")
+    parse_ms: int = Field(0, ge=0, description="how long the parse took, in milliseconds")
+
+
+class ParseRecord(ParseReport):
+    """A report as stored: whose, and when."""
+
+    model_config = ConfigDict(extra="ignore")
+    deployment: str
+    deploy_id: str
+    sidecar: str
+    component: str = "unknown"
+    reported_at: int = 0
+
+
+class ParseErrorView(BaseModel):
+    path: str
+    line: int | None
+    type: str
+    message: str
+    frames: list[str] = Field(default_factory=list)
+    sidecars: list[str] = Field(description="the sidecars that reported this error")
+    new: bool = Field(description="some sidecar did not have it on the version it ran before")
+
+
+class DeployParse(BaseModel):
+    """What Airflow made of a deploy's version, over the sidecars that reported it."""
+
+    status: Literal["parsed", "pending", "unavailable", "none"] = Field(
+        description="parsed: every live sidecar with a parser reported; pending: some have not yet; unavailable: "
+        "no live sidecar can parse (Airflow not importable there); none: nothing reported yet"
+    )
+    reported: list[str] = Field(default_factory=list)
+    pending: list[str] = Field(default_factory=list, description="live sidecars with a parser that have not reported")
+    unavailable: list[str] = Field(default_factory=list)
+    failed: dict[str, str] = Field(default_factory=dict, description="sidecar -> why its parser failed")
+    held: list[str] = Field(default_factory=list, description="gate: sidecars that held the version back")
+    files: int = 0
+    dags: int = 0
+    import_errors: list[ParseErrorView] = Field(default_factory=list)
+    import_errors_total: int = 0
+    new_import_errors: int = Field(0, description="files with an import error new on some sidecar")
+    duplicates: list[DuplicateDag] = Field(default_factory=list)
+    dags_added: list[str] = Field(default_factory=list)
+    dags_removed: list[str] = Field(default_factory=list)
 
 
 # --- API output ------------------------------------------------------------------------
@@ -279,6 +389,8 @@ class SidecarView(BaseModel):
     last_sync_at: int | None
     last_error: str | None
     last_notified_at: int | None = None
+    failures: int = Field(0, description="syncs failed in a row, as the sidecar reported them")
+    parser: str | None = Field(None, description="the Airflow that parses new versions there, if any")
 
 
 class DeployView(BaseModel):
@@ -288,6 +400,7 @@ class DeployView(BaseModel):
     sidecars_on_version: int
     converged: bool
     stages: DeployStages
+    parse: DeployParse = Field(default_factory=lambda: DeployParse(status="none"))
 
 
 class UploadForm(BaseModel):

@@ -40,7 +40,8 @@ def version_statement(version: Version) -> dict[str, Any]:
     """What an announcement vouches for: the version's identity, where its bytes are, the limits a
     sidecar extracts it with, and its delta (see chalicelib.signing)."""
     doc = version.model_dump(mode="json", include={"deployment", "deployment_id", "version", "deploy_id", "sha256",
-                                                    "size", "object_version", "limits", "delta", "created_at"})
+                                                    "size", "object_version", "limits", "delta", "created_at",
+                                                    "parse_mode"})
     return {"type": "dagcast.version", **doc}
 
 
@@ -180,6 +181,7 @@ class Publisher:
                 object_version=object_version,
                 limits=limits,
                 delta=delta,
+                parse_mode=current.parse_mode,
             )
             try:
                 self._store.activate(version, current.last_version, current.current_deploy_id,

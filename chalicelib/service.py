@@ -17,13 +17,18 @@ from chalicelib.models import (
     CreateToken,
     Deploy,
     Deployment,
+    DeployParse,
     DeployState,
     DeployView,
+    DuplicateDag,
     Heartbeat,
     IssuedToken,
     JanitorReport,
     Mechanism,
     Page,
+    ParseErrorView,
+    ParseRecord,
+    ParseReport,
     RegisterSidecar,
     Registration,
     Role,
@@ -126,6 +131,7 @@ class ControlPlane:
             created_by=created_by,
             created_at=clock,
             activations={},
+            parsed={},
         )
         expires = self._settings.upload_expiry_seconds
         url, fields = self._bundles.presigned_upload(key, req.size, req.sha256, expires)
@@ -157,9 +163,11 @@ class ControlPlane:
             self._sleep(self._settings.wait_check_active_seconds if active else self._settings.wait_check_seconds)
             now = _progress(self._store.get_deploy_fields(deployment, deploy_id, list(PROGRESS_FIELDS)))
             if now != seen:
-                state, activations, converged_at = now
+                state, activations, converged_at, parsed = now
                 if (state, converged_at) != (seen[0], seen[2]) or not seen[1] or waiting_on <= set(activations):
                     break
+                if parsed != seen[3]:
+                    break  # a parse report: an answer the CLI may be waiting for
                 gathered, seen = True, now
             if gathered and self._clock() >= gather_until:
                 break
@@ -178,6 +186,7 @@ class ControlPlane:
         live = [s for s in views if s.live]
         on_version = [s for s in live if s.on_deploy]
         converged = deploy.state is DeployState.ACTIVE and len(on_version) == len(live)
+        reports = self._store.list_parses(deployment, deploy_id) if deploy.parsed else []
         if converged and live and deploy.converged_at is None:
             at = self._note_convergence(deploy, [s.name for s in live])
             if at is not None:
@@ -189,6 +198,7 @@ class ControlPlane:
             sidecars_on_version=len(on_version),
             converged=converged,
             stages=deploy.stages(),
+            parse=_parse_view(deploy, views, reports),
         )
 
     def list_deploys(self, deployment: str, limit: int, cursor: str | None) -> Page:
@@ -210,7 +220,8 @@ class ControlPlane:
         """PENDING or VALIDATING -> CANCELLED; the deploy never goes live, and its upload is deleted
         (now, and by ingest or the janitor if it arrives later)."""
         deploy = self._store.cancel_deploy(deployment, deploy_id, by)
-        self._bundles.delete(deploy.key)
+        if _owns_key(deploy):  # a rollback serves an earlier deploy's bundle: that one is not its to delete
+            self._bundles.delete(deploy.key)
         return deploy
 
     def rollback(self, deployment: str, deploy_id: str, created_by: str) -> Deploy:
@@ -218,6 +229,11 @@ class ControlPlane:
         target = self._store.get_deploy(deployment, deploy_id)
         if target.version is None or target.state not in (DeployState.ACTIVE, DeployState.SUPERSEDED):
             raise Conflict(f"deploy {deploy_id} is {target.state.value}; only a deploy that went live can be rolled back to")
+        if not self._bundles.exists(target.key):  # a version past retention: no sidecar could install it again
+            raise Conflict(
+                f"the bundle of deploy {deploy_id} (v{target.version}) was removed by the retention policy "
+                "(keep_versions, retention_days); it cannot be rolled back to: deploy its DAGs again instead"
+            )
         clock = self._clock()
         deploy = Deploy(
             deployment=deployment,
@@ -233,6 +249,7 @@ class ControlPlane:
             uploaded_at=clock,
             rollback_of=target.deploy_id,
             activations={},
+            parsed={},
         )
         served = self._store.get_version(deployment, target.version)
         self._store.create_rollback(deploy)
@@ -372,6 +389,29 @@ class ControlPlane:
                 self._store.record_activation(deployment, deploy_id, name, at, req.last_notified_at)
         return self._views(dep, uid, [sidecar])[0]
 
+    def report_parse(self, deployment: str, name: str, req: ParseReport, secret: str | None) -> ParseRecord:
+        """A sidecar's report of what Airflow made of a version, sent with its own secret. Kept only
+        when it names a recorded version exactly (number and sha256), for that version's deploy."""
+        if not secret:
+            raise Forbidden(f"a parse report of sidecar {name!r} needs its secret (X-Dagcast-Sidecar-Secret)")
+        sidecar = self._store.get_sidecar(deployment, name)
+        if sidecar is None:
+            raise NotFound(f"sidecar {name!r} is not registered in {deployment!r}; register it first")
+        if not secrets.compare_digest(sidecar.secret_hash, hash_token(secret)):
+            raise Forbidden(f"this request does not carry sidecar {name!r}'s own secret (X-Dagcast-Sidecar-Secret)")
+        deploy_id, sha256, _ = self._store.version_identity(deployment, req.version)
+        if req.sha256 != sha256:
+            raise Conflict(f"version {req.version} of {deployment!r} has bundle sha256 {sha256[:12]}..., "
+                           f"not {req.sha256[:12]}...: the report is not about it")
+        clock = self._clock()
+        record = ParseRecord(**req.model_dump(), deployment=deployment, deploy_id=deploy_id, sidecar=name,
+                             component=sidecar.component, reported_at=clock)
+        dep = self._store.get_deployment(deployment)
+        self._store.put_parse(record, clock // 1000 + dep.retention_days * 86400)
+        if req.status == "parsed":
+            self._telemetry.import_errors(req.import_errors_total, req.new_import_errors_total, held=req.held)
+        return record
+
     def deregister_sidecar(self, deployment: str, name: str, caller: Token, secret: str | None) -> None:
         """Remove a sidecar and its queue: the sidecar itself (with its secret), or an admin."""
         if caller.role is Role.ADMIN:
@@ -410,6 +450,8 @@ class ControlPlane:
                 last_sync_at=s.last_sync_at,
                 last_error=s.last_error,
                 last_notified_at=s.last_notified_at,
+                failures=s.failures,
+                parser=s.parser,
             )
             for s in sidecars
         ]
@@ -465,7 +507,7 @@ class ControlPlane:
         deleted = []
         abandoned = {DeployState.CANCELLED, DeployState.EXPIRED}
         for d in self._store.recent_deploys_in(deployment, abandoned, clock - window):
-            if self._bundles.exists(d.key):
+            if _owns_key(d) and self._bundles.exists(d.key):  # never the bundle a cancelled rollback shares
                 self._bundles.delete(d.key)
                 deleted.append(f"{deployment}/{d.deploy_id}")
         return deleted
@@ -520,20 +562,75 @@ class ControlPlane:
         return _token_view(token)
 
 
-PROGRESS_FIELDS = ("state", "activations", "converged_at")
+PROGRESS_FIELDS = ("state", "activations", "converged_at", "parsed")
 
 
-def _progress(fields: dict[str, object]) -> tuple[object, list[str], object]:
-    """What a long poll watches on a deploy record: state, which sidecars ran it, convergence."""
+def _progress(fields: dict[str, object]) -> tuple[object, list[str], object, list[str]]:
+    """What a long poll watches on a deploy record: state, which sidecars ran it, convergence, and
+    which sidecars reported parsing it."""
     activations = fields.get("activations") or {}
-    return fields.get("state"), sorted(activations) if isinstance(activations, dict) else [], fields.get("converged_at")
+    parsed = fields.get("parsed") or {}
+    return (fields.get("state"), sorted(activations) if isinstance(activations, dict) else [], fields.get("converged_at"),
+            sorted(parsed) if isinstance(parsed, dict) else [])
 
 
 def _settled(view: DeployView) -> bool:
-    """Nothing more to wait for: a final state, or ACTIVE on every live sidecar."""
+    """Nothing more to wait for: a final state, or ACTIVE on every live sidecar (or held back by one
+    that gates on Airflow's parse), with every parse report in."""
     if view.deploy.state is DeployState.ACTIVE:
-        return view.converged
+        live = [s for s in view.sidecars if s.live]
+        done = all(s.on_deploy or s.name in view.parse.held for s in live)
+        return done and view.parse.status != "pending"
     return view.deploy.state not in (DeployState.PENDING, DeployState.VALIDATING)
+
+
+def _parse_view(deploy: Deploy, views: list[SidecarView], reports: list[ParseRecord]) -> DeployParse:
+    """The parse reports of a deploy's version merged over its sidecars: each import error once, with
+    the sidecars that reported it (components differ: a worker may lack a provider the scheduler has)."""
+    mine = {r.sidecar: r for r in reports if r.version == deploy.version and r.sha256 == deploy.sha256}
+    live = [v for v in views if v.live]
+    held = sorted(n for n, r in mine.items() if r.held)
+    pending = sorted(v.name for v in live if v.parser and v.name not in mine and (v.on_deploy or v.name in held))
+    parsed = {n: r for n, r in mine.items() if r.status == "parsed"}
+    unavailable = sorted({n for n, r in mine.items() if r.status == "unavailable"}
+                         | {v.name for v in live if v.on_deploy and not v.parser and v.name not in mine})
+    failed = {n: r.message or "failed" for n, r in mine.items() if r.status == "failed"}
+    errors: dict[tuple[str, str, str], ParseErrorView] = {}
+    duplicates: dict[str, set[str]] = {}
+    for name, r in sorted(parsed.items()):
+        new = set(r.new_import_errors)
+        for e in r.import_errors:
+            key = (e.path, e.type, e.message)
+            view = errors.setdefault(key, ParseErrorView(path=e.path, line=e.line, type=e.type, message=e.message,
+                                                         frames=e.frames, sidecars=[], new=False))
+            view.sidecars.append(name)
+            view.new = view.new or e.path in new
+        for d in r.duplicates:
+            duplicates.setdefault(d.dag_id, set()).update(d.paths)
+    if pending:
+        status = "pending"
+    elif parsed:
+        status = "parsed"
+    elif unavailable or failed:
+        status = "unavailable"
+    else:
+        status = "none"
+    return DeployParse(
+        status=status,
+        reported=sorted(mine),
+        pending=pending,
+        unavailable=unavailable,
+        failed=failed,
+        held=held,
+        files=max((r.files for r in parsed.values()), default=0),
+        dags=max((r.dags for r in parsed.values()), default=0),
+        import_errors=sorted(errors.values(), key=lambda e: (e.path, e.type)),
+        import_errors_total=max([len(errors), *(r.import_errors_total for r in parsed.values())]),
+        new_import_errors=len({p for r in parsed.values() for p in r.new_import_errors}),
+        duplicates=[DuplicateDag(dag_id=k, paths=sorted(v)) for k, v in sorted(duplicates.items())],
+        dags_added=sorted({d for r in parsed.values() for d in r.dags_added}),
+        dags_removed=sorted({d for r in parsed.values() for d in r.dags_removed}),
+    )
 
 
 def _mib(n: int) -> str:
@@ -543,6 +640,12 @@ def _mib(n: int) -> str:
 def _runs(s: Sidecar, uid: str, version: int | None, sha256: str | None) -> bool:
     """Whether a sidecar reported exactly this version: number, bundle sha256 and deployment id."""
     return version is not None and s.version == version and s.sha256 == sha256 and s.deployment_id == uid
+
+
+def _owns_key(d: Deploy) -> bool:
+    """Whether the deploy's bundle key is its own upload's: a rollback's is the key of the deploy it
+    rolled back to, shared with that version (and any other rollback to it), possibly the live one."""
+    return d.rollback_of is None and d.key == bundle_key(d.deployment, d.deploy_id)
 
 
 def _token_view(t: Token) -> TokenView:

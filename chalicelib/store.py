@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from botocore.exceptions import ClientError
 
 from chalicelib.exceptions import Conflict, Forbidden, InvalidRequest, NotFound, StorageError
-from chalicelib.models import Deploy, Deployment, DeployState, Sidecar, Token, Version
+from chalicelib.models import Deploy, Deployment, DeployState, ParseRecord, Sidecar, Token, Version
 
 META = "META"
 KEPT_VERSION_DEPLOYS = 1024  # (deployment, version) -> deploy id answers a Store keeps
@@ -36,6 +36,10 @@ def _version_sk(version: int) -> str:
 
 def _sidecar_sk(name: str) -> str:
     return f"SIDECAR#{name}"
+
+
+def _parse_sk(deploy_id: str, sidecar: str) -> str:
+    return f"PARSE#{deploy_id}#{sidecar}"
 
 
 def _strip(item: dict[str, Any]) -> dict[str, Any]:
@@ -410,6 +414,34 @@ class Store:
                 self.record_activation(deployment, deploy_id, sidecar, at_ms)
                 return
             raise StorageError(f"cannot record activation of {deploy_id} on {sidecar!r}: {exc}") from exc
+
+    def put_parse(self, record: ParseRecord, expires_at_s: int) -> None:
+        """Keep a sidecar's parse report of a deploy's version (the latest one per sidecar), and note
+        it on the deploy record, where a long poll of the deploy sees it arrive."""
+        item = {"pk": _pk(record.deployment), "sk": _parse_sk(record.deploy_id, record.sidecar),
+                "ttl": expires_at_s, **record.model_dump(mode="json")}
+        key = {"pk": _pk(record.deployment), "sk": _deploy_sk(record.deploy_id)}
+        try:
+            self._table.put_item(Item=item)
+            try:
+                self._table.update_item(
+                    Key=key, UpdateExpression="SET parsed.#n = :t", ConditionExpression="attribute_exists(parsed)",
+                    ExpressionAttributeNames={"#n": record.sidecar}, ExpressionAttributeValues={":t": record.reported_at},
+                )
+            except ClientError as exc:
+                if not _failed_condition(exc):
+                    raise
+                # a deploy recorded before parse reports existed has no map yet
+                self._table.update_item(
+                    Key=key, UpdateExpression="SET parsed = :m", ConditionExpression="attribute_exists(pk)",
+                    ExpressionAttributeValues={":m": {record.sidecar: record.reported_at}},
+                )
+        except ClientError as exc:
+            raise StorageError(f"cannot record the parse report of {record.sidecar!r}: {exc}") from exc
+
+    def list_parses(self, deployment: str, deploy_id: str) -> list[ParseRecord]:
+        items = self._query_prefix(_pk(deployment), f"PARSE#{deploy_id}#")
+        return [ParseRecord.model_validate(_strip(i)) for i in items]
 
     def mark_converged(self, deployment: str, deploy_id: str, at_ms: int) -> bool:
         """Record once when every live sidecar first ran the deploy; False if already recorded."""

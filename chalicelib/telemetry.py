@@ -40,6 +40,13 @@ class Telemetry:
     def sidecars_converged(self, active_to_all_s: float) -> None:
         self.metrics.add_metric(name="ActiveToAllSidecarsSeconds", unit=MetricUnit.Seconds, value=active_to_all_s)
 
+    def import_errors(self, total: int, new: int, held: bool) -> None:
+        """A sidecar's parse report of a version: the import errors Airflow found, the new ones, a hold."""
+        self.metrics.add_metric(name="ImportErrors", unit=MetricUnit.Count, value=total)
+        self.metrics.add_metric(name="NewImportErrors", unit=MetricUnit.Count, value=new)
+        if held:
+            self.metrics.add_metric(name="VersionsHeld", unit=MetricUnit.Count, value=1)
+
     def stale_sidecars(self, count: int) -> None:
         self.metrics.add_metric(name="StaleSidecars", unit=MetricUnit.Count, value=count)
 

@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import httpx
 from pydantic import ValidationError
@@ -228,7 +228,9 @@ class Syncer:
         try:
             view = self.api.get_version(self.cfg.deployment, version)
         except ApiError as exc:
-            if exc.status == 404 and version is None:
+            # only the API's own "no version yet": a deployment that does not exist (a typo) or a URL that
+            # is not the API (a 404 page) is an error to report, not a first deploy to wait for
+            if exc.status == 404 and version is None and exc.code == "not_found" and "no version yet" in exc.api_message:
                 raise NoVersionYet(f"deployment {self.cfg.deployment!r} has no version to sync yet") from exc
             raise SyncError(f"cannot look up version {version or 'current'}: {exc}") from exc
         try:
@@ -245,6 +247,7 @@ class Syncer:
             if not url:
                 raise SyncError(f"no download URL for v{record.version}: this token may not download bundles")
             self.fetch(record, url)
+        _crash_point("after-install")
         self._publish(folder)
         self.published_at = int(time.time() * 1000)
         log.info("version live", extra={"version": record.version, "previous": live.version if live else 0})
@@ -284,7 +287,7 @@ class Syncer:
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             with part.open("rb") as f:
-                report = extract_bundle(f, tmp, record.limits, reuse=self._reuse())
+                report = extract_bundle(_crash_reader(f, "mid-extract"), tmp, record.limits, reuse=self._reuse())
         except BundleRejected as exc:
             first = exc.report.errors[0] if exc.report.errors else None
             detail = f"{first.path}: {first.message}" if first else "no detail"
@@ -317,7 +320,7 @@ class Syncer:
             if digest != delta.sha256:
                 raise SyncError(f"sha256 {digest} does not match the version record {delta.sha256}")
             with part.open("rb") as f:
-                report = extract_delta(f, tmp, reuse, delta.removed, delta.files_sha256, record.limits)
+                report = extract_delta(_crash_reader(f, "mid-delta"), tmp, reuse, delta.removed, delta.files_sha256, record.limits)
         except (SyncError, DagcastError, httpx.HTTPError, OSError) as exc:
             # extract_delta removes tmp itself on any error
             self.metrics.fetches.labels(kind="delta_refused").inc()
@@ -377,6 +380,7 @@ class Syncer:
         tmp = link.parent / f".{link.name}.tmp-{os.getpid()}"
         tmp.unlink(missing_ok=True)
         os.symlink(target, tmp)
+        _crash_point("mid-publish")
         os.replace(tmp, link)
         _fsync_dir(link.parent)
 
@@ -431,6 +435,37 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# Test-only: DAGCAST_TEST_CRASH_AT=<point> makes the sidecar SIGKILL itself at that point, so that the
+# crash-safety tests kill it exactly where they mean to rather than after a guessed sleep. Points:
+# mid-extract / mid-delta (the extractor asks for the archive's second chunk: versions/.tmp-<name> is
+# partly written, for an archive of more than a few hundred bytes), after-install (versions/<name> renamed in, not yet
+# published), mid-publish (the temp symlink made, not yet renamed over the link). Never set it elsewhere.
+CRASH_AT_ENV = "DAGCAST_TEST_CRASH_AT"
+
+
+def _crash_point(point: str) -> None:
+    if os.environ.get(CRASH_AT_ENV) == point:
+        log.warning("test crash point reached", extra={"point": point})
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _CrashOnSecondRead:
+    """The archive as the extractor reads it, crashing the process at its second read (see _crash_point)."""
+
+    def __init__(self, f: BinaryIO, point: str) -> None:
+        self._f, self._point, self._reads = f, point, 0
+
+    def read(self, n: int = -1) -> bytes:
+        self._reads += 1
+        if self._reads > 1:
+            _crash_point(self._point)
+        return self._f.read(n)
+
+
+def _crash_reader(f: BinaryIO, point: str) -> BinaryIO:
+    return cast(BinaryIO, _CrashOnSecondRead(f, point)) if os.environ.get(CRASH_AT_ENV) == point else f
 
 
 class _Interrupted(BaseException):  # noqa: N818 - not an error: SIGTERM during a long poll
@@ -490,6 +525,7 @@ class Sidecar:
         self.last_sync_at: int | None = None
         self.last_notified_at: int | None = None  # when it learned of the live version (epoch ms)
         self.failures = 0
+        self.poll_failures = 0  # queue polls failed in a row: what their retries back off on
         self.waiting = False  # the deployment has no version yet
         self._polling = False
         self._received: list[str] = []
@@ -611,11 +647,14 @@ class Sidecar:
                 QueueUrl=self.queue_url, WaitTimeSeconds=min(20, max(1, math.ceil(wait))), MaxNumberOfMessages=10
             )
             self._received_at = _now_ms()
+            self.poll_failures = 0
         except Exception as exc:  # noqa: BLE001 - any transport failure: fall back to resync, with backoff
-            log.warning("queue poll failed", extra={"error": str(exc)})
+            self.poll_failures += 1
+            delay = min(wait, 1.0 + backoff(min(self.poll_failures - 1, 5)))
+            log.warning("queue poll failed", extra={"error": str(exc), "failures": self.poll_failures, "delay": round(delay, 3)})
             if "NonExistentQueue" in str(exc) or "QueueDoesNotExist" in str(exc):
                 self._register()  # its queue is gone (a janitor, a revoked token, a recreated stack): ask for one
-            self.stop.wait(min(wait, 1.0 + backoff(min(self.failures, 5))))
+            self.stop.wait(delay)
             return None
         finally:
             self._polling = False
@@ -695,6 +734,7 @@ class Sidecar:
             "last_sync_at": self.last_sync_at,
             "last_notified_at": self.last_notified_at,
             "last_error": self.last_error,
+            "failures": self.failures,
         }
         if self._older_api:
             del body["last_notified_at"]

@@ -11,6 +11,7 @@ chalicelib.bundle.extract.extract_delta).
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import tarfile
@@ -96,7 +97,13 @@ class DeltaCollector:
 
 def _archive(dirs: list[str], files: list[tuple[str, int, bytes]], symlinks: list[tuple[str, str]]) -> bytes:
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT, compresslevel=6) as tar:
+    # No timestamp in the gzip header (TarInfo's mtime is 0 too): a redelivery, or a second worker, that
+    # builds the same deploy's delta writes the same bytes, so whichever write lands last matches the
+    # sha256 the version recorded.
+    with (
+        gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=6, mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
         for path in dirs:
             info = tarfile.TarInfo(path)
             info.type, info.mode = tarfile.DIRTYPE, 0o755

@@ -39,6 +39,7 @@ from chalicelib.models import (
     Heartbeat,
     IngestEvent,
     Mechanism,
+    ParseReport,
     RegisterSidecar,
     Role,
     UpdateDeployment,
@@ -113,6 +114,7 @@ ROUTE_SPEC: dict[str, str | None] = {
     "GET /deployments/{deployment}/sidecars": "read",
     "POST /deployments/{deployment}/sidecars": "sync",
     "PUT /deployments/{deployment}/sidecars/{name}": "sync",
+    "PUT /deployments/{deployment}/sidecars/{name}/parse": "sync",
     "DELETE /deployments/{deployment}/sidecars/{name}": "sync",
     "GET /tokens": "admin",
     "POST /tokens": "admin",
@@ -264,6 +266,7 @@ BODIES: dict[type[BaseModel], Callable[[World], dict[str, Any]]] = {
     CreateDeploy: lambda w: {"sha256": SHA, "size": 1234, "description": "authz matrix"},
     RegisterSidecar: lambda w: {"name": next(w.names), "component": "worker"},
     Heartbeat: lambda w: {"version": 1},
+    ParseReport: lambda w: {"version": 1, "sha256": w.control._store.version_identity(HOME, 1)[1], "status": "parsed"},
     CreateToken: lambda w: {"name": next(w.names), "role": "viewer", "deployments": [HOME]},
 }
 

@@ -189,7 +189,7 @@ def test_valid_bundle_becomes_version_1_and_is_announced(
     assert json.loads(statement) == {
         "type": "dagcast.version", "deployment": deployment, "deployment_id": dep.uid, "version": 1,
         "deploy_id": deploy["deploy_id"], "sha256": sha, "size": len(data), "created_at": int(record["created_at"]),
-        "object_version": record["object_version"], "limits": Limits().model_dump(), "delta": None,
+        "object_version": record["object_version"], "limits": Limits().model_dump(), "delta": None, "parse_mode": "report",
     }
     assert urllib.parse.quote(deploy["key"], safe="/") in url and "X-Amz-Signature=" in url
     assert f"versionId={record['object_version']}" in url, "the download is pinned to the validated object version"

@@ -1,13 +1,14 @@
 """Leases: a version a reader holds is never pruned by the sidecar; a dead reader holds nothing."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
+from helpers import until
 from test_sidecar import env, on_disk, signer, versions_of  # noqa: F401 - the fixtures and helpers of the sync tests
 
 from dagcast.lease import Lease, claim_for_removal, lease_path
@@ -70,12 +71,20 @@ def test_a_reader_waiting_on_a_removal_ends_up_holding_the_file_at_the_path(tmp_
     got: list[Lease] = []
     with claim_for_removal(tmp_path, "9-a") as claimed:
         assert claimed
+        removed = lease_path(tmp_path, "9-a").stat()  # the inode the pruner holds and unlinks on exit
         reader = threading.Thread(target=lambda: got.append(Lease(tmp_path, "9-a").__enter__()))
         reader.start()
-        time.sleep(0.2)  # the reader is now blocked on the exclusive lock
+        until(lambda: _waiting_for_a_lock_on(removed), 10, "the reader blocked on the pruner's lock")
         assert not got
     reader.join(timeout=10)
     assert got and got[0].held
     with claim_for_removal(tmp_path, "9-a") as claimed:
         assert claimed is False  # the reader's lock is on the file the next pruner sees
     got[0].release()
+
+
+def _waiting_for_a_lock_on(st: os.stat_result) -> bool:
+    """The kernel lists a lock request blocked on this inode ("->" in /proc/locks: <major>:<minor>:<inode>)."""
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return any("->" in fields and inode in fields
+               for fields in (line.split() for line in Path("/proc/locks").read_text().splitlines()))

@@ -80,7 +80,9 @@ class FakeApi:
         self.lookups.append(version)
         v = self.current if version is None else version
         if v not in self.records:
-            raise ApiError(404, "not_found", "no such version")
+            if version is None:  # the API's own words for a deployment nothing was deployed to yet
+                raise ApiError(404, "not_found", "deployment 'd' has no version yet: deploy DAGs first")
+            raise ApiError(404, "not_found", f"version {v} of deployment 'd' does not exist")
         view: dict[str, Any] = {"version": self.records[v].model_dump(mode="json"), "download_url": f"http://bundles.test/v{v}"}
         if v in self.deltas:
             view["delta_url"] = f"http://bundles.test/d{v}"
@@ -742,3 +744,193 @@ def test_the_daemon_removes_old_versions_only_after_it_reported_the_new_one_and_
     assert idle_waits == [2], "a pending removal shortens the next long poll"
     assert on_disk(syncer) == [2, 3]
     assert syncer.live_version() == 3
+
+
+# --- guarantees: pruning, atomic swaps, backoff ----------------------------------------------
+
+
+def test_an_old_version_made_live_again_is_never_pruned_though_newer_ones_fill_keep(env: Any, tmp_path: Path) -> None:
+    """v1 stays on disk while a reader holds it; a table restored from a backup then makes v1 current
+    again, so v1 is live but older than the --keep (2) newest folders. Neither the prune right after
+    that swap (a lease still protects v1) nor the daemon's later one (no lease: only the live guard)
+    may remove it."""
+    from dagcast.lease import Lease
+
+    syncer, api, _ = env  # keep=2
+    api.add(1, versions_of(1, tmp_path))
+    syncer.sync(api.announced(1))
+    v1 = folder_name(1, api.records[1].sha256)
+    reader = Lease(syncer.cfg.root, v1)
+    reader.acquire()
+    for i in (2, 3):
+        api.add(i, versions_of(i, tmp_path))
+        syncer.sync(api.announced(i))
+    assert on_disk(syncer) == [1, 2, 3]
+    for i in (2, 3):  # the restored table knows v1 only
+        del api.records[i]
+    api.current = 1
+    assert syncer.sync() == 1
+    assert os.readlink(syncer.cfg.link).endswith(v1) and on_disk(syncer) == [1, 2, 3]
+    reader.release()
+    syncer.prune()  # the daemon's prune once the queue is quiet: v1 is now the oldest folder, beyond keep
+    assert syncer.live_version() == 1 and on_disk(syncer) == [1, 2, 3]
+    assert (syncer.cfg.link / "dag.py").read_text() == "VERSION = 1\n"
+    api.add(4, versions_of(4, tmp_path))
+    assert syncer.sync() == 4
+    assert on_disk(syncer) == [3, 4], "once v1 is not live, pruning removes it like any other"
+
+
+SWAP_READER = r"""
+import json, os, sys
+link, stop = sys.argv[1], sys.argv[2]
+reads, seen, errors = 0, set(), []
+print("ready", flush=True)
+while not os.path.exists(stop) and len(errors) < 20:
+    reads += 1
+    try:
+        target = os.readlink(link)
+        with open(os.path.join(link, "dag.py")) as f:
+            through_link = f.read()
+        folder = os.path.join(os.path.dirname(link), target)
+        with open(os.path.join(folder, "dag.py")) as f:
+            dag = f.read()
+        with open(os.path.join(folder, "sql", "q.sql")) as f:
+            sql = f.read()
+    except OSError as exc:
+        errors.append(repr(exc))
+        continue
+    number = int(os.path.basename(target).split("-")[0])
+    if through_link not in ("VERSION = 1\n", "VERSION = 2\n"):
+        errors.append(f"read through the link: {through_link!r}")
+    if (dag, sql) != (f"VERSION = {number}\n", f"select {number};\n"):
+        errors.append(f"{target} holds a mix: {dag!r} {sql!r}")
+    seen.add(number)
+print(json.dumps({"reads": reads, "seen": sorted(seen), "errors": errors}), flush=True)
+"""
+
+
+def test_a_reader_looping_over_the_link_during_many_swaps_never_sees_it_missing_or_a_mix(env: Any, tmp_path: Path) -> None:
+    """Another process resolves the link and reads through it while the link moves between two versions
+    thousands of times: the rename of a temp symlink over the link is atomic, so every look finds a link
+    and a complete version (an unlink then symlink would show ENOENT in between)."""
+    import sys
+
+    syncer, api, _ = env
+    folders = []
+    for i in (1, 2):
+        api.add(i, versions_of(i, tmp_path))
+        syncer.sync(api.announced(i))
+        folders.append(syncer.versions / folder_name(i, api.records[i].sha256))
+    stop = tmp_path / "stop-reading"
+    reader = subprocess.Popen([sys.executable, "-c", SWAP_READER, str(syncer.cfg.link), str(stop)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout is not None and reader.stdout.readline().strip() == "ready"
+        for n in range(3000):
+            syncer._publish(folders[n % 2])
+    finally:
+        stop.touch()
+        out, _ = reader.communicate(timeout=30)
+    result = json.loads(out)
+    assert result["errors"] == [], result["errors"][:5]
+    assert result["seen"] == [1, 2], "the reader was reading while the link moved"
+
+
+@pytest.mark.parametrize("answer", ["missing-deployment", "not-the-api"])
+def test_a_deployment_that_does_not_exist_is_an_error_not_a_first_deploy_to_wait_for(env: Any, answer: str) -> None:
+    """Only the API's own "no version yet" means waiting; a typo in the deployment's name (or a URL that
+    is not the API) must fail `--once` and count as a failure in the daemon, with the real reason."""
+    from dagcast.sidecar import NoVersionYet
+
+    syncer, base, _ = env
+    error = (ApiError(404, "not_found", "deployment 'typo' does not exist") if answer == "missing-deployment"
+             else ApiError(404, "not_dagcast", "<html>404 Not Found</html>", from_dagcast=False))
+
+    class Api(DaemonApi):
+        def get_version(self, deployment: str, version: int | None) -> dict[str, Any]:
+            raise error
+
+    with pytest.raises(SyncError, match="cannot look up version current") as raised:
+        Syncer(syncer.cfg, Api(base)).sync()  # type: ignore[arg-type]
+    assert not isinstance(raised.value, NoVersionYet)
+    daemon = daemon_for(syncer, Api(base), None)
+    assert daemon._step(None) is True
+    assert not daemon.waiting and daemon.failures == 1 and "404" in (daemon.last_error or "")
+    assert daemon.health() == (False, f"no version live yet: {daemon.last_error}")
+
+
+def test_failed_queue_polls_back_off_on_their_own_count_up_to_a_bound_and_a_good_poll_resets_it(
+    env: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQS unreachable while the API is fine: each failed poll waits longer than the one before, up to
+    1 s + backoff's cap, whatever the sync failures are; a poll that works starts the count again."""
+    from botocore.exceptions import EndpointConnectionError
+
+    import dagcast.sidecar as sidecar_module
+
+    syncer, api, _ = env
+    monkeypatch.setattr(sidecar_module, "backoff", lambda attempt: min(5.0, 0.2 * 2**attempt))  # jitter's upper bound
+    outcomes = ["down"] * 8 + ["up"] + ["down"]
+
+    class FlakySqs:
+        def receive_message(self, **_: Any) -> dict[str, Any]:
+            if outcomes.pop(0) == "down":
+                raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+            return {}
+
+    daemon = Sidecar(syncer.cfg, api, FlakySqs())  # type: ignore[arg-type]
+    daemon.queue_url = "q"
+    daemon.failures = 4  # syncs failing too (the API is not what the queue's backoff is about)
+    waits: list[float] = []
+    monkeypatch.setattr(daemon.stop, "wait", waits.append)
+    for _ in range(10):
+        assert daemon._poll(20) is None
+    assert waits == pytest.approx([1.2, 1.4, 1.8, 2.6, 4.2, 6.0, 6.0, 6.0, 1.2])
+    assert daemon.poll_failures == 1 and daemon.failures == 4
+    outcomes.append("down")
+    daemon._poll(0.5)
+    assert waits[-1] == 0.5, "never past the next heartbeat or reconcile"
+
+
+def test_a_failed_sync_is_reported_with_its_error_counted_and_cleared_by_the_next_good_one(env: Any, tmp_path: Path) -> None:
+    syncer, base, _ = env
+    base.add(1, versions_of(1, tmp_path))
+    blob = base.blobs.pop(1)  # its download URL now answers 403 (expired)
+    api = DaemonApi(base)
+    daemon = daemon_for(syncer, api, None)
+    daemon._register()
+    for n in (1, 2):
+        assert daemon._step(None) is True, "an error is reported at once"
+        daemon._report()
+        beat = api.events[-1][1]
+        assert beat["version"] == 0 and "cannot download v1" in beat["last_error"] and beat["secret"] == "secret-1"
+        assert daemon.failures == n and daemon.metrics.failures._value.get() == n
+        assert syncer.metrics.syncs.labels(result="error")._value.get() == n
+    base.blobs[1] = blob
+    assert daemon._step(None) is True
+    daemon._report()
+    beat = api.events[-1][1]
+    assert (beat["version"], beat["last_error"]) == (1, None)
+    assert daemon.failures == 0 and daemon.metrics.failures._value.get() == 0
+
+
+def test_a_heartbeat_answered_not_registered_registers_again_and_reconciles(env: Any) -> None:
+    """The janitor or an admin removed its registration: the next heartbeat's 404 makes it register
+    again (presenting its saved secret) and look at the API at once; it then reports under the new secret."""
+    syncer, base, _ = env
+
+    class Forgotten(DaemonApi):
+        def heartbeat(self, deployment: str, name: str, body: dict[str, Any], secret: str | None) -> dict[str, Any]:
+            super().heartbeat(deployment, name, body, secret)
+            if secret == "secret-1":
+                raise ApiError(404, "not_found", "sidecar 't' is not registered in 'd'; register it first")
+            return {}
+
+    api = Forgotten(base)
+    daemon = daemon_for(syncer, api, None)
+    daemon._register()
+    daemon._heartbeat()
+    assert api.registrations == 2 and daemon.secret == "secret-2" and daemon._reconcile_now
+    daemon._heartbeat()
+    assert [(kind, e if kind == "register" else e["secret"]) for kind, e in api.events] == [
+        ("register", None), ("heartbeat", "secret-1"), ("register", "secret-1"), ("heartbeat", "secret-2")]

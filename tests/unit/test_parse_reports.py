@@ -1,0 +1,152 @@
+"""Parse reports: a sidecar tells the API what Airflow made of a version; the deploy view merges them."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from chalice.test import Client
+from sidecar_calls import SidecarCalls
+from test_ingest import dag, deploy_and_ingest
+
+import app as app_module
+from chalicelib.models import MAX_REPORTED
+from dagcast.bootstrap import StackOutputs
+
+MakeBundle = Any
+
+
+@pytest.fixture
+def live(client: Client, aws: StackOutputs, deployment: str, deployer_token: str, make_bundle: MakeBundle) -> dict[str, Any]:
+    """Version 1 of the deployment, live."""
+    deploy = deploy_and_ingest(client, aws, deployment, deployer_token, make_bundle({"dags/a.py": dag("a")}))
+    view = client.http.get(f"/deployments/{deployment}/deploys/{deploy['deploy_id']}",
+                           headers={"Authorization": f"Bearer {deployer_token}"}).json_body
+    return view["deploy"]
+
+
+def report(version: int, sha256: str, **fields: Any) -> dict[str, Any]:
+    return {"version": version, "sha256": sha256, "status": "parsed", "files": 2, "dags": 1, **fields}
+
+
+def put_report(sidecar: SidecarCalls, body: dict[str, Any], secret: str | None = "") -> Any:
+    return sidecar._call("PUT", f"/deployments/{sidecar.deployment}/sidecars/{sidecar.name}/parse", body, secret)
+
+
+def view_of(client: Client, deployment: str, deploy_id: str, token: str) -> dict[str, Any]:
+    resp = client.http.get(f"/deployments/{deployment}/deploys/{deploy_id}", headers={"Authorization": f"Bearer {token}"})
+    assert resp.status_code == 200, resp.body
+    return resp.json_body  # type: ignore[no-any-return]
+
+
+MISSING = {"path": "dags/b.py", "line": 1, "type": "ModuleNotFoundError", "message": "No module named 'pandas'",
+           "frames": ["dags/b.py:1 in <module>"]}
+
+
+def test_reports_of_two_components_are_merged_error_by_error_with_the_sidecars_that_saw_each(
+    client: Client, deployment: str, sidecar_token: str, deployer_token: str, live: dict[str, Any]
+) -> None:
+    scheduler = SidecarCalls(client, deployment, sidecar_token, "scheduler-0", "scheduler")
+    workers = [SidecarCalls(client, deployment, sidecar_token, f"worker-{i}", "worker") for i in range(2)]
+    boom = {"path": "dags/c.py", "line": 3, "type": "ValueError", "message": "boom", "frames": []}
+    for s in (scheduler, *workers):
+        s.report_running(1, parser="airflow 3.3.2")
+    view = view_of(client, deployment, live["deploy_id"], deployer_token)
+    assert view["parse"]["status"] == "pending" and view["parse"]["pending"] == ["scheduler-0", "worker-0", "worker-1"]
+
+    assert put_report(scheduler, report(1, live["sha256"], import_errors=[boom], import_errors_total=1)).status_code == 200
+    for w in workers:
+        body = report(1, live["sha256"], import_errors=[MISSING, boom], import_errors_total=2, new_import_errors=["dags/b.py"],
+                      new_import_errors_total=1, duplicates=[{"dag_id": "a", "paths": ["dags/a.py", "dags/a2.py"]}])
+        assert put_report(w, body).status_code == 200
+    parse = view_of(client, deployment, live["deploy_id"], deployer_token)["parse"]
+    assert parse["status"] == "parsed" and parse["pending"] == [] and parse["reported"] == ["scheduler-0", "worker-0", "worker-1"]
+    by_path = {e["path"]: e for e in parse["import_errors"]}
+    assert by_path["dags/b.py"]["sidecars"] == ["worker-0", "worker-1"] and by_path["dags/b.py"]["new"]
+    assert by_path["dags/c.py"]["sidecars"] == ["scheduler-0", "worker-0", "worker-1"] and not by_path["dags/c.py"]["new"]
+    assert parse["import_errors_total"] == 2 and parse["new_import_errors"] == 1
+    assert parse["duplicates"] == [{"dag_id": "a", "paths": ["dags/a.py", "dags/a2.py"]}]
+
+
+def test_a_sidecar_without_airflow_is_not_waited_for_and_says_parse_is_unavailable(
+    client: Client, deployment: str, sidecar_token: str, deployer_token: str, live: dict[str, Any]
+) -> None:
+    plain = SidecarCalls(client, deployment, sidecar_token, "plain")
+    plain.report_running(1)  # no parser
+    assert view_of(client, deployment, live["deploy_id"], deployer_token)["parse"]["status"] == "unavailable"
+    assert put_report(plain, report(1, live["sha256"], status="unavailable", message="Airflow not importable",
+                                    files=0, dags=0)).status_code == 200
+    parse = view_of(client, deployment, live["deploy_id"], deployer_token)["parse"]
+    assert parse["status"] == "unavailable" and parse["unavailable"] == ["plain"]
+
+
+def test_a_held_version_settles_the_wait_without_converging(
+    client: Client, deployment: str, sidecar_token: str, deployer_token: str, live: dict[str, Any],
+    aws: StackOutputs, make_bundle: MakeBundle,
+) -> None:
+    gate = SidecarCalls(client, deployment, sidecar_token, "gatekeeper")
+    gate.report_running(1, parser="airflow 3.3.2")
+    second = deploy_and_ingest(client, aws, deployment, deployer_token, make_bundle({"dags/a.py": dag("a"), "dags/b.py": "import nope\n"}))
+    view = view_of(client, deployment, second["deploy_id"], deployer_token)
+    assert not view["converged"] and view["parse"]["status"] == "none"
+    stored = app_module.get_store().get_deploy(deployment, second["deploy_id"])
+    held = report(2, stored.sha256, held=True, mode="gate", import_errors=[MISSING], import_errors_total=1,
+                  new_import_errors=["dags/b.py"], new_import_errors_total=1)
+    assert put_report(gate, held).status_code == 200
+    resp = client.http.get(f"/deployments/{deployment}/deploys/{second['deploy_id']}?wait=5",
+                           headers={"Authorization": f"Bearer {deployer_token}"})
+    view = resp.json_body
+    assert view["parse"]["held"] == ["gatekeeper"] and not view["converged"]
+    assert view["sidecars"][0]["version"] == 1, "the gate kept the version it had"
+
+
+@pytest.mark.parametrize(("change", "status", "words"), [
+    ({"sha256": "0" * 64}, 409, "not about it"),
+    ({"version": 9}, 404, "version 9"),
+    ({"import_errors": [MISSING] * (MAX_REPORTED + 1)}, 400, "import_errors"),
+    ({"import_errors": [{**MISSING, "message": "x" * 5000}]}, 400, "message"),
+    ({"status": "fine"}, 400, "status"),
+    ({"extra": 1}, 400, "extra"),
+])
+def test_a_report_that_is_not_about_a_recorded_version_or_too_large_is_refused_clearly(
+    client: Client, deployment: str, sidecar_token: str, live: dict[str, Any], change: dict[str, Any], status: int, words: str
+) -> None:
+    s = SidecarCalls(client, deployment, sidecar_token, "reporter")
+    resp = put_report(s, {**report(1, live["sha256"]), **change})
+    assert resp.status_code == status, resp.body
+    assert words in json.loads(resp.body)["error"]["message"]
+
+
+def test_only_the_sidecar_itself_can_report_for_it(
+    client: Client, deployment: str, sidecar_token: str, deployer_token: str, viewer_token: str, live: dict[str, Any]
+) -> None:
+    s = SidecarCalls(client, deployment, sidecar_token, "victim")
+    other = SidecarCalls(client, deployment, sidecar_token, "other")
+    body = report(1, live["sha256"], import_errors=[MISSING], import_errors_total=1)
+    assert put_report(s, body, secret=None).status_code == 403, "no secret"
+    assert put_report(s, body, secret=other.secret).status_code == 403, "another sidecar's secret"
+    for token in (deployer_token, viewer_token):
+        resp = client.http.put(f"/deployments/{deployment}/sidecars/victim/parse", body=json.dumps(body),
+                               headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json",
+                                        "X-Dagcast-Sidecar-Secret": s.secret})
+        assert resp.status_code == 403, (token, resp.body)
+    assert app_module.get_store().list_parses(deployment, live["deploy_id"]) == []
+
+
+def test_a_long_poll_answers_when_the_last_report_arrives(
+    client: Client, deployment: str, sidecar_token: str, deployer_token: str, live: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    s = SidecarCalls(client, deployment, sidecar_token, "late")
+    s.report_running(1, parser="airflow 3.3.2")
+    control = app_module.get_control()
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the report arrives during the poll's first pause
+        sleeps.append(seconds)
+        if len(sleeps) == 1:
+            assert put_report(s, report(1, live["sha256"])).status_code == 200
+
+    monkeypatch.setattr(control, "_sleep", sleep)
+    view = control.get_deploy(deployment, live["deploy_id"], wait_seconds=30)
+    assert view.parse.status == "parsed" and len(sleeps) == 1
