@@ -93,3 +93,11 @@ def test_alarms_cover_the_dead_letter_queue_ingest_errors_rejections_stale_sidec
     alarms = {r["Properties"]["MetricName"] for r in res.values() if r.get("Type") == "AWS::CloudWatch::Alarm"}
     assert alarms == {"ApproximateNumberOfMessagesVisible", "Errors", "DeploysRejected", "StaleSidecars", "5XXError"}
     assert any(r.get("Type") == "AWS::CloudWatch::Dashboard" for r in res.values())
+
+
+@pytest.mark.parametrize("role", ["ApiRole", "IngestRole", "JanitorRole"])
+def test_roles_that_look_for_objects_may_list_the_bucket_so_a_missing_key_is_a_404(role: str) -> None:
+    # without s3:ListBucket S3 answers 403 to a HEAD of a key that does not exist, and BundleStorage.exists()
+    # (late uploads, pruned bundles) would fail instead of saying False
+    granted = {a for st in roles()[role] for a in as_list(st["Action"])}
+    assert "s3:ListBucket" in granted
