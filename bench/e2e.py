@@ -63,6 +63,7 @@ STAGES = [
     ("sync", "download + verify + extract + swap (each)"),
     ("active_to_live", "ACTIVE -> live (each sidecar)"),
     ("active_to_all_live", "ACTIVE -> all sidecars live"),
+    ("parse_report", "live -> Airflow's parse reported (each)"),
     ("all_live_to_cli_exit", "all live -> CLI exits (--wait notices)"),
     ("total", "**CLI start -> all sidecars live**"),
     ("cli_total", "CLI start -> CLI exits"),
@@ -266,6 +267,7 @@ class Bench:
             samples.add("notified", s["notified_s"])
             samples.add("sync", s["sync_s"])
             samples.add("active_to_live", s["live_s"])
+            samples.add("parse_report", s.get("parse_report_s"))
         all_live = max(d["activations"].values()) / 1000
         samples.add("active_to_all_live", all_live - d["activated_at"] / 1000)
         samples.add("all_live_to_cli_exit", exited - all_live)

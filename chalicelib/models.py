@@ -137,6 +137,7 @@ class Deploy(BaseModel):
                 notified_s=span(self.activated_at, self.notified.get(name)),
                 sync_s=span(self.notified.get(name), live_at),
                 live_s=span(self.activated_at, live_at),
+                parse_report_s=span(live_at, self.parsed.get(name)),
             )
             for name, live_at in sorted(self.activations.items())
         ]
@@ -156,6 +157,7 @@ class SidecarStages(BaseModel):
     notified_s: float | None = Field(description="ACTIVE -> the sidecar received the announcement (or reconciled)")
     sync_s: float | None = Field(description="notified -> live: download, verify, extract, swap the link")
     live_s: float | None = Field(description="ACTIVE -> live on this sidecar")
+    parse_report_s: float | None = Field(None, description="live -> Airflow's parse of it reported by this sidecar")
 
 
 class DeployStages(BaseModel):

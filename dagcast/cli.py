@@ -207,8 +207,11 @@ def cli() -> None:
 
 @cli.command(epilog="Exit codes: 0 valid, 1 rejected, 2 usage error (a missing or empty folder).")
 @click.argument("path", type=click.Path(path_type=Path))
-@_json_option("Print one JSON object: valid, files, bytes, errors (and ok, exit_code, error).")
-def validate(path: Path, as_json: bool) -> int:
+@click.option("--parse", "parse_too", is_flag=True,
+              help="Also load it with Airflow's own loader here (needs Airflow importable): import errors and "
+                   "duplicate DAG ids become errors.")
+@_json_option("Print one JSON object: valid, files, bytes, errors (and ok, exit_code, error; parse with --parse).")
+def validate(path: Path, parse_too: bool, as_json: bool) -> int:
     """Validate a .tar.gz bundle or a dags folder with the server's rules."""
     from chalicelib.bundle import validate_stream
 
@@ -242,11 +245,44 @@ def validate(path: Path, as_json: bool) -> int:
         raise UsageProblem(f"cannot read {path}: {exc.strerror or exc}") from exc
     summary = report.summary()
     OUTCOME.doc = lambda: summary
+    if parse_too and report.valid:
+        _parse_for_validate(path, summary)
+        report_valid = summary["valid"]
+    else:
+        report_valid = report.valid
     if not as_json:
         print_errors(summary["errors"], prefix)
-        verdict = "valid" if report.valid else f"rejected ({len(report.errors)} error(s))"
+        verdict = "valid" if report_valid else f"rejected ({len(summary['errors'])} error(s))"
         click.echo(f"{path}: {verdict}: {report.files} files, {report.bytes} bytes")
-    return EXIT_OK if report.valid else EXIT_ERROR
+    return EXIT_OK if report_valid else EXIT_ERROR
+
+
+def _parse_for_validate(path: Path, summary: dict[str, Any]) -> None:
+    """validate --parse: the bundle (or the folder's bundle) through Airflow's own loader."""
+    import tempfile
+
+    from dagcast import bundler
+    from dagcast.parse import ParseError
+    from dagcast.parse_check import parse_bundle, parse_issues, parse_summary
+
+    with tempfile.TemporaryFile() as tmp:
+        if path.is_dir():
+            bundler.build(path, tmp)
+            tmp.seek(0)
+            source: Any = tmp
+        else:
+            source = path.open("rb")
+        try:
+            result = parse_bundle(source)
+        except ParseError as exc:
+            raise ClientError(f"--parse: the parser failed: {exc}") from exc
+        finally:
+            if source is not tmp:
+                source.close()
+    issues = parse_issues(result)
+    summary["errors"] = summary["errors"] + issues
+    summary["valid"] = summary["valid"] and not issues
+    summary["parse"] = parse_summary(result)
 
 
 # --- deploy ---------------------------------------------------------------------------------
@@ -270,6 +306,10 @@ def validate(path: Path, as_json: bool) -> int:
 @click.option("--allow-dag-removal", is_flag=True, help="Deploy even though it removes DAGs (otherwise asked on a "
               "terminal; elsewhere warned, or refused with exit 2 where the deployment says dag_removal: confirm).")
 @click.option("--yes", "-y", is_flag=True, help="Answer yes to every question (implies --allow-dag-removal).")
+@click.option("--parse", "parse_locally", is_flag=True,
+              help="Before uploading, load the folder with Airflow's own loader here (needs Airflow importable).")
+@click.option("--allow-import-errors", is_flag=True,
+              help="Exit 0, not 5, when Airflow reports new import errors (and with --parse, upload anyway).")
 @_json_option("Print one JSON object for CI on stdout, on every exit path.")
 @click.option("--debug", is_flag=True, help="Show details of errors.")
 def deploy(
@@ -287,10 +327,13 @@ def deploy(
     dry_run: bool,
     allow_dag_removal: bool,
     yes: bool,
+    parse_locally: bool,
+    allow_import_errors: bool,
     as_json: bool,
     debug: bool,
 ) -> int:
-    """Bundle the dags folder, upload it, and (with --wait) wait until every sidecar runs it."""
+    """Bundle the dags folder, upload it, and (with --wait) wait until every sidecar runs it and
+    Airflow there has loaded it."""
     from dagcast import config
     from dagcast import deploy as deploying
     from dagcast.client import ApiClient
@@ -321,6 +364,8 @@ def deploy(
         description=description,
         allow_dag_removal=allow_dag_removal or yes,
         confirm=(lambda q: click.confirm(q, default=False, err=True)) if interactive else None,
+        allow_import_errors=allow_import_errors,
+        parse_locally=parse_locally,
     )
     try:
         with _upload_progress(enabled=sys.stderr.isatty() and not as_json) as progress:
@@ -427,6 +472,13 @@ def login(token: str) -> None:
               help="Seconds between heartbeats; keep it well under the API's DAGCAST_SIDECAR_STALE_SECONDS (90).")
 @click.option("--metrics-addr", default="0.0.0.0:9108", show_default=True, envvar="DAGCAST_METRICS_ADDR",
               help="host:port for /healthz and /metrics; empty to disable.")
+@click.option("--parse", "parse_mode", type=click.Choice(["auto", "report", "gate", "off"]), default="auto",
+              show_default=True, envvar="DAGCAST_PARSE",
+              help="Load each new version with Airflow's own loader (when Airflow is importable here) and report it: "
+                   "auto follows the deployment's parse_mode; report installs, then parses; gate parses first and holds "
+                   "back a version that adds import errors; off never parses.")
+@click.option("--parse-workers", type=click.IntRange(min=1), default=None, envvar="DAGCAST_PARSE_WORKERS",
+              help="Parallel parses of a whole version (default: the CPUs).")
 @click.option("--log-level", default="INFO", show_default=True, help="DEBUG, INFO, WARNING, ERROR.")
 def sidecar(
     name: str,
@@ -441,6 +493,8 @@ def sidecar(
     keep: int,
     heartbeat_interval: float,
     metrics_addr: str,
+    parse_mode: str,
+    parse_workers: int | None,
     log_level: str,
 ) -> None:
     """Keep LINK pointing at the deployment's live DAGs version."""
@@ -456,7 +510,8 @@ def sidecar(
     logs.setup(log_level)
     cfg = SidecarConfig(
         name=name, root=root.absolute(), link=link.absolute(), deployment=deployment, component=component,
-        resync_interval=resync_interval, keep=keep, heartbeat_interval=heartbeat_interval,
+        resync_interval=resync_interval, keep=keep, heartbeat_interval=heartbeat_interval, parse=parse_mode,
+        parse_workers=parse_workers,
     )
     api = ApiClient(api_url, token)
     if once:
@@ -565,9 +620,12 @@ def deployment_show(api_url: str | None, token: str | None, deployment: str | No
 @click.option("--retention-days", type=click.IntRange(1, 3650), help="Days to keep older bundles.")
 @click.option("--dag-removal", type=click.Choice(["allow", "confirm"]),
               help="confirm: a deploy that removes DAGs needs --allow-dag-removal (or a yes on a terminal).")
+@click.option("--parse-mode", type=click.Choice(["report", "gate"]),
+              help="report: sidecars install, then parse with Airflow and report; gate: they parse first and hold back "
+                   "a version that adds import errors.")
 def deployment_update(api_url: str | None, token: str | None, deployment: str | None, as_json: bool, debug: bool,
                       dag_deploy: str | None, keep_versions: int | None, retention_days: int | None,
-                      dag_removal: str | None) -> None:
+                      dag_removal: str | None, parse_mode: str | None) -> None:
     """Change the deployment's settings. Switching DAG deploys never touches the DAGs sidecars serve."""
     name = _deployment(deployment)
     changes: dict[str, Any] = {}
@@ -579,8 +637,11 @@ def deployment_update(api_url: str | None, token: str | None, deployment: str | 
         changes["retention_days"] = retention_days
     if dag_removal:
         changes["dag_removal"] = dag_removal
+    if parse_mode:
+        changes["parse_mode"] = parse_mode
     if not changes:
-        raise click.UsageError("nothing to change: give --dag-deploy, --keep-versions, --retention-days or --dag-removal")
+        raise click.UsageError("nothing to change: give --dag-deploy, --keep-versions, --retention-days, --dag-removal "
+                               "or --parse-mode")
     doc = _call(api_url, token, as_json, lambda api: api.update_deployment(name, changes))
     if not as_json:
         click.echo(f"deployment {name} updated: mechanism {doc['mechanism']}")
@@ -709,7 +770,11 @@ def local() -> None:
 @click.option("--deployment", default="demo", show_default=True, help="Deployment to create.")
 @click.option("--janitor-interval", type=click.FloatRange(min=0.1), default=30, show_default=True,
               help="Seconds between runs of the scheduled janitor.")
-def local_up(state_dir: Path, port: int, bind: str, sidecars: int, deployment: str, janitor_interval: float) -> None:
+@click.option("--parse", "parse_mode", type=click.Choice(["auto", "report", "gate", "off"]), default="auto",
+              show_default=True, help="The sidecars' --parse: with Airflow in this environment they load each version "
+              "with Airflow's loader and report it (see `dagcast sidecar --help`).")
+def local_up(state_dir: Path, port: int, bind: str, sidecars: int, deployment: str, janitor_interval: float,
+             parse_mode: str) -> None:
     """Run the embedded stack in the foreground until SIGINT/SIGTERM; started again on the same
     state folder, it carries on with the same state, ports and tokens."""
     import threading
@@ -723,7 +788,7 @@ def local_up(state_dir: Path, port: int, bind: str, sidecars: int, deployment: s
         _echo_err(f"warning: listening on {bind}: the API takes tokens, but the embedded AWS (moto server) has no "
                   "authentication at all; anyone who can reach it can read and change the stack's data")
     stack = EmbeddedStack(state_dir, port=port, sidecars=sidecars, deployment=deployment,
-                          janitor_interval=janitor_interval, bind=bind)
+                          janitor_interval=janitor_interval, bind=bind, sidecar_args=["--parse", parse_mode])
     try:
         info = stack.start()
         click.echo(f"dagcast local stack ready: API {info.api_url}, deployment {info.deployment!r}")

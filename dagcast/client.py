@@ -112,6 +112,9 @@ class ApiClient:
     def heartbeat(self, deployment: str, name: str, body: dict[str, Any], secret: str | None) -> dict[str, Any]:
         return dict(self.request("PUT", f"/deployments/{deployment}/sidecars/{name}", json=body, headers=_secret(secret)))
 
+    def report_parse(self, deployment: str, name: str, body: dict[str, Any], secret: str | None) -> None:
+        self.request("PUT", f"/deployments/{deployment}/sidecars/{name}/parse", json=body, headers=_secret(secret))
+
     def deregister_sidecar(self, deployment: str, name: str, secret: str | None) -> None:
         self.request("DELETE", f"/deployments/{deployment}/sidecars/{name}", headers=_secret(secret))
 

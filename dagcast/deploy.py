@@ -29,6 +29,7 @@ from dagcast.exceptions import (
     BundleInvalid,
     ClientError,
     DagRemovalRefused,
+    ImportErrorsFound,
     Interrupted,
     Terminated,
     UploadExpired,
@@ -80,6 +81,8 @@ class DeployOptions:
     confirm: Confirm | None = None
     upload_attempts: int = 4
     poll_interval: float = 0.2
+    allow_import_errors: bool = False  # exit 0, not 5, when Airflow reports new import errors
+    parse_locally: bool = False  # --parse: Airflow's loader on the folder before the upload
 
 
 @dataclass
@@ -125,6 +128,7 @@ class DeployResult:
     sidecars: list[dict[str, Any]] = field(default_factory=list)
     stale_sidecars: list[dict[str, Any]] = field(default_factory=list)
     converged: bool = False
+    parse: dict[str, Any] | None = None  # what Airflow made of it, from the sidecars' reports (--wait)
     diff: dict[str, Any] | None = None
     files_list: list[dict[str, Any]] | None = None
     uploaded: bool = False
@@ -142,6 +146,7 @@ class DeployResult:
             "sidecars": self.sidecars,
             "stale_sidecars": self.stale_sidecars,
             "converged": self.converged,
+            "parse": self.parse,
             "diff": self.diff,
             "timings": self.timings.to_json(),
             **({"files_list": self.files_list} if self.files_list is not None else {}),
@@ -370,7 +375,30 @@ def _bundle_and_validate(
         if not report.valid:
             errors = [e.model_dump() for e in report.errors]
             raise BundleInvalid(f"validation failed with {len(errors)} error(s); nothing was uploaded", errors)
+    if opts.parse_locally:
+        _parse_here(opts, tmp, ahead.limits, say)
     return collected, info, report
+
+
+def _parse_here(opts: DeployOptions, bundle: BinaryIO, limits: Limits | None, say: Say) -> None:
+    """--parse: load the bundle with Airflow's own loader here; its import errors refuse the upload
+    (exit 3) unless --allow-import-errors."""
+    from dagcast.parse import ParseError
+    from dagcast.parse_check import parse_bundle, parse_issues
+
+    say("Loading the DAGs with Airflow here (--parse) ...")
+    bundle.seek(0)
+    try:
+        result = parse_bundle(bundle, limits)
+    except ParseError as exc:
+        raise ClientError(f"--parse: the parser failed: {exc}") from exc
+    issues = parse_issues(result)
+    say(f"Airflow loaded {len(result.files) - len(result.import_errors)} of {len(result.files)} files "
+        f"({len(result.dag_ids)} DAGs) in {result.seconds:.1f}s")
+    if issues and not opts.allow_import_errors:
+        raise BundleInvalid(f"Airflow could not load the DAGs here ({len(issues)} problem(s)); nothing was uploaded", issues)
+    for issue in issues:
+        say(f"warning: {issue['message']}")
 
 
 def _live_version(api: ApiClient, deployment: str) -> dict[str, Any] | None:
@@ -468,14 +496,25 @@ def _wait(api: ApiClient, opts: DeployOptions, deploy_id: str, result: DeployRes
         if result.state == "SUPERSEDED":
             say(f"v{result.version} was superseded by a newer deploy before every sidecar ran it")
             return result
-        if result.state == "ACTIVE" and result.converged and (not opts.require_all or not result.stale_sidecars):
+        parse = view.get("parse") or {}
+        held = set(parse.get("held") or [])
+        done = result.converged or (held and all(s["on_it"] or s["name"] in held for s in result.sidecars))
+        if (result.state == "ACTIVE" and done and parse.get("status") != "pending"
+                and (not opts.require_all or not result.stale_sidecars)):
             say(_live_line(view, result))
+            if parse.get("status") == "parsed":
+                say(_parse_line(result.parse or {}))
+            elif parse.get("status") == "unavailable":
+                say(_unavailable_line(parse))
+            if (parse.get("new_import_errors") or held) and not opts.allow_import_errors:
+                raise ImportErrorsFound(_import_errors_text(result.parse or {}))
             return result
         if time.monotonic() >= deadline:
             raise WaitTimeout(_timeout_line(opts, deploy_id, view, result))
         # The API answers a long poll when something changed, so ask again at once; an answer that
         # came back at once with nothing new (an API without long polls) means polling: pause first.
-        now = (result.state, view.get("sidecars_on_version"), view.get("live_sidecars"), len(result.stale_sidecars))
+        now = (result.state, view.get("sidecars_on_version"), view.get("live_sidecars"), len(result.stale_sidecars),
+               parse.get("status"), tuple(parse.get("reported") or ()))
         elapsed = time.monotonic() - asked
         if now == seen and elapsed < opts.poll_interval:
             time.sleep(opts.poll_interval - elapsed)
@@ -492,6 +531,57 @@ def _take(view: dict[str, Any], result: DeployResult) -> None:
     sidecars = view["sidecars"]
     result.sidecars = [_sidecar(s) for s in sidecars if s["live"]]
     result.stale_sidecars = [_sidecar(s) for s in sidecars if not s["live"] and not s.get("on_deploy")]
+    parse = view.get("parse")
+    if parse:
+        result.parse = {
+            "status": parse["status"],
+            "files": parse.get("files", 0),
+            "dags": parse.get("dags", 0),
+            "import_errors": [{k: e.get(k) for k in ("path", "line", "type", "message", "sidecars", "new")}
+                              for e in parse.get("import_errors", [])],
+            "import_errors_total": parse.get("import_errors_total", 0),
+            "new_import_errors": parse.get("new_import_errors", 0),
+            "duplicates": parse.get("duplicates", []),
+            "dags_added": parse.get("dags_added", []),
+            "dags_removed": parse.get("dags_removed", []),
+            "held": parse.get("held", []),
+            "pending": parse.get("pending", []),
+            "unavailable": parse.get("unavailable", []),
+            "failed": parse.get("failed", {}),
+        }
+
+
+def _parse_line(parse: dict[str, Any]) -> str:
+    """`Airflow loaded 998 of 1,000 files: dags/etl_7.py: ModuleNotFoundError: ... (worker-0, worker-1)`."""
+    errors = parse.get("import_errors") or []
+    files = int(parse.get("files") or 0)
+    line = f"Airflow loaded {files - len({e['path'] for e in errors}):,} of {files:,} files ({parse.get('dags', 0):,} DAGs)"
+    if errors:
+        shown = "; ".join(f"{e['path']}: {e['type']}: {e['message'].splitlines()[0] if e['message'] else ''} "
+                          f"({', '.join(e['sidecars'])})" for e in errors[:3])
+        more = parse.get("import_errors_total", len(errors)) - min(3, len(errors))
+        line += ": " + shown + (f"; and {more} more" if more > 0 else "")
+    for d in (parse.get("duplicates") or [])[:3]:
+        line += f"; DAG id {d['dag_id']!r} is defined in {', '.join(d['paths'])}"
+    return line
+
+
+def _unavailable_line(parse: dict[str, Any]) -> str:
+    parts = []
+    if parse.get("unavailable"):
+        parts.append(f"no Airflow parser on {', '.join(parse['unavailable'])} (Airflow not importable there, or --parse off)")
+    parts += [f"the parser failed on {name}: {why}" for name, why in sorted((parse.get("failed") or {}).items())]
+    return f"parse: not available ({'; '.join(parts)})"
+
+
+def _import_errors_text(parse: dict[str, Any]) -> str:
+    held = parse.get("held") or []
+    new = [e for e in parse.get("import_errors") or [] if e.get("new")]
+    what = ", ".join(f"{e['path']} ({e['type']})" for e in new[:5]) or "see the parse report"
+    if held:
+        return (f"held: {parse.get('new_import_errors', len(new))} new import errors; {', '.join(held)} stayed on the "
+                f"version before: {what}")
+    return f"live with {parse.get('new_import_errors', len(new))} new import errors: {what}"
 
 
 def _sidecar(s: dict[str, Any]) -> dict[str, Any]:
@@ -509,8 +599,9 @@ def _stale_text(result: DeployResult) -> str:
 
 
 def _live_line(view: dict[str, Any], result: DeployResult) -> str:
+    held = (result.parse or {}).get("held") or []
     return (f"v{result.version} live on {view['sidecars_on_version']}/{view['live_sidecars']} current sidecars"
-            + _stale_text(result))
+            + (f"; held back by the parse gate on {', '.join(held)}" if held else "") + _stale_text(result))
 
 
 def _timeout_line(opts: DeployOptions, deploy_id: str, view: dict[str, Any], result: DeployResult) -> str:
@@ -521,6 +612,9 @@ def _timeout_line(opts: DeployOptions, deploy_id: str, view: dict[str, Any], res
         parts.append(f", live on {view.get('sidecars_on_version', 0)}/{view.get('live_sidecars', 0)} current sidecars")
         if waiting:
             parts.append("; waiting on " + ", ".join(f"{s['name']} (on v{s['version']})" for s in waiting[:10]))
+    pending = (result.parse or {}).get("pending") or []
+    if result.state == "ACTIVE" and result.converged and pending:
+        parts.append("; Airflow has not reported its parse yet on " + ", ".join(pending[:10]))
     parts.append(_stale_text(result))
     if opts.require_all and result.stale_sidecars:
         parts.append(" (--require-all waits for those too)")

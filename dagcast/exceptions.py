@@ -113,6 +113,15 @@ class WaitTimeout(ClientError):
     exit_code = EXIT_TIMEOUT
 
 
+class ImportErrorsFound(ClientError):
+    """The deploy went live (or was held back by a gating sidecar) with import errors Airflow
+    reported and the version before did not have: exit 5 (--allow-import-errors: 0)."""
+
+    code = "import_errors"
+    exit_code = EXIT_IMPORT_ERRORS
+    hint = "fix the files named and deploy again; --allow-import-errors accepts them"
+
+
 class Interrupted(ClientError):
     """SIGINT or SIGTERM arrived; the message says what became of the deploy."""
 

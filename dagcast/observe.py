@@ -48,6 +48,16 @@ class SidecarMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.import_errors = Gauge(
+            "dagcast_sidecar_import_errors", "Import errors Airflow reported for the last version parsed here",
+            registry=self.registry,
+        )
+        self.parses = Counter("dagcast_sidecar_parses", "Parse checks by outcome: parsed, held, failed", ["result"],
+                              registry=self.registry)
+        self.parse_seconds = Histogram(
+            "dagcast_sidecar_parse_seconds", "Time for Airflow to load a new version here (only what changed)",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=self.registry,
+        )
         for verdict in ("accepted", "bad_signature", "unsigned", "unknown_key", "other_deployment", "malformed"):
             self.announcements.labels(result=verdict)
         for reason in ("checksum", "extractor"):

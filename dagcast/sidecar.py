@@ -32,6 +32,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -48,6 +49,7 @@ from dagcast.client import ApiClient, backoff
 from dagcast.exceptions import ApiError, ClientError, SyncError
 from dagcast.lease import claim_for_removal
 from dagcast.observe import SidecarMetrics
+from dagcast.parse_check import ParseCheck
 
 log = logging.getLogger("dagcast.sidecar")
 
@@ -67,6 +69,8 @@ class SidecarConfig:
     keep: int = 5
     wait_seconds: int = 20
     fetch_attempts: int = 3
+    parse: str = "auto"  # auto (the deployment's parse_mode), report, gate, off: see dagcast.parse_check
+    parse_workers: int | None = None  # parallel parses of a first version (default: the CPUs)
 
 
 def folder_name(version: int, sha256: str) -> str:
@@ -119,6 +123,9 @@ class Syncer:
         self.published_at: int | None = None  # epoch ms when the link last moved
         self.prune_after_publish = True  # the daemon turns this off and prunes after it reported the swap
         self.metrics = metrics or SidecarMetrics()
+        # before a version is published: may it be? (the parse check's gate; None: always)
+        self.gate: Callable[[str | None, Version, Path], bool] | None = None
+        self.last_published: tuple[str | None, Version, Path] | None = None  # (folder before, record, folder)
 
     def prepare(self) -> None:
         """Create the folders and remove leftovers of an interrupted sync."""
@@ -153,6 +160,13 @@ class Syncer:
         live = self.installed()
         return live.version if live else 0
 
+    def files_of(self, name: str) -> dict[str, str] | None:
+        """A version folder's files (path -> sha256) as its manifest records them; None when unknown."""
+        try:
+            return {str(e["path"]): str(e["sha256"]) for e in self._read_meta(name)["files"]}
+        except (KeyError, TypeError):
+            return None
+
     def _read_meta(self, name: str) -> dict[str, Any]:
         try:
             doc = json.loads((self.manifests / f"{name}.json").read_bytes())
@@ -174,6 +188,9 @@ class Syncer:
         started = time.monotonic()
         try:
             changed = self._sync(live, announced)
+        except VersionHeld:
+            self.metrics.syncs.labels(result="held").inc()
+            raise
         except (ClientError, OSError):
             self.metrics.syncs.labels(result="error").inc()
             raise
@@ -248,8 +265,12 @@ class Syncer:
                 raise SyncError(f"no download URL for v{record.version}: this token may not download bundles")
             self.fetch(record, url)
         _crash_point("after-install")
+        if self.gate is not None and not self.gate(live.folder if live else None, record, folder):
+            raise VersionHeld(f"v{record.version} is held back: Airflow reports import errors the live version "
+                              f"v{live.version if live else 0} does not have here")
         self._publish(folder)
         self.published_at = int(time.time() * 1000)
+        self.last_published = (live.folder if live else None, record, folder)
         log.info("version live", extra={"version": record.version, "previous": live.version if live else 0})
         if self.prune_after_publish:
             self._prune(folder.name)
@@ -416,6 +437,13 @@ class NoVersionYet(SyncError):
     """The deployment has no version yet: nothing to sync, and nothing wrong."""
 
 
+class VersionHeld(ClientError):
+    """The parse check's gate held a version back (it adds import errors): the live version stays,
+    and nothing is wrong with this sidecar."""
+
+    code = "held"
+
+
 def _same_identity(a: Version, b: Version) -> bool:
     return (a.deployment_id, a.version, a.sha256) == (b.deployment_id, b.version, b.sha256)
 
@@ -517,6 +545,10 @@ class Sidecar:
         self.sqs = sqs
         self.metrics = metrics or SidecarMetrics()
         self.syncer = Syncer(cfg, api, metrics=self.metrics)
+        self.parse = ParseCheck(root=cfg.root, mode=cfg.parse, send=self._send_parse, files_of=self.syncer.files_of,
+                                metrics=self.metrics, workers=cfg.parse_workers)
+        self.syncer.gate = self.parse.gate
+        self.held: str | None = None  # the version folder the gate holds back
         self.stop = threading.Event()
         self.queue_url: str | None = None
         self.trust: Trust | None = None
@@ -555,6 +587,7 @@ class Sidecar:
 
     def run(self) -> None:
         self.syncer.prepare()
+        self.parse.start()  # warms Airflow in its own process while this one registers and syncs
         # Removing a large old version takes seconds of disk and CPU: report the swap first, and
         # remove old versions once the queue has been quiet for a moment (see _prune_when_idle).
         self.syncer.prune_after_publish = False
@@ -587,6 +620,7 @@ class Sidecar:
             pass
         finally:
             self._deregister()
+            self.parse.close()
 
     def _step(self, announced: Announced | None, notified_at: int | None = None) -> bool:
         """One sync; `notified_at` is when the announcement arrived (a reconcile learns now)."""
@@ -597,6 +631,13 @@ class Sidecar:
             if not self.waiting:
                 log.info("waiting for the first deploy", extra={"deployment": self.cfg.deployment})
             self.waiting = True
+            self.failures = 0
+            self.last_error = None
+            return False
+        except VersionHeld as exc:
+            if self.held != str(exc):
+                log.warning("version held back", extra={"reason": str(exc)})
+            self.held = str(exc)
             self.failures = 0
             self.last_error = None
             return False
@@ -614,10 +655,17 @@ class Sidecar:
             self.last_sync_at = self.syncer.published_at
             self.last_notified_at = notified_at
             self._unpruned = True
+            self.held = None
+            if self.syncer.last_published is not None:
+                self.parse.after_publish(*self.syncer.last_published)
         return changed is not None
 
     def _report(self) -> None:
         self._heartbeat()
+        self.parse.retry_unsent()
+
+    def _send_parse(self, report: dict[str, Any]) -> None:
+        self.api.report_parse(self.cfg.deployment, self.cfg.name, report, self.secret)
 
     def _prune_when_idle(self) -> None:
         """After a swap, remove versions beyond --keep once a poll came back empty: never before the
@@ -735,6 +783,7 @@ class Sidecar:
             "last_notified_at": self.last_notified_at,
             "last_error": self.last_error,
             "failures": self.failures,
+            "parser": self.parse.label,
         }
         if self._older_api:
             del body["last_notified_at"]

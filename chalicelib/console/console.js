@@ -6,6 +6,7 @@
   const POLL_MS = 2000;
   const PAGE_SIZE = 20;
   const TOKEN_KEY = "dagcast.console.token";
+  const PARSE_VIEWS = 5; // the newest deploys whose parse reports the history shows
   const TABS = ["history", "sidecars", "settings"];
   const LIMITS = [
     ["max_bundle_bytes", "Max bundle size (compressed, bytes)"],
@@ -37,6 +38,7 @@
     timer: null,
     polling: false,
     signatures: {},
+    parse: {},             // deploy id -> what Airflow made of it (the deploy view's `parse`), for recent deploys
   };
 
   const $ = (id) => document.getElementById(id);
@@ -277,7 +279,8 @@
     $("history-empty").hidden = state.history.length > 0 || state.historyFor !== state.selected;
     $("history-table").hidden = state.history.length === 0;
     $("load-more").hidden = !state.cursor;
-    const sig = JSON.stringify([admin, dep && dep.current_version, state.focus, state.history]);
+    const sig = JSON.stringify([admin, dep && dep.current_version, state.focus, state.history,
+      state.history.map((d) => state.parse[d.deploy_id] || null)]);
     render(body, sig, () => state.history.map((d) => {
       const rollback = canRollBack(d, dep);
       const isCurrent = dep && d.version && d.version === dep.current_version && d.state === "ACTIVE";
@@ -291,7 +294,8 @@
           h("div", {}, d.description || h("span", { class: "muted" }, "(no description)")),
           h("div", { class: "deploy-id muted" }, d.deploy_id),
           stagesLine(d),
-          errorList(d)),
+          errorList(d),
+          parseList(d)),
         td({ "data-label": "Who" }, d.created_by || "—"),
         td({ "data-label": "When" }, timeEl(d.created_at, formatTime(d.created_at))),
         td({ "data-label": "Git" }, gitCell(d.git)),
@@ -332,6 +336,45 @@
     }
     state.historyFor = name;
     renderHistory();
+    await loadParses(name);
+  }
+
+  // What Airflow made of the newest deploys: the sidecars' parse reports, merged by the API in each
+  // deploy's view (the history list carries only who reported, in `parsed`).
+  async function loadParses(name) {
+    const wanted = state.history.filter((d) => d.parsed && Object.keys(d.parsed).length).slice(0, PARSE_VIEWS);
+    const stale = wanted.filter((d) => {
+      const had = state.parse[d.deploy_id];
+      return !had || had.reported.length !== Object.keys(d.parsed).length;
+    });
+    if (!stale.length) return;
+    const views = await Promise.all(stale.map((d) =>
+      api("GET", `deployments/${enc(name)}/deploys/${enc(d.deploy_id)}`).then((v) => v.parse, () => null)));
+    stale.forEach((d, i) => { if (views[i]) state.parse[d.deploy_id] = views[i]; });
+    if (name === state.selected) renderHistory();
+  }
+
+  function parseList(d) {
+    const p = state.parse[d.deploy_id];
+    if (!p || p.status === "none") return null;
+    if (p.status === "unavailable") {
+      return h("div", { class: "parse muted" }, "Airflow parse: not available on these sidecars");
+    }
+    const errors = p.import_errors || [];
+    const loaded = Math.max(0, (p.files || 0) - new Set(errors.map((e) => e.path)).size);
+    const head = h("div", { class: "parse" + (errors.length ? " parse-errors" : "") },
+      `Airflow loaded ${loaded} of ${p.files} files (${plural(p.dags, "DAG")})`,
+      p.held && p.held.length ? h("span", { class: "badge badge-error" }, `held on ${p.held.join(", ")}`) : null,
+      p.pending && p.pending.length ? h("span", { class: "muted" }, ` · waiting on ${p.pending.join(", ")}`) : null);
+    const items = errors.map((e) => h("li", {},
+      h("code", { class: "where" }, e.line ? `${e.path}:${e.line}` : e.path), ": ",
+      h("span", { class: "code" }, e.type), ": ", e.message.split("\n")[0],
+      e.new ? h("span", { class: "tag" }, "new") : null,
+      h("span", { class: "muted" }, ` (${e.sidecars.join(", ")})`)));
+    (p.duplicates || []).forEach((dup) => items.push(h("li", {},
+      h("span", { class: "code" }, "duplicate DAG id"), ": ", h("code", {}, dup.dag_id), " in ", dup.paths.join(", "))));
+    if (p.import_errors_total > errors.length) items.push(h("li", { class: "muted" }, `… and ${p.import_errors_total - errors.length} more`));
+    return h("div", {}, head, items.length ? h("ul", { class: "errors", "aria-label": "Import errors" }, items) : null);
   }
 
   function isNewer(d, page) {

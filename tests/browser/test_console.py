@@ -212,6 +212,27 @@ def test_a_rejected_deploy_shows_its_errors_with_file_and_line(
     shoot(page, screenshots, "desktop-history-rejected")
 
 
+def test_a_deploy_airflow_could_not_fully_load_shows_the_import_errors_by_file_with_their_sidecars(
+    open_console: OpenConsole, stack: dict[str, Any], demo_live: dict[str, Any], tmp_path: Path, screenshots: Path
+) -> None:
+    dags = write_dags(tmp_path / "dags", {"ok.py": dag_source("console_parsed"),
+                                          "needs_pandas.py": "from airflow import DAG\nimport pandas_not_here\n"})
+    proc = deploy_dags(stack, dags, "--wait", "--json", "--allow-import-errors", "--allow-dag-removal")
+    assert proc.returncode == 0, proc.stderr
+    deployed = parse_json_stdout(proc)
+    assert deployed["parse"]["status"] == "parsed"
+
+    page = open_console(fragment="#d=demo&tab=history")
+    sign_in(page, stack["token"])
+    row = history_row(page, deployed["deploy_id"])
+    errors = row.get_by_role("list", name="Import errors")
+    expect(errors).to_contain_text(re.compile(r"needs_pandas\.py:2: ModuleNotFoundError: No module named 'pandas_not_here'"))
+    for s in stack["sidecars"]:
+        expect(errors).to_contain_text(s["name"])
+    expect(row.locator(".parse").first).to_contain_text(re.compile(r"Airflow loaded 1 of 2 files"))
+    shoot(page, screenshots, "desktop-history-import-errors")
+
+
 def test_rollback_from_the_console_asks_first_then_moves_every_sidecar_to_a_new_version(
     open_console: OpenConsole, stack: dict[str, Any], demo_live: dict[str, Any], screenshots: Path
 ) -> None:
