@@ -48,6 +48,12 @@ class Conflict(DagcastError):
     code = "conflict"
 
 
+class BaseMoved(Conflict):
+    """A delta upload names a base version that is no longer live: make the delta again against the live one."""
+
+    code = "base_moved"
+
+
 class StorageError(DagcastError):
     """An AWS call failed; the message names the step that failed."""
 

@@ -11,12 +11,14 @@ per file, a deadline per bundle; see chalicelib.bundle.compile_workers).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Any, BinaryIO, cast
 from urllib.parse import unquote_plus
 
 from aws_lambda_powertools import Logger
@@ -24,21 +26,25 @@ from aws_lambda_powertools.utilities.data_classes import S3Event
 
 from chalicelib.bundle import (
     Bounds,
+    BundleError,
+    BundleRejected,
     CompileCache,
     CompileWorkerError,
     CompileWorkers,
     DeltaCollector,
+    DeltaMismatch,
     Issue,
     Limits,
     Report,
     validate_stream,
 )
+from chalicelib.bundle.rebuild import read_delta, rebuild_bundle
 from chalicelib.exceptions import NotFound, StorageError
 from chalicelib.manifest import diff_manifests
-from chalicelib.models import Deploy, DeployState, IngestEvent
+from chalicelib.models import DeltaUpload, Deploy, DeployState, IngestEvent
 from chalicelib.publish import LiveBase, Publisher
 from chalicelib.settings import Settings
-from chalicelib.storage import BundleStorage, parse_bundle_key
+from chalicelib.storage import BundleStorage, parse_bundle_key, parse_delta_key
 from chalicelib.store import Store
 from chalicelib.telemetry import Telemetry
 
@@ -69,6 +75,7 @@ class Outcome(str, Enum):
     ACTIVE = "active"
     REJECTED = "rejected"
     IGNORED = "ignored"
+    REBUILT = "rebuilt"  # a delta became the deploy's bundle; its own notification follows
 
 
 class Ingest:
@@ -90,15 +97,21 @@ class Ingest:
         self._workers = compile_workers(settings)
 
     def handle(self, event: IngestEvent) -> Outcome:
+        delta = parse_delta_key(event.key)
+        if delta is not None and event.bucket == self._bundles.bucket:
+            return self._with_keys(event, *delta, self._handle_delta)
         parsed = parse_bundle_key(event.key)
         if parsed is None or event.bucket != self._bundles.bucket:
             logger.warning("ignoring object that is not a bundle", extra={"key": event.key})
             return Outcome.IGNORED
-        deployment, deploy_id = parsed
+        return self._with_keys(event, *parsed, self._handle)
+
+    def _with_keys(self, event: IngestEvent, deployment: str, deploy_id: str,
+                   handler: Callable[[IngestEvent, str, str], Outcome]) -> Outcome:
         logger.append_keys(deployment=deployment, deploy_id=deploy_id)
         logger.set_correlation_id(deploy_id)
         try:
-            return self._handle(event, deployment, deploy_id)
+            return handler(event, deployment, deploy_id)
         finally:  # the next record of the batch (or the next invocation of a warm function) is another deploy
             logger.remove_keys(["deployment", "deploy_id"])
             logger.set_correlation_id(None)
@@ -116,6 +129,96 @@ class Ingest:
             self._remove_late_write(self._store.get_deploy(deployment, deploy_id), event)
             return Outcome.IGNORED
         return self._validate_and_publish(deploy.model_copy(update={"uploaded_at": uploaded_at}), event.version_id)
+
+    def _handle_delta(self, event: IngestEvent, deployment: str, deploy_id: str) -> Outcome:
+        """An uploaded delta: rebuild the deploy's bundle from its base version and write it to the
+        deploy's key, whose arrival is then validated like any upload (the deploy stays PENDING until
+        then). A delta that cannot give the announced bundle rejects the deploy, saying why."""
+        try:
+            deploy = self._store.get_deploy(deployment, deploy_id)
+        except NotFound:
+            logger.warning("ignoring delta with no deploy record", extra={"key": event.key})
+            return Outcome.IGNORED
+        if deploy.delta is None or deploy.delta_key != event.key or deploy.state is not DeployState.PENDING:
+            if deploy.state in ABANDONED or deploy.delta_key == event.key:
+                self._bundles.delete(event.key)  # cancelled, expired or already rebuilt: the delta has no more use
+            logger.info("delta not needed", extra={"state": deploy.state.value})
+            return Outcome.IGNORED
+        started = time.monotonic()
+        problem = self._rebuild(deploy, deploy.delta, event.version_id)
+        if problem is None:
+            return Outcome.REBUILT  # the rebuilt bundle's own notification carries the deploy on
+        if self._store.start_validation(deployment, deploy_id, self._clock(), stored_at=event.stored_at) is None:
+            return Outcome.IGNORED
+        self._bundles.delete(event.key)
+        return self._reject(deploy, [problem], started)
+
+    def _rebuild(self, deploy: Deploy, delta: DeltaUpload, object_version: str | None) -> Issue | None:
+        """Write the rebuilt bundle to deploy.key; the Issue that rejects the deploy, or None when written."""
+        assert deploy.delta_key is not None
+        deployment = self._store.get_deployment(deploy.deployment)
+        limits = deployment.limits
+        if deployment.current_version != delta.base_version:
+            return _issue("base_moved", f"the delta was made against v{delta.base_version}, but "
+                          f"v{deployment.current_version} went live meanwhile; deploy again (the CLI does, once)")
+        try:
+            base = self._store.get_version(deploy.deployment, delta.base_version)
+        except NotFound:
+            return _issue("base_unavailable", f"v{delta.base_version}, the delta's base, is no longer kept")
+        if base.sha256 != delta.base_sha256:
+            return _issue("base_moved", f"v{delta.base_version} is not the bundle the delta was made against")
+        base_deploy = self._store.get_deploy_fields(deploy.deployment, base.deploy_id, ["manifest_key"])
+        manifest = self._publisher.load_manifest(base_deploy.get("manifest_key"))
+        try:
+            body, size, _ = self._bundles.open(deploy.delta_key, object_version)
+        except StorageError:
+            return _issue("upload_missing", "the uploaded delta cannot be read")
+        try:
+            if size != delta.size:
+                return _issue("size_mismatch", f"uploaded {size} bytes of delta, announced {delta.size}")
+            checked = _HashingReader(body)
+            try:
+                uploaded = read_delta(cast(BinaryIO, checked), limits, [f.path for f in manifest or []], delta.removed)
+            except BundleRejected as exc:
+                first = exc.report.errors[0] if exc.report.errors else _issue("invalid_delta", "the delta is not valid")
+                return first.model_copy(update={"message": f"the uploaded delta: {first.message}"})
+        finally:
+            body.close()
+        if checked.sha.hexdigest() != delta.sha256:
+            return _issue("checksum_mismatch", f"uploaded delta sha256 {checked.sha.hexdigest()} does not match "
+                          f"announced {delta.sha256}")
+        if manifest is None:
+            return _issue("base_unavailable", f"the file list of v{delta.base_version}, the delta's base, is gone")
+        with tempfile.TemporaryFile(prefix="dagcast-rebuilt-") as out:
+            try:
+                base_body, _, _ = self._bundles.open(base.key, base.object_version)
+            except StorageError:
+                return _issue("base_unavailable", f"the bundle of v{delta.base_version}, the delta's base, is gone")
+            try:
+                info = rebuild_bundle(base_body, base.limits, uploaded, delta.removed, delta.files_sha256, out,
+                                      delta.compresslevel)
+            except DeltaMismatch as exc:
+                return _issue("delta_mismatch", str(exc))
+            except BundleError as exc:
+                return _issue("delta_mismatch", f"the rebuilt bundle cannot be written: {exc}")
+            except OSError as exc:  # the S3 stream broke: let the queue redeliver
+                raise StorageError(f"cannot read the base bundle {base.key}: {exc}") from exc
+            finally:
+                base_body.close()
+            if (info.sha256, info.size) != (deploy.sha256, deploy.size):
+                return _issue("delta_rebuild_mismatch", f"the bundle rebuilt from v{delta.base_version} and the delta "
+                              f"(sha256 {info.sha256}, {info.size} bytes) is not the announced one "
+                              f"(sha256 {deploy.sha256}, {deploy.size} bytes)")
+            out.seek(0)
+            if not self._store.mark_rebuilt(deploy.deployment, deploy.deploy_id, self._clock()):
+                logger.info("deploy cancelled or expired while its bundle was rebuilt")
+                self._bundles.delete(deploy.delta_key)
+                return None
+            self._bundles.put_checked(deploy.key, out, deploy.sha256)
+        logger.info("bundle rebuilt from a delta", extra={"base_version": delta.base_version, "delta_bytes": delta.size,
+                                                           "bundle_bytes": info.size})
+        self._bundles.delete(deploy.delta_key)
+        return None
 
     def _remove_late_write(self, deploy: Deploy, event: IngestEvent) -> None:
         """A write to the key of a deploy already decided: the upload of a cancelled or expired deploy
@@ -199,7 +302,8 @@ class Ingest:
             reason = errors[0].code if errors else "unknown"
             logger.info("deploy rejected", extra={"errors": len(errors), "first": reason})
             self._telemetry.deploy_rejected(reason, validation_ms / 1000)
-            self._bundles.tag(deploy.key, {"dagcast-state": "rejected"})  # the lifecycle rule expires it
+            if deploy.delta is None:  # a rejected delta was deleted, and no bundle was written
+                self._bundles.tag(deploy.key, {"dagcast-state": "rejected"})  # the lifecycle rule expires it
         return Outcome.REJECTED
 
     def _activate(
@@ -238,6 +342,19 @@ class Ingest:
             upload_to_active_s=(version.created_at - uploaded) / 1000 if uploaded else None,
         )
         return Outcome.ACTIVE
+
+
+class _HashingReader:
+    """A read-only stream that hashes what passes through it."""
+
+    def __init__(self, raw: Any) -> None:
+        self._raw = raw
+        self.sha = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self._raw.read(n)
+        self.sha.update(data)
+        return data
 
 
 def _issue(code: str, message: str) -> Issue:

@@ -124,6 +124,9 @@ class Deploy(BaseModel):
     )
     converged_at: int | None = None
     cancelled_by: str | None = None
+    delta: DeltaUpload | None = Field(None, description="the delta this deploy uploads instead of its bundle")
+    delta_key: str | None = Field(None, description="where the delta is uploaded; ingest rebuilds the bundle at key")
+    rebuilt_at: int | None = Field(None, description="when ingest rebuilt the bundle from the base and the delta")
 
     def stages(self) -> DeployStages:
         """Where this deploy's time went, from its own timestamps (None where a stage has not happened)."""
@@ -257,11 +260,27 @@ class UpdateDeployment(Strict):
     parse_mode: ParseMode | None = None
 
 
+class DeltaUpload(Strict):
+    """What a deploy that uploads a delta (not its bundle) announces: the live version the delta was made
+    against, the delta archive's own size and sha256, the files the base has and this version does not,
+    and the digest of this version's file list. The deploy's sha256 and size stay the full bundle's."""
+
+    base_version: int = Field(ge=1)
+    base_sha256: str = Field(pattern=SHA256_RE)
+    sha256: str = Field(pattern=SHA256_RE)
+    size: int = Field(gt=0)
+    files_sha256: str = Field(pattern=SHA256_RE)
+    compresslevel: int = Field(1, ge=1, le=9, description="the gzip level the bundle was written with")
+    removed: list[Annotated[str, StringConstraints(min_length=1, max_length=1024)]] = Field(
+        default_factory=list, max_length=10_000)
+
+
 class CreateDeploy(Strict):
     sha256: str = Field(pattern=SHA256_RE)
     size: int = Field(gt=0)
     description: str = Field("", max_length=1024)
     git: GitInfo | None = None
+    delta: DeltaUpload | None = Field(None, description="upload a delta against the live version instead of the bundle")
 
 
 class RegisterSidecar(Strict):

@@ -9,12 +9,13 @@ import time
 from collections.abc import Callable
 
 from chalicelib.auth import ROLE_PERMISSIONS, Permission, hash_token, new_token
-from chalicelib.exceptions import BundleTooLarge, Conflict, Forbidden, InvalidRequest, NotFound, StorageError
+from chalicelib.exceptions import BaseMoved, BundleTooLarge, Conflict, Forbidden, InvalidRequest, NotFound, StorageError
 from chalicelib.models import (
     CreatedDeploy,
     CreateDeploy,
     CreateDeployment,
     CreateToken,
+    DeltaUpload,
     Deploy,
     Deployment,
     DeployParse,
@@ -45,7 +46,7 @@ from chalicelib.notify import SidecarQueues
 from chalicelib.publish import Publisher, new_uid
 from chalicelib.settings import Settings
 from chalicelib.signing import ALGORITHM, Signer, SigningError
-from chalicelib.storage import BundleStorage, bundle_key
+from chalicelib.storage import BundleStorage, bundle_key, uploaded_delta_key
 from chalicelib.store import Store
 from chalicelib.telemetry import Telemetry
 
@@ -116,9 +117,12 @@ class ControlPlane:
             raise BundleTooLarge(
                 f"the bundle is {_mib(req.size)} compressed, over the deployment's limit of {_mib(dep.limits.max_bundle_bytes)}"
             )
+        if req.delta is not None:
+            self._check_delta_base(dep, req.delta)
         clock = self._clock()
         deploy_id = new_deploy_id(clock)
         key = bundle_key(deployment, deploy_id)
+        upload_key = uploaded_delta_key(deployment, deploy_id) if req.delta else key
         deploy = Deploy(
             deployment=deployment,
             deploy_id=deploy_id,
@@ -132,9 +136,11 @@ class ControlPlane:
             created_at=clock,
             activations={},
             parsed={},
+            delta=req.delta,
+            delta_key=upload_key if req.delta else None,
         )
         expires = self._settings.upload_expiry_seconds
-        url, fields = self._bundles.presigned_upload(key, req.size, req.sha256, expires)
+        url, fields = self._presign(deploy, expires)
         self._store.create_deploy(deploy)
         return CreatedDeploy(deploy=deploy, upload=UploadForm(url=url, fields=fields, expires_at=clock + expires * 1000))
 
@@ -213,8 +219,28 @@ class ControlPlane:
         if deploy.state is not DeployState.PENDING:
             raise Conflict(f"deploy {deploy_id} is {deploy.state.value}; only a PENDING deploy takes an upload")
         expires = self._settings.upload_expiry_seconds
-        url, fields = self._bundles.presigned_upload(deploy.key, deploy.size, deploy.sha256, expires)
+        url, fields = self._presign(deploy, expires)
         return UploadForm(url=url, fields=fields, expires_at=self._clock() + expires * 1000)
+
+    def _presign(self, deploy: Deploy, expires: int) -> tuple[str, dict[str, str]]:
+        """The upload form of a deploy: bound to its bundle's key, size and sha256, or to its delta's."""
+        if deploy.delta is not None and deploy.delta_key is not None:
+            return self._bundles.presigned_upload(deploy.delta_key, deploy.delta.size, deploy.delta.sha256, expires)
+        return self._bundles.presigned_upload(deploy.key, deploy.size, deploy.sha256, expires)
+
+    def _check_delta_base(self, dep: Deployment, delta: DeltaUpload) -> None:
+        """A delta is accepted against the live version only (BaseMoved otherwise: the CLI makes it again)."""
+        if delta.size > dep.limits.max_bundle_bytes:
+            raise BundleTooLarge(f"the delta is {_mib(delta.size)} compressed, over the deployment's limit of "
+                                 f"{_mib(dep.limits.max_bundle_bytes)}")
+        if not dep.current_version or dep.current_version != delta.base_version:
+            live = f"v{dep.current_version} is live" if dep.current_version else "no version is live"
+            raise BaseMoved(f"the delta was made against v{delta.base_version}, but {live}; make it again "
+                            "against the live version, or upload the whole bundle")
+        live_sha = self._store.get_version(dep.name, dep.current_version).sha256
+        if live_sha != delta.base_sha256:
+            raise BaseMoved(f"the delta was made against a bundle with sha256 {delta.base_sha256}, but the live "
+                            f"v{dep.current_version} is {live_sha}")
 
     def cancel_deploy(self, deployment: str, deploy_id: str, by: str) -> Deploy:
         """PENDING or VALIDATING -> CANCELLED; the deploy never goes live, and its upload is deleted
@@ -222,6 +248,8 @@ class ControlPlane:
         deploy = self._store.cancel_deploy(deployment, deploy_id, by)
         if _owns_key(deploy):  # a rollback serves an earlier deploy's bundle: that one is not its to delete
             self._bundles.delete(deploy.key)
+        if deploy.delta_key:
+            self._bundles.delete(deploy.delta_key)
         return deploy
 
     def rollback(self, deployment: str, deploy_id: str, created_by: str) -> Deploy:

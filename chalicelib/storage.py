@@ -26,12 +26,28 @@ def delta_key(deployment: str, deploy_id: str) -> str:
     return f"deltas/{deployment}/{deploy_id}.tar.gz"
 
 
+DELTA_SUFFIX = ".delta.tar.gz"
+
+
+def uploaded_delta_key(deployment: str, deploy_id: str) -> str:
+    """Where a deploy that uploads a delta puts it (under bundles/: its arrival notifies ingest too)."""
+    return f"bundles/{deployment}/{deploy_id}{DELTA_SUFFIX}"
+
+
 def parse_bundle_key(key: str) -> tuple[str, str] | None:
-    """(deployment, deploy_id) of a bundle key, or None for keys that are not bundles."""
+    """(deployment, deploy_id) of a bundle key, or None for keys that are not bundles (an uploaded delta is not)."""
     parts = key.split("/")
-    if len(parts) != 3 or parts[0] != "bundles" or not parts[2].endswith(".tar.gz"):
+    if len(parts) != 3 or parts[0] != "bundles" or not parts[2].endswith(".tar.gz") or parts[2].endswith(DELTA_SUFFIX):
         return None
     return parts[1], parts[2].removesuffix(".tar.gz")
+
+
+def parse_delta_key(key: str) -> tuple[str, str] | None:
+    """(deployment, deploy_id) of an uploaded delta's key, or None."""
+    parts = key.split("/")
+    if len(parts) != 3 or parts[0] != "bundles" or not parts[2].endswith(DELTA_SUFFIX):
+        return None
+    return parts[1], parts[2].removesuffix(DELTA_SUFFIX)
 
 
 def sha256_b64(hex_digest: str) -> str:
@@ -89,10 +105,20 @@ class BundleStorage:
         version_id = out.get("VersionId")
         return out["Body"], int(out["ContentLength"]), None if version_id in (None, "null") else str(version_id)
 
-    def put(self, key: str, body: bytes, content_type: str) -> str | None:
+    def put(self, key: str, body: bytes | BinaryIO, content_type: str) -> str | None:
         """Write the object; returns its object version id (None on a bucket without versioning)."""
         try:
             out = self._s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)
+        except ClientError as exc:
+            raise StorageError(f"cannot write {key}: {exc}") from exc
+        version_id = out.get("VersionId")
+        return None if version_id in (None, "null") else str(version_id)
+
+    def put_checked(self, key: str, body: BinaryIO, sha256_hex: str) -> str | None:
+        """Write a bundle from a file (streamed, not held in memory) that S3 must find to hash to sha256_hex."""
+        try:
+            out = self._s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=BUNDLE_CONTENT_TYPE,
+                                      ChecksumSHA256=sha256_b64(sha256_hex))
         except ClientError as exc:
             raise StorageError(f"cannot write {key}: {exc}") from exc
         version_id = out.get("VersionId")

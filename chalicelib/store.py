@@ -356,6 +356,23 @@ class Store:
         """Record a rollback deploy directly in VALIDATING: its bundle was validated before."""
         self.create_deploy(deploy)
 
+    def mark_rebuilt(self, deployment: str, deploy_id: str, now_ms: int) -> bool:
+        """Record that ingest rebuilt a PENDING deploy's bundle from its delta; False when the deploy is
+        no longer PENDING (cancelled or expired meanwhile), and its bundle must not be written."""
+        try:
+            self._table.update_item(
+                Key={"pk": _pk(deployment), "sk": _deploy_sk(deploy_id)},
+                UpdateExpression="SET rebuilt_at = :now",
+                ConditionExpression="#s = :pending",
+                ExpressionAttributeNames={"#s": "state"},
+                ExpressionAttributeValues={":now": now_ms, ":pending": DeployState.PENDING.value},
+            )
+        except ClientError as exc:
+            if _failed_condition(exc):
+                return False
+            raise StorageError(f"cannot mark deploy {deploy_id} rebuilt: {exc}") from exc
+        return True
+
     def cancel_deploy(self, deployment: str, deploy_id: str, by: str) -> Deploy:
         """PENDING or VALIDATING -> CANCELLED. Activation requires VALIDATING in the same transaction
         that publishes, so a deploy cancelled while its upload is validated never goes live."""

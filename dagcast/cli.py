@@ -302,6 +302,7 @@ def _parse_for_validate(path: Path, summary: dict[str, Any]) -> None:
 @click.option("--description", default="", help="What this deploy changes (default: the git commit subject).")
 @click.option("--skip-validation", is_flag=True, help="Skip local validation (the server still validates).")
 @click.option("--force", is_flag=True, help="Deploy even when the live version has the same bundle.")
+@click.option("--full", is_flag=True, help="Upload the whole bundle, not a delta against the live version.")
 @click.option("--dry-run", is_flag=True, help="List what would ship (links too) and the DAG diff; upload nothing.")
 @click.option("--allow-dag-removal", is_flag=True, help="Deploy even though it removes DAGs (otherwise asked on a "
               "terminal; elsewhere warned, or refused with exit 2 where the deployment says dag_removal: confirm).")
@@ -324,6 +325,7 @@ def deploy(
     description: str,
     skip_validation: bool,
     force: bool,
+    full: bool,
     dry_run: bool,
     allow_dag_removal: bool,
     yes: bool,
@@ -360,6 +362,7 @@ def deploy(
         require_all=require_all,
         skip_validation=skip_validation,
         force=force,
+        full=full,
         dry_run=dry_run,
         description=description,
         allow_dag_removal=allow_dag_removal or yes,

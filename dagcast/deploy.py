@@ -6,6 +6,7 @@ the deploy on the server, so a deploy this command abandoned never goes live.
 """
 from __future__ import annotations
 
+import io
 import tempfile
 import threading
 import time
@@ -82,6 +83,7 @@ class DeployOptions:
     upload_attempts: int = 4
     poll_interval: float = 0.2
     allow_import_errors: bool = False  # exit 0, not 5, when Airflow reports new import errors
+    full: bool = False  # --full: upload the bundle even when a delta against the live version would do
     parse_locally: bool = False  # --parse: Airflow's loader on the folder before the upload
 
 
@@ -132,6 +134,7 @@ class DeployResult:
     diff: dict[str, Any] | None = None
     files_list: list[dict[str, Any]] | None = None
     uploaded: bool = False
+    upload: dict[str, Any] | None = None  # what went up: {kind: delta|bundle, bytes, base_version}
     timings: Timings = field(default_factory=Timings)
 
     def to_json(self) -> dict[str, Any]:
@@ -148,6 +151,7 @@ class DeployResult:
             "converged": self.converged,
             "parse": self.parse,
             "diff": self.diff,
+            "upload": self.upload,
             "timings": self.timings.to_json(),
             **({"files_list": self.files_list} if self.files_list is not None else {}),
         }
@@ -276,35 +280,159 @@ def _run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | Non
         if git:
             body["git"] = git
         mark = time.perf_counter()
-        try:
-            created = api.create_deploy(opts.deployment, body)
-        except ApiError as exc:
-            if exc.code == "bundle_too_large":  # refused by the server for its size: a rejection
-                result.state = "REJECTED"
-                result.errors = [{"code": exc.code, "path": None, "line": None, "message": exc.api_message}]
-                raise BundleInvalid(f"the server refused the bundle: {exc.api_message}", result.errors) from exc
-            raise
-        mark = timings.lap("presign_s", mark)
-        deploy_id = created["deploy"]["deploy_id"]
-        result.deploy_id, result.state = deploy_id, created["deploy"].get("state", "PENDING")
-        say(f"Deploy {deploy_id} created; uploading {human_size(info.size)}")
-        form = created["upload"]
-        for _ in range(2):
-            try:
-                upload(form, ProgressReader(tmp, info.size, progress) if progress else tmp, opts.upload_attempts, say)
-                break
-            except UploadExpired:
-                say("the upload form expired; asking for a fresh one")
-                form = api.renew_upload(opts.deployment, deploy_id)
-        else:
-            raise UploadFailed("the upload form expired twice; check this machine's clock")
+        base = (live, ahead.manifest) if live is not None and report is not None and not opts.full else None
+        deploy_id = _ship(api, opts, tmp, info, body, base, ahead.limits, say, result, progress)
         result.uploaded = True
-        elapsed = max(time.perf_counter() - mark, 1e-6)
         mark = timings.lap("upload_s", mark)
-        say(f"Uploaded {human_size(info.size)} in {elapsed:.1f}s ({human_size(int(info.size / elapsed))}/s)")
         if not opts.wait:
             return result
         return wait(api, opts, deploy_id, result, say)
+
+
+RETRY_FULL = ("base_unavailable", "delta_mismatch", "delta_rebuild_mismatch")  # a delta that cannot work: send it all
+
+
+def _ship(api: ApiClient, opts: DeployOptions, tmp: BinaryIO, info: BundleInfo, body: dict[str, Any],
+          base: tuple[dict[str, Any], list[FileEntry] | None] | None, limits: Limits | None, say: Say,
+          result: DeployResult, progress: Progress | None) -> str:
+    """Create the deploy and upload it: a delta against the live version when there is one (and it is
+    small), else the bundle. A delta the API or ingest refuses because the live version moved is made
+    again once against the new live version; after that, or when the delta cannot work, the bundle goes.
+    Returns the deploy's id (once a delta was rebuilt into the bundle, or the bundle was uploaded)."""
+    attempts_left = 2
+    while True:
+        delta = _delta_against(tmp, limits, *base) if base is not None and base[1] is not None else None
+        timings = result.timings
+        mark = time.perf_counter()
+        created = _create(api, opts, {**body, **({"delta": delta.announce} if delta else {})}, result)
+        if created is None:  # 409 base_moved
+            base = _retry_base(api, opts, say, attempts_left := attempts_left - 1)
+            continue
+        timings.add("presign_s", time.perf_counter() - mark)
+        deploy_id = str(created["deploy"]["deploy_id"])
+        result.deploy_id, result.state = deploy_id, created["deploy"].get("state", "PENDING")
+        if delta is not None:
+            say(f"Deploy {deploy_id} created; uploading delta against v{delta.base_version}: {delta.counts} "
+                f"({human_size(len(delta.data))} instead of {human_size(info.size)})")
+            stream: BinaryIO = io.BytesIO(delta.data)
+            size = len(delta.data)
+        else:
+            say(f"Deploy {deploy_id} created; uploading {human_size(info.size)}")
+            stream, size = tmp, info.size
+        mark = time.perf_counter()
+        _upload_form(api, opts, deploy_id, created["upload"], stream, size, say, progress)
+        elapsed = max(time.perf_counter() - mark, 1e-6)
+        say(f"Uploaded {human_size(size)} in {elapsed:.1f}s ({human_size(int(size / elapsed))}/s)")
+        result.upload = {"kind": "delta" if delta else "bundle", "bytes": size,
+                         **({"base_version": delta.base_version} if delta else {})}
+        if delta is None:
+            return deploy_id
+        refused = _await_rebuild(api, opts, deploy_id, say)
+        if refused is None:
+            return deploy_id
+        say(f"the delta was refused ({refused['code']}): {refused['message']}")
+        if refused["code"] == "base_moved" and attempts_left > 1:
+            base = _retry_base(api, opts, say, attempts_left := attempts_left - 1)
+        else:
+            say("uploading the whole bundle instead")
+            base, attempts_left = None, 0
+
+
+@dataclass
+class _Delta:
+    data: bytes
+    base_version: int
+    announce: dict[str, Any]
+    counts: str
+
+
+def _delta_against(tmp: BinaryIO, limits: Limits | None, live: dict[str, Any], manifest: list[FileEntry] | None) -> _Delta | None:
+    """The delta of the bundle in tmp against the live version (its manifest), or None when it would not
+    be much smaller than the bundle."""
+    if manifest is None:
+        return None
+    from chalicelib.bundle import DeltaCollector
+
+    old = {f.path: f.sha256 for f in manifest}
+    collect = DeltaCollector(old)
+    tmp.seek(0)
+    report = validate_stream(tmp, limits, check_python=False, collect=collect)
+    built = collect.build(report.manifest, report.bytes) if report.valid else None
+    size = tmp.seek(0, 2)
+    if built is None or len(built.data) * 2 > size:
+        return None
+    version = live["version"]
+    changed = sum(1 for f in report.manifest if f.path in old and old[f.path] != f.sha256)
+    added = sum(1 for f in report.manifest if f.path not in old)
+    return _Delta(
+        data=built.data,
+        base_version=int(version["version"]),
+        announce={"base_version": version["version"], "base_sha256": version["sha256"], "sha256": built.sha256,
+                  "size": len(built.data), "files_sha256": built.files_sha256, "removed": built.removed,
+                  "compresslevel": bundler.COMPRESSLEVEL},
+        counts=f"{changed} changed, {added} added, {len(built.removed)} removed",
+    )
+
+
+def _create(api: ApiClient, opts: DeployOptions, body: dict[str, Any], result: DeployResult) -> dict[str, Any] | None:
+    """POST /deploys; None when the API says the delta's base is no longer live."""
+    try:
+        return api.create_deploy(opts.deployment, body)
+    except ApiError as exc:
+        if exc.code == "base_moved" and "delta" in body:
+            return None
+        if exc.code == "bundle_too_large":  # refused by the server for its size: a rejection
+            result.state = "REJECTED"
+            result.errors = [{"code": exc.code, "path": None, "line": None, "message": exc.api_message}]
+            raise BundleInvalid(f"the server refused the bundle: {exc.api_message}", result.errors) from exc
+        raise
+
+
+def _retry_base(api: ApiClient, opts: DeployOptions, say: Say,
+                attempts_left: int) -> tuple[dict[str, Any], list[FileEntry] | None] | None:
+    """The live version to make the delta against again, or None (upload the bundle)."""
+    if attempts_left <= 0:
+        say("the live version moved again; uploading the whole bundle")
+        return None
+    live = _live_version(api, opts.deployment)
+    if live is None:
+        return None
+    say(f"v{live['version']['version']} went live meanwhile; making the delta against it")
+    return live, _live_manifest(live)
+
+
+def _upload_form(api: ApiClient, opts: DeployOptions, deploy_id: str, form: dict[str, Any], stream: BinaryIO,
+                 size: int, say: Say, progress: Progress | None) -> None:
+    for _ in range(2):
+        try:
+            upload(form, ProgressReader(stream, size, progress) if progress else stream, opts.upload_attempts, say)
+            return
+        except UploadExpired:
+            say("the upload form expired; asking for a fresh one")
+            form = api.renew_upload(opts.deployment, deploy_id)
+    raise UploadFailed("the upload form expired twice; check this machine's clock")
+
+
+def _await_rebuild(api: ApiClient, opts: DeployOptions, deploy_id: str, say: Say) -> dict[str, Any] | None:
+    """Wait until ingest has turned the uploaded delta into the bundle (the deploy leaves PENDING); the
+    error that refused the delta when it cannot (REJECTED with a delta's reason), else None."""
+    deadline = time.monotonic() + opts.timeout
+    while time.monotonic() < deadline:
+        try:
+            view = api.get_deploy(opts.deployment, deploy_id, wait=min(20, max(1, int(deadline - time.monotonic()))))
+        except ApiError:
+            raise
+        except ClientError:
+            time.sleep(opts.poll_interval)
+            continue
+        deploy = view["deploy"]
+        if deploy["state"] == "PENDING":
+            continue
+        errors = deploy.get("errors") or []
+        if deploy["state"] == "REJECTED" and errors and errors[0]["code"] in ("base_moved", *RETRY_FULL):
+            return dict(errors[0])
+        return None
+    return None  # the wait that follows (or not) says what became of it
 
 
 def _confirm_removal(diff: DeployDiff, opts: DeployOptions, say: Say, required: bool) -> None:

@@ -15,14 +15,14 @@ import stat
 import struct
 import tarfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from chalicelib.exceptions import BundleError, DagcastError
 
-__all__ = ["BundleError", "BundleInfo", "DagcastError", "write_bundle"]
+__all__ = ["BundleError", "BundleInfo", "BundleWriter", "DagcastError", "write_bundle"]
 
 _BLOCK = 512
 _RECORD = 20 * _BLOCK
@@ -162,10 +162,7 @@ def write_bundle(root: Path, relpaths: Iterable[str], out: BinaryIO, *, compress
             dir_ok[parent] = ok
         return ok
 
-    sink = _GzipSink(out, compresslevel)
-    files = 0
-    total = 0
-    offset = 0
+    writer = BundleWriter(out, compresslevel)
     for rel in paths:
         full = os.path.join(root_real, rel)
         if not parent_is_real(rel):
@@ -174,44 +171,80 @@ def write_bundle(root: Path, relpaths: Iterable[str], out: BinaryIO, *, compress
             fd = os.open(full, _OPEN_FLAGS)
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                block = _symlink_header(rel, full, root_real, wanted, implied)
-                sink.write(block)
-                offset += len(block)
+                writer.raw(_symlink_header(rel, full, root_real, wanted, implied))
                 continue
             raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise BundleError(f"{rel}: not a regular file")
-            size = st.st_size
-            block = _header(rel, size, tarfile.REGTYPE)
-            sink.write(block)
-            got = 0
-            while True:
-                chunk = os.read(fd, min(_READ_CHUNK, size - got + 1))
-                if not chunk:
-                    break
-                got += len(chunk)
-                if got > size:
-                    raise BundleError(f"{rel}: file grew while it was being bundled")
-                sink.write(chunk)
-            if got != size:
-                raise BundleError(f"{rel}: file shrank while it was being bundled")
+            writer.add_file(rel, st.st_size, _read_exactly(fd, rel, st.st_size))
         except OSError as exc:
             raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
         finally:
             os.close(fd)
+    return writer.close()
+
+
+def _read_exactly(fd: int, rel: str, size: int) -> Iterator[bytes]:
+    got = 0
+    while True:
+        chunk = os.read(fd, min(_READ_CHUNK, size - got + 1))
+        if not chunk:
+            break
+        got += len(chunk)
+        if got > size:
+            raise BundleError(f"{rel}: file grew while it was being bundled")
+        yield chunk
+    if got != size:
+        raise BundleError(f"{rel}: file shrank while it was being bundled")
+
+
+class BundleWriter:
+    """The members of a bundle, given in path order, as the deterministic archive write_bundle makes.
+
+    write_bundle feeds it a folder; the ingest function feeds it an earlier version merged with an
+    uploaded delta (chalicelib.bundle.rebuild), and gets the same bytes as bundling the folder.
+    """
+
+    def __init__(self, out: BinaryIO, compresslevel: int = 6) -> None:
+        self._sink = _GzipSink(out, compresslevel)
+        self._offset = 0
+        self.files = 0
+        self.bytes = 0
+
+    def raw(self, block: bytes) -> None:
+        self._sink.write(block)
+        self._offset += len(block)
+
+    def add_file(self, rel: str, size: int, chunks: Iterable[bytes]) -> None:
+        """A regular file of `size` bytes; `chunks` must add up to exactly that (BundleError otherwise)."""
+        self.raw(_header(rel, size, tarfile.REGTYPE))
+        got = 0
+        for chunk in chunks:
+            got += len(chunk)
+            if got > size:
+                raise BundleError(f"{rel}: more bytes than its size of {size}")
+            self._sink.write(chunk)
+        if got != size:
+            raise BundleError(f"{rel}: {got} bytes, not its size of {size}")
         pad = -size % _BLOCK
         if pad:
-            sink.write(b"\x00" * pad)
-        offset += len(block) + size + pad
-        files += 1
-        total += size
-    # End of archive: two zero blocks, then pad to a full record like tar does.
-    offset += 2 * _BLOCK
-    sink.write(b"\x00" * (2 * _BLOCK + (-offset % _RECORD)))
-    sink.close()
-    return BundleInfo(sha256=sink.sha.hexdigest(), size=sink.size, files=files, bytes=total)
+            self._sink.write(b"\x00" * pad)
+        self._offset += size + pad
+        self.files += 1
+        self.bytes += size
+
+    def add_symlink(self, rel: str, linkname: str) -> None:
+        """A symlink whose target, as written in the archive, is linkname (relative to rel's folder)."""
+        self.raw(_header(rel, 0, tarfile.SYMTYPE, linkname))
+
+    def close(self) -> BundleInfo:
+        # End of archive: two zero blocks, then pad to a full record like tar does.
+        self._offset += 2 * _BLOCK
+        self._sink.write(b"\x00" * (2 * _BLOCK + (-self._offset % _RECORD)))
+        self._sink.close()
+        return BundleInfo(sha256=self._sink.sha.hexdigest(), size=self._sink.size, files=self.files, bytes=self.bytes)
 
 
 def _symlink_header(rel: str, full: str, root_real: str, wanted: set[str], implied: set[str]) -> bytes:

@@ -17,7 +17,7 @@ LAYERS: dict[str, int] = {
     "python": 3, "delta": 3,
     "compile_workers": 4,
     "validate": 5,
-    "extract": 6,
+    "extract": 6, "rebuild": 6,
 }
 OUTSIDE_ALLOWED = {"chalicelib.exceptions"}  # what the bundle package may import from the rest of the project
 

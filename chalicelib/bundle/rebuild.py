@@ -1,0 +1,145 @@
+"""A version's bundle rebuilt from an earlier version's bundle and an uploaded delta.
+
+`dagcast deploy` on a slow link uploads a delta (see chalicelib.bundle.delta) instead of the bundle
+when the deployment has a live version. The ingest function turns it back into the bundle the CLI
+built, byte for byte: the delta is read with every rule of a bundle (bounded to MAX_DELTA_BYTES
+uncompressed, held in memory), the base bundle is streamed member by member, and the two are merged
+in path order through the same deterministic writer (format.BundleWriter). The result is checked
+against the digest of the new version's file list here, and against the sha256 and size the deploy
+announced by the caller; then it is validated like any uploaded bundle.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from chalicelib.bundle.delta import MAX_DELTA_BYTES
+from chalicelib.bundle.format import BundleInfo, BundleWriter
+from chalicelib.bundle.report import BundleRejected, DeltaMismatch, FileEntry, Limits, files_digest
+from chalicelib.bundle.rules import BundleScan, relative_link
+from chalicelib.bundle.validate import _run
+
+
+@dataclass
+class UploadedDelta:
+    """The members of a checked delta archive: file bytes and symlink targets (paths from the root)."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    symlinks: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def paths(self) -> list[str]:
+        return sorted(self.files.keys() | self.symlinks.keys())
+
+
+class _Held:
+    """An extraction sink that keeps the members in memory (validate.Sink)."""
+
+    def __init__(self) -> None:
+        self.delta = UploadedDelta()
+        self._open: dict[int, tuple[str, list[bytes]]] = {}
+
+    def mkdir(self, rel: str) -> None:
+        pass  # bundles hold no directory entries: a folder exists because a file is in it
+
+    def add_symlink(self, rel: str, target: str) -> None:
+        self.delta.symlinks[rel] = target
+
+    def open_file(self, rel: str, mode: int) -> int:
+        fd = len(self._open)
+        self._open[fd] = (rel, [])
+        return fd
+
+    def write(self, fd: int, data: bytes) -> None:
+        self._open[fd][1].append(data)
+
+    def close_file(self, fd: int) -> None:
+        rel, parts = self._open.pop(fd)
+        self.delta.files[rel] = b"".join(parts)
+
+    def link(self, rel: str, source: str) -> bool:
+        return False
+
+
+def read_delta(fileobj: BinaryIO, limits: Limits, base_files: Collection[str], removed: Collection[str]) -> UploadedDelta:
+    """The delta archive checked with a bundle's rules (its symlinks may point at base files that stay).
+
+    BundleRejected names what is wrong with it; nothing of it is kept past MAX_DELTA_BYTES.
+    """
+    gone = set(removed)
+    present: set[str] = set()
+    for path in base_files:
+        if path in gone:
+            continue
+        present.add(path)
+        parent = path.rpartition("/")[0]
+        while parent and parent not in present:
+            present.add(parent)
+            parent = parent.rpartition("/")[0]
+    bounded = limits.model_copy(update={"max_total_bytes": min(limits.max_total_bytes, MAX_DELTA_BYTES)})
+    sink = _Held()
+    report = _run(fileobj, bounded, False, sink, present=frozenset(present))
+    if not report.valid:
+        raise BundleRejected(report)
+    return sink.delta
+
+
+def rebuild_bundle(
+    base: BinaryIO, limits: Limits, delta: UploadedDelta, removed: Collection[str], files_sha256: str, out: BinaryIO,
+    compresslevel: int = 6,
+) -> BundleInfo:
+    """Write to out the bundle of the base version's files, less `removed`, with the delta's files and
+    symlinks (a delta carries every symlink of its version). DeltaMismatch when the base bundle is not
+    in the canonical form write_bundle makes, or the result's file list does not match files_sha256.
+    `compresslevel` must be the one the new bundle was written with for the bytes to be the same."""
+    gone = set(removed)
+    pending = delta.paths
+    writer = BundleWriter(out, compresslevel)
+    entries: list[FileEntry] = []
+    at = 0
+
+    def emit_delta_until(path: str | None) -> None:
+        nonlocal at
+        while at < len(pending) and (path is None or pending[at] < path):
+            rel = pending[at]
+            at += 1
+            if rel in delta.symlinks:
+                writer.add_symlink(rel, relative_link(rel.rpartition("/")[0], delta.symlinks[rel]))
+                continue
+            data = delta.files[rel]
+            writer.add_file(rel, len(data), (data,))
+            entries.append(_entry(rel, len(data), hashlib.sha256(data).hexdigest()))
+
+    scan = BundleScan(base, limits)
+    previous = ""
+    for member in scan.members():
+        if member.path <= previous:
+            raise DeltaMismatch(f"the base version's bundle is not in path order at {member.path}")
+        previous = member.path
+        emit_delta_until(member.path)
+        if member.kind != "file" or member.path in gone or member.path in delta.files or member.path in delta.symlinks:
+            for _ in scan.data():  # a base symlink the delta does not repeat is gone with its version
+                pass
+            continue
+        digest = hashlib.sha256()
+        writer.add_file(member.path, member.size, _hashing(scan.data(), digest))
+        entries.append(_entry(member.path, member.size, digest.hexdigest()))
+    if scan.issues:
+        raise DeltaMismatch(f"the base version's bundle cannot be read: {scan.issues.items[0].message}")
+    emit_delta_until(None)
+    info = writer.close()
+    if files_digest(entries) != files_sha256:
+        raise DeltaMismatch("the base version's files with the delta applied are not the files the deploy announced")
+    return info
+
+
+def _hashing(chunks: Iterator[bytes], digest: hashlib._Hash) -> Iterator[bytes]:
+    for chunk in chunks:
+        digest.update(chunk)
+        yield chunk
+
+
+def _entry(path: str, size: int, sha256: str) -> FileEntry:
+    return FileEntry.model_construct(path=path, size=size, sha256=sha256, dag_ids=[])

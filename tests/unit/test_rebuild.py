@@ -1,0 +1,103 @@
+"""Rebuilding a bundle from its base version's bundle and an uploaded delta gives the bytes bundling
+the new folder gives, or refuses: the property ingest relies on before it writes a version's bundle."""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from chalicelib.bundle import BundleRejected, DeltaCollector, DeltaMismatch, Limits, files_digest, validate_stream
+from chalicelib.bundle.format import write_bundle
+from chalicelib.bundle.rebuild import read_delta, rebuild_bundle
+
+NAMES = st.sampled_from(["a.py", "b.py", "lib/c.py", "lib/d.txt", "lib/deep/e.py", "z.sql", "m/n.py"])
+CONTENT = st.binary(max_size=300)
+TREE = st.dictionaries(NAMES, CONTENT, min_size=1, max_size=7)
+
+
+def write(root: Path, tree: dict[str, bytes], links: dict[str, str] | None = None) -> list[str]:
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    for rel, data in tree.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    for rel, target in (links or {}).items():
+        os.symlink(target, root / rel)
+    return [*tree, *(links or {})]
+
+
+def bundle(root: Path, paths: list[str], level: int = 1) -> bytes:
+    out = io.BytesIO()
+    write_bundle(root, paths, out, compresslevel=level)
+    return out.getvalue()
+
+
+def delta_of(new: bytes, base: bytes) -> tuple[bytes, list[str], str]:
+    base_report = validate_stream(io.BytesIO(base), check_python=False)
+    collect = DeltaCollector({f.path: f.sha256 for f in base_report.manifest})
+    report = validate_stream(io.BytesIO(new), check_python=False, collect=collect)
+    built = collect.build(report.manifest, 10**9)  # never "most of it changed": the property covers any change
+    assert built is not None
+    return built.data, built.removed, files_digest(report.manifest)
+
+
+def rebuilt(base: bytes, delta: bytes, removed: list[str], digest: str, level: int = 1) -> bytes:
+    base_paths = [f.path for f in validate_stream(io.BytesIO(base), check_python=False).manifest]
+    uploaded = read_delta(io.BytesIO(delta), Limits(), base_paths, removed)
+    out = io.BytesIO()
+    rebuild_bundle(io.BytesIO(base), Limits(), uploaded, removed, digest, out, level)
+    return out.getvalue()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(old=TREE, new=TREE, link=st.booleans())
+def test_base_plus_delta_is_byte_for_byte_the_bundle_of_the_new_folder(old: dict[str, bytes], new: dict[str, bytes],
+                                                                        link: bool) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base = bundle(root / "old", write(root / "old", old))
+        target = sorted(new)[0]
+        links = {"alias": target} if link and "/" not in target else {}
+        expected = bundle(root / "new", write(root / "new", new, links))
+        delta, removed, digest = delta_of(expected, base)
+        assert rebuilt(base, delta, removed, digest) == expected
+
+
+def test_a_delta_that_does_not_give_the_announced_files_is_refused(tmp_path: Path) -> None:
+    base = bundle(tmp_path / "old", write(tmp_path / "old", {"a.py": b"A = 1\n", "b.py": b"B = 1\n"}))
+    new = bundle(tmp_path / "new", write(tmp_path / "new", {"a.py": b"A = 2\n", "b.py": b"B = 1\n"}))
+    delta, removed, digest = delta_of(new, base)
+    with pytest.raises(DeltaMismatch, match="not the files the deploy announced"):
+        rebuilt(base, delta, removed, "0" * 64)
+    with pytest.raises(DeltaMismatch):  # a file the delta "removes" that the new version still has
+        rebuilt(base, delta, ["b.py"], digest)
+    # The same files written at another gzip level are another bundle: ingest compares the sha256 too.
+    assert rebuilt(base, delta, removed, digest, level=6) != new
+    assert rebuilt(base, delta, removed, digest, level=1) == new
+
+
+def test_a_hostile_delta_is_refused_with_the_bundle_rules() -> None:
+    import tarfile
+
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w:gz") as tar:
+        info = tarfile.TarInfo("../escape.py")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"x=1"))
+    with pytest.raises(BundleRejected) as caught:
+        read_delta(io.BytesIO(evil.getvalue()), Limits(), ["a.py"], [])
+    assert "escape.py" in caught.value.report.errors[0].message
+    bomb = io.BytesIO()
+    with tarfile.open(fileobj=bomb, mode="w:gz") as tar:
+        info = tarfile.TarInfo("big.py")
+        info.size = 17 * 1024 * 1024
+        tar.addfile(info, io.BytesIO(b"\0" * info.size))
+    with pytest.raises(BundleRejected) as caught:  # more than a delta may hold in memory
+        read_delta(io.BytesIO(bomb.getvalue()), Limits(), ["a.py"], [])
+    assert caught.value.report.errors[0].code
