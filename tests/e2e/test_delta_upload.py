@@ -111,7 +111,8 @@ def test_a_delta_against_a_version_no_longer_live_is_made_again_against_the_new_
 class _Proxy:
     """The API behind a forwarding HTTP proxy on 127.0.0.1 that calls `before` ahead of each request."""
 
-    def __init__(self, target: str, before: Callable[[str, str, bytes], None]) -> None:
+    def __init__(self, target: str, before: Callable[[str, str, bytes], None],
+                 after: Callable[[str, str, bytes], None] = lambda *_: None) -> None:
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -124,6 +125,7 @@ class _Proxy:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
                 resp = httpx.request(self.command, target.rstrip("/") + self.path, content=body, headers=headers,
                                      timeout=60)
+                after(self.command, self.path.split("?")[0], body)
                 self.send_response(resp.status_code)
                 for k, v in resp.headers.items():
                     if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
@@ -142,6 +144,32 @@ class _Proxy:
 
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
+
+
+def test_a_delta_whose_base_moves_before_ingest_is_rejected_by_ingest_and_made_again(
+    delta_stack: dict[str, Any], tmp_path: Path
+) -> None:
+    """The other side of the race: the API accepted the delta, then another deploy went live before the
+    delta arrived; ingest refuses it (base_moved) and the CLI makes it again against the new version."""
+    info = delta_stack
+    folder = write_dags(tmp_path / "late", {**MANY, "late.py": dag_source("late")})
+    other = write_dags(tmp_path / "other", {**MANY, "other2.py": dag_source("other2")})
+    raced: list[int] = []
+
+    def after(method: str, path: str, body: bytes) -> None:
+        if method == "POST" and path.endswith("/deploys") and b'"delta"' in body and not raced:
+            code, doc, _ = deploy(info, other, "--full")
+            assert code == 0, doc
+            raced.append(doc["version"])
+
+    with _Proxy(info["api_url"], lambda *_: None, after) as url:
+        code, doc, stderr = deploy({**info, "api_url": url}, folder)
+    assert raced and code == 0, stderr
+    assert "the delta was refused (base_moved)" in stderr
+    assert doc["upload"]["kind"] == "delta" and doc["upload"]["base_version"] == raced[0]
+    history = Api(info).json("GET", f"/deployments/{info['deployment']}/deploys?limit=5")["items"]
+    refused = [d for d in history if d["state"] == "REJECTED" and d["errors"] and d["errors"][0]["code"] == "base_moved"]
+    assert refused, "the refused delta stays in the history, saying why"
 
 
 def test_a_tampered_delta_is_rejected_and_nothing_goes_live(delta_stack: dict[str, Any]) -> None:
