@@ -41,6 +41,7 @@ bench: install
 	$(PY) bench/sidecar_bench.py
 	$(PY) bench/e2e.py
 	$(PY) bench/durable.py
+	$(PY) bench/delta_bench.py
 
 # The deployable template and zip, offline: no AWS credentials needed (the zip's
 # dependencies come from PyPI, like the rest of the install).

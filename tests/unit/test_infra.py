@@ -63,6 +63,12 @@ def test_the_ingest_role_cannot_write_auth_records_but_can_write_deployment_reco
     assert not allows(ingest, "dynamodb:Scan", "DEPLOYMENT#demo")
 
 
+def test_ingest_may_write_the_bundle_it_rebuilds_from_a_delta() -> None:
+    """Its put is of bundles/ only (then validated like an upload); the API role presigns, never writes them."""
+    [st] = [s for s in roles()["IngestRole"] if s["Sid"] == "WriteRebuiltBundles"]
+    assert st["Action"] == ["s3:PutObject"] and "/bundles/*" in str(st["Resource"])
+
+
 def test_the_janitor_cannot_touch_tokens_and_only_the_api_manages_them() -> None:
     janitor, api = roles()["JanitorRole"], roles()["ApiRole"]
     for action in ("dynamodb:PutItem", "dynamodb:UpdateItem", "dynamodb:DeleteItem"):
