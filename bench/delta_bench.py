@@ -8,7 +8,8 @@ files plus ~3 MB of SQL and YAML) is deployed once directly; then one file is ch
 sent through a forwarding HTTP proxy on 127.0.0.1 that counts the bytes leaving the client and paces
 them at --up-kbit (bytes back at --down-kbit: an asymmetric office or home link). It runs twice per
 size: the default (a delta against the live version) and `--full` (the whole bundle), each after its
-own one-file change. "CLI start -> all live" is this script's clock around the command, which exits
+own one-file change; beside them `aws s3 sync` of the same folder through the same link (--aws, or
+`aws` on PATH; `pip install awscli`). "CLI start -> all live" is this script's clock around the command, which exits
 once every sidecar runs the new version. Both runs go through the same proxy in the same process,
 so the ratio between them holds on a noisy machine. Writes bench/results/delta.json and the README
 table between <!-- delta-bench:start --> and <!-- delta-bench:end -->.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -63,7 +65,7 @@ class Link:
                 head = len(self.requestline) + 2 + len(str(self.headers)) + 2
                 link.send("up", head + len(body))
                 headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("host", "content-length", "proxy-connection", "connection")}
+                           if k.lower() not in ("host", "content-length", "proxy-connection", "connection", "expect")}
                 resp = link._client.request(self.command, self.path, content=body, headers=headers)
                 link.send("down", len(resp.content) + 200)
                 self.send_response(resp.status_code)
@@ -113,7 +115,26 @@ def through(bench: Bench, link: Link, dags: Path, *extra: str) -> dict[str, Any]
             "bytes_down": link.down, "seconds": round(seconds, 2), "converged": out["converged"]}
 
 
-def run(sizes: list[int], up_kbit: int, down_kbit: int, say: Any) -> dict[str, Any]:
+def s3_sync(aws_cli: str, endpoint: str, link: Link, dags: Path, n: int) -> dict[str, Any]:
+    """`aws s3 sync` of the same folder: once directly, then after a one-file change through the link."""
+    import boto3
+
+    bucket = f"sync-bench-{n}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=bucket)
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    cmd = [aws_cli, "s3", "sync", str(dags), f"s3://{bucket}/dags/", "--endpoint-url", endpoint, "--only-show-errors"]
+    subprocess.run(cmd, env=env, check=True, timeout=1200)
+    change_one_file(dags, 3)
+    link.reset()
+    started = time.monotonic()
+    subprocess.run(cmd, env={**env, "HTTP_PROXY": link.url, "http_proxy": link.url, "NO_PROXY": "", "no_proxy": ""},
+                   check=True, timeout=1200)
+    return {"bytes_up": link.up, "bytes_down": link.down, "seconds": round(time.monotonic() - started, 2)}
+
+
+def run(sizes: list[int], up_kbit: int, down_kbit: int, say: Any, aws_cli: str | None = None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="dagcast-delta-"))
     results: dict[str, Any] = {"machine": machine(), "up_kbit": up_kbit, "down_kbit": down_kbit, "sizes": {}}
     try:
@@ -136,6 +157,9 @@ def run(sizes: list[int], up_kbit: int, down_kbit: int, say: Any) -> dict[str, A
                 say(f"{n} files, full: {row['full']}")
                 row["bytes_ratio"] = round(row["full"]["bytes_up"] / row["delta"]["bytes_up"], 1)
                 row["time_ratio"] = round(row["full"]["seconds"] / row["delta"]["seconds"], 1)
+                if aws_cli:
+                    row["s3_sync"] = s3_sync(aws_cli, bench.info.aws_endpoint_url, link, dags, n)
+                    say(f"{n} files, aws s3 sync: {row['s3_sync']}")
                 results["sizes"][str(n)] = row
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -161,6 +185,10 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{row['bytes_ratio']:g}x fewer bytes, {row['time_ratio']:g}x faster |")
         lines.append(f"| {int(n):,} | whole bundle (`--full`, {kib(f['upload_bytes'])}) | {kib(f['bytes_up'])} | "
                      f"{f['seconds']:.1f} s | 1x |")
+        if "s3_sync" in row:
+            sync = row["s3_sync"]
+            lines.append(f"| {int(n):,} | `aws s3 sync` of the folder (no validation, no sidecars) | {kib(sync['bytes_up'])} | "
+                         f"{sync['seconds']:.1f} s (upload only) | |")
     lines += ["", f"Machine: {results['machine']}. Targets: <= 64 KiB up for 10,000 files; <= 3 s CLI start to all live."]
     return "\n".join(lines)
 
@@ -171,9 +199,10 @@ def main() -> int:
     parser.add_argument("--up-kbit", type=int, default=1000)
     parser.add_argument("--down-kbit", type=int, default=10000)
     parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--aws", default=shutil.which("aws"), help="the AWS CLI for the `aws s3 sync` row (skipped without)")
     args = parser.parse_args()
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    results = run([int(s) for s in args.sizes.split(",")], args.up_kbit, args.down_kbit, say)
+    results = run([int(s) for s in args.sizes.split(",")], args.up_kbit, args.down_kbit, say, args.aws)
     results["recorded_at"] = time.strftime("%Y-%m-%d", time.gmtime())
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     table = markdown(results)
