@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +44,15 @@ README = ROOT / "README.md"
 START, END = "<!-- delta-bench:start -->", "<!-- delta-bench:end -->"
 
 
+class _SmallBuffers(ThreadingHTTPServer):
+    """Small receive buffers (inherited by accepted sockets): loopback would otherwise take megabytes of
+    an upload at once, and the client would wait for an answer, not on its writes, as on a real link."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        super().server_bind()
+
+
 class Link:
     """A paced, counting forward proxy: one shared pipe each way, like one uplink."""
 
@@ -61,9 +71,16 @@ class Link:
                 pass
 
             def _forward(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                head = len(self.requestline) + 2 + len(str(self.headers)) + 2
-                link.send("up", head + len(body))
+                link.send("up", len(self.requestline) + 2 + len(str(self.headers)) + 2)
+                left, parts = int(self.headers.get("Content-Length") or 0), []
+                while left > 0:  # paced as it is read, so that the client's writes wait as on a slow link
+                    part = self.rfile.read(min(left, 16384))
+                    if not part:
+                        break
+                    left -= len(part)
+                    parts.append(part)
+                    link.send("up", len(part))
+                body = b"".join(parts)
                 headers = {k: v for k, v in self.headers.items()
                            if k.lower() not in ("host", "content-length", "proxy-connection", "connection", "expect")}
                 resp = link._client.request(self.command, self.path, content=body, headers=headers)
@@ -78,7 +95,7 @@ class Link:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _forward
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _SmallBuffers(("127.0.0.1", 0), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
