@@ -11,14 +11,13 @@ per file, a deadline per bundle; see chalicelib.bundle.compile_workers).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any, BinaryIO, cast
+from typing import Any
 from urllib.parse import unquote_plus
 
 from aws_lambda_powertools import Logger
@@ -169,6 +168,8 @@ class Ingest:
             return _issue("base_moved", f"v{delta.base_version} is not the bundle the delta was made against")
         base_deploy = self._store.get_deploy_fields(deploy.deployment, base.deploy_id, ["manifest_key"])
         manifest = self._publisher.load_manifest(base_deploy.get("manifest_key"))
+        if manifest is None:
+            return _issue("base_unavailable", f"the file list of v{delta.base_version}, the delta's base, is gone")
         try:
             body, size, _ = self._bundles.open(deploy.delta_key, object_version)
         except StorageError:
@@ -176,19 +177,16 @@ class Ingest:
         try:
             if size != delta.size:
                 return _issue("size_mismatch", f"uploaded {size} bytes of delta, announced {delta.size}")
-            checked = _HashingReader(body)
             try:
-                uploaded = read_delta(cast(BinaryIO, checked), limits, [f.path for f in manifest or []], delta.removed)
+                uploaded = read_delta(body, limits, [f.path for f in manifest], delta.removed)
             except BundleRejected as exc:
                 first = exc.report.errors[0] if exc.report.errors else _issue("invalid_delta", "the delta is not valid")
                 return first.model_copy(update={"message": f"the uploaded delta: {first.message}"})
         finally:
             body.close()
-        if checked.sha.hexdigest() != delta.sha256:
-            return _issue("checksum_mismatch", f"uploaded delta sha256 {checked.sha.hexdigest()} does not match "
+        if uploaded.sha256 != delta.sha256:
+            return _issue("checksum_mismatch", f"uploaded delta sha256 {uploaded.sha256} does not match "
                           f"announced {delta.sha256}")
-        if manifest is None:
-            return _issue("base_unavailable", f"the file list of v{delta.base_version}, the delta's base, is gone")
         with tempfile.TemporaryFile(prefix="dagcast-rebuilt-") as out:
             try:
                 base_body, _, _ = self._bundles.open(base.key, base.object_version)
@@ -342,19 +340,6 @@ class Ingest:
             upload_to_active_s=(version.created_at - uploaded) / 1000 if uploaded else None,
         )
         return Outcome.ACTIVE
-
-
-class _HashingReader:
-    """A read-only stream that hashes what passes through it."""
-
-    def __init__(self, raw: Any) -> None:
-        self._raw = raw
-        self.sha = hashlib.sha256()
-
-    def read(self, n: int = -1) -> bytes:
-        data: bytes = self._raw.read(n)
-        self.sha.update(data)
-        return data
 
 
 def _issue(code: str, message: str) -> Issue:

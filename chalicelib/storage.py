@@ -105,7 +105,7 @@ class BundleStorage:
         version_id = out.get("VersionId")
         return out["Body"], int(out["ContentLength"]), None if version_id in (None, "null") else str(version_id)
 
-    def put(self, key: str, body: bytes | BinaryIO, content_type: str) -> str | None:
+    def put(self, key: str, body: bytes, content_type: str) -> str | None:
         """Write the object; returns its object version id (None on a bucket without versioning)."""
         try:
             out = self._s3.put_object(Bucket=self.bucket, Key=key, Body=body, ContentType=content_type)

@@ -17,7 +17,7 @@ from typing import IO, Any, BinaryIO, cast
 
 import httpx
 
-from chalicelib.bundle import BundleInfo, FileEntry, Limits, Report, validate_stream
+from chalicelib.bundle import BundleInfo, DeltaCollector, FileEntry, Limits, Report, validate_stream
 from chalicelib.manifest import DeployDiff, diff_manifests, summary
 from dagcast import bundler, compile_cache, gitinfo
 from dagcast.bundler import Collected, human_size
@@ -245,7 +245,7 @@ def _run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | Non
     ahead.start()
     with tempfile.TemporaryFile(prefix="dagcast-bundle-") as tmp:
         say(f"Bundling {opts.dags_path} ...")
-        collected, info, report = _bundle_and_validate(opts, tmp, timings, say, ahead)
+        collected, info, report, collect = _bundle_and_validate(opts, tmp, timings, say, ahead)
         result.sha256, result.files, result.bytes = info.sha256, info.files, info.bytes
         mark = time.perf_counter()
         live = ahead.result().live
@@ -280,8 +280,8 @@ def _run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | Non
         if git:
             body["git"] = git
         mark = time.perf_counter()
-        base = (live, ahead.manifest) if live is not None and report is not None and not opts.full else None
-        deploy_id = _ship(api, opts, tmp, info, body, base, ahead.limits, say, result, progress)
+        first = _delta_of(collect, report, live, info.size) if collect and report and live else None
+        deploy_id = _ship(api, opts, tmp, info, body, first, ahead.limits, say, result, progress)
         result.uploaded = True
         mark = timings.lap("upload_s", mark)
         if not opts.wait:
@@ -293,22 +293,23 @@ RETRY_FULL = ("base_unavailable", "delta_mismatch", "delta_rebuild_mismatch")  #
 
 
 def _ship(api: ApiClient, opts: DeployOptions, tmp: BinaryIO, info: BundleInfo, body: dict[str, Any],
-          base: tuple[dict[str, Any], list[FileEntry] | None] | None, limits: Limits | None, say: Say,
-          result: DeployResult, progress: Progress | None) -> str:
+          delta: _Delta | None, limits: Limits | None, say: Say, result: DeployResult, progress: Progress | None) -> str:
     """Create the deploy and upload it: a delta against the live version when there is one (and it is
     small), else the bundle. A delta the API or ingest refuses because the live version moved is made
     again once against the new live version; after that, or when the delta cannot work, the bundle goes.
-    Returns the deploy's id (once a delta was rebuilt into the bundle, or the bundle was uploaded)."""
-    attempts_left = 2
+    Returns the deploy's id (once a delta was rebuilt into the bundle, or the bundle was uploaded).
+    `delta` is the first one to try, made while the bundle was validated."""
+    retried = False
     while True:
-        delta = _delta_against(tmp, limits, *base) if base is not None and base[1] is not None else None
-        timings = result.timings
         mark = time.perf_counter()
         created = _create(api, opts, {**body, **({"delta": delta.announce} if delta else {})}, result)
         if created is None:  # 409 base_moved
-            base = _retry_base(api, opts, say, attempts_left := attempts_left - 1)
+            if retried:
+                say("the live version moved again; uploading the whole bundle")
+            delta = None if retried else _delta_against(api, opts, tmp, limits, info.size, say)
+            retried = True
             continue
-        timings.add("presign_s", time.perf_counter() - mark)
+        result.timings.add("presign_s", time.perf_counter() - mark)
         deploy_id = str(created["deploy"]["deploy_id"])
         result.deploy_id, result.state = deploy_id, created["deploy"].get("state", "PENDING")
         if delta is not None:
@@ -327,15 +328,16 @@ def _ship(api: ApiClient, opts: DeployOptions, tmp: BinaryIO, info: BundleInfo, 
                          **({"base_version": delta.base_version} if delta else {})}
         if delta is None:
             return deploy_id
-        refused = _await_rebuild(api, opts, deploy_id, say)
+        refused = _await_rebuild(api, opts, deploy_id)
         if refused is None:
             return deploy_id
         say(f"the delta was refused ({refused['code']}): {refused['message']}")
-        if refused["code"] == "base_moved" and attempts_left > 1:
-            base = _retry_base(api, opts, say, attempts_left := attempts_left - 1)
+        if refused["code"] == "base_moved" and not retried:
+            delta = _delta_against(api, opts, tmp, limits, info.size, say)
         else:
             say("uploading the whole bundle instead")
-            base, attempts_left = None, 0
+            delta = None
+        retried = True
 
 
 @dataclass
@@ -346,21 +348,13 @@ class _Delta:
     counts: str
 
 
-def _delta_against(tmp: BinaryIO, limits: Limits | None, live: dict[str, Any], manifest: list[FileEntry] | None) -> _Delta | None:
-    """The delta of the bundle in tmp against the live version (its manifest), or None when it would not
-    be much smaller than the bundle."""
-    if manifest is None:
-        return None
-    from chalicelib.bundle import DeltaCollector
-
-    old = {f.path: f.sha256 for f in manifest}
-    collect = DeltaCollector(old)
-    tmp.seek(0)
-    report = validate_stream(tmp, limits, check_python=False, collect=collect)
+def _delta_of(collect: DeltaCollector, report: Report, live: dict[str, Any], bundle_size: int) -> _Delta | None:
+    """The delta `collect` gathered while `report`'s bundle was read, against the live version; None when
+    it would not be much smaller than the bundle."""
     built = collect.build(report.manifest, report.bytes) if report.valid else None
-    size = tmp.seek(0, 2)
-    if built is None or len(built.data) * 2 > size:
+    if built is None or len(built.data) * 2 > bundle_size:
         return None
+    old = collect.base
     version = live["version"]
     changed = sum(1 for f in report.manifest if f.path in old and old[f.path] != f.sha256)
     added = sum(1 for f in report.manifest if f.path not in old)
@@ -372,6 +366,20 @@ def _delta_against(tmp: BinaryIO, limits: Limits | None, live: dict[str, Any], m
                   "compresslevel": bundler.COMPRESSLEVEL},
         counts=f"{changed} changed, {added} added, {len(built.removed)} removed",
     )
+
+
+def _delta_against(api: ApiClient, opts: DeployOptions, tmp: BinaryIO, limits: Limits | None, bundle_size: int,
+                   say: Say) -> _Delta | None:
+    """After the live version moved: the delta of the bundle in tmp against the version live now (the
+    bundle read once more, without compiling), or None to upload the bundle."""
+    live = _live_version(api, opts.deployment)
+    manifest = _live_manifest(live)
+    if live is None or manifest is None:
+        return None
+    say(f"v{live['version']['version']} went live meanwhile; making the delta against it")
+    collect = DeltaCollector({f.path: f.sha256 for f in manifest})
+    tmp.seek(0)
+    return _delta_of(collect, validate_stream(tmp, limits, check_python=False, collect=collect), live, bundle_size)
 
 
 def _create(api: ApiClient, opts: DeployOptions, body: dict[str, Any], result: DeployResult) -> dict[str, Any] | None:
@@ -388,19 +396,6 @@ def _create(api: ApiClient, opts: DeployOptions, body: dict[str, Any], result: D
         raise
 
 
-def _retry_base(api: ApiClient, opts: DeployOptions, say: Say,
-                attempts_left: int) -> tuple[dict[str, Any], list[FileEntry] | None] | None:
-    """The live version to make the delta against again, or None (upload the bundle)."""
-    if attempts_left <= 0:
-        say("the live version moved again; uploading the whole bundle")
-        return None
-    live = _live_version(api, opts.deployment)
-    if live is None:
-        return None
-    say(f"v{live['version']['version']} went live meanwhile; making the delta against it")
-    return live, _live_manifest(live)
-
-
 def _upload_form(api: ApiClient, opts: DeployOptions, deploy_id: str, form: dict[str, Any], stream: BinaryIO,
                  size: int, say: Say, progress: Progress | None) -> None:
     for _ in range(2):
@@ -413,16 +408,15 @@ def _upload_form(api: ApiClient, opts: DeployOptions, deploy_id: str, form: dict
     raise UploadFailed("the upload form expired twice; check this machine's clock")
 
 
-def _await_rebuild(api: ApiClient, opts: DeployOptions, deploy_id: str, say: Say) -> dict[str, Any] | None:
+def _await_rebuild(api: ApiClient, opts: DeployOptions, deploy_id: str) -> dict[str, Any] | None:
     """Wait until ingest has turned the uploaded delta into the bundle (the deploy leaves PENDING); the
     error that refused the delta when it cannot (REJECTED with a delta's reason), else None."""
     deadline = time.monotonic() + opts.timeout
     while time.monotonic() < deadline:
         try:
-            view = api.get_deploy(opts.deployment, deploy_id, wait=min(20, max(1, int(deadline - time.monotonic()))))
-        except ApiError:
-            raise
-        except ClientError:
+            view = api.get_deploy(opts.deployment, deploy_id,
+                                  wait=min(LONG_POLL_SECONDS, max(1, int(deadline - time.monotonic()))))
+        except ApiUnavailable:  # the wait that follows says so, if it lasts
             time.sleep(opts.poll_interval)
             continue
         deploy = view["deploy"]
@@ -467,10 +461,11 @@ def _removals(diff: DeployDiff) -> str:
 
 def _bundle_and_validate(
     opts: DeployOptions, tmp: BinaryIO, timings: Timings, say: Say, ahead: _LookAhead
-) -> tuple[Collected, BundleInfo, Report | None]:
+) -> tuple[Collected, BundleInfo, Report | None, DeltaCollector | None]:
     """Write the bundle to tmp and (unless skipped) validate it with the server's rules; the validator's
     compile cache is this machine's, and .py files it has never seen are compiled by worker processes
-    while the bundle is written. Raises BundleInvalid, with nothing uploaded."""
+    while the bundle is written. The same pass gathers the delta against the live version (unless --full),
+    returned as its collector. Raises BundleInvalid, with nothing uploaded."""
     validating = not opts.skip_validation or opts.dry_run
     started = time.perf_counter()
     collected = bundler.collect(opts.dags_path)
@@ -492,11 +487,15 @@ def _bundle_and_validate(
     timings.add("bundle_s", -setup)
     say(f"Bundled {info.files} files, {human_size(info.bytes)} -> {human_size(info.size)} compressed "
         f"(sha256 {info.sha256[:12]})")
-    report = None
+    report = collect = None
     if cache is not None and prewarm is not None:
         prewarm.join()
+        if not opts.full and not opts.dry_run:
+            ahead.join()  # the live version's file list, fetched while the folder was bundled
+            if ahead.manifest is not None:
+                collect = DeltaCollector({f.path: f.sha256 for f in ahead.manifest})
         tmp.seek(0)
-        report = validate_stream(tmp, ahead.limits, cache=cache)
+        report = validate_stream(tmp, ahead.limits, cache=cache, collect=collect)
         compile_cache.save(cache)
         timings.lap("validate_s", mark)
         timings.add("validate_s", setup)
@@ -505,7 +504,7 @@ def _bundle_and_validate(
             raise BundleInvalid(f"validation failed with {len(errors)} error(s); nothing was uploaded", errors)
     if opts.parse_locally:
         _parse_here(opts, tmp, ahead.limits, say)
-    return collected, info, report
+    return collected, info, report, collect
 
 
 def _parse_here(opts: DeployOptions, bundle: BinaryIO, limits: Limits | None, say: Say) -> None:

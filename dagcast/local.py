@@ -467,16 +467,14 @@ class EmbeddedStack:
         store, s3, sqs = chalice_app.get_store(), boto3.client("s3", region_name=REGION), boto3.client("sqs", region_name=REGION)
         for dep in store.list_deployments():
             for d in store.recent_deploys_in(dep.name, {DeployState.PENDING, DeployState.VALIDATING}, 0):
-                key = d.key
-                try:
-                    head = s3.head_object(Bucket=bucket, Key=key)
-                except Exception:  # noqa: BLE001 - not uploaded (yet): the janitor expires it in time
-                    if not d.delta_key:
+                for key in filter(None, (d.key, d.delta_key)):  # the bundle, or a delta not yet rebuilt into it
+                    try:
+                        head = s3.head_object(Bucket=bucket, Key=key)
+                        break
+                    except Exception:  # noqa: BLE001 - not uploaded (yet): the janitor expires it in time
                         continue
-                    try:  # a delta uploaded and not yet rebuilt into the bundle
-                        key, head = d.delta_key, s3.head_object(Bucket=bucket, Key=d.delta_key)
-                    except Exception:  # noqa: BLE001 - as above
-                        continue
+                else:
+                    continue
                 record = {"eventName": "ObjectCreated:Post", "eventTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                           "s3": {"bucket": {"name": bucket}, "object": {"key": key, "size": int(head["ContentLength"]),
                                                                        "versionId": head.get("VersionId")}}}

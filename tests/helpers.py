@@ -18,6 +18,17 @@ def run_dagcast(args: list[str], env: dict[str, str] | None = None, timeout: flo
     return subprocess.run([*DAGCAST, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def deploy_waiting(info: dict[str, Any], dags: Path, *args: str) -> tuple[int, dict[str, Any], str]:
+    """`dagcast deploy --dags --wait --json --allow-dag-removal` on the stack: (exit code, the JSON, stderr),
+    having checked that stdout is one JSON object that agrees with the exit code, and no traceback."""
+    proc = run_dagcast(["deploy", "--dags", "--dags-path", str(dags), "--wait", "--json", "--allow-dag-removal", *args],
+                       stack_env(info), timeout=240)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    doc = parse_json_stdout(proc)
+    assert doc["exit_code"] == proc.returncode
+    return proc.returncode, doc, proc.stderr
+
+
 def write_dags(root: Path, files: dict[str, str | bytes]) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for rel, content in files.items():

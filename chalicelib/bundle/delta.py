@@ -41,7 +41,7 @@ class DeltaCollector:
     """
 
     def __init__(self, base: dict[str, str], max_bytes: int = MAX_DELTA_BYTES) -> None:
-        self._base = base
+        self.base = base
         self._max = max_bytes
         self._files: list[tuple[str, int, bytes]] = []
         self._dirs: list[str] = []
@@ -62,7 +62,7 @@ class DeltaCollector:
 
     def add_file(self, path: str, mode: int, sha256: str, parts: list[bytes] | None) -> None:
         self._seen.add(path)
-        if self.abandoned is not None or (self._base.get(path) == sha256 and not mode & 0o111):
+        if self.abandoned is not None or (self.base.get(path) == sha256 and not mode & 0o111):
             return
         if parts is None:
             self._abandon(f"more than {self._max} changed bytes")
@@ -80,7 +80,7 @@ class DeltaCollector:
         whole bundle would do as well (most of it changed) or the change is too large to carry."""
         if self.abandoned is None and self._bytes * 2 > total_bytes:
             self._abandon("most of the bundle changed")
-        removed = sorted(self._base.keys() - self._seen)
+        removed = sorted(self.base.keys() - self._seen)
         if self.abandoned is None and sum(len(p) + 3 for p in removed) > MAX_REMOVED_CHARS:
             self._abandon(f"{len(removed)} files removed")
         if self.abandoned is not None:

@@ -24,10 +24,12 @@ from chalicelib.bundle.validate import _run
 
 @dataclass
 class UploadedDelta:
-    """The members of a checked delta archive: file bytes and symlink targets (paths from the root)."""
+    """The members of a checked delta archive: file bytes and symlink targets (paths from the root), and
+    the sha256 of the archive as read."""
 
     files: dict[str, bytes] = field(default_factory=dict)
     symlinks: dict[str, str] = field(default_factory=dict)
+    sha256: str = ""
 
     @property
     def paths(self) -> list[str]:
@@ -83,6 +85,7 @@ def read_delta(fileobj: BinaryIO, limits: Limits, base_files: Collection[str], r
     report = _run(fileobj, bounded, False, sink, present=frozenset(present))
     if not report.valid:
         raise BundleRejected(report)
+    sink.delta.sha256 = report.sha256  # a valid archive was read, and hashed, to its end
     return sink.delta
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import Api, aws, dag_source, files_of, parse_json_stdout, run_dagcast, stack_env, until, write_dags
+from helpers import Api, aws, dag_source, deploy_waiting, files_of, until, write_dags
 from stack import local_stack
 
 pytestmark = pytest.mark.integration
@@ -30,13 +30,7 @@ def delta_stack(tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield info
 
 
-def deploy(info: dict[str, Any], dags: Path, *args: str) -> tuple[int, dict[str, Any], str]:
-    proc = run_dagcast(["deploy", "--dags", "--dags-path", str(dags), "--wait", "--json", "--allow-dag-removal", *args],
-                       stack_env(info), timeout=240)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    doc = parse_json_stdout(proc)
-    assert doc["exit_code"] == proc.returncode
-    return proc.returncode, doc, proc.stderr
+deploy = deploy_waiting
 
 
 def live_files(info: dict[str, Any]) -> list[dict[str, bytes]]:
@@ -91,21 +85,27 @@ def test_a_delta_against_a_version_no_longer_live_is_made_again_against_the_new_
 
     # A concurrent deploy lands between the CLI's look-up and its POST /deploys: the CLI's delta is
     # refused (base_moved), and it makes the delta again against the new live version.
-    other = write_dags(tmp_path / "other", {**MANY, "other.py": dag_source("other")})
-    raced: list[int] = []
-
-    def before(method: str, path: str, body: bytes) -> None:
-        if method == "POST" and path.endswith("/deploys") and b'"delta"' in body and not raced:
-            code, doc, _ = deploy(info, other, "--full")
-            assert code == 0, doc
-            raced.append(doc["version"])
-
+    raced, before = _deploy_on_first_delta(info, write_dags(tmp_path / "other", {**MANY, "other.py": dag_source("other")}))
     with _Proxy(info["api_url"], before) as url:
         code, doc, stderr = deploy({**info, "api_url": url}, folder)
     assert raced and code == 0, stderr
     assert f"v{raced[0]} went live meanwhile; making the delta against it" in stderr
     assert doc["upload"] == {"kind": "delta", "bytes": doc["upload"]["bytes"], "base_version": raced[0]}
     assert doc["version"] == raced[0] + 1 and doc["converged"]
+
+
+def _deploy_on_first_delta(info: dict[str, Any], other: Path) -> tuple[list[int], Callable[[str, str, bytes], None]]:
+    """A proxy hook that, on the first POST /deploys announcing a delta, deploys `other` (whole) to the
+    real API and records the version it made live: another deploy landing at that moment."""
+    raced: list[int] = []
+
+    def hook(method: str, path: str, body: bytes) -> None:
+        if method == "POST" and path.endswith("/deploys") and b'"delta"' in body and not raced:
+            code, doc, _ = deploy(info, other, "--full")
+            assert code == 0, doc
+            raced.append(doc["version"])
+
+    return raced, hook
 
 
 class _Proxy:
@@ -153,15 +153,7 @@ def test_a_delta_whose_base_moves_before_ingest_is_rejected_by_ingest_and_made_a
     delta arrived; ingest refuses it (base_moved) and the CLI makes it again against the new version."""
     info = delta_stack
     folder = write_dags(tmp_path / "late", {**MANY, "late.py": dag_source("late")})
-    other = write_dags(tmp_path / "other", {**MANY, "other2.py": dag_source("other2")})
-    raced: list[int] = []
-
-    def after(method: str, path: str, body: bytes) -> None:
-        if method == "POST" and path.endswith("/deploys") and b'"delta"' in body and not raced:
-            code, doc, _ = deploy(info, other, "--full")
-            assert code == 0, doc
-            raced.append(doc["version"])
-
+    raced, after = _deploy_on_first_delta(info, write_dags(tmp_path / "other", {**MANY, "other2.py": dag_source("other2")}))
     with _Proxy(info["api_url"], lambda *_: None, after) as url:
         code, doc, stderr = deploy({**info, "api_url": url}, folder)
     assert raced and code == 0, stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import Api, dag_source, parse_json_stdout, run_dagcast, stack_env, version_of_link, write_dags
+from helpers import Api, dag_source, deploy_waiting, parse_json_stdout, run_dagcast, version_of_link, write_dags
 from stack import local_stack
 
 pytestmark = pytest.mark.integration
@@ -20,13 +20,7 @@ LOOP = ("from datetime import datetime\nfrom airflow import DAG\n\n"
         "    with DAG(f'loop_{team}', start_date=datetime(2024, 1, 1), schedule=None):\n        pass\n")
 
 
-def deploy(info: dict[str, Any], dags: Path, *args: str) -> tuple[int, dict[str, Any], str]:
-    proc = run_dagcast(["deploy", "--dags", "--dags-path", str(dags), "--wait", "--json", "--allow-dag-removal", *args],
-                       stack_env(info), timeout=240)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    doc = parse_json_stdout(proc)
-    assert doc["exit_code"] == proc.returncode
-    return proc.returncode, doc, proc.stderr
+deploy = deploy_waiting
 
 
 @pytest.fixture(scope="module")
