@@ -129,7 +129,8 @@ def through(bench: Bench, link: Link, dags: Path, *extra: str) -> dict[str, Any]
         raise RuntimeError(f"dagcast deploy exited {proc.returncode}:\n{proc.stderr}")
     out = json.loads(proc.stdout)
     return {"kind": out["upload"]["kind"], "upload_bytes": out["upload"]["bytes"], "bytes_up": link.up,
-            "bytes_down": link.down, "seconds": round(seconds, 2), "converged": out["converged"]}
+            "bytes_down": link.down, "seconds": round(seconds, 2), "converged": out["converged"],
+            "stages": out.get("timings", {})}
 
 
 def s3_sync(aws_cli: str, endpoint: str, link: Link, dags: Path, n: int) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from aws_lambda_powertools.utilities.data_classes import S3Event
 
 from chalicelib.bundle import (
     Bounds,
+    BuiltDelta,
     BundleError,
     BundleRejected,
     CompileCache,
@@ -40,7 +41,7 @@ from chalicelib.bundle import (
 from chalicelib.bundle.rebuild import read_delta, rebuild_bundle
 from chalicelib.exceptions import NotFound, StorageError
 from chalicelib.manifest import diff_manifests
-from chalicelib.models import DeltaUpload, Deploy, DeployState, IngestEvent
+from chalicelib.models import Delta, DeltaUpload, Deploy, DeployState, IngestEvent
 from chalicelib.publish import LiveBase, Publisher
 from chalicelib.settings import Settings
 from chalicelib.storage import BundleStorage, parse_bundle_key, parse_delta_key
@@ -139,8 +140,9 @@ class Ingest:
             logger.warning("ignoring delta with no deploy record", extra={"key": event.key})
             return Outcome.IGNORED
         if deploy.delta is None or deploy.delta_key != event.key or deploy.state is not DeployState.PENDING:
-            if deploy.state in ABANDONED or deploy.delta_key == event.key:
-                self._bundles.delete(event.key)  # cancelled, expired or already rebuilt: the delta has no more use
+            # Once the bundle is rebuilt the delta is kept until the bundle is decided (see _sidecar_delta).
+            if deploy.state in ABANDONED or deploy.state is DeployState.REJECTED or deploy.delta_key != event.key:
+                self._bundles.delete(event.key)  # cancelled, expired or rejected: the delta has no more use
             logger.info("delta not needed", extra={"state": deploy.state.value})
             return Outcome.IGNORED
         started = time.monotonic()
@@ -208,14 +210,15 @@ class Ingest:
                               f"(sha256 {info.sha256}, {info.size} bytes) is not the announced one "
                               f"(sha256 {deploy.sha256}, {deploy.size} bytes)")
             out.seek(0)
-            if not self._store.mark_rebuilt(deploy.deployment, deploy.deploy_id, self._clock()):
+            if not self._store.mark_rebuilt(deploy.deployment, deploy.deploy_id, self._clock(), object_version):
                 logger.info("deploy cancelled or expired while its bundle was rebuilt")
                 self._bundles.delete(deploy.delta_key)
                 return None
             self._bundles.put_checked(deploy.key, out, deploy.sha256)
+        # The uploaded delta stays until the rebuilt bundle is decided: when its base is still the live
+        # version, it is the sidecars' delta too (see _sidecar_delta).
         logger.info("bundle rebuilt from a delta", extra={"base_version": delta.base_version, "delta_bytes": delta.size,
                                                            "bundle_bytes": info.size})
-        self._bundles.delete(deploy.delta_key)
         return None
 
     def _remove_late_write(self, deploy: Deploy, event: IngestEvent) -> None:
@@ -285,6 +288,26 @@ class Ingest:
             return self._reject(deploy, report.errors, started, report, object_version)
         return self._activate(deploy, report, started, base, collect, deployment.limits, object_version)
 
+    def _sidecar_delta(self, deploy: Deploy, base: LiveBase | None, built: BuiltDelta | None) -> Delta | None:
+        """The delta sidecars get: the uploaded one itself when it was made against the live version and
+        is byte for byte the one ingest would write (the same deterministic writer), else ingest's own."""
+        if base is None or built is None:
+            self._drop_uploaded_delta(deploy)
+            return None
+        up = deploy.delta
+        if (up is not None and deploy.delta_key and deploy.rebuilt_at is not None and up.base_version == base.version
+                and up.sha256 == built.sha256 and len(built.data) == up.size):
+            logger.info("the uploaded delta is the sidecars' delta", extra={"base_version": base.version})
+            return Delta(base_version=base.version, base_sha256=base.sha256 or None, key=deploy.delta_key,
+                         sha256=up.sha256, size=up.size, object_version=deploy.delta_object_version,
+                         files=built.files, removed=built.removed, files_sha256=built.files_sha256)
+        self._drop_uploaded_delta(deploy)
+        return self._publisher.save_delta(deploy, base, built)
+
+    def _drop_uploaded_delta(self, deploy: Deploy) -> None:
+        if deploy.delta_key:
+            self._bundles.delete(deploy.delta_key)
+
     def _reject(
         self, deploy: Deploy, errors: list[Issue], started: float, report: Report | None = None,
         object_version: str | None = None,
@@ -302,6 +325,9 @@ class Ingest:
             self._telemetry.deploy_rejected(reason, validation_ms / 1000)
             if deploy.delta is None:  # a rejected delta was deleted, and no bundle was written
                 self._bundles.tag(deploy.key, {"dagcast-state": "rejected"})  # the lifecycle rule expires it
+            elif deploy.rebuilt_at is not None:  # the rebuilt bundle was invalid: neither it nor the delta is needed
+                self._bundles.delete(deploy.key)
+                self._drop_uploaded_delta(deploy)
         return Outcome.REJECTED
 
     def _activate(
@@ -310,7 +336,7 @@ class Ingest:
     ) -> Outcome:
         manifest_key = self._publisher.save_manifest(deploy, report.manifest)
         built = collect.build(report.manifest, report.bytes) if collect else None
-        delta = self._publisher.save_delta(deploy, base, built) if base and built else None
+        delta = self._sidecar_delta(deploy, base, built)
         if collect and collect.abandoned:
             logger.info("no delta for this deploy", extra={"reason": collect.abandoned})
         validation_ms = int((time.monotonic() - started) * 1000)

@@ -5,11 +5,45 @@ this, does not build every API model at start (chalicelib.models re-exports it).
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+import gzip
+import zlib
+
+from pydantic import BaseModel, Field, TypeAdapter
 
 from chalicelib.bundle import FileEntry
 
 MAX_LISTED = 50
+MANIFESTS = TypeAdapter(list[FileEntry])
+# A version's file list, stored gzip-compressed: paths and JSON keys repeat, so 10,000 files take
+# about a quarter of the bytes on the CLI's download (the sha256 digests are most of what is left).
+MANIFEST_CONTENT_TYPE = "application/gzip"
+MANIFEST_MAX_BYTES = 512 * 1024 * 1024  # inflated: far above a million-file manifest's size
+
+
+class ManifestError(ValueError):
+    """A stored manifest that is not one (corrupt, or inflating past MANIFEST_MAX_BYTES)."""
+
+
+def encode_manifest(entries: list[FileEntry]) -> bytes:
+    return gzip.compress(MANIFESTS.dump_json(entries), compresslevel=6, mtime=0)
+
+
+def decode_manifest(raw: bytes, max_bytes: int = MANIFEST_MAX_BYTES) -> list[FileEntry]:
+    """The file list from its stored form: gzip-compressed JSON, or plain JSON (manifests written before
+    they were compressed). Inflating stops at max_bytes."""
+    if raw[:2] == b"\x1f\x8b":
+        inflate = zlib.decompressobj(wbits=31)
+        try:
+            data = inflate.decompress(raw, max_bytes)
+        except zlib.error as exc:
+            raise ManifestError(f"the manifest is not valid gzip: {exc}") from exc
+        if inflate.unconsumed_tail or not inflate.eof:
+            raise ManifestError(f"the manifest is truncated or inflates past {max_bytes} bytes")
+        raw = data
+    try:
+        return MANIFESTS.validate_json(raw)
+    except ValueError as exc:
+        raise ManifestError(f"the manifest is not a file list: {exc}") from exc
 
 
 class DeployDiff(BaseModel):

@@ -127,6 +127,7 @@ class Deploy(BaseModel):
     delta: DeltaUpload | None = Field(None, description="the delta this deploy uploads instead of its bundle")
     delta_key: str | None = Field(None, description="where the delta is uploaded; ingest rebuilds the bundle at key")
     rebuilt_at: int | None = Field(None, description="when ingest rebuilt the bundle from the base and the delta")
+    delta_object_version: str | None = Field(None, description="the object version of the uploaded delta ingest read")
 
     def stages(self) -> DeployStages:
         """Where this deploy's time went, from its own timestamps (None where a stage has not happened)."""

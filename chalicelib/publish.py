@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from aws_lambda_powertools import Logger
-from pydantic import TypeAdapter
 
 from chalicelib.bundle import BuiltDelta, FileEntry, Limits
 from chalicelib.exceptions import Conflict, StorageError
-from chalicelib.manifest import DeployDiff, diff_manifests
+from chalicelib.manifest import MANIFEST_CONTENT_TYPE, DeployDiff, ManifestError, decode_manifest, diff_manifests, encode_manifest
 from chalicelib.models import Delta, Deploy, Deployment, Version
 from chalicelib.notify import Notifier
 from chalicelib.settings import Settings
@@ -27,7 +26,6 @@ from chalicelib.store import Store, VersionRace
 
 logger = Logger(service="dagcast", child=True)
 
-MANIFESTS = TypeAdapter(list[FileEntry])
 CACHED_MANIFESTS = 4
 
 
@@ -46,7 +44,7 @@ def version_statement(version: Version) -> dict[str, Any]:
 
 
 def manifest_key(deployment: str, deploy_id: str) -> str:
-    return f"manifests/{deployment}/{deploy_id}.json"
+    return f"manifests/{deployment}/{deploy_id}.json.gz"
 
 
 @dataclass(frozen=True)
@@ -81,7 +79,7 @@ class Publisher:
 
     def save_manifest(self, deploy: Deploy, manifest: list[FileEntry]) -> str:
         key = manifest_key(deploy.deployment, deploy.deploy_id)
-        self._bundles.put(key, MANIFESTS.dump_json(manifest), "application/json")
+        self._bundles.put(key, encode_manifest(manifest), MANIFEST_CONTENT_TYPE)
         self._remember(key, manifest)
         return key
 
@@ -96,7 +94,11 @@ class Publisher:
         except StorageError:
             logger.warning("manifest missing; diff computed against nothing", extra={"manifest_key": key})
             return None
-        manifest = MANIFESTS.validate_json(raw)
+        try:
+            manifest = decode_manifest(raw)
+        except ManifestError as exc:
+            logger.error("manifest unreadable; diff computed against nothing", extra={"manifest_key": key, "reason": str(exc)})
+            return None
         self._remember(key, manifest)
         return manifest
 

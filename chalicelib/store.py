@@ -356,16 +356,22 @@ class Store:
         """Record a rollback deploy directly in VALIDATING: its bundle was validated before."""
         self.create_deploy(deploy)
 
-    def mark_rebuilt(self, deployment: str, deploy_id: str, now_ms: int) -> bool:
-        """Record that ingest rebuilt a PENDING deploy's bundle from its delta; False when the deploy is
-        no longer PENDING (cancelled or expired meanwhile), and its bundle must not be written."""
+    def mark_rebuilt(self, deployment: str, deploy_id: str, now_ms: int, delta_object_version: str | None = None) -> bool:
+        """Record that ingest rebuilt a PENDING deploy's bundle from its delta (the object version of the
+        delta it read, when the bucket is versioned); False when the deploy is no longer PENDING
+        (cancelled or expired meanwhile), and its bundle must not be written."""
+        values: dict[str, Any] = {":now": now_ms, ":pending": DeployState.PENDING.value}
+        update = "SET rebuilt_at = :now"
+        if delta_object_version:
+            update += ", delta_object_version = :dov"
+            values[":dov"] = delta_object_version
         try:
             self._table.update_item(
                 Key={"pk": _pk(deployment), "sk": _deploy_sk(deploy_id)},
-                UpdateExpression="SET rebuilt_at = :now",
+                UpdateExpression=update,
                 ConditionExpression="#s = :pending",
                 ExpressionAttributeNames={"#s": "state"},
-                ExpressionAttributeValues={":now": now_ms, ":pending": DeployState.PENDING.value},
+                ExpressionAttributeValues=values,
             )
         except ClientError as exc:
             if _failed_condition(exc):

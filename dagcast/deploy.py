@@ -18,7 +18,7 @@ from typing import IO, Any, BinaryIO, cast
 import httpx
 
 from chalicelib.bundle import BundleInfo, DeltaCollector, FileEntry, Limits, Report, validate_stream
-from chalicelib.manifest import DeployDiff, diff_manifests, summary
+from chalicelib.manifest import DeployDiff, decode_manifest, diff_manifests, summary
 from dagcast import bundler, compile_cache, gitinfo
 from dagcast.bundler import Collected, human_size
 from dagcast.client import ApiClient, backoff
@@ -540,12 +540,10 @@ def _live_version(api: ApiClient, deployment: str) -> dict[str, Any] | None:
 def _live_manifest(live: dict[str, Any] | None) -> list[FileEntry] | None:
     if not live or not live.get("manifest_url"):
         return None
-    from pydantic import TypeAdapter
-
     try:
         resp = httpx.get(live["manifest_url"], timeout=30)
         resp.raise_for_status()
-        return TypeAdapter(list[FileEntry]).validate_json(resp.content)
+        return decode_manifest(resp.content)
     except (httpx.HTTPError, ValueError):
         return None  # the diff is informational: deploy without it
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import Api, aws, dag_source, deploy_waiting, files_of, until, write_dags
+from helpers import Api, aws, dag_source, deploy_waiting, files_of, metric, until, write_dags
 from stack import local_stack
 
 pytestmark = pytest.mark.integration
@@ -44,6 +44,7 @@ def test_a_one_file_change_uploads_a_delta_and_sidecars_get_the_same_bytes_as_a_
     first = write_dags(tmp_path / "v1", {**MANY, "lib/helpers.py": "X = 1\n", "old.py": dag_source("old")})
     code, doc, _ = deploy(info, first)
     assert code == 0 and doc["converged"], doc
+    deltas_before = [metric(sc["metrics_url"], "dagcast_sidecar_fetches_total", 'kind="delta"') for sc in info["sidecars"]]
 
     second = tmp_path / "v2"
     shutil.copytree(first, second)
@@ -59,6 +60,17 @@ def test_a_one_file_change_uploads_a_delta_and_sidecars_get_the_same_bytes_as_a_
     via_delta = live_files(info)
     view = Api(info).json("GET", f"/deployments/{info['deployment']}/deploys/{doc['deploy_id']}")
     assert view["deploy"]["sha256"] == doc["sha256"] and view["deploy"]["rebuilt_at"]
+    # The uploaded delta was made against the live version, so it is the sidecars' delta as well: kept
+    # in place (pinned to the object version ingest read), no second delta written, and each sidecar built
+    # the new version from it.
+    s3 = aws(info, "s3")
+    [bucket] = [b["Name"] for b in s3.list_buckets()["Buckets"] if "bundles" in b["Name"]]
+    deployment, deploy_id = info["deployment"], doc["deploy_id"]
+    assert s3.head_object(Bucket=bucket, Key=f"bundles/{deployment}/{deploy_id}.delta.tar.gz")["ContentLength"] == \
+        doc["upload"]["bytes"]
+    assert s3.list_objects_v2(Bucket=bucket, Prefix=f"deltas/{deployment}/{deploy_id}").get("KeyCount") == 0
+    assert [metric(sc["metrics_url"], "dagcast_sidecar_fetches_total", 'kind="delta"') for sc in info["sidecars"]] == \
+        [n + 1 for n in deltas_before], "v2 built from the delta"
 
     # The same folder uploaded whole gives the same bundle, so the sidecars' files are the same bytes.
     code, full, _ = deploy(info, second, "--full", "--force")

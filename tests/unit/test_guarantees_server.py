@@ -42,6 +42,7 @@ import app as app_module
 from chalicelib.bundle import Reuse, extract_bundle, extract_delta, files_digest
 from chalicelib.exceptions import StorageError
 from chalicelib.ingest import Ingest, Outcome, parse_notification
+from chalicelib.manifest import decode_manifest
 from chalicelib.models import DeployState, UpdateDeployment, Version
 from chalicelib.notify import Notifier, SidecarQueues
 from chalicelib.publish import Publisher
@@ -199,8 +200,8 @@ def test_the_janitor_keeps_the_bundle_a_live_rollback_shares_with_a_version_it_p
     # v5 (live) and v4 are the two kept; v1's record is beyond them, but its key is the live one's.
     assert sorted(report.bundles_pruned) == [f"{deployment}/v2", f"{deployment}/v3"]
     assert [object_versions(aws, d["key"]) != [] for d in deploys] == [True, False, False, True]
-    manifest = json.loads(fetch(version_view(client, deployment, sidecar_token)["manifest_url"]))
-    assert sorted(e["path"] for e in manifest) == sorted(contents[0])
+    manifest = decode_manifest(fetch(version_view(client, deployment, sidecar_token)["manifest_url"]))
+    assert sorted(e.path for e in manifest) == sorted(contents[0])
 
 
 def test_a_rollback_to_a_version_whose_bundle_was_pruned_is_refused_and_changes_nothing(
