@@ -1,7 +1,9 @@
 """dagcast's Chalice app: routes and the ingest handler, wired to chalicelib. Thin by design."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,12 +15,13 @@ from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError
+from botocore.exceptions import BotoCoreError, ClientError
 from chalice import Chalice, Rate, Response
 from pydantic import BaseModel, ValidationError
 
 from chalicelib import __version__
 from chalicelib.auth import Authenticator, Permission
+from chalicelib.events import EventSink
 from chalicelib.exceptions import (
     BundleError,
     Conflict,
@@ -36,6 +39,8 @@ from chalicelib.models import (
     CreateDeploy,
     CreateDeployment,
     CreateToken,
+    CreateWebhook,
+    Delivery,
     Deploy,
     Deployment,
     DeployView,
@@ -44,6 +49,7 @@ from chalicelib.models import (
     Page,
     ParseRecord,
     ParseReport,
+    Promote,
     RegisterSidecar,
     Registration,
     SidecarView,
@@ -52,6 +58,7 @@ from chalicelib.models import (
     UpdateDeployment,
     UploadForm,
     VersionView,
+    WebhookCreated,
 )
 from chalicelib.notify import Notifier, SidecarQueues
 from chalicelib.openapi import RouteSpec, build_document
@@ -62,6 +69,7 @@ from chalicelib.signing import FileSigner, KmsSigner, Signer
 from chalicelib.storage import BundleStorage
 from chalicelib.store import Store
 from chalicelib.telemetry import Telemetry
+from chalicelib.webhooks import Deliverer, DeliveryFailed
 
 app = Chalice(app_name="dagcast")
 logger = Logger(service="dagcast")
@@ -118,15 +126,43 @@ def get_signer() -> Signer:
 
 
 @functools.lru_cache(maxsize=1)
+def get_sqs() -> Any:
+    return boto3.client("sqs", config=_AWS_CONFIG)
+
+
+@functools.lru_cache(maxsize=1)
+def get_events() -> EventSink:
+    s = get_settings()
+    return EventSink(
+        boto3.client("events", config=_AWS_CONFIG) if s.event_bus_name else None, s.event_bus_name,
+        get_sqs() if s.webhook_queue_url else None, s.webhook_queue_url, get_store().list_webhooks,
+        on_failure=telemetry.event_failed,
+    )
+
+
+@functools.lru_cache(maxsize=1)
 def get_publisher() -> Publisher:
     s = get_settings()
-    return Publisher(s, get_store(), get_bundles(), Notifier(get_sns(), s.topic_arn), now_ms, get_signer())
+    return Publisher(s, get_store(), get_bundles(), Notifier(get_sns(), s.topic_arn), now_ms, get_signer(), get_events())
+
+
+@functools.lru_cache(maxsize=1)
+def get_deliverer() -> Deliverer:
+    s = get_settings()
+    store = get_store()
+
+    def record(delivery: Delivery) -> None:
+        store.put_delivery(delivery, delivery.at // 1000 + s.delivery_retention_days * 86400)
+        telemetry.webhook_delivery(delivery.ok)
+
+    return Deliverer(store.get_webhook, record, s.webhook_timeout_seconds, s.webhook_retry_base_seconds,
+                     s.webhook_allow_private_hosts)
 
 
 @functools.lru_cache(maxsize=1)
 def get_control() -> ControlPlane:
     s = get_settings()
-    queues = SidecarQueues(boto3.client("sqs", config=_AWS_CONFIG), get_sns(), s.topic_arn, s.sidecar_queue_prefix)
+    queues = SidecarQueues(get_sqs(), get_sns(), s.topic_arn, s.sidecar_queue_prefix)
     return ControlPlane(s, get_store(), get_bundles(), queues, get_publisher(), telemetry=telemetry,
                         forget_token=get_auth().forget, signer=get_signer())
 
@@ -152,6 +188,7 @@ _PARAM_PATTERNS = {
     "name": re.compile(NAME_RE),
     "deploy_id": re.compile(r"^[0-9a-f]{11}-[0-9a-f]{6}$"),
     "version": re.compile(r"^[1-9][0-9]{0,9}$"),
+    "webhook_id": re.compile(r"^[0-9a-f]{12}$"),
 }
 
 
@@ -313,6 +350,39 @@ def rollback(ctx: Ctx, deployment: str, deploy_id: str) -> Deploy:
     return get_control().rollback(deployment, deploy_id, ctx.token.name)
 
 
+@api("/deployments/{deployment}/promotions", "POST",
+     "Promote a version of another deployment: its bundle, byte for byte, copied inside S3 and validated here "
+     "(deploy rights here, read on the source)", Permission.DEPLOY, body=Promote, response=Deploy, status=201)
+def promote(ctx: Ctx, deployment: str) -> Deploy:
+    assert ctx.token is not None
+    return get_control().promote(deployment, ctx.body, ctx.token)
+
+
+@api("/deployments/{deployment}/webhooks", "GET", "The deployment's webhooks (never their secrets)", Permission.ADMIN)
+def list_webhooks(ctx: Ctx, deployment: str) -> dict[str, Any]:
+    return {"items": [h.model_dump(mode="json") for h in get_control().list_webhooks(deployment)]}
+
+
+@api("/deployments/{deployment}/webhooks", "POST", "Add a webhook; its signing secret is in this response only",
+     Permission.ADMIN, body=CreateWebhook, response=WebhookCreated, status=201)
+def add_webhook(ctx: Ctx, deployment: str) -> WebhookCreated:
+    assert ctx.token is not None
+    return get_control().add_webhook(deployment, ctx.body, ctx.token.name)
+
+
+@api("/deployments/{deployment}/webhooks/{webhook_id}", "DELETE", "Remove a webhook (queued deliveries are dropped)",
+     Permission.ADMIN, status=204)
+def remove_webhook(ctx: Ctx, deployment: str, webhook_id: str) -> None:
+    get_control().remove_webhook(deployment, webhook_id)
+
+
+@api("/deployments/{deployment}/deliveries", "GET", "The last webhook delivery attempts, newest first", Permission.READ,
+     query={"limit": "1-100"})
+def list_deliveries(ctx: Ctx, deployment: str) -> dict[str, Any]:
+    items = get_control().deliveries(deployment, _int_query(ctx, "limit", 20, 1, 100))
+    return {"items": [d.model_dump(mode="json") for d in items]}
+
+
 @api("/deployments/{deployment}/versions/current", "GET",
      "The live version; download URLs for tokens that may download (sidecar, admin)", Permission.READ,
      response=VersionView)
@@ -424,5 +494,28 @@ def ingest(event: Any) -> dict[str, Any]:
     return dict(
         process_partial_response(
             event=event.to_dict(), record_handler=_ingest_record, processor=processor, context=event.context
+        )
+    )
+
+
+def _webhook_record(record: SQSRecord) -> None:
+    attempt = int(record.attributes.approximate_receive_count or 1)
+    try:
+        get_deliverer().deliver(json.loads(record.body), attempt)
+    except DeliveryFailed as exc:
+        # exponential backoff: the message comes back after retry_in seconds, until the queue's maxReceiveCount
+        with contextlib.suppress(BotoCoreError, ClientError):
+            get_sqs().change_message_visibility(QueueUrl=get_settings().webhook_queue_url,
+                                                ReceiptHandle=record.receipt_handle, VisibilityTimeout=exc.retry_in)
+        raise
+
+
+@app.on_sqs_message(queue="dagcast-webhooks", batch_size=10, name="webhooks")
+def webhooks(event: Any) -> dict[str, Any]:
+    """Lifecycle events queued for webhooks -> signed POSTs. Failed ones come back with backoff, then go to the DLQ."""
+    processor = BatchProcessor(event_type=EventType.SQS)
+    return dict(
+        process_partial_response(
+            event=event.to_dict(), record_handler=_webhook_record, processor=processor, context=event.context
         )
     )

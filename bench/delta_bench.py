@@ -121,16 +121,19 @@ class Link:
 def through(bench: Bench, link: Link, dags: Path, *extra: str) -> dict[str, Any]:
     link.reset()
     env = {**bench.env, "HTTP_PROXY": link.url, "http_proxy": link.url, "NO_PROXY": "", "no_proxy": ""}
-    started = time.monotonic()
+    wall, started = time.time(), time.monotonic()
     proc = subprocess.run([*dagcast_command(), "deploy", "--dags", "--dags-path", str(dags), "--wait", "--json",
                            "--timeout", "900", *extra], env=env, capture_output=True, text=True, timeout=1200)
     seconds = time.monotonic() - started
     if proc.returncode != 0:
         raise RuntimeError(f"dagcast deploy exited {proc.returncode}:\n{proc.stderr}")
     out = json.loads(proc.stdout)
+    shown = subprocess.run([*dagcast_command(), "deploys", "show", out["deploy_id"], "--json"], env=bench.env,
+                           capture_output=True, text=True, timeout=60, check=True)
+    converged_at = json.loads(shown.stdout)["deploy"]["converged_at"]  # the API's clock (ms): same machine
     return {"kind": out["upload"]["kind"], "upload_bytes": out["upload"]["bytes"], "bytes_up": link.up,
-            "bytes_down": link.down, "seconds": round(seconds, 2), "converged": out["converged"],
-            "stages": out.get("timings", {})}
+            "bytes_down": link.down, "seconds": round(seconds, 2), "live_seconds": round(converged_at / 1000 - wall, 2),
+            "converged": out["converged"], "stages": out.get("timings", {})}
 
 
 def s3_sync(aws_cli: str, endpoint: str, link: Link, dags: Path, n: int) -> dict[str, Any]:
@@ -194,20 +197,20 @@ def markdown(results: dict[str, Any]) -> str:
         f"Through a paced proxy, {up / 1000:g} Mbit/s up and {down / 1000:g} Mbit/s down; one file changed; "
         "3 sidecars; bytes counted leaving the client (API calls included).",
         "",
-        "| files | upload | bytes up | CLI start -> all live | vs the whole bundle |",
-        "|---|---|---|---|---|",
+        "| files | upload | bytes up | CLI start -> all live | CLI start -> exit (parse reports in) | vs the whole bundle |",
+        "|---|---|---|---|---|---|",
     ]
     for n, row in results["sizes"].items():
         d, f = row["delta"], row["full"]
-        lines.append(f"| {int(n):,} | delta ({kib(d['upload_bytes'])}) | {kib(d['bytes_up'])} | {d['seconds']:.1f} s | "
-                     f"{row['bytes_ratio']:g}x fewer bytes, {row['time_ratio']:g}x faster |")
+        lines.append(f"| {int(n):,} | delta ({kib(d['upload_bytes'])}) | {kib(d['bytes_up'])} | {d['live_seconds']:.1f} s | "
+                     f"{d['seconds']:.1f} s | {row['bytes_ratio']:g}x fewer bytes, {row['time_ratio']:g}x faster |")
         lines.append(f"| {int(n):,} | whole bundle (`--full`, {kib(f['upload_bytes'])}) | {kib(f['bytes_up'])} | "
-                     f"{f['seconds']:.1f} s | 1x |")
+                     f"{f['live_seconds']:.1f} s | {f['seconds']:.1f} s | 1x |")
         if "s3_sync" in row:
             sync = row["s3_sync"]
             lines.append(f"| {int(n):,} | `aws s3 sync` of the folder (no validation, no sidecars) | {kib(sync['bytes_up'])} | "
-                         f"{sync['seconds']:.1f} s (upload only) | |")
-    lines += ["", f"Machine: {results['machine']}. Targets: <= 64 KiB up for 10,000 files; <= 3 s CLI start to all live."]
+                         f"{sync['seconds']:.1f} s (upload only) | | |")
+    lines += ["", f"Machine: {results['machine']}. Targets: <= 64 KiB up for 10,000 files; <= 3 s CLI start to all live. "All live" is when the last sidecar ran the version (the deploy's `converged_at`); the CLI exits after the sidecars' Airflow parse reports are in as well."]
     return "\n".join(lines)
 
 

@@ -54,6 +54,18 @@ class BaseMoved(Conflict):
     code = "base_moved"
 
 
+class PromotionsOnly(Conflict):
+    """The deployment takes only promoted versions (accept: promotions): promote one instead of uploading."""
+
+    code = "promotions_only"
+
+
+class PromotionRefused(Conflict):
+    """This promotion is not allowed: the target takes only uploads, or the source version does not qualify."""
+
+    code = "promotion_refused"
+
+
 class StorageError(DagcastError):
     """An AWS call failed; the message names the step that failed."""
 

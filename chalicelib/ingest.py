@@ -39,6 +39,7 @@ from chalicelib.bundle import (
     validate_stream,
 )
 from chalicelib.bundle.rebuild import read_delta, rebuild_bundle
+from chalicelib.events import EventType, deploy_detail, errors_detail
 from chalicelib.exceptions import NotFound, StorageError
 from chalicelib.manifest import diff_manifests
 from chalicelib.models import Delta, DeltaUpload, Deploy, DeployState, IngestEvent
@@ -323,6 +324,9 @@ class Ingest:
             reason = errors[0].code if errors else "unknown"
             logger.info("deploy rejected", extra={"errors": len(errors), "first": reason})
             self._telemetry.deploy_rejected(reason, validation_ms / 1000)
+            total = len(errors) + (report.errors_truncated if report else 0)
+            self._publisher.events.emit(EventType.REJECTED, deploy_detail(
+                EventType.REJECTED, deploy, **{**errors_detail(errors), "errors_total": total}))
             if deploy.delta is None:  # a rejected delta was deleted, and no bundle was written
                 self._bundles.tag(deploy.key, {"dagcast-state": "rejected"})  # the lifecycle rule expires it
             elif deploy.rebuilt_at is not None:  # the rebuilt bundle was invalid: neither it nor the delta is needed

@@ -48,6 +48,14 @@ class ParseMode(str, Enum):
     GATE = "gate"  # parse first; a version that adds import errors is held back (not installed) and reported
 
 
+class Accept(str, Enum):
+    """What a deployment takes new versions from: uploads (deploys), promotions from another deployment, or both."""
+
+    UPLOADS = "uploads"
+    PROMOTIONS = "promotions"
+    BOTH = "both"
+
+
 class Role(str, Enum):
     VIEWER = "viewer"
     DEPLOYER = "deployer"
@@ -81,6 +89,10 @@ class Deployment(BaseModel):
         description="allow: a deploy that removes DAGs goes ahead (asked on a terminal, warned elsewhere); "
         "confirm: refused unless the deployer confirms (--allow-dag-removal)",
     )
+    accept: Accept = Field(Accept.BOTH, description="uploads, promotions (production takes only what staging ran), or both")
+    promotion_min_live_minutes: int = Field(
+        0, description="a promotion into this deployment needs its source version live there this long, with no new import errors"
+    )
     created_at: int = 0
 
 
@@ -90,6 +102,15 @@ class GitInfo(Strict):
     author: str | None = Field(None, max_length=256)
     subject: str | None = Field(None, max_length=1024)
     dirty: bool = False
+
+
+class PromotedFrom(BaseModel):
+    """The version of another deployment whose bundle, byte for byte, a promotion deploys."""
+
+    deployment: str
+    version: int
+    deploy_id: str
+    sha256: str
 
 
 class Deploy(BaseModel):
@@ -128,6 +149,7 @@ class Deploy(BaseModel):
     delta_key: str | None = Field(None, description="where the delta is uploaded; ingest rebuilds the bundle at key")
     rebuilt_at: int | None = Field(None, description="when ingest rebuilt the bundle from the base and the delta")
     delta_object_version: str | None = Field(None, description="the object version of the uploaded delta ingest read")
+    promoted_from: PromotedFrom | None = Field(None, description="the version of another deployment this deploy promotes")
 
     def stages(self) -> DeployStages:
         """Where this deploy's time went, from its own timestamps (None where a stage has not happened)."""
@@ -259,6 +281,8 @@ class UpdateDeployment(Strict):
     retention_days: int | None = Field(None, ge=1, le=3650)
     dag_removal: DagRemoval | None = None
     parse_mode: ParseMode | None = None
+    accept: Accept | None = None
+    promotion_min_live_minutes: int | None = Field(None, ge=0, le=7 * 24 * 60)
 
 
 class DeltaUpload(Strict):
@@ -282,6 +306,51 @@ class CreateDeploy(Strict):
     description: str = Field("", max_length=1024)
     git: GitInfo | None = None
     delta: DeltaUpload | None = Field(None, description="upload a delta against the live version instead of the bundle")
+
+
+class Promote(Strict):
+    """Promote a version of another deployment (its live one unless a version or deploy is named)."""
+
+    source: str = Field(pattern=NAME_RE, description="the deployment to promote from")
+    version: int | None = Field(None, ge=1)
+    deploy_id: str | None = Field(None, pattern=r"^[0-9a-f]{11}-[0-9a-f]{6}$")
+    description: str = Field("", max_length=1024)
+
+
+class CreateWebhook(Strict):
+    url: str = Field(min_length=8, max_length=2048, description="http(s) URL that receives the events, POSTed as JSON")
+    events: list[str] = Field(min_length=1, max_length=20, description="event types, e.g. deploy.live, deploy.rejected; * for all")
+    description: str = Field("", max_length=256)
+
+
+class Webhook(BaseModel):
+    deployment: str
+    webhook_id: str
+    url: str
+    events: list[str]
+    description: str = ""
+    created_by: str = ""
+    created_at: int = 0
+
+
+class WebhookCreated(BaseModel):
+    webhook: Webhook
+    secret: str = Field(description="the HMAC-SHA256 key of the signatures: shown in this response only")
+
+
+class Delivery(BaseModel):
+    """One attempt to deliver an event to a webhook."""
+
+    deployment: str
+    webhook_id: str
+    event_id: str
+    event_type: str
+    attempt: int
+    at: int
+    status: int | None = Field(None, description="the receiver's HTTP status; None when no answer came")
+    ok: bool
+    error: str | None = None
+    duration_ms: int = 0
 
 
 class RegisterSidecar(Strict):

@@ -15,9 +15,10 @@ from typing import Any
 from aws_lambda_powertools import Logger
 
 from chalicelib.bundle import BuiltDelta, FileEntry, Limits
-from chalicelib.exceptions import Conflict, StorageError
+from chalicelib.events import EventSink, EventType, NoEvents, deploy_detail
+from chalicelib.exceptions import Conflict, DagcastError, StorageError
 from chalicelib.manifest import MANIFEST_CONTENT_TYPE, DeployDiff, ManifestError, decode_manifest, diff_manifests, encode_manifest
-from chalicelib.models import Delta, Deploy, Deployment, Version
+from chalicelib.models import Delta, Deploy, Deployment, DeployState, Version
 from chalicelib.notify import Notifier
 from chalicelib.settings import Settings
 from chalicelib.signing import Signer, SigningError, statement_bytes
@@ -66,7 +67,9 @@ class Publisher:
         notifier: Notifier,
         clock: Callable[[], int],
         signer: Signer,
+        events: EventSink | None = None,
     ) -> None:
+        self.events = events or NoEvents()
         self._settings = settings
         self._store = store
         self._bundles = bundles
@@ -148,6 +151,29 @@ class Publisher:
             raise StorageError(f"cannot sign the announcement of version {version.version}: {exc}") from exc
         self._notifier.publish_version(version, statement, signature, key_id, url, delta_url)
 
+    def _emit_activation(self, deploy: Deploy, version: Version, previous: str | None, fields: dict[str, Any]) -> None:
+        live = deploy.model_copy(update={"version": version.version, "state": DeployState.ACTIVE})
+        diff = fields.get("diff") or {}
+        self.events.emit(EventType.ACCEPTED, deploy_detail(
+            EventType.ACCEPTED, live, files=fields.get("files"), bytes=fields.get("bytes"),
+            validation_ms=fields.get("validation_ms"), rollback_of=deploy.rollback_of,
+            changes={k: diff.get(k, 0) for k in ("files_added", "files_changed", "files_removed",
+                                                   "dags_added_count", "dags_removed_count")}))
+        if deploy.rollback_of:
+            to_version = self._store.get_deploy_fields(deploy.deployment, deploy.rollback_of, ["version"]).get("version")
+            self.events.emit(EventType.ROLLED_BACK, deploy_detail(
+                EventType.ROLLED_BACK, live, rollback_of=deploy.rollback_of,
+                to_version=int(to_version) if to_version is not None else None))
+        if deploy.promoted_from:
+            self.events.emit(EventType.PROMOTED, deploy_detail(EventType.PROMOTED, live))
+        if previous and previous != deploy.deploy_id:
+            try:
+                old = self._store.get_deploy(deploy.deployment, previous)
+            except DagcastError:
+                return
+            self.events.emit(EventType.SUPERSEDED, deploy_detail(
+                EventType.SUPERSEDED, old, superseded_by={"deploy_id": deploy.deploy_id, "version": version.version}))
+
     def diff_against_live(self, deployment: str, manifest: list[FileEntry]) -> DeployDiff:
         base = self.live_base(self._store.get_deployment(deployment))
         return diff_manifests(base.manifest if base else None, manifest)
@@ -196,6 +222,7 @@ class Publisher:
                 return None
             logger.info("version active", extra={"version": version.version})
             self.announce(version)
+            self._emit_activation(deploy, version, current.current_deploy_id, fields)
             return version
         raise StorageError(
             f"cannot assign a version to deploy {deploy.deploy_id} after {self._settings.activation_retries} attempts"

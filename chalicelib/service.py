@@ -9,12 +9,26 @@ import time
 from collections.abc import Callable
 
 from chalicelib.auth import ROLE_PERMISSIONS, Permission, hash_token, new_token
-from chalicelib.exceptions import BaseMoved, BundleTooLarge, Conflict, Forbidden, InvalidRequest, NotFound, StorageError
+from chalicelib.events import EventSink, EventType, check_event_types, deploy_detail
+from chalicelib.exceptions import (
+    BaseMoved,
+    BundleTooLarge,
+    Conflict,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    PromotionRefused,
+    PromotionsOnly,
+    StorageError,
+)
 from chalicelib.models import (
+    Accept,
     CreatedDeploy,
     CreateDeploy,
     CreateDeployment,
     CreateToken,
+    CreateWebhook,
+    Delivery,
     DeltaUpload,
     Deploy,
     Deployment,
@@ -30,6 +44,8 @@ from chalicelib.models import (
     ParseErrorView,
     ParseRecord,
     ParseReport,
+    Promote,
+    PromotedFrom,
     RegisterSidecar,
     Registration,
     Role,
@@ -41,6 +57,8 @@ from chalicelib.models import (
     UpdateDeployment,
     UploadForm,
     VersionView,
+    Webhook,
+    WebhookCreated,
 )
 from chalicelib.notify import SidecarQueues
 from chalicelib.publish import Publisher, new_uid
@@ -49,6 +67,9 @@ from chalicelib.signing import ALGORITHM, Signer, SigningError
 from chalicelib.storage import BundleStorage, bundle_key, uploaded_delta_key
 from chalicelib.store import Store
 from chalicelib.telemetry import Telemetry
+from chalicelib.webhooks import check_url
+
+MAX_WEBHOOKS = 20
 
 
 def now_ms() -> int:
@@ -85,6 +106,10 @@ class ControlPlane:
         self._publisher = publisher
         self._clock = clock
 
+    @property
+    def _events(self) -> EventSink:
+        return self._publisher.events
+
     # --- deployments -----------------------------------------------------------------
 
     def create_deployment(self, req: CreateDeployment) -> Deployment:
@@ -112,6 +137,11 @@ class ControlPlane:
             raise Conflict(
                 f"DAG-only deploys are disabled for deployment {deployment!r} (mechanism {dep.mechanism.value}); "
                 f"an admin can enable them with `dagcast deployment update --deployment {deployment} --dag-deploy enabled`"
+            )
+        if dep.accept is Accept.PROMOTIONS:
+            raise PromotionsOnly(
+                f"deployment {deployment!r} accepts only promoted versions (accept: promotions); promote one that "
+                f"another deployment ran: `dagcast promote --from <staging> --to {deployment}`"
             )
         if req.size > dep.limits.max_bundle_bytes:
             raise BundleTooLarge(
@@ -142,6 +172,8 @@ class ControlPlane:
         expires = self._settings.upload_expiry_seconds
         url, fields = self._presign(deploy, expires)
         self._store.create_deploy(deploy)
+        self._events.emit(EventType.CREATED, deploy_detail(EventType.CREATED, deploy, size=deploy.size,
+                                                           upload="delta" if req.delta else "bundle"))
         return CreatedDeploy(deploy=deploy, upload=UploadForm(url=url, fields=fields, expires_at=clock + expires * 1000))
 
     def get_deploy(self, deployment: str, deploy_id: str, wait_seconds: float = 0) -> DeployView:
@@ -293,6 +325,130 @@ class ControlPlane:
         self._publisher.publish(deploy, fields, served.limits, served.object_version)
         return self._store.get_deploy(deployment, deploy.deploy_id)
 
+    # --- promotion -------------------------------------------------------------------
+
+    def promote(self, target: str, req: Promote, caller: Token) -> Deploy:
+        """A deploy in `target` of exactly the bundle a version of `req.source` ran: the object is copied
+        inside S3 (nothing from the client), and ingest validates it against the target's limits and
+        checks it is byte for byte the source's (its sha256). The caller deploys to `target` (checked by
+        the route) and must be able to read the source."""
+        if req.source == target:
+            raise InvalidRequest("a deployment cannot be promoted to itself")
+        if not caller.allows(req.source):
+            raise Forbidden(f"token {caller.name!r} is not scoped to deployment {req.source!r}, the promotion's source")
+        dep = self._store.get_deployment(target)
+        if dep.mechanism is not Mechanism.DAG_ONLY:
+            raise Conflict(f"DAG-only deploys are disabled for deployment {target!r} (mechanism {dep.mechanism.value}); "
+                           f"an admin can enable them with `dagcast deployment update --deployment {target} --dag-deploy enabled`")
+        if dep.accept is Accept.UPLOADS:
+            raise PromotionRefused(f"deployment {target!r} accepts only uploads (accept: uploads); an admin can allow "
+                                   f"promotions with `dagcast deployment update --deployment {target} --accept both`")
+        source_dep = self._store.get_deployment(req.source)
+        source = self._promoted_deploy(source_dep, req)
+        assert source.version is not None
+        record = self._store.get_version(req.source, source.version)
+        if record.size > dep.limits.max_bundle_bytes:
+            raise BundleTooLarge(f"v{record.version} of {req.source!r} is {_mib(record.size)} compressed, over "
+                                 f"{target!r}'s limit of {_mib(dep.limits.max_bundle_bytes)}")
+        self._check_promotable(dep, source_dep, source)
+        if not self._bundles.exists(record.key):
+            raise Conflict(f"the bundle of {req.source!r} v{record.version} was removed by the retention policy; "
+                           "it cannot be promoted")
+        clock = self._clock()
+        deploy_id = new_deploy_id(clock)
+        deploy = Deploy(
+            deployment=target,
+            deploy_id=deploy_id,
+            state=DeployState.PENDING,
+            sha256=record.sha256,
+            size=record.size,
+            key=bundle_key(target, deploy_id),
+            description=req.description or f"promoted from {req.source} v{record.version}"
+            + (f": {source.description}" if source.description else ""),
+            git=source.git,
+            created_by=caller.name,
+            created_at=clock,
+            activations={},
+            parsed={},
+            promoted_from=PromotedFrom(deployment=req.source, version=record.version, deploy_id=source.deploy_id,
+                                       sha256=record.sha256),
+        )
+        self._store.create_deploy(deploy)
+        self._events.emit(EventType.CREATED, deploy_detail(EventType.CREATED, deploy, size=deploy.size, upload="promotion"))
+        try:
+            self._bundles.copy(record.key, record.object_version, deploy.key)
+        except StorageError:
+            self._store.cancel_deploy(target, deploy_id, "dagcast (the copy failed)")
+            raise
+        return deploy
+
+    def _promoted_deploy(self, source: Deployment, req: Promote) -> Deploy:
+        if req.deploy_id is not None:
+            deploy = self._store.get_deploy(source.name, req.deploy_id)
+            if req.version is not None and deploy.version != req.version:
+                raise InvalidRequest(f"deploy {req.deploy_id} is v{deploy.version}, not v{req.version}")
+        else:
+            number = req.version or source.current_version
+            if not number:
+                raise NotFound(f"deployment {source.name!r} has no live version to promote")
+            deploy = self._store.get_deploy(source.name, self._store.get_version(source.name, number).deploy_id)
+        if deploy.version is None or deploy.state not in (DeployState.ACTIVE, DeployState.SUPERSEDED):
+            raise PromotionRefused(f"deploy {deploy.deploy_id} of {source.name!r} is {deploy.state.value}; only a version "
+                                   "that went live can be promoted")
+        return deploy
+
+    def _check_promotable(self, target: Deployment, source_dep: Deployment, source: Deploy) -> None:
+        """The target's bar for promotions: live on every sidecar of the source for promotion_min_live_minutes,
+        with no new import errors reported there."""
+        minutes = target.promotion_min_live_minutes
+        if not minutes:
+            return
+        name = f"{source_dep.name!r} v{source.version}"
+        if source.converged_at is None:
+            raise PromotionRefused(f"{name} never ran on every sidecar of {source_dep.name!r}; {target.name!r} takes "
+                                   f"versions that were live there for {minutes} min")
+        until = self._clock()
+        if source_dep.current_version != source.version and source.version is not None:
+            try:
+                until = self._store.get_version(source_dep.name, source.version + 1).created_at
+            except NotFound:
+                until = self._clock()
+        live_minutes = max(0, until - source.converged_at) / 60_000
+        if live_minutes < minutes:
+            raise PromotionRefused(f"{name} was live for {live_minutes:.1f} min; {target.name!r} takes versions that were "
+                                   f"live for {minutes} min (promotion_min_live_minutes)")
+        broken = [p.sidecar for p in self._store.list_parses(source_dep.name, source.deploy_id) if p.new_import_errors_total]
+        if broken:
+            raise PromotionRefused(f"{name} has new import errors on {', '.join(sorted(broken))}; fix them before promoting")
+
+    # --- webhooks --------------------------------------------------------------------
+
+    def add_webhook(self, deployment: str, req: CreateWebhook, created_by: str) -> WebhookCreated:
+        self._store.get_deployment(deployment)
+        try:
+            events = check_event_types(req.events)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from exc
+        url = check_url(req.url, self._settings.webhook_allow_private_hosts)
+        if len(self._store.list_webhooks(deployment)) >= MAX_WEBHOOKS:
+            raise Conflict(f"deployment {deployment!r} has {MAX_WEBHOOKS} webhooks already; remove one first")
+        hook = Webhook(deployment=deployment, webhook_id=secrets.token_hex(6), url=url, events=events,
+                       description=req.description, created_by=created_by, created_at=self._clock())
+        secret = "whsec_" + secrets.token_urlsafe(32)
+        self._store.put_webhook(hook, secret)
+        return WebhookCreated(webhook=hook, secret=secret)
+
+    def list_webhooks(self, deployment: str) -> list[Webhook]:
+        self._store.get_deployment(deployment)
+        return sorted(self._store.list_webhooks(deployment), key=lambda h: h.created_at)
+
+    def remove_webhook(self, deployment: str, webhook_id: str) -> Webhook:
+        return self._store.delete_webhook(deployment, webhook_id)
+
+    def deliveries(self, deployment: str, limit: int) -> list[Delivery]:
+        self._store.get_deployment(deployment)
+        return self._store.list_deliveries(deployment, limit)
+
     def _note_convergence(self, deploy: Deploy, live: list[str]) -> int | None:
         """Record (once) when the last live sidecar ran the deploy, from their activation times;
         returns that time when this call recorded it."""
@@ -303,6 +459,9 @@ class ControlPlane:
         if not self._store.mark_converged(deploy.deployment, deploy.deploy_id, at):
             return None
         self._telemetry.sidecars_converged(max(0, at - deploy.activated_at) / 1000)
+        done = deploy.model_copy(update={"converged_at": at})
+        self._events.emit(EventType.LIVE, deploy_detail(EventType.LIVE, done, sidecars=sorted(live),
+                                                        stages=done.stages().model_dump(mode="json")))
         return at
 
     # --- versions --------------------------------------------------------------------
@@ -415,6 +574,8 @@ class ControlPlane:
             if deploy_id is not None and req.sha256 == sha256 and req.deployment_id == (version_uid or uid) == uid:
                 at = req.last_sync_at or fields["last_heartbeat"]
                 self._store.record_activation(deployment, deploy_id, name, at, req.last_notified_at)
+                if dep.current_deploy_id == deploy_id:
+                    self._deploy_view(deployment, deploy_id)  # notes convergence (and says so) when this was the last one
         return self._views(dep, uid, [sidecar])[0]
 
     def report_parse(self, deployment: str, name: str, req: ParseReport, secret: str | None) -> ParseRecord:
@@ -438,6 +599,14 @@ class ControlPlane:
         self._store.put_parse(record, clock // 1000 + dep.retention_days * 86400)
         if req.status == "parsed":
             self._telemetry.import_errors(req.import_errors_total, req.new_import_errors_total, held=req.held)
+            if req.new_import_errors_total:
+                deploy = self._store.get_deploy(deployment, deploy_id)
+                self._events.emit(EventType.IMPORT_ERRORS, deploy_detail(
+                    EventType.IMPORT_ERRORS, deploy, suffix=name, sidecar=name, component=sidecar.component,
+                    held=req.held, new_import_errors=list(req.new_import_errors[:10]),
+                    new_import_errors_total=req.new_import_errors_total, import_errors_total=req.import_errors_total,
+                    import_errors=[{"path": e.path, "line": e.line, "type": e.type, "message": e.message[:500]}
+                                   for e in req.import_errors[:10]]))
         return record
 
     def deregister_sidecar(self, deployment: str, name: str, caller: Token, secret: str | None) -> None:
@@ -515,6 +684,8 @@ class ControlPlane:
             for s in self._store.list_sidecars(dep.name):
                 if sidecar_cutoff <= s.last_heartbeat < stale_cutoff:
                     stale += 1
+                    if self._store.mark_sidecar_stale(dep.name, s.name, s.last_heartbeat):
+                        self._emit_stale(dep, s)
                 if s.last_heartbeat < sidecar_cutoff:
                     self._queues.delete(s.queue_url, s.subscription_arn)
                     self._store.delete_sidecar(dep.name, s.name)
@@ -527,6 +698,24 @@ class ControlPlane:
             report.bundles_pruned += self._prune_bundles(dep, clock)
         self._telemetry.stale_sidecars(stale)
         return report
+
+    def _emit_stale(self, dep: Deployment, s: Sidecar) -> None:
+        """Once per silence: the id names the heartbeat the sidecar went quiet after."""
+        live = None
+        if dep.current_deploy_id:
+            try:
+                live = self._store.get_deploy(dep.name, dep.current_deploy_id)
+            except NotFound:
+                live = None
+        self._events.emit(EventType.SIDECAR_STALE, {
+            "id": f"{EventType.SIDECAR_STALE.value}:{dep.name}:{s.name}:{s.last_heartbeat}",
+            "type": EventType.SIDECAR_STALE.value, "schema": 1, "deployment": dep.name,
+            "deploy_id": live.deploy_id if live else None, "version": live.version if live else None,
+            "sha256": live.sha256 if live else None, "git": live.git.model_dump(mode="json") if live and live.git else None,
+            "created_by": live.created_by if live else None,
+            "sidecar": {"name": s.name, "component": s.component, "version": s.version, "sha256": s.sha256,
+                        "last_heartbeat": s.last_heartbeat},
+        })
 
     def _delete_late_uploads(self, deployment: str, clock: int) -> list[str]:
         """An upload can arrive until its form expires, after its deploy was cancelled or expired:

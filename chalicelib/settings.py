@@ -54,6 +54,17 @@ class Settings(BaseSettings):
         "how long a token revoked through another function still works on this one",
     )
 
+    event_bus_name: str | None = Field(None, description="the EventBridge bus lifecycle events go to (none: no events)")
+    webhook_queue_url: str | None = Field(None, description="the SQS queue webhook deliveries go through (none: no webhooks)")
+    webhook_timeout_seconds: float = Field(5, gt=0, le=30, description="one delivery attempt gets an answer within this")
+    webhook_retry_base_seconds: int = Field(
+        10, ge=0, le=900, description="a failed delivery is tried again after this, then twice as long each time"
+    )
+    webhook_allow_private_hosts: bool = Field(
+        False, description="accept http:// and non-public hosts as webhook URLs (the embedded stack: receivers on loopback)"
+    )
+    delivery_retention_days: int = Field(14, ge=1, le=365, description="delivery attempts are kept this long")
+
     @model_validator(mode="after")
     def _one_signing_key(self) -> Self:
         if not self.signing_key_arn and not self.signing_key_file:

@@ -114,6 +114,18 @@ class BundleStorage:
         version_id = out.get("VersionId")
         return None if version_id in (None, "null") else str(version_id)
 
+    def copy(self, source_key: str, source_version: str | None, key: str) -> str | None:
+        """A server-side copy of an object (of that object version, when given) to `key`: no byte goes through
+        the caller. Returns the new object's version id."""
+        source = {"Bucket": self.bucket, "Key": source_key, **({"VersionId": source_version} if source_version else {})}
+        try:
+            out = self._s3.copy_object(Bucket=self.bucket, Key=key, CopySource=source, ContentType=BUNDLE_CONTENT_TYPE,
+                                       MetadataDirective="REPLACE")
+        except ClientError as exc:
+            raise StorageError(f"cannot copy {source_key} to {key}: {exc}") from exc
+        version_id = out.get("VersionId")
+        return None if version_id in (None, "null") else str(version_id)
+
     def put_checked(self, key: str, body: BinaryIO, sha256_hex: str) -> str | None:
         """Write a bundle from a file (streamed, not held in memory) that S3 must find to hash to sha256_hex."""
         try:

@@ -5,6 +5,8 @@ Layout (pk / sk):
   DEPLOYMENT#<d> / DEPLOY#<id>       one deploy attempt (ids sort by creation time)
   DEPLOYMENT#<d> / VERSION#<n:010>   an immutable published version
   DEPLOYMENT#<d> / SIDECAR#<name>    a registered sidecar and its last heartbeat
+  DEPLOYMENT#<d> / WEBHOOK#<id>      a webhook: URL, event types, its signing secret
+  DEPLOYMENT#<d> / DELIVERY#<at:013>#<webhook>#<event>#<attempt>   one delivery attempt (expires)
   TOKEN#<sha256> / META              an API token, stored only as its hash
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, NoReturn
 from botocore.exceptions import ClientError
 
 from chalicelib.exceptions import Conflict, Forbidden, InvalidRequest, NotFound, StorageError
-from chalicelib.models import Deploy, Deployment, DeployState, ParseRecord, Sidecar, Token, Version
+from chalicelib.models import Delivery, Deploy, Deployment, DeployState, ParseRecord, Sidecar, Token, Version, Webhook
 
 META = "META"
 KEPT_VERSION_DEPLOYS = 1024  # (deployment, version) -> deploy id answers a Store keeps
@@ -584,6 +586,75 @@ class Store:
             raise StorageError(f"cannot read {what}: {exc}") from exc
         item: dict[str, Any] | None = out.get("Item")
         return item
+
+    def mark_sidecar_stale(self, deployment: str, name: str, last_heartbeat: int) -> bool:
+        """Note that a sidecar went silent after `last_heartbeat`; True only the first time for that
+        silence (and never when it has heartbeated since)."""
+        try:
+            self._table.update_item(
+                Key={"pk": _pk(deployment), "sk": _sidecar_sk(name)},
+                UpdateExpression="SET stale_after = :hb",
+                ConditionExpression="attribute_exists(pk) AND last_heartbeat = :hb AND "
+                                    "(attribute_not_exists(stale_after) OR stale_after <> :hb)",
+                ExpressionAttributeValues={":hb": last_heartbeat},
+            )
+        except ClientError as exc:
+            if _failed_condition(exc):
+                return False
+            raise StorageError(f"cannot mark sidecar {name!r} stale: {exc}") from exc
+        return True
+
+    # --- webhooks ------------------------------------------------------------------------
+
+    def put_webhook(self, hook: Webhook, secret: str) -> None:
+        item = {"pk": _pk(hook.deployment), "sk": f"WEBHOOK#{hook.webhook_id}", **hook.model_dump(mode="json"),
+                "secret": secret}
+        try:
+            self._table.put_item(Item=item, ConditionExpression="attribute_not_exists(pk)")
+        except ClientError as exc:
+            raise StorageError(f"cannot add webhook {hook.webhook_id}: {exc}") from exc
+
+    def list_webhooks(self, deployment: str) -> list[Webhook]:
+        items = self._query_prefix(_pk(deployment), "WEBHOOK#")
+        return [Webhook.model_validate({k: v for k, v in _strip(i).items() if k != "secret"}) for i in items]
+
+    def get_webhook(self, deployment: str, webhook_id: str) -> tuple[Webhook, str] | None:
+        """The webhook and its signing secret, or None when it was removed."""
+        item = self._get(_pk(deployment), f"WEBHOOK#{webhook_id}", f"webhook {webhook_id}")
+        if not item:
+            return None
+        fields = _strip(item)
+        secret = str(fields.pop("secret"))
+        return Webhook.model_validate(fields), secret
+
+    def delete_webhook(self, deployment: str, webhook_id: str) -> Webhook:
+        try:
+            out = self._table.delete_item(Key={"pk": _pk(deployment), "sk": f"WEBHOOK#{webhook_id}"}, ReturnValues="ALL_OLD")
+        except ClientError as exc:
+            raise StorageError(f"cannot remove webhook {webhook_id}: {exc}") from exc
+        if "Attributes" not in out:
+            raise NotFound(f"no webhook {webhook_id!r} in deployment {deployment!r}")
+        return Webhook.model_validate({k: v for k, v in _strip(out["Attributes"]).items() if k != "secret"})
+
+    def put_delivery(self, delivery: Delivery, expires_at_s: int) -> None:
+        sk = f"DELIVERY#{delivery.at:013d}#{delivery.webhook_id}#{delivery.event_id}#{delivery.attempt}"
+        try:
+            self._table.put_item(Item={"pk": _pk(delivery.deployment), "sk": sk, "ttl": expires_at_s,
+                                       **delivery.model_dump(mode="json")})
+        except ClientError as exc:
+            raise StorageError(f"cannot record a delivery of webhook {delivery.webhook_id}: {exc}") from exc
+
+    def list_deliveries(self, deployment: str, limit: int) -> list[Delivery]:
+        """The last `limit` delivery attempts, newest first."""
+        try:
+            out = self._table.query(
+                KeyConditionExpression="pk = :pk AND begins_with(sk, :p)",
+                ExpressionAttributeValues={":pk": _pk(deployment), ":p": "DELIVERY#"},
+                ScanIndexForward=False, Limit=limit, ConsistentRead=True,
+            )
+        except ClientError as exc:
+            raise StorageError(f"cannot read the deliveries of {deployment!r}: {exc}") from exc
+        return [Delivery.model_validate(_strip(i)) for i in out.get("Items", [])]
 
     def _query_prefix(self, pk: str, prefix: str) -> list[dict[str, Any]]:
         kwargs = {

@@ -47,6 +47,13 @@ class Telemetry:
         if held:
             self.metrics.add_metric(name="VersionsHeld", unit=MetricUnit.Count, value=1)
 
+    def event_failed(self, event_type: str) -> None:
+        """An event that did not reach the bus, or a webhook delivery that could not be queued."""
+        self.metrics.add_metric(name="EventsFailed", unit=MetricUnit.Count, value=1)
+
+    def webhook_delivery(self, ok: bool) -> None:
+        self.metrics.add_metric(name="WebhookDeliveries" if ok else "WebhookDeliveryFailures", unit=MetricUnit.Count, value=1)
+
     def stale_sidecars(self, count: int) -> None:
         self.metrics.add_metric(name="StaleSidecars", unit=MetricUnit.Count, value=count)
 

@@ -36,10 +36,12 @@ from chalicelib.models import (
     CreateDeploy,
     CreateDeployment,
     CreateToken,
+    CreateWebhook,
     Heartbeat,
     IngestEvent,
     Mechanism,
     ParseReport,
+    Promote,
     RegisterSidecar,
     Role,
     UpdateDeployment,
@@ -51,6 +53,7 @@ from dagcast.bootstrap import bootstrap
 REGION = "us-east-1"
 HOME = "analytics"  # the deployment every path names
 OTHER = "elsewhere"  # the deployment the "other" tokens are scoped to
+SOURCE = "staging"  # promotions into HOME come from here; the "home" tokens may read it too
 SHA = hashlib.sha256(b"not uploaded").hexdigest()
 
 # Every cached client and service of the app (get_publisher and get_sns too), so none outlives this module's account.
@@ -109,6 +112,11 @@ ROUTE_SPEC: dict[str, str | None] = {
     "POST /deployments/{deployment}/deploys/{deploy_id}/upload": "deploy",
     "POST /deployments/{deployment}/deploys/{deploy_id}/cancel": "deploy",
     "POST /deployments/{deployment}/deploys/{deploy_id}/rollback": "admin",
+    "POST /deployments/{deployment}/promotions": "deploy",
+    "GET /deployments/{deployment}/webhooks": "admin",
+    "POST /deployments/{deployment}/webhooks": "admin",
+    "DELETE /deployments/{deployment}/webhooks/{webhook_id}": "admin",
+    "GET /deployments/{deployment}/deliveries": "read",
     "GET /deployments/{deployment}/versions/current": "read",
     "GET /deployments/{deployment}/versions/{version}": "read",
     "GET /deployments/{deployment}/sidecars": "read",
@@ -171,14 +179,14 @@ def _bundle(root: Path) -> bytes:
     return out.getvalue()
 
 
-def _activate_a_deploy(control: ControlPlane, bucket: str, data: bytes) -> str:
+def _activate_a_deploy(control: ControlPlane, bucket: str, data: bytes, deployment: str = HOME) -> str:
     """A deploy that went live as version 1, through the real ingest path."""
-    created = control.create_deploy(HOME, CreateDeploy(sha256=hashlib.sha256(data).hexdigest(), size=len(data)), "setup")
+    created = control.create_deploy(deployment, CreateDeploy(sha256=hashlib.sha256(data).hexdigest(), size=len(data)), "setup")
     key = created.deploy.key
     boto3.client("s3", region_name=REGION).put_object(Bucket=bucket, Key=key, Body=data)
     outcome = app_module.get_ingest().handle(IngestEvent(bucket=bucket, key=key, size=len(data)))
     assert outcome is Outcome.ACTIVE
-    assert control.get_deployment(HOME).current_version == 1
+    assert control.get_deployment(deployment).current_version == 1
     return created.deploy.deploy_id
 
 
@@ -195,17 +203,19 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 mp.setenv("DAGCAST_BUNDLES_BUCKET", outputs.bucket)
                 mp.setenv("DAGCAST_TOPIC_ARN", outputs.topic_arn)
                 mp.setenv("DAGCAST_SIGNING_KEY_ARN", outputs.signing_key_arn)
+                mp.setenv("DAGCAST_WEBHOOK_ALLOW_PRIVATE_HOSTS", "true")
                 control = app_module.get_control()
-                for name in (HOME, OTHER):
+                for name in (HOME, OTHER, SOURCE):
                     control.create_deployment(CreateDeployment(name=name, mechanism=Mechanism.DAG_ONLY))
                 tokens = {"unknown": new_token(), "revoked": control.issue_token("revoked-admin", Role.ADMIN, [HOME])}
                 control.revoke_token("revoked-admin")
                 for role in Role:
-                    tokens[f"{role.value}-home"] = control.issue_token(f"{role.value}-home", role, [HOME])
+                    tokens[f"{role.value}-home"] = control.issue_token(f"{role.value}-home", role, [HOME, SOURCE])
                     tokens[f"{role.value}-other"] = control.issue_token(f"{role.value}-other", role, [OTHER])
                 tokens["admin-all"] = control.issue_token("admin-all", Role.ADMIN, ["*"])
                 control.issue_token("victim", Role.VIEWER, [HOME])
                 deploy_id = _activate_a_deploy(control, outputs.bucket, _bundle(tmp_path_factory.mktemp("authz") / "dags"))
+                _activate_a_deploy(control, outputs.bucket, _bundle(tmp_path_factory.mktemp("authz") / "dags"), SOURCE)
                 registrar = app_module.get_store().token_by_name("sidecar-home")
                 assert registrar is not None
                 registered = control.register_sidecar(HOME, RegisterSidecar(name="worker-1", component="worker"), registrar, None)
@@ -251,6 +261,9 @@ def path_params(route: RouteSpec, world: World) -> dict[str, str]:
             params[param] = world.active_deploy_id if wants_live else _fresh_pending_deploy(world)
         elif param == "version":
             params[param] = "1"
+        elif param == "webhook_id":  # each removal removes one made for it
+            hook = CreateWebhook(url="http://127.0.0.1:9/hook", events=["deploy.live"])
+            params[param] = world.control.add_webhook(HOME, hook, "setup").webhook.webhook_id
         elif param == "name" and route.path.startswith("/tokens/"):
             params[param] = world.victim_token  # revoking it again is idempotent
         elif param == "name" and "/sidecars/" in route.path:
@@ -268,6 +281,8 @@ BODIES: dict[type[BaseModel], Callable[[World], dict[str, Any]]] = {
     Heartbeat: lambda w: {"version": 1},
     ParseReport: lambda w: {"version": 1, "sha256": w.control._store.version_identity(HOME, 1)[1], "status": "parsed"},
     CreateToken: lambda w: {"name": next(w.names), "role": "viewer", "deployments": [HOME]},
+    Promote: lambda w: {"source": SOURCE},
+    CreateWebhook: lambda w: {"url": "http://127.0.0.1:9/hook", "events": ["deploy.live", "deploy.rejected"]},
 }
 
 
