@@ -210,7 +210,9 @@ def markdown(results: dict[str, Any]) -> str:
             sync = row["s3_sync"]
             lines.append(f"| {int(n):,} | `aws s3 sync` of the folder (no validation, no sidecars) | {kib(sync['bytes_up'])} | "
                          f"{sync['seconds']:.1f} s (upload only) | | |")
-    lines += ["", f"Machine: {results['machine']}. Targets: <= 64 KiB up for 10,000 files; <= 3 s CLI start to all live. "All live" is when the last sidecar ran the version (the deploy's `converged_at`); the CLI exits after the sidecars' Airflow parse reports are in as well."]
+    lines += ["", f"Machine: {results['machine']}. Targets: <= 64 KiB up for 10,000 files; <= 3 s CLI start to all live. "
+              "All live is when the last sidecar ran the version (the deploy's `converged_at`); the CLI exits once the "
+              "sidecars' Airflow parse reports are in as well."]
     return "\n".join(lines)
 
 
