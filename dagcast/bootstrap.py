@@ -17,7 +17,10 @@ import yaml
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "infra" / "resources.yaml"
 SUPPORTED = ("AWS::DynamoDB::Table", "AWS::SNS::Topic", "AWS::SQS::Queue", "AWS::SQS::QueuePolicy", "AWS::S3::Bucket",
-             "AWS::KMS::Key")
+             "AWS::KMS::Key", "AWS::Events::EventBus")
+# Which queue is which output (by logical name in infra/resources.yaml).
+QUEUE_OUTPUTS = {"IngestQueue": "ingest_queue_url", "IngestDeadLetterQueue": "dead_letter_queue_url",
+                 "WebhookQueue": "webhook_queue_url", "WebhookDeadLetterQueue": "webhook_dead_letter_queue_url"}
 # Cloud-only resources: roles, bucket policy, alarms and dashboard have no meaning on the embedded
 # stack, and entries without a Type complete the functions that `chalice package` generates.
 CLOUD_ONLY = ("AWS::IAM::Role", "AWS::S3::BucketPolicy", "AWS::CloudWatch::Alarm", "AWS::CloudWatch::Dashboard")
@@ -31,6 +34,9 @@ class StackOutputs:
     ingest_queue_url: str
     dead_letter_queue_url: str
     signing_key_arn: str
+    event_bus_name: str = ""
+    webhook_queue_url: str = ""
+    webhook_dead_letter_queue_url: str = ""
 
 
 def load_template(path: Path = TEMPLATE) -> dict[str, Any]:
@@ -176,7 +182,8 @@ def bootstrap(session: Any, stack_name: str, template: dict[str, Any] | None = N
                 sqs.set_queue_attributes(QueueUrl=url, Attributes=_queue_attributes(props))
             arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
             resolve.refs[logical], resolve.arns[logical] = url, arn
-            out["dead_letter_queue_url" if "RedrivePolicy" not in props else "ingest_queue_url"] = url
+            if logical in QUEUE_OUTPUTS:
+                out[QUEUE_OUTPUTS[logical]] = url
         elif kind == "AWS::SQS::QueuePolicy":
             sqs = session.client("sqs")
             for url in props["Queues"]:
@@ -200,6 +207,16 @@ def bootstrap(session: Any, stack_name: str, template: dict[str, Any] | None = N
             resolve.refs[logical] = props["BucketName"]
             resolve.arns[logical] = f"arn:aws:s3:::{props['BucketName']}"
             out["bucket"] = props["BucketName"]
+        elif kind == "AWS::Events::EventBus":
+            events = session.client("events")
+            try:
+                arn = events.create_event_bus(Name=props["Name"])["EventBusArn"]
+            except Exception as exc:
+                if not _exists(exc, "ResourceAlreadyExistsException"):
+                    raise
+                arn = events.describe_event_bus(Name=props["Name"])["Arn"]
+            resolve.refs[logical], resolve.arns[logical] = props["Name"], arn
+            out["event_bus_name"] = props["Name"]
         else:
             raise ValueError(f"{logical}: resource type {kind} is not supported by the embedded stack")
     return StackOutputs(**out)

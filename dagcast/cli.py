@@ -162,6 +162,7 @@ def _empty_deploy() -> dict[str, Any]:
 # What a command's JSON holds when it failed before it started (a usage error): the same keys as always.
 _EMPTY_DOCS: dict[str, Callable[[], dict[str, Any]]] = {
     "deploy": _empty_deploy,
+    "promote": _empty_deploy,
     "validate": lambda: {"valid": False, "files": 0, "bytes": 0, "errors": []},
 }
 
@@ -626,9 +627,14 @@ def deployment_show(api_url: str | None, token: str | None, deployment: str | No
 @click.option("--parse-mode", type=click.Choice(["report", "gate"]),
               help="report: sidecars install, then parse with Airflow and report; gate: they parse first and hold back "
                    "a version that adds import errors.")
+@click.option("--accept", type=click.Choice(["uploads", "promotions", "both"]),
+              help="What new versions may come from: uploads (deploy), promotions from another deployment, or both.")
+@click.option("--promotion-min-live-minutes", type=click.IntRange(0, 7 * 24 * 60),
+              help="A promotion's source version must have run on every sidecar there this long, without new import errors.")
 def deployment_update(api_url: str | None, token: str | None, deployment: str | None, as_json: bool, debug: bool,
                       dag_deploy: str | None, keep_versions: int | None, retention_days: int | None,
-                      dag_removal: str | None, parse_mode: str | None) -> None:
+                      dag_removal: str | None, parse_mode: str | None, accept: str | None,
+                      promotion_min_live_minutes: int | None) -> None:
     """Change the deployment's settings. Switching DAG deploys never touches the DAGs sidecars serve."""
     name = _deployment(deployment)
     changes: dict[str, Any] = {}
@@ -642,9 +648,13 @@ def deployment_update(api_url: str | None, token: str | None, deployment: str | 
         changes["dag_removal"] = dag_removal
     if parse_mode:
         changes["parse_mode"] = parse_mode
+    if accept:
+        changes["accept"] = accept
+    if promotion_min_live_minutes is not None:
+        changes["promotion_min_live_minutes"] = promotion_min_live_minutes
     if not changes:
-        raise click.UsageError("nothing to change: give --dag-deploy, --keep-versions, --retention-days, --dag-removal "
-                               "or --parse-mode")
+        raise click.UsageError("nothing to change: give --dag-deploy, --keep-versions, --retention-days, --dag-removal, "
+                               "--parse-mode, --accept or --promotion-min-live-minutes")
     doc = _call(api_url, token, as_json, lambda api: api.update_deployment(name, changes))
     if not as_json:
         click.echo(f"deployment {name} updated: mechanism {doc['mechanism']}")
@@ -716,6 +726,129 @@ def rollback(deploy_id: str, api_url: str | None, token: str | None, deployment:
     d = _call(api_url, token, as_json, lambda api: api.rollback(name, deploy_id))
     if not as_json:
         click.echo(f"rolled back: deploy {d['deploy_id']} is {d['state']} v{d['version']}")
+
+
+def _version_number(value: str | None) -> int | None:
+    if value is None:
+        return None
+    digits = value[1:] if value[:1] in ("v", "V") else value
+    if not digits.isdigit() or int(digits) < 1:
+        raise click.BadParameter(f"{value!r} is not a version (v12 or 12)", param_hint="--version")
+    return int(digits)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option("--from", "source", required=True, help="The deployment whose version is promoted (staging).")
+@click.option("--to", "target", required=True, help="The deployment that will run it (production).")
+@click.option("--version", "version", help="Which version of --from (v12 or 12; default: its live one).")
+@click.option("--deploy", "deploy_id", help="Or which deploy of --from, by id.")
+@click.option("--wait/--no-wait", default=None, help="Wait until live on every sidecar of --to (default: on a terminal).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=300, show_default=True, help="Seconds to --wait.")
+@click.option("--require-all", is_flag=True, help="With --wait, also wait for registered sidecars that are stale.")
+@click.option("--description", default="", help="Why (default: promoted from <from> vN: its description).")
+@click.option("--force", is_flag=True, help="Promote even when --to already runs the same bundle.")
+@click.option("--allow-import-errors", is_flag=True, help="Exit 0, not 5, when Airflow reports new import errors.")
+@click.option("--api-url", envvar="DAGCAST_API_URL", help="API URL [env DAGCAST_API_URL].")
+@click.option("--token", envvar="DAGCAST_TOKEN", help="API token [env DAGCAST_TOKEN]: deploy on --to, read on --from.")
+@_json_option()
+@click.option("--debug", is_flag=True, help="Show details of errors.")
+def promote(source: str, target: str, version: str | None, deploy_id: str | None, wait: bool | None, timeout: float,
+            require_all: bool, description: str, force: bool, allow_import_errors: bool, api_url: str | None,
+            token: str | None, as_json: bool, debug: bool) -> int:
+    """Run on --to exactly the bundle (same sha256) a version of --from ran: copied inside S3, validated
+    against --to's limits, nothing uploaded from here."""
+    from dagcast import config
+    from dagcast import deploy as deploying
+    from dagcast.client import ApiClient
+    from dagcast.exceptions import ConfigError
+
+    OUTCOME.json = as_json
+    result = deploying.DeployResult()
+    OUTCOME.doc = result.to_json
+    number = _version_number(version)
+    try:
+        settings = config.resolve(api_url, token, target)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if wait is None:
+        wait = sys.stdout.isatty() and not as_json
+    say: Callable[[str], None] = _echo_err if as_json else click.echo
+    opts = deploying.DeployOptions(dags_path=Path("."), deployment=target, wait=wait, timeout=timeout,
+                                   require_all=require_all, force=force, description=description,
+                                   allow_import_errors=allow_import_errors)
+    api = ApiClient(settings.api_url, settings.token, on_retry=lambda m: _echo_err(f"warning: {m}"))
+    try:
+        deploying.promote(api, opts, source, number, deploy_id, say, result)
+    finally:
+        api.close()
+    if not as_json:
+        click.echo(f"Deploy {result.deploy_id}: {result.state}" + (f" v{result.version}" if result.version else ""))
+    return EXIT_OK
+
+
+@cli.group()
+def webhooks() -> None:
+    """Signed HTTP callbacks on lifecycle events (deploy.live, deploy.rejected, ...), per deployment."""
+
+
+@webhooks.command("add")
+@click.argument("url")
+@click.option("--events", required=True, help="Comma-separated event types (deploy.live,deploy.rejected) or * for all.")
+@click.option("--description", default="", help="What it is for.")
+@api_options
+def webhooks_add(url: str, events: str, description: str, api_url: str | None, token: str | None,
+                 deployment: str | None, as_json: bool, debug: bool) -> None:
+    """Add a webhook (admin). Its signing secret is printed once: keep it where the receiver reads it."""
+    name = _deployment(deployment)
+    kinds = [e.strip() for e in events.split(",") if e.strip()]
+    doc = _call(api_url, token, as_json, lambda api: api.add_webhook(name, {"url": url, "events": kinds,
+                                                                            "description": description}))
+    if not as_json:
+        hook = doc["webhook"]
+        click.echo(f"webhook {hook['webhook_id']} added: {', '.join(hook['events'])} -> {hook['url']}")
+        click.echo(f"signing secret (shown once): {doc['secret']}")
+
+
+@webhooks.command("list")
+@api_options
+def webhooks_list(api_url: str | None, token: str | None, deployment: str | None, as_json: bool, debug: bool) -> None:
+    """The deployment's webhooks (admin)."""
+    name = _deployment(deployment)
+    doc = _call(api_url, token, as_json, lambda api: api.list_webhooks(name))
+    if as_json:
+        return
+    click.echo(f"{'ID':<14} {'EVENTS':<40} URL")
+    for h in doc["items"]:
+        click.echo(f"{h['webhook_id']:<14} {','.join(h['events'])[:40]:<40} {h['url']}")
+
+
+@webhooks.command("remove")
+@click.argument("webhook_id")
+@api_options
+def webhooks_remove(webhook_id: str, api_url: str | None, token: str | None, deployment: str | None, as_json: bool,
+                    debug: bool) -> None:
+    """Remove a webhook (admin); deliveries still queued for it are dropped."""
+    name = _deployment(deployment)
+    _call(api_url, token, as_json, lambda api: api.remove_webhook(name, webhook_id) or {"removed": webhook_id})
+    if not as_json:
+        click.echo(f"webhook {webhook_id} removed")
+
+
+@webhooks.command("deliveries")
+@click.option("--limit", type=click.IntRange(1, 100), default=20, show_default=True)
+@api_options
+def webhooks_deliveries(limit: int, api_url: str | None, token: str | None, deployment: str | None, as_json: bool,
+                        debug: bool) -> None:
+    """The last delivery attempts, newest first, with the receivers' HTTP statuses."""
+    name = _deployment(deployment)
+    doc = _call(api_url, token, as_json, lambda api: api.list_deliveries(name, limit))
+    if as_json:
+        return
+    click.echo(f"{'WHEN':<20} {'WEBHOOK':<14} {'EVENT':<22} {'TRY':>3} {'STATUS':>6}  RESULT")
+    for d in doc["items"]:
+        status = str(d["status"]) if d.get("status") is not None else "-"
+        click.echo(f"{_when(d['at']):<20} {d['webhook_id']:<14} {d['event_type']:<22} {d['attempt']:>3} {status:>6}  "
+                   + ("ok" if d["ok"] else d.get("error") or "failed"))
 
 
 # --- operators --------------------------------------------------------------------------------

@@ -100,6 +100,21 @@ class ApiClient:
     def rollback(self, deployment: str, deploy_id: str) -> dict[str, Any]:
         return dict(self.request("POST", f"/deployments/{deployment}/deploys/{deploy_id}/rollback"))
 
+    def promote(self, deployment: str, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.request("POST", f"/deployments/{deployment}/promotions", json=body))
+
+    def add_webhook(self, deployment: str, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.request("POST", f"/deployments/{deployment}/webhooks", json=body))
+
+    def list_webhooks(self, deployment: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/deployments/{deployment}/webhooks"))
+
+    def remove_webhook(self, deployment: str, webhook_id: str) -> None:
+        self.request("DELETE", f"/deployments/{deployment}/webhooks/{webhook_id}")
+
+    def list_deliveries(self, deployment: str, limit: int = 20) -> dict[str, Any]:
+        return dict(self.request("GET", f"/deployments/{deployment}/deliveries", params={"limit": limit}))
+
     def get_version(self, deployment: str, version: int | None) -> dict[str, Any]:
         which = "current" if version is None else str(version)
         return dict(self.request("GET", f"/deployments/{deployment}/versions/{which}"))

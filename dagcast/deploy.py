@@ -134,7 +134,8 @@ class DeployResult:
     diff: dict[str, Any] | None = None
     files_list: list[dict[str, Any]] | None = None
     uploaded: bool = False
-    upload: dict[str, Any] | None = None  # what went up: {kind: delta|bundle, bytes, base_version}
+    upload: dict[str, Any] | None = None  # what went up: {kind: delta|bundle|promotion, bytes, base_version}
+    promoted_from: dict[str, Any] | None = None  # dagcast promote: {deployment, version, deploy_id, sha256}
     timings: Timings = field(default_factory=Timings)
 
     def to_json(self) -> dict[str, Any]:
@@ -154,6 +155,7 @@ class DeployResult:
             "upload": self.upload,
             "timings": self.timings.to_json(),
             **({"files_list": self.files_list} if self.files_list is not None else {}),
+            **({"promoted_from": self.promoted_from} if self.promoted_from is not None else {}),
         }
 
 
@@ -579,6 +581,45 @@ def _retry(say: Say, what: str, attempt: int, attempts: int) -> None:
     delay = backoff(attempt)
     say(f"{what}; retrying in {delay:.1f}s (attempt {attempt + 2}/{attempts})")
     time.sleep(delay)
+
+
+def promote(api: ApiClient, opts: DeployOptions, source: str, version: int | None, deploy_id: str | None,
+            say: Say, result: DeployResult) -> DeployResult:
+    """Make opts.deployment run exactly the bundle a version of `source` ran: the API copies it inside S3
+    (no byte from here) and validates it against the target's limits; with opts.wait, wait as deploy does.
+    A version whose bundle is already live on the target is UNCHANGED unless opts.force."""
+    started = time.perf_counter()
+    try:
+        if deploy_id is None and not opts.force:
+            wanted = api.get_version(source, version)["version"]
+            live = _live_version(api, opts.deployment)
+            if live is not None and live["version"]["sha256"] == wanted["sha256"]:
+                result.state, result.converged = "UNCHANGED", True
+                result.deploy_id, result.version = live["version"]["deploy_id"], live["version"]["version"]
+                result.sha256 = wanted["sha256"]
+                result.upload = {"kind": "promotion", "bytes": 0}
+                say(f"{opts.deployment} already runs v{wanted['version']} of {source} (its v{result.version}, same "
+                    "sha256): nothing to promote")
+                return result
+        body: dict[str, Any] = {"source": source, "description": opts.description[:1024]}
+        if version is not None:
+            body["version"] = version
+        if deploy_id is not None:
+            body["deploy_id"] = deploy_id
+        created = api.promote(opts.deployment, body)
+        result.timings.lap("presign_s", started)
+        result.deploy_id, result.state, result.sha256 = created["deploy_id"], created["state"], created["sha256"]
+        result.promoted_from = created.get("promoted_from")
+        result.upload = {"kind": "promotion", "bytes": 0}
+        result.uploaded = True
+        origin = result.promoted_from or {}
+        say(f"Deploy {result.deploy_id} created in {opts.deployment}: v{origin.get('version')} of {source} "
+            f"(sha256 {str(result.sha256)[:12]}...), copied inside S3; nothing uploaded")
+        if not opts.wait:
+            return result
+        return wait(api, opts, result.deploy_id, result, say)
+    finally:
+        result.timings.finish()
 
 
 def wait(api: ApiClient, opts: DeployOptions, deploy_id: str, result: DeployResult, say: Say) -> DeployResult:

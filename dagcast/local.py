@@ -251,6 +251,11 @@ class EmbeddedStack:
                 "DAGCAST_SIDECAR_QUEUE_PREFIX": f"{self.stack_name}-sidecar-",
                 # the stack's announcement signing key: a P-256 key in the state folder (KMS on AWS)
                 "DAGCAST_SIGNING_KEY_FILE": str(self.state_dir / "signing-key.pem"),
+                "DAGCAST_EVENT_BUS_NAME": outputs.event_bus_name,
+                "DAGCAST_WEBHOOK_QUEUE_URL": outputs.webhook_queue_url,
+                # receivers on this machine (loopback, plain http); retries a second apart, then doubling
+                "DAGCAST_WEBHOOK_ALLOW_PRIVATE_HOSTS": "true",
+                "DAGCAST_WEBHOOK_RETRY_BASE_SECONDS": os.environ.get("DAGCAST_WEBHOOK_RETRY_BASE_SECONDS", "1"),
                 "POWERTOOLS_LOG_LEVEL": os.environ.get("POWERTOOLS_LOG_LEVEL", "WARNING"),
                 "POWERTOOLS_METRICS_NAMESPACE": "dagcast",
                 # EMF lines are for CloudWatch; on this machine they would only flood the terminal
@@ -260,6 +265,7 @@ class EmbeddedStack:
         api_url = self._start_api(previous)
         logs.one_handler()  # the functions' logs, once (app's powertools Logger added a second handler)
         self._start_ingest(outputs.ingest_queue_url)
+        self._start_consumer("webhooks", outputs.webhook_queue_url, "webhooks", workers=1, retry_visibility=None)
         self._start_janitor()
         token, sidecar_token = self._seed(previous)
         self.info = LocalInfo(
@@ -269,6 +275,7 @@ class EmbeddedStack:
             console_url=api_url + "/",
             aws_endpoint_url=moto_url,
             sidecar_token=sidecar_token,
+            event_bus_name=outputs.event_bus_name,
             pid=os.getpid(),
         )
         self._reconcile_ingest(outputs.bucket, outputs.ingest_queue_url)
@@ -402,14 +409,21 @@ class EmbeddedStack:
         return url
 
     def _start_ingest(self, queue_url: str, workers: int = 2) -> None:
+        self._start_consumer("ingest", queue_url, "ingest", workers)
+
+    def _start_consumer(self, name: str, queue_url: str, handler: str, workers: int = 1,
+                        retry_visibility: int | None = 2) -> None:
         for i in range(workers):
-            t = threading.Thread(target=self._ingest_loop, args=(queue_url,), name=f"ingest-{i}", daemon=True)
+            t = threading.Thread(target=self._consume, args=(name, queue_url, handler, retry_visibility),
+                                 name=f"{name}-{i}", daemon=True)
             t.start()
             self._threads.append(t)
 
-    def _ingest_loop(self, queue_url: str) -> None:
-        """Plays Lambda's SQS event source: receive a batch, invoke the handler, delete what succeeded.
-        While moto server is away (restarting), one line when it goes and one when it is back."""
+    def _consume(self, name: str, queue_url: str, handler: str, retry_visibility: int | None) -> None:
+        """Plays Lambda's SQS event source for one function of the app: receive a batch, invoke the
+        handler, delete what succeeded; a failed message comes back after `retry_visibility` seconds
+        (None: the handler set its own backoff). While moto server is away (restarting), one line when
+        it goes and one when it is back."""
         import boto3
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -428,22 +442,22 @@ class EmbeddedStack:
                 if self._stop.is_set():
                     return
                 if not away:
-                    log.warning("ingest: the embedded AWS does not answer (%s); retrying", exc.__class__.__name__)
+                    log.warning("%s: the embedded AWS does not answer (%s); retrying", name, exc.__class__.__name__)
                     away = True
                 self._stop.wait(1.0)
                 continue
             if away:
-                log.warning("ingest: the embedded AWS answers again")
+                log.warning("%s: the embedded AWS answers again", name)
                 away = False
             messages = out.get("Messages", [])
             if not messages:
                 continue
             event = {"Records": [_lambda_sqs_record(m, arn) for m in messages]}
             try:
-                result = chalice_app.ingest(event, None)
+                result = getattr(chalice_app, handler)(event, None)
                 failed = {f["itemIdentifier"] for f in result.get("batchItemFailures", [])}
             except Exception:  # noqa: BLE001 - a whole-batch failure: every message is retried
-                log.exception("ingest handler failed")
+                log.exception("%s handler failed", name)
                 failed = {m["MessageId"] for m in messages}
             done = [m for m in messages if m["MessageId"] not in failed]
             with contextlib.suppress(BotoCoreError, ClientError):
@@ -453,8 +467,9 @@ class EmbeddedStack:
                         Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(done)],
                     )
                 for m in messages:
-                    if m["MessageId"] in failed:  # retry soon rather than after the full visibility timeout
-                        sqs.change_message_visibility(QueueUrl=queue_url, ReceiptHandle=m["ReceiptHandle"], VisibilityTimeout=2)
+                    if m["MessageId"] in failed and retry_visibility is not None:  # soon, not after the full visibility timeout
+                        sqs.change_message_visibility(QueueUrl=queue_url, ReceiptHandle=m["ReceiptHandle"],
+                                                      VisibilityTimeout=retry_visibility)
 
     def _reconcile_ingest(self, bucket: str, queue_url: str) -> None:
         """Uploads whose notification was lost while the stack was down (or in flight when it stopped):

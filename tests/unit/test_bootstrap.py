@@ -43,7 +43,7 @@ def test_every_resource_type_in_the_template_is_created_locally_or_declared_clou
     assert set(SUPPORTED) <= kinds, "every data resource the embedded stack creates comes from the template"
     assert kinds <= set(SUPPORTED) | set(CLOUD_ONLY), sorted(kinds - set(SUPPORTED) - set(CLOUD_ONLY))
     overrides = {name for name, r in template["Resources"].items() if "Type" not in r}
-    assert overrides == {"APIHandler", "Ingest", "Janitor"}, "type-less entries only complete Chalice's functions"
+    assert overrides == {"APIHandler", "Ingest", "Janitor", "Webhooks"}, "type-less entries only complete Chalice's functions"
 
 
 def test_bootstrap_refuses_a_resource_type_it_does_not_support(aws: StackOutputs, template: dict[str, Any]) -> None:

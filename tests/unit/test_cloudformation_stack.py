@@ -45,9 +45,12 @@ def cfn_stack(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
         cfn = boto3.client("cloudformation")
         body = {"AWSTemplateFormatVersion": "2010-09-09", "Parameters": template["Parameters"], "Resources": core}
         cfn.create_stack(StackName=STACK, TemplateBody=json.dumps(body))
-        physical = {r["LogicalResourceId"]: r["PhysicalResourceId"]
-                    for r in cfn.describe_stack_resources(StackName=STACK)["StackResources"] if "LogicalResourceId" in r}
-        skipped_by_moto = {name for name, res in core.items() if res["Type"] == "AWS::SQS::QueuePolicy"}
+        listed = cfn.describe_stack_resources(StackName=STACK)["StackResources"]
+        physical = {r["LogicalResourceId"]: r["PhysicalResourceId"] for r in listed if "PhysicalResourceId" in r}
+        # moto's CloudFormation skips queue policies, and makes the event bus without reporting its physical id
+        events = boto3.client("events")
+        assert events.describe_event_bus(Name=f"{STACK}-events")["Name"] == f"{STACK}-events"
+        skipped_by_moto = {name for name, res in core.items() if res["Type"] in ("AWS::SQS::QueuePolicy", "AWS::Events::EventBus")}
         assert set(physical) == set(core) - skipped_by_moto, "CloudFormation created every other core resource"
         sqs = boto3.client("sqs")
         ingest_url = sqs.get_queue_url(QueueName=f"{STACK}-ingest")["QueueUrl"]

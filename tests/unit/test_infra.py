@@ -39,12 +39,13 @@ def allows(statements: list[dict[str, Any]], action: str, leading_key: str) -> b
 
 def test_there_is_one_role_per_function() -> None:
     template = load_template()
-    assert set(roles()) == {"ApiRole", "IngestRole", "JanitorRole"}
-    wired = {name: template["Resources"][name]["Properties"]["Role"]["Fn::GetAtt"][0] for name in ("APIHandler", "Ingest", "Janitor")}
-    assert wired == {"APIHandler": "ApiRole", "Ingest": "IngestRole", "Janitor": "JanitorRole"}
+    assert set(roles()) == {"ApiRole", "IngestRole", "JanitorRole", "WebhookRole"}
+    functions = ("APIHandler", "Ingest", "Janitor", "Webhooks")
+    wired = {name: template["Resources"][name]["Properties"]["Role"]["Fn::GetAtt"][0] for name in functions}
+    assert wired == {"APIHandler": "ApiRole", "Ingest": "IngestRole", "Janitor": "JanitorRole", "Webhooks": "WebhookRole"}
 
 
-@pytest.mark.parametrize("role", ["ApiRole", "IngestRole", "JanitorRole"])
+@pytest.mark.parametrize("role", ["ApiRole", "IngestRole", "JanitorRole", "WebhookRole"])
 def test_no_wildcard_actions_and_no_wildcard_resources_where_aws_does_not_require_them(role: str) -> None:
     for st in roles()[role]:
         actions = as_list(st["Action"])
