@@ -8,6 +8,11 @@ STAMP  := $(VENV)/.installed
 STAGE       ?= dev
 PACKAGE_DIR ?= build/$(STAGE)
 
+# checkov pins boto3 (and packaging) to versions older than ours, so it gets a virtualenv of its own.
+CHECKOV_VERSION := 3.3.30
+CHECKOV_VENV    := $(VENV)/checkov
+CHECKOV_STAMP   := $(CHECKOV_VENV)/.installed-$(CHECKOV_VERSION)
+
 .PHONY: install demo test lint unit integration bench package deploy clean
 
 $(STAMP): pyproject.toml requirements.txt
@@ -19,12 +24,19 @@ $(STAMP): pyproject.toml requirements.txt
 
 install: $(STAMP)
 
+$(CHECKOV_STAMP):
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q 'checkov==$(CHECKOV_VERSION)'
+	touch $(CHECKOV_STAMP)
+
 demo: install
 	$(PY) examples/demo.py
 
-lint: install
+# Also the packaged template: cfn-lint (in `package`) and checkov, whose every skip is explained in the template.
+lint: install package $(CHECKOV_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy app.py chalicelib dagcast
+	$(CHECKOV_VENV)/bin/checkov -f $(PACKAGE_DIR)/sam.yaml --framework cloudformation --skip-download --compact --quiet
 
 test: install lint
 	$(PY) -m pytest -q -p no:cacheprovider

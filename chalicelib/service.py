@@ -676,7 +676,8 @@ class ControlPlane:
         clock = self._clock()
         sidecar_cutoff = clock - self._settings.sidecar_expiry_seconds * 1000
         pending_cutoff = clock - (self._settings.upload_expiry_seconds + self._settings.pending_grace_seconds) * 1000
-        stale = 0
+        stuck_cutoff = pending_cutoff - self._settings.stuck_after_seconds * 1000
+        stale = stuck = 0
         stale_cutoff = clock - self._settings.sidecar_stale_seconds * 1000
         for dep in self._store.list_deployments():
             if dep.current_deploy_id:
@@ -690,13 +691,18 @@ class ControlPlane:
                     self._queues.delete(s.queue_url, s.subscription_arn)
                     self._store.delete_sidecar(dep.name, s.name)
                     report.sidecars_removed.append(f"{dep.name}/{s.name}")
-            for d in self._store.pending_deploys(dep.name):
-                if d.created_at < pending_cutoff and self._store.expire_deploy(dep.name, d.deploy_id):
+            for d in self._store.undecided_deploys(dep.name):
+                if d.state is DeployState.PENDING and d.created_at < pending_cutoff and self._store.expire_deploy(
+                    dep.name, d.deploy_id
+                ):
                     self._bundles.delete(d.key)  # a late upload must never be picked up
                     report.deploys_expired.append(f"{dep.name}/{d.deploy_id}")
+                elif d.created_at < stuck_cutoff:
+                    stuck += 1
             report.late_uploads_deleted += self._delete_late_uploads(dep.name, clock)
             report.bundles_pruned += self._prune_bundles(dep, clock)
         self._telemetry.stale_sidecars(stale)
+        self._telemetry.stuck_deploys(stuck)
         return report
 
     def _emit_stale(self, dep: Deployment, s: Sidecar) -> None:

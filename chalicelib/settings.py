@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     sidecar_stale_seconds: int = Field(90, ge=1, description="a sidecar silent for longer is not live")
     sidecar_expiry_seconds: int = Field(900, ge=1, description="the janitor removes sidecars silent for longer")
     pending_grace_seconds: int = Field(300, ge=0, description="extra time past the upload expiry before EXPIRED")
+    stuck_after_seconds: int = Field(
+        1800, ge=0,
+        description="a deploy still PENDING or VALIDATING this long past its upload expiry and grace is stuck "
+        "(the StuckDeploys metric): longer than ingest's five deliveries, 360 s apart, take",
+    )
     activation_retries: int = Field(60, ge=1, description="bound on version-assignment retries under contention")
     wait_check_seconds: float = Field(0.25, gt=0, le=5, description="a deploy long poll re-reads the deploy this often")
     wait_check_active_seconds: float = Field(0.05, gt=0, le=5, description="the same once the deploy is ACTIVE")

@@ -334,9 +334,11 @@ class Store:
                 raise Conflict(f"deploy {version.deploy_id} is no longer validating") from exc
             raise VersionRace(f"version {n} of {d!r} was taken") from exc
 
-    def pending_deploys(self, deployment: str) -> list[Deploy]:
+    def undecided_deploys(self, deployment: str) -> list[Deploy]:
+        """Deploys still PENDING or VALIDATING."""
+        undecided = (DeployState.PENDING.value, DeployState.VALIDATING.value)
         items = self._query_prefix(_pk(deployment), "DEPLOY#")
-        return [Deploy.model_validate(_strip(i)) for i in items if i.get("state") == DeployState.PENDING.value]
+        return [Deploy.model_validate(_strip(i)) for i in items if i.get("state") in undecided]
 
     def expire_deploy(self, deployment: str, deploy_id: str) -> bool:
         """PENDING -> EXPIRED; False when an upload arrived first."""

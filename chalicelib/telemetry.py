@@ -57,6 +57,10 @@ class Telemetry:
     def stale_sidecars(self, count: int) -> None:
         self.metrics.add_metric(name="StaleSidecars", unit=MetricUnit.Count, value=count)
 
+    def stuck_deploys(self, count: int) -> None:
+        """Deploys still PENDING or VALIDATING long after their upload expired and ingest's retries ran out."""
+        self.metrics.add_metric(name="StuckDeploys", unit=MetricUnit.Count, value=count)
+
     def flush(self) -> None:
         """Print what was collected (nothing when nothing was)."""
         if self.metrics.metric_set:

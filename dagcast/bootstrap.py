@@ -18,12 +18,16 @@ import yaml
 TEMPLATE = Path(__file__).resolve().parent.parent / "infra" / "resources.yaml"
 SUPPORTED = ("AWS::DynamoDB::Table", "AWS::SNS::Topic", "AWS::SQS::Queue", "AWS::SQS::QueuePolicy", "AWS::S3::Bucket",
              "AWS::KMS::Key", "AWS::Events::EventBus")
-# Which queue is which output (by logical name in infra/resources.yaml).
-QUEUE_OUTPUTS = {"IngestQueue": "ingest_queue_url", "IngestDeadLetterQueue": "dead_letter_queue_url",
-                 "WebhookQueue": "webhook_queue_url", "WebhookDeadLetterQueue": "webhook_dead_letter_queue_url"}
-# Cloud-only resources: roles, bucket policy, alarms and dashboard have no meaning on the embedded
-# stack, and entries without a Type complete the functions that `chalice package` generates.
-CLOUD_ONLY = ("AWS::IAM::Role", "AWS::S3::BucketPolicy", "AWS::CloudWatch::Alarm", "AWS::CloudWatch::Dashboard")
+# Cloud-only resources: roles, log groups, the API Gateway account setting, alarms and dashboard have no
+# meaning on the embedded stack; moto enforces bucket policies, and their TLS-only statements would refuse
+# its plain-HTTP endpoint. Entries without a Type complete the functions and API that `chalice package` generates.
+CLOUD_ONLY = ("AWS::IAM::Role", "AWS::IAM::Policy", "AWS::S3::BucketPolicy", "AWS::Logs::LogGroup", "AWS::ApiGateway::Account",
+              "AWS::CloudFormation::WaitConditionHandle", "AWS::CloudWatch::Alarm", "AWS::CloudWatch::Dashboard")
+# Which template resource each output names.
+OUTPUTS = {"StateTable": "table_name", "BundlesBucket": "bucket", "VersionsTopic": "topic_arn", "IngestQueue": "ingest_queue_url",
+           "IngestDeadLetterQueue": "dead_letter_queue_url", "SigningKey": "signing_key_arn",
+           "EventBus": "event_bus_name", "WebhookQueue": "webhook_queue_url",
+           "WebhookDeadLetterQueue": "webhook_dead_letter_queue_url"}
 
 
 @dataclass
@@ -44,8 +48,12 @@ def load_template(path: Path = TEMPLATE) -> dict[str, Any]:
     return doc
 
 
+NO_VALUE = object()  # Ref AWS::NoValue: the property or list item is left out
+
+
 class Resolver:
-    """Resolves Ref, Fn::Sub and Fn::GetAtt against pseudo parameters and created resources."""
+    """Resolves Ref, Fn::Sub, Fn::GetAtt, Fn::If and Fn::Join against pseudo parameters, parameter values,
+    conditions and created resources; AWS::NoValue removes what it stands for."""
 
     def __init__(self, stack_name: str, region: str, account: str) -> None:
         self.pseudo = {
@@ -54,17 +62,47 @@ class Resolver:
             "AWS::AccountId": account,
             "AWS::Partition": "aws",
         }
-        self.refs: dict[str, str] = {}
+        self.refs: dict[str, Any] = {}
         self.arns: dict[str, str] = {}
+        self.conditions: dict[str, bool] = {}
+
+    def evaluate(self, conditions: dict[str, Any]) -> None:
+        """Evaluate the template's Conditions (Fn::Equals, Fn::Not, Fn::And, Fn::Or, Condition) once."""
+
+        def truth(node: Any) -> bool:
+            if set(node) == {"Condition"}:
+                return truth(conditions[node["Condition"]])
+            (fn, args), = node.items()
+            if fn == "Fn::Equals":
+                left, right = (str(self(a)) for a in args)
+                return left == right
+            if fn == "Fn::Not":
+                return not truth(args[0])
+            if fn == "Fn::And":
+                return all(truth(a) for a in args)
+            if fn == "Fn::Or":
+                return any(truth(a) for a in args)
+            raise ValueError(f"unsupported condition function {fn}")
+
+        self.conditions = {name: truth(node) for name, node in conditions.items()}
 
     def __call__(self, value: Any) -> Any:
         if isinstance(value, list):
-            return [self(v) for v in value]
+            return [r for r in (self(v) for v in value) if r is not NO_VALUE]
         if not isinstance(value, dict):
             return value
         if set(value) == {"Ref"}:
             name = value["Ref"]
+            if name == "AWS::NoValue":
+                return NO_VALUE
             return self.pseudo.get(name) or self.refs[name]
+        if set(value) == {"Fn::If"}:
+            condition, if_true, if_false = value["Fn::If"]
+            return self(if_true if self.conditions[condition] else if_false)
+        if set(value) == {"Fn::Join"}:
+            sep, items = value["Fn::Join"]
+            resolved = self(items)
+            return sep.join(str(i) for i in (resolved if isinstance(resolved, list) else [resolved]))
         if set(value) == {"Fn::GetAtt"}:
             logical, attr = value["Fn::GetAtt"]
             if attr != "Arn":
@@ -72,7 +110,7 @@ class Resolver:
             return self.arns[logical]
         if set(value) == {"Fn::Sub"}:
             return re.sub(r"\$\{([^}]+)\}", lambda m: self({"Ref": m.group(1)}), value["Fn::Sub"])
-        return {k: self(v) for k, v in value.items()}
+        return {k: r for k, r in ((k, self(v)) for k, v in value.items()) if r is not NO_VALUE}
 
 
 def _order(resources: dict[str, Any]) -> list[str]:
@@ -98,7 +136,7 @@ def _order(resources: dict[str, Any]) -> list[str]:
         edges = deps(res.get("Properties", {}))
         depends = res.get("DependsOn", [])
         edges |= {depends} if isinstance(depends, str) else set(depends)
-        graph[name] = edges
+        graph[name] = edges & set(resources)  # an edge to a cloud-only resource orders nothing here
     ordered: list[str] = []
     while graph:
         ready = sorted(n for n, e in graph.items() if e <= set(ordered))
@@ -112,9 +150,11 @@ def _order(resources: dict[str, Any]) -> list[str]:
 
 def _queue_attributes(props: dict[str, Any]) -> dict[str, str]:
     attrs: dict[str, str] = {}
-    for key in ("VisibilityTimeout", "MessageRetentionPeriod", "ReceiveMessageWaitTimeSeconds", "DelaySeconds"):
+    for key in ("VisibilityTimeout", "MessageRetentionPeriod", "ReceiveMessageWaitTimeSeconds", "DelaySeconds",
+                "SqsManagedSseEnabled", "KmsMasterKeyId"):
         if key in props:
-            attrs[key] = str(props[key])
+            value = props[key]
+            attrs[key] = str(value).lower() if isinstance(value, bool) else str(value)
     if "RedrivePolicy" in props:
         attrs["RedrivePolicy"] = json.dumps(props["RedrivePolicy"])
     return attrs
@@ -131,13 +171,15 @@ def bootstrap(session: Any, stack_name: str, template: dict[str, Any] | None = N
     that exist already (an embedded stack started again on its kept state) are reused and their
     settings applied again."""
     template = template or load_template()
-    resources: dict[str, Any] = {
-        name: res for name, res in template["Resources"].items() if res.get("Type") not in (None, *CLOUD_ONLY)
-    }
     region = session.region_name
     account = session.client("sts").get_caller_identity()["Account"]
     resolve = Resolver(stack_name, region, account)
-    resolve.refs.update({name: p.get("Default") for name, p in template.get("Parameters", {}).items()})
+    resolve.refs.update({name: _parameter_default(p) for name, p in template.get("Parameters", {}).items()})
+    resolve.evaluate(template.get("Conditions", {}))
+    resources: dict[str, Any] = {
+        name: res for name, res in template["Resources"].items()
+        if res.get("Type") not in (None, *CLOUD_ONLY) and resolve.conditions.get(res.get("Condition", ""), True)
+    }
     out: dict[str, str] = {}
     for logical in _order(resources):
         res = resources[logical]
@@ -165,12 +207,10 @@ def bootstrap(session: Any, stack_name: str, template: dict[str, Any] | None = N
             ttl = props.get("TimeToLiveSpecification")
             if ttl and created:
                 ddb.update_time_to_live(TableName=props["TableName"], TimeToLiveSpecification=ttl)
-            resolve.refs[logical] = props["TableName"]
-            out["table_name"] = props["TableName"]
+            resolve.refs[logical] = made = props["TableName"]
         elif kind == "AWS::SNS::Topic":
             arn = session.client("sns").create_topic(Name=props["TopicName"])["TopicArn"]
-            resolve.refs[logical] = resolve.arns[logical] = arn
-            out["topic_arn"] = arn
+            resolve.refs[logical] = resolve.arns[logical] = made = arn
         elif kind == "AWS::SQS::Queue":
             sqs = session.client("sqs")
             try:
@@ -182,12 +222,12 @@ def bootstrap(session: Any, stack_name: str, template: dict[str, Any] | None = N
                 sqs.set_queue_attributes(QueueUrl=url, Attributes=_queue_attributes(props))
             arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
             resolve.refs[logical], resolve.arns[logical] = url, arn
-            if logical in QUEUE_OUTPUTS:
-                out[QUEUE_OUTPUTS[logical]] = url
+            made = url
         elif kind == "AWS::SQS::QueuePolicy":
             sqs = session.client("sqs")
             for url in props["Queues"]:
                 sqs.set_queue_attributes(QueueUrl=url, Attributes={"Policy": json.dumps(props["PolicyDocument"])})
+            made = ""
         elif kind == "AWS::KMS::Key":
             kms = session.client("kms")
             alias = f"alias/{stack_name}-{logical}"
@@ -201,12 +241,11 @@ def bootstrap(session: Any, stack_name: str, template: dict[str, Any] | None = N
                 )["KeyMetadata"]
                 kms.create_alias(AliasName=alias, TargetKeyId=key["KeyId"])
             resolve.refs[logical], resolve.arns[logical] = key["KeyId"], key["Arn"]
-            out["signing_key_arn"] = key["Arn"]
+            made = key["Arn"]
         elif kind == "AWS::S3::Bucket":
             _create_bucket(session.client("s3"), region, props)
-            resolve.refs[logical] = props["BucketName"]
+            resolve.refs[logical] = made = props["BucketName"]
             resolve.arns[logical] = f"arn:aws:s3:::{props['BucketName']}"
-            out["bucket"] = props["BucketName"]
         elif kind == "AWS::Events::EventBus":
             events = session.client("events")
             try:
@@ -215,14 +254,26 @@ def bootstrap(session: Any, stack_name: str, template: dict[str, Any] | None = N
                 if not _exists(exc, "ResourceAlreadyExistsException"):
                     raise
                 arn = events.describe_event_bus(Name=props["Name"])["Arn"]
-            resolve.refs[logical], resolve.arns[logical] = props["Name"], arn
-            out["event_bus_name"] = props["Name"]
+            made = props["Name"]
+            resolve.refs[logical], resolve.arns[logical] = made, arn
         else:
             raise ValueError(f"{logical}: resource type {kind} is not supported by the embedded stack")
+        if logical in OUTPUTS:
+            out[OUTPUTS[logical]] = made
     return StackOutputs(**out)
 
 
+def _parameter_default(param: dict[str, Any]) -> Any:
+    """A parameter's value on the embedded stack: its default (a list for a CommaDelimitedList)."""
+    default = param.get("Default")
+    if param.get("Type") == "CommaDelimitedList":
+        return [] if default in (None, "") else [v.strip() for v in str(default).split(",")]
+    return default
+
+
 def _create_bucket(s3: Any, region: str, props: dict[str, Any]) -> None:
+    """The bucket with its settings; not its LoggingConfiguration: moto writes no access logs, and would
+    want the log bucket's policy, which is cloud-only."""
     name = props["BucketName"]
     kwargs: dict[str, Any] = {"Bucket": name}
     if region != "us-east-1":
@@ -275,6 +326,8 @@ def _lifecycle_rule(rule: dict[str, Any]) -> dict[str, Any]:
         out["Filter"] = {"Prefix": rule.get("Prefix", "")}
     if "ExpirationInDays" in rule:
         out["Expiration"] = {"Days": rule["ExpirationInDays"]}
+    if "NoncurrentVersionExpirationInDays" in rule:
+        out["NoncurrentVersionExpiration"] = {"NoncurrentDays": rule["NoncurrentVersionExpirationInDays"]}
     if "AbortIncompleteMultipartUpload" in rule:
         out["AbortIncompleteMultipartUpload"] = rule["AbortIncompleteMultipartUpload"]
     return out

@@ -19,9 +19,9 @@ def template() -> dict[str, Any]:
     return load_template()
 
 
-def props(template: dict[str, Any], kind: str) -> dict[str, Any]:
-    """Properties of the template's only resource of `kind`, with names resolved for this stack."""
-    [res] = [r for r in template["Resources"].values() if r.get("Type") == kind]
+def props(template: dict[str, Any], logical: str) -> dict[str, Any]:
+    """Properties of the template's resource `logical`, with names resolved for this stack."""
+    res = template["Resources"][logical]
     resolve = Resolver(STACK, "us-east-1", boto3.client("sts").get_caller_identity()["Account"])
     names = {"TableName", "TopicName", "QueueName", "BucketName"}
     return {k: (resolve(v) if k in names else v) for k, v in res["Properties"].items()}
@@ -43,7 +43,8 @@ def test_every_resource_type_in_the_template_is_created_locally_or_declared_clou
     assert set(SUPPORTED) <= kinds, "every data resource the embedded stack creates comes from the template"
     assert kinds <= set(SUPPORTED) | set(CLOUD_ONLY), sorted(kinds - set(SUPPORTED) - set(CLOUD_ONLY))
     overrides = {name for name, r in template["Resources"].items() if "Type" not in r}
-    assert overrides == {"APIHandler", "Ingest", "Janitor", "Webhooks"}, "type-less entries only complete Chalice's functions"
+    assert overrides == {"APIHandler", "Ingest", "Janitor", "Webhooks", "RestAPI"}, \
+        "type-less entries only complete Chalice's functions and API"
 
 
 def test_bootstrap_refuses_a_resource_type_it_does_not_support(aws: StackOutputs, template: dict[str, Any]) -> None:
@@ -54,9 +55,9 @@ def test_bootstrap_refuses_a_resource_type_it_does_not_support(aws: StackOutputs
 
 
 def test_outputs_name_the_template_resources(aws: StackOutputs, template: dict[str, Any]) -> None:
-    assert aws.table_name == props(template, "AWS::DynamoDB::Table")["TableName"]
-    assert aws.bucket == props(template, "AWS::S3::Bucket")["BucketName"]
-    topic_name = props(template, "AWS::SNS::Topic")["TopicName"]
+    assert aws.table_name == props(template, "StateTable")["TableName"]
+    assert aws.bucket == props(template, "BundlesBucket")["BucketName"]
+    topic_name = props(template, "VersionsTopic")["TopicName"]
     assert aws.topic_arn.endswith(f":{topic_name}")
     assert aws.topic_arn in [t["TopicArn"] for t in boto3.client("sns").list_topics()["Topics"]]
     resources = template["Resources"]
@@ -67,7 +68,7 @@ def test_outputs_name_the_template_resources(aws: StackOutputs, template: dict[s
 
 
 def test_table_key_schema_and_billing_match_the_template(aws: StackOutputs, template: dict[str, Any]) -> None:
-    want = props(template, "AWS::DynamoDB::Table")
+    want = props(template, "StateTable")
     table = boto3.client("dynamodb").describe_table(TableName=aws.table_name)["Table"]
     assert table["KeySchema"] == want["KeySchema"]
     assert sorted(table["AttributeDefinitions"], key=lambda a: a["AttributeName"]) == sorted(
@@ -77,14 +78,14 @@ def test_table_key_schema_and_billing_match_the_template(aws: StackOutputs, temp
 
 
 def test_table_time_to_live_matches_the_template(aws: StackOutputs, template: dict[str, Any]) -> None:
-    want = props(template, "AWS::DynamoDB::Table")["TimeToLiveSpecification"]
+    want = props(template, "StateTable")["TimeToLiveSpecification"]
     ttl = boto3.client("dynamodb").describe_time_to_live(TableName=aws.table_name)["TimeToLiveDescription"]
     assert ttl["AttributeName"] == want["AttributeName"]
     assert ttl["TimeToLiveStatus"] == ("ENABLED" if want["Enabled"] else "DISABLED")
 
 
 def test_table_point_in_time_recovery_and_encryption_match_the_template(aws: StackOutputs, template: dict[str, Any]) -> None:
-    want = props(template, "AWS::DynamoDB::Table")
+    want = props(template, "StateTable")
     ddb = boto3.client("dynamodb")
     backups = ddb.describe_continuous_backups(TableName=aws.table_name)["ContinuousBackupsDescription"]
     pitr = backups["PointInTimeRecoveryDescription"]["PointInTimeRecoveryStatus"]
@@ -122,7 +123,7 @@ def test_ingest_queue_policy_lets_only_the_bundles_bucket_send(aws: StackOutputs
 
 
 def test_bucket_notifications_target_the_ingest_queue_with_the_template_filter(aws: StackOutputs, template: dict[str, Any]) -> None:
-    [want] = props(template, "AWS::S3::Bucket")["NotificationConfiguration"]["QueueConfigurations"]
+    [want] = props(template, "BundlesBucket")["NotificationConfiguration"]["QueueConfigurations"]
     config = boto3.client("s3").get_bucket_notification_configuration(Bucket=aws.bucket)
     [got] = config["QueueConfigurations"]
     assert got["QueueArn"] == queue_attrs(aws.ingest_queue_url)["QueueArn"]
@@ -133,13 +134,13 @@ def test_bucket_notifications_target_the_ingest_queue_with_the_template_filter(a
 
 
 def test_bucket_encryption_matches_the_template(aws: StackOutputs, template: dict[str, Any]) -> None:
-    want = props(template, "AWS::S3::Bucket")["BucketEncryption"]["ServerSideEncryptionConfiguration"]
+    want = props(template, "BundlesBucket")["BucketEncryption"]["ServerSideEncryptionConfiguration"]
     rules = boto3.client("s3").get_bucket_encryption(Bucket=aws.bucket)["ServerSideEncryptionConfiguration"]["Rules"]
     assert [r["ApplyServerSideEncryptionByDefault"] for r in rules] == [w["ServerSideEncryptionByDefault"] for w in want]
 
 
 def test_bucket_public_access_block_matches_the_template(aws: StackOutputs, template: dict[str, Any]) -> None:
-    want = props(template, "AWS::S3::Bucket")["PublicAccessBlockConfiguration"]
+    want = props(template, "BundlesBucket")["PublicAccessBlockConfiguration"]
     got = boto3.client("s3").get_public_access_block(Bucket=aws.bucket)["PublicAccessBlockConfiguration"]
     assert got == want
 
@@ -175,3 +176,26 @@ def test_the_signing_key_is_an_asymmetric_p256_key_for_signing(aws: StackOutputs
     props = template["Resources"]["SigningKey"]["Properties"]
     meta = boto3.client("kms").describe_key(KeyId=aws.signing_key_arn)["KeyMetadata"]
     assert (meta["KeySpec"], meta["KeyUsage"]) == (props["KeySpec"], props["KeyUsage"]) == ("ECC_NIST_P256", "SIGN_VERIFY")
+
+
+def test_the_queues_are_encrypted_as_the_template_says(aws: StackOutputs) -> None:
+    for url in (aws.ingest_queue_url, aws.dead_letter_queue_url):
+        attrs = queue_attrs(url)
+        assert attrs["SqsManagedSseEnabled"] == "true" and not attrs.get("KmsMasterKeyId"), url
+
+
+def test_conditions_pick_a_branch_and_no_value_leaves_the_property_out(template: dict[str, Any]) -> None:
+    queue = template["Resources"]["IngestQueue"]["Properties"]
+    by_default = Resolver(STACK, "us-east-1", "123456789012")
+    defaults = {name: p.get("Default") for name, p in template["Parameters"].items()}
+    by_default.refs.update({**defaults, "SubnetIds": []})
+    by_default.evaluate(template["Conditions"])
+    assert by_default.conditions["HasKmsKey"] is False and by_default.conditions["InVpc"] is False
+    resolved = by_default({k: queue[k] for k in ("SqsManagedSseEnabled", "KmsMasterKeyId")})
+    assert resolved == {"SqsManagedSseEnabled": True}
+    cmk = "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    with_key = Resolver(STACK, "us-east-1", "123456789012")
+    with_key.refs.update({**defaults, "KmsKeyArn": cmk, "SubnetIds": ["subnet-1"]})
+    with_key.evaluate(template["Conditions"])
+    assert with_key({k: queue[k] for k in ("SqsManagedSseEnabled", "KmsMasterKeyId")}) == {"KmsMasterKeyId": cmk}
+    assert with_key.conditions["InVpc"] is True

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from chalicelib.telemetry import NAMESPACE, Telemetry
 from dagcast.bootstrap import load_template
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -14,10 +16,11 @@ AWS_REQUIRES_STAR = {"xray:PutTraceSegments", "xray:PutTelemetryRecords"}  # no 
 
 
 def roles() -> dict[str, list[dict[str, Any]]]:
+    """The functions' roles (API Gateway's logging role has only its AWS-managed policy)."""
     template = load_template()
     out = {}
     for name, res in template["Resources"].items():
-        if res.get("Type") == "AWS::IAM::Role":
+        if res.get("Type") == "AWS::IAM::Role" and name != "ApiGatewayLogsRole":
             out[name] = [st for pol in res["Properties"]["Policies"] for st in pol["PolicyDocument"]["Statement"]]
     return out
 
@@ -95,11 +98,62 @@ def test_the_bucket_blocks_public_access_encrypts_and_refuses_plain_http() -> No
     assert table["BillingMode"] == "PAY_PER_REQUEST" and table["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"]
 
 
-def test_alarms_cover_the_dead_letter_queue_ingest_errors_rejections_stale_sidecars_and_api_5xx() -> None:
-    res = load_template()["Resources"]
-    alarms = {r["Properties"]["MetricName"] for r in res.values() if r.get("Type") == "AWS::CloudWatch::Alarm"}
-    assert alarms == {"ApproximateNumberOfMessagesVisible", "Errors", "DeploysRejected", "StaleSidecars", "5XXError"}
-    assert any(r.get("Type") == "AWS::CloudWatch::Dashboard" for r in res.values())
+def alarms() -> dict[str, dict[str, Any]]:
+    return {n: r["Properties"] for n, r in load_template()["Resources"].items() if r.get("Type") == "AWS::CloudWatch::Alarm"}
+
+
+def emitted_metrics(capsys: pytest.CaptureFixture[str]) -> set[tuple[str, str, frozenset[tuple[str, str]]]]:
+    """(namespace, metric, dimensions) of everything Telemetry prints as EMF, each of its methods called once."""
+    telemetry = Telemetry()
+    telemetry.deploy_accepted(1.0, 10, 1, 2.0)
+    telemetry.deploy_rejected("syntax_error", 1.0)
+    telemetry.sidecars_converged(1.0)
+    telemetry.import_errors(2, 1, held=True)
+    telemetry.stale_sidecars(0)
+    telemetry.stuck_deploys(0)
+    capsys.readouterr()
+    telemetry.flush()
+    found = set()
+    for line in capsys.readouterr().out.splitlines():
+        doc = json.loads(line)
+        for directive in doc["_aws"]["CloudWatchMetrics"]:
+            for dims in directive["Dimensions"]:
+                for metric in directive["Metrics"]:
+                    found.add((directive["Namespace"], metric["Name"], frozenset((d, doc[d]) for d in dims)))
+    return found
+
+
+def test_alarms_cover_what_an_operator_pages_on() -> None:
+    watched = {(a["Namespace"], a["MetricName"]) for a in alarms().values()}
+    assert watched == {
+        ("AWS/SQS", "ApproximateNumberOfMessagesVisible"),  # the ingest dead-letter queue
+        ("AWS/Lambda", "Errors"),  # ingest and janitor
+        ("AWS/ApiGateway", "5XXError"),
+        ("dagcast", "DeploysRejected"),
+        ("dagcast", "StaleSidecars"),
+        ("dagcast", "StuckDeploys"),
+        ("dagcast", "NewImportErrors"),
+    }
+    functions = {a["Dimensions"][0]["Value"]["Ref"] for a in alarms().values() if a["MetricName"] == "Errors"}
+    assert functions == {"Ingest", "Janitor"}
+    queues = {a["Dimensions"][0]["Value"]["Fn::GetAtt"][0] for a in alarms().values()
+              if a["MetricName"] == "ApproximateNumberOfMessagesVisible"}
+    assert queues == {"IngestDeadLetterQueue", "WebhookDeadLetterQueue"}
+    assert any(r.get("Type") == "AWS::CloudWatch::Dashboard" for r in load_template()["Resources"].values())
+
+
+def test_alarms_on_dagcast_metrics_watch_names_and_dimensions_the_code_emits(capsys: pytest.CaptureFixture[str]) -> None:
+    emitted = emitted_metrics(capsys)
+    for name, a in alarms().items():
+        if a["Namespace"] == NAMESPACE:
+            dims = frozenset((d["Name"], d["Value"]) for d in a["Dimensions"])
+            assert (a["Namespace"], a["MetricName"], dims) in emitted, name
+
+
+def test_every_alarm_says_what_to_do_and_can_page() -> None:
+    for name, a in alarms().items():
+        assert len(a["AlarmDescription"].split()) >= 15, name
+        assert a["AlarmActions"] == {"Fn::If": ["HasAlarmTopic", [{"Ref": "AlarmTopicArn"}], {"Ref": "AWS::NoValue"}]}, name
 
 
 @pytest.mark.parametrize("role", ["ApiRole", "IngestRole", "JanitorRole"])
@@ -108,3 +162,20 @@ def test_roles_that_look_for_objects_may_list_the_bucket_so_a_missing_key_is_a_4
     # (late uploads, pruned bundles) would fail instead of saying False
     granted = {a for st in roles()[role] for a in as_list(st["Action"])}
     assert "s3:ListBucket" in granted
+
+
+@pytest.mark.parametrize("role", ["ApiRole", "IngestRole", "JanitorRole"])
+def test_roles_that_emit_events_put_them_on_the_bus_and_queue_webhooks_only(role: str) -> None:
+    by_sid = {st["Sid"]: st for st in roles()[role]}
+    assert by_sid["LifecycleEvents"]["Action"] == ["events:PutEvents"]
+    assert by_sid["LifecycleEvents"]["Resource"] == {"Fn::GetAtt": ["EventBus", "Arn"]}
+    assert by_sid["QueueWebhookDeliveries"]["Action"] == ["sqs:SendMessage"]
+    assert by_sid["QueueWebhookDeliveries"]["Resource"] == {"Fn::GetAtt": ["WebhookQueue", "Arn"]}
+
+
+def test_the_webhooks_role_reads_webhooks_and_records_deliveries_but_never_tokens_or_bundles() -> None:
+    statements = roles()["WebhookRole"]
+    assert allows(statements, "dynamodb:GetItem", "DEPLOYMENT#prod")
+    assert allows(statements, "dynamodb:PutItem", "DEPLOYMENT#prod")
+    assert not allows(statements, "dynamodb:GetItem", "TOKEN#abc")
+    assert not any(a.startswith(("s3:", "sns:", "kms:", "events:")) for st in statements for a in as_list(st["Action"]))

@@ -123,3 +123,34 @@ def test_bundles_beyond_retention_are_pruned_but_never_the_live_one_or_one_a_sid
     present = [object_exists(aws.bucket, d.key) for d in deploys]
     assert present == [True, False, False, True, True]
     assert [object_exists(aws.bucket, d.key) for d in deltas[1:] if d] == [False, False, True, True]
+
+
+def test_a_deploy_left_validating_past_its_expiry_and_ingests_retries_is_counted_as_stuck(
+    aws: StackOutputs, deployment: str, clock: Clock, make_bundle: Callable[..., bytes]
+) -> None:
+    import hashlib
+
+    from chalicelib.telemetry import Telemetry
+
+    s = get_settings()
+    telemetry = Telemetry()
+    queues = SidecarQueues(boto3.client("sqs"), boto3.client("sns"), s.topic_arn, s.sidecar_queue_prefix)
+    control = ControlPlane(s, app_module.get_store(), app_module.get_bundles(), queues, app_module.get_publisher(), clock=clock,
+                           signer=app_module.get_signer(), telemetry=telemetry)
+
+    def stuck_after_janitor() -> list[float]:
+        control.janitor()
+        values: list[float] = telemetry.metrics.metric_set["StuckDeploys"]["Value"]
+        telemetry.metrics.clear_metrics()
+        return values
+
+    bundle = make_bundle({"a.py": "x = 1\n"})
+    created = control.create_deploy(deployment, CreateDeploy(sha256=hashlib.sha256(bundle).hexdigest(), size=len(bundle)), "t")
+    # the upload arrived and ingest started, then never finished (its messages went to the dead-letter queue)
+    assert app_module.get_store().start_validation(deployment, created.deploy.deploy_id, clock.now) is not None
+    assert stuck_after_janitor() == [0]
+    clock.now += (s.upload_expiry_seconds + s.pending_grace_seconds + s.stuck_after_seconds) * 1000 - 1000
+    assert stuck_after_janitor() == [0], "not before ingest's retries could have finished it"
+    clock.now += 2000
+    assert stuck_after_janitor() == [1]
+    assert app_module.get_store().get_deploy(deployment, created.deploy.deploy_id).state is DeployState.VALIDATING
