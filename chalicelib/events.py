@@ -142,7 +142,7 @@ class EventSink:
             failed = [{"ErrorCode": exc.__class__.__name__, "ErrorMessage": str(exc)}]
         if failed:
             logger.error("event not put on the bus", extra={"event_type": kind.value, "error": failed[0].get("ErrorCode"),
-                                                            "message": failed[0].get("ErrorMessage")})
+                                                            "reason": failed[0].get("ErrorMessage")})
             self._on_failure(kind.value)
 
     def _queue_deliveries(self, kind: EventType, detail: dict[str, Any], body: str) -> None:
