@@ -7,7 +7,7 @@
   const PAGE_SIZE = 20;
   const TOKEN_KEY = "dagcast.console.token";
   const PARSE_VIEWS = 5; // the newest deploys whose parse reports the history shows
-  const TABS = ["history", "sidecars", "settings"];
+  const TABS = ["history", "sidecars", "webhooks", "settings"];
   const LIMITS = [
     ["max_bundle_bytes", "Max bundle size (compressed, bytes)"],
     ["max_total_bytes", "Max total size (uncompressed, bytes)"],
@@ -24,6 +24,7 @@
     admin: false,
     deployments: [],       // GET /deployments items
     sidecars: {},          // deployment name -> sidecar views
+    deliveries: {},        // deployment name -> the last webhook delivery attempts
     selected: null,        // deployment name
     tab: "history",
     history: [],           // deploys shown, newest first
@@ -292,6 +293,8 @@
         td({ "data-label": "State" }, h("span", { class: `badge badge-${STATE_KIND[d.state] || "muted"} state` }, d.state)),
         td({ "data-label": "Description", class: "description" },
           h("div", {}, d.description || h("span", { class: "muted" }, "(no description)")),
+          d.promoted_from ? h("div", { class: "promoted" }, h("span", { class: "tag" }, "promoted"),
+            ` from ${d.promoted_from.deployment} v${d.promoted_from.version} (same sha256 ${d.promoted_from.sha256.slice(0, 12)}…)`) : null,
           h("div", { class: "deploy-id muted" }, d.deploy_id),
           stagesLine(d),
           errorList(d),
@@ -462,6 +465,34 @@
     }));
   }
 
+  // --- webhook deliveries ----------------------------------------------------------------------
+
+  function renderDeliveries() {
+    const body = $("delivery-body");
+    const items = state.deliveries[state.selected] || [];
+    $("deliveries-empty").hidden = items.length > 0;
+    $("delivery-table").hidden = items.length === 0;
+    render(body, JSON.stringify(items), () => items.map((d) =>
+      h("tr", { class: "delivery" + (d.ok ? "" : " failed"), dataset: { eventId: d.event_id } },
+        td({ "data-label": "When" }, timeEl(d.at, formatTime(d.at))),
+        td({ "data-label": "Webhook", class: "mono" }, d.webhook_id),
+        td({ "data-label": "Event" }, d.event_type),
+        td({ "data-label": "Attempt" }, String(d.attempt)),
+        td({ "data-label": "HTTP status" }, d.status === null || d.status === undefined ? "—" : String(d.status)),
+        td({ "data-label": "Result" }, d.ok
+          ? h("span", { class: "badge badge-ok" }, "delivered")
+          : h("span", { class: "error-text" }, d.error || "failed")))));
+  }
+
+  async function loadDeliveries(name) {
+    try {
+      const doc = await api("GET", `deployments/${enc(name)}/deliveries?limit=50`);
+      state.deliveries[name] = doc.items;
+    } catch (err) {
+      state.deliveries[name] = [];
+    }
+  }
+
   // --- settings ----------------------------------------------------------------------------
 
   function buildLimitFields() {
@@ -623,6 +654,7 @@
     setText($("detail-title"), dep.name);
     renderHistory();
     renderSidecars();
+    renderDeliveries();
     renderSettings();
   }
 
@@ -643,6 +675,7 @@
       const views = await Promise.all(state.deployments.map((d) =>
         api("GET", `deployments/${enc(d.name)}/sidecars`).then((r) => r.items, () => null)));
       state.deployments.forEach((d, i) => { if (views[i]) state.sidecars[d.name] = views[i]; });
+      if (state.selected) await loadDeliveries(state.selected);
       renderAll();
       if (state.selected) await loadHistory(false);
       setText($("refreshed"), "updated " + new Date().toLocaleTimeString());
@@ -711,7 +744,7 @@
   function signOut(message) {
     clearTimeout(state.timer);
     Object.assign(state, {
-      token: null, admin: false, deployments: [], sidecars: {}, selected: null, history: [], cursor: null,
+      token: null, admin: false, deployments: [], sidecars: {}, deliveries: {}, selected: null, history: [], cursor: null,
       historyFor: null, settingsFor: null, settingsDirty: false, signatures: {},
     });
     sessionStorage.removeItem(TOKEN_KEY);

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import time
 import uuid
@@ -11,7 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from helpers import DAGCAST, Api, PlayedSidecar, dag_source, parse_json_stdout, run_dagcast, stack_env, version_of_link, write_dags
+from helpers import (
+    DAGCAST,
+    Api,
+    PlayedSidecar,
+    dag_source,
+    parse_json_stdout,
+    run_dagcast,
+    stack_env,
+    until,
+    version_of_link,
+    write_dags,
+)
 from playwright.sync_api import Page, expect
 
 OpenConsole = Callable[..., Page]
@@ -346,7 +358,7 @@ def test_narrow_viewport_shows_every_view_without_horizontal_overflow(
     assert fits_width(page), "deployments and history"
     shoot(page, screenshots, "narrow-history")
     page.screenshot(path=str(screenshots / "narrow-deployments.png"))
-    for tab in ("Sidecars", "Settings"):
+    for tab in ("Sidecars", "Webhooks", "Settings"):
         page.get_by_role("tab", name=tab).click()
         expect(page.get_by_role("tabpanel", name=tab)).to_be_visible()
         assert fits_width(page), tab
@@ -370,3 +382,38 @@ def test_a_bundle_version_link_from_airflow_opens_that_deploy_highlighted(
     expect(focused).to_have_count(1)
     expect(focused.locator(".version")).to_contain_text(f"v{version}")
     assert page.evaluate("location.hash").endswith(f"&v={version}")
+
+
+def test_a_promoted_deploy_says_where_it_came_from_and_webhook_deliveries_show_their_statuses(
+    open_console: OpenConsole, stack: dict[str, Any], demo_live: dict[str, Any], screenshots: Path
+) -> None:
+    api = Api(stack)
+    target = "promo-target"
+    if api.call("GET", f"/deployments/{target}").status_code == 404:
+        api.json("POST", "/deployments", {"name": target, "mechanism": "DAG_ONLY"})
+    proc = run_dagcast(["promote", "--from", "demo", "--to", target, "--wait", "--json", "--force"], stack_env(stack))
+    assert proc.returncode == 0, proc.stderr
+    promoted = parse_json_stdout(proc)
+    # a webhook whose receiver is down: every attempt is recorded as failed, with why
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    hook = api.json("POST", f"/deployments/{target}/webhooks", {"url": f"http://127.0.0.1:{port}/hook", "events": ["*"]})
+    try:
+        proc = run_dagcast(["promote", "--from", "demo", "--to", target, "--json", "--force"], stack_env(stack))
+        assert proc.returncode == 0, proc.stderr
+        until(lambda: api.json("GET", f"/deployments/{target}/deliveries")["items"], 30, "a delivery attempt recorded")
+
+        page = open_console(fragment=f"#d={target}&tab=history")
+        sign_in(page, stack["token"])
+        row = history_row(page, promoted["deploy_id"])
+        expect(row.locator(".promoted")).to_contain_text(f"from demo v{promoted['promoted_from']['version']}")
+        shoot(page, screenshots, "desktop-promoted")
+        page.get_by_role("tab", name="Webhooks").click()
+        first = page.locator("#delivery-body tr").first
+        expect(first).to_contain_text("deploy.")
+        expect(first.locator(".error-text")).to_contain_text("ConnectError")
+        shoot(page, screenshots, "desktop-webhook-deliveries")
+    finally:
+        api.call("DELETE", f"/deployments/{target}/webhooks/{hook['webhook']['webhook_id']}")
