@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
+import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -119,3 +122,15 @@ def test_a_removed_webhook_gets_nothing() -> None:
     recorded: list[Delivery] = []
     assert deliverer(handler, recorded, hook=None).deliver(MESSAGE, attempt=1) is None
     assert recorded == []
+
+
+def test_the_readme_verification_snippet_accepts_a_real_delivery_and_refuses_a_forged_one() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    [snippet] = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "def verified" in b]
+    scope: dict[str, Any] = {}
+    exec(snippet, scope)  # noqa: S102 - the README's own code
+    stamp = int(time.time())
+    headers = {"X-Dagcast-Timestamp": str(stamp), "X-Dagcast-Signature-256": sign(SECRET, stamp, BODY)}
+    assert scope["verified"](SECRET, headers, BODY)
+    assert not scope["verified"](SECRET, headers, BODY.replace(b"prod", b"dev!"))
+    assert not scope["verified"]("another", headers, BODY)
