@@ -240,6 +240,19 @@ def test_a_deployment_that_accepts_only_promotions_refuses_an_upload_with_a_hint
         api.json("PATCH", f"/deployments/{PRODUCTION}", {"accept": "both"})
 
 
+def test_a_deployment_can_require_promoted_versions_to_have_been_live_for_a_while(ci_stack: dict[str, Any]) -> None:
+    info = ci_stack
+    api = Api(info)
+    api.json("PATCH", f"/deployments/{PRODUCTION}", {"promotion_min_live_minutes": 60})
+    try:
+        proc = run_dagcast(["promote", "--from", info["deployment"], "--to", PRODUCTION, "--force", "--json"], stack_env(info))
+        doc = parse_json_stdout(proc)
+        assert proc.returncode == 1 and doc["error"]["code"] == "promotion_refused", proc.stderr
+        assert "live for 60 min" in doc["error"]["message"]
+    finally:
+        api.json("PATCH", f"/deployments/{PRODUCTION}", {"promotion_min_live_minutes": 0})
+
+
 def test_promotion_needs_deploy_rights_on_the_target_and_read_on_the_source(ci_stack: dict[str, Any]) -> None:
     info = ci_stack
     api = Api(info)
