@@ -211,7 +211,7 @@ class ControlPlane:
                 break
         return self._deploy_view(deployment, deploy_id)
 
-    def _deploy_view(self, deployment: str, deploy_id: str) -> DeployView:
+    def _deploy_view(self, deployment: str, deploy_id: str, partial_convergence: bool = True) -> DeployView:
         deploy = self._store.get_deploy(deployment, deploy_id)
         dep = self._store.get_deployment(deployment)
         uid = dep.uid or self._store.ensure_uid(deployment, new_uid())
@@ -226,7 +226,7 @@ class ControlPlane:
         converged = deploy.state is DeployState.ACTIVE and len(on_version) == len(live)
         reports = self._store.list_parses(deployment, deploy_id) if deploy.parsed else []
         if converged and live and deploy.converged_at is None:
-            at = self._note_convergence(deploy, [s.name for s in live])
+            at = self._note_convergence(deploy, [s.name for s in live], partial_convergence)
             if at is not None:
                 deploy = deploy.model_copy(update={"converged_at": at})
         return DeployView(
@@ -449,12 +449,17 @@ class ControlPlane:
         self._store.get_deployment(deployment)
         return self._store.list_deliveries(deployment, limit)
 
-    def _note_convergence(self, deploy: Deploy, live: list[str]) -> int | None:
+    def _note_convergence(self, deploy: Deploy, live: list[str], partial: bool = True) -> int | None:
         """Record (once) when the last live sidecar ran the deploy, from their activation times;
-        returns that time when this call recorded it."""
+        returns that time when this call recorded it. A live sidecar on the version with no activation
+        on record (it was on it when it registered) counts from now, unless `partial` is False: a
+        heartbeat's own check, which may run between another sidecar's heartbeat and its activation
+        record (that sidecar's heartbeat then notes it)."""
         if deploy.activated_at is None or deploy.version is None:
             return None
         seen = [deploy.activations[name] for name in live if name in deploy.activations]
+        if len(seen) != len(live) and not partial:
+            return None
         at = max(seen) if len(seen) == len(live) else self._clock()
         if not self._store.mark_converged(deploy.deployment, deploy.deploy_id, at):
             return None
@@ -575,7 +580,8 @@ class ControlPlane:
                 at = req.last_sync_at or fields["last_heartbeat"]
                 self._store.record_activation(deployment, deploy_id, name, at, req.last_notified_at)
                 if dep.current_deploy_id == deploy_id:
-                    self._deploy_view(deployment, deploy_id)  # notes convergence (and says so) when this was the last one
+                    # notes convergence (and says so) when this was the last one
+                    self._deploy_view(deployment, deploy_id, partial_convergence=False)
         return self._views(dep, uid, [sidecar])[0]
 
     def report_parse(self, deployment: str, name: str, req: ParseReport, secret: str | None) -> ParseRecord:
