@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -104,7 +105,9 @@ def _json_option(help_text: str = "Print one JSON object on stdout, whatever hap
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Run the command line; one exit code and (with --json) one JSON object, on every path."""
     args = list(sys.argv[1:] if argv is None else argv)
-    OUTCOME.json = "--json" in args  # known before parsing, so that a usage error is reported in JSON too
+    # known before parsing, so that a usage error is reported in JSON too
+    OUTCOME.json = "--json" in args or "--output=json" in args or any(
+        a == "--output" and b == "json" for a, b in zip(args, args[1:], strict=False))
     OUTCOME.doc = _EMPTY_DOCS.get(args[0] if args else "", dict)
     debug = "--debug" in args
     _install_interrupts()
@@ -426,22 +429,31 @@ class _upload_progress:  # noqa: N801 - used as a context manager like a functio
 
 
 @cli.command()
-@click.option("--api-url", required=True, envvar="DAGCAST_API_URL", help="API URL [env DAGCAST_API_URL].")
-@click.option("--deployment", required=True, envvar="DAGCAST_DEPLOYMENT", help="Deployment name.")
-def init(api_url: str, deployment: str) -> None:
+@click.option("--api-url", envvar="DAGCAST_API_URL", help="API URL [env DAGCAST_API_URL; needed if not set].")
+@click.option("--deployment", envvar="DAGCAST_DEPLOYMENT", help="Deployment name [env DAGCAST_DEPLOYMENT; needed if not set].")
+def init(api_url: str | None, deployment: str | None) -> None:
     """Write .dagcast/config.toml in this folder (API URL and deployment; safe to commit)."""
     from dagcast import config
 
+    if not api_url or not deployment:
+        missing = " and ".join(f for f, v in (("--api-url", api_url), ("--deployment", deployment)) if not v)
+        raise click.UsageError(f"missing {missing} (or set DAGCAST_API_URL / DAGCAST_DEPLOYMENT)")
     path = config.write_project(Path.cwd(), api_url, deployment)
     click.echo(f"wrote {path}; now run `dagcast login`")
 
 
 @cli.command()
-@click.option("--token", prompt=True, hide_input=True, envvar="DAGCAST_TOKEN", help="API token (prompted, never echoed).")
-def login(token: str) -> None:
+@click.option("--token", envvar="DAGCAST_TOKEN",
+              help="API token (default: asked on a terminal, never echoed; else read from stdin, e.g. a pipe).")
+def login(token: str | None) -> None:
     """Store a token in .dagcast/credentials.toml (mode 0600, git-ignored) after checking it works."""
     from dagcast import config
     from dagcast.client import ApiClient
+
+    if not token:
+        token = click.prompt("Token", hide_input=True) if sys.stdin.isatty() else sys.stdin.readline()
+    if not token or not token.strip():
+        raise click.UsageError("no token given: pass --token, set DAGCAST_TOKEN, or pipe it on stdin")
 
     folder = config.find_project()
     if folder is None:
@@ -545,16 +557,53 @@ def sidecar(
 
 
 def api_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """--api-url, --token and --deployment, each with its environment fallback, plus --json and --debug."""
+    """--api-url, --token and --deployment, each with its environment fallback, plus --json (or
+    --output json), and --debug."""
+    import functools
+
+    @functools.wraps(fn)
+    def command(*args: Any, output: str | None = None, **kwargs: Any) -> Any:
+        if output == "json":
+            kwargs["as_json"] = True
+        return fn(*args, **kwargs)
+
     for option in reversed([
         click.option("--api-url", envvar="DAGCAST_API_URL", help="API URL [env DAGCAST_API_URL]."),
         click.option("--token", envvar="DAGCAST_TOKEN", help="API token [env DAGCAST_TOKEN]."),
         click.option("--deployment", envvar="DAGCAST_DEPLOYMENT", help="Deployment name [env DAGCAST_DEPLOYMENT]."),
         _json_option(),
+        click.option("--output", type=click.Choice(["table", "json"]), help="table (the default) or json (as --json)."),
         click.option("--debug", is_flag=True, help="Show details of errors."),
     ]):
-        fn = option(fn)
-    return fn
+        command = option(command)
+    return command
+
+
+def _color() -> bool:
+    """Colours only on a terminal, and never with NO_COLOR set (https://no-color.org)."""
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+STATE_COLORS = {"ACTIVE": "green", "REJECTED": "red", "EXPIRED": "yellow", "CANCELLED": "yellow", "PENDING": "cyan",
+                "VALIDATING": "cyan", "live": "green", "stale": "red", "behind": "yellow"}
+
+
+def _paint(text: str, key: str | None = None) -> str:
+    color = STATE_COLORS.get(key or text.strip())
+    return click.style(text, fg=color) if color and _color() else text
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> None:
+    """Aligned columns with a header row (the last column is not padded)."""
+    widths = [max([len(h), *(len(click.unstyle(r[i])) for r in rows)]) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c + " " * (widths[i] - len(click.unstyle(c))) if i < len(cells) - 1 else c
+                         for i, c in enumerate(cells)).rstrip()
+
+    click.echo(line([h.upper() for h in headers]), color=_color())
+    for r in rows:
+        click.echo(line(r), color=_color())
 
 
 def _call(api_url: str | None, token: str | None, as_json: bool, action: Callable[[Any], Any]) -> Any:
@@ -670,38 +719,72 @@ def deploys() -> None:
 @click.option("--limit", type=click.IntRange(1, 100), default=20, show_default=True)
 def deploys_list(api_url: str | None, token: str | None, deployment: str | None, as_json: bool, debug: bool,
                  limit: int) -> None:
-    """Deploys, newest first: version, state, who, when, description, DAG diff."""
+    """Deploys, newest first: version, state, who, when, description, DAG diff; why rejected ones were."""
     name = _deployment(deployment)
     page = _call(api_url, token, as_json, lambda api: api.list_deploys(name, limit))
     if as_json:
         return
+    rows = []
     for d in page["items"]:
         version = f"v{d['version']}" if d.get("version") else "-"
-        click.echo(f"{d['deploy_id']}  {version:>5}  {d['state']:<10}  {_when(d['created_at'])}  {d['created_by']:<14}  "
-                   f"{d['description'][:40]:<40}  {_diff_summary(d.get('diff'))}")
+        what = _reason(d) if d["state"] == "REJECTED" else _diff_summary(d.get("diff"))
+        rows.append([d["deploy_id"], version, _paint(d["state"]), _when(d["created_at"]), d["created_by"] or "-",
+                     (d["description"] or "-")[:40], what])
+    if not rows:
+        click.echo(f"no deploys in {name} yet: `dagcast deploy --dags`")
+        return
+    _table(["deploy", "version", "state", "created", "by", "description", "changes / why rejected"], rows)
+
+
+def _reason(d: dict[str, Any]) -> str:
+    errors = d.get("errors") or []
+    if not errors:
+        return "rejected"
+    e = errors[0]
+    where = f"{e['path']}{':' + str(e['line']) if e.get('line') else ''}: " if e.get("path") else ""
+    more = len(errors) - 1 + int(d.get("errors_truncated") or 0)
+    return f"{where}{e['message'][:80]}" + (f" (+{more} more)" if more else "")
 
 
 @deploys.command("show")
-@click.argument("deploy_id")
+@click.argument("deploy_id", required=False)
 @api_options
-def deploys_show(deploy_id: str, api_url: str | None, token: str | None, deployment: str | None, as_json: bool,
+def deploys_show(deploy_id: str | None, api_url: str | None, token: str | None, deployment: str | None, as_json: bool,
                  debug: bool) -> None:
-    """One deploy: state, errors, manifest summary and sidecars."""
+    """One deploy (the live one when no id is given): state, errors, manifest summary and sidecars."""
     name = _deployment(deployment)
-    view = _call(api_url, token, as_json, lambda api: api.get_deploy(name, deploy_id))
+
+    def show(api: Any) -> dict[str, Any]:
+        wanted = deploy_id
+        if wanted is None:
+            wanted = api.get_deployment(name).get("current_deploy_id")
+            if not wanted:
+                raise click.UsageError(f"{name} has no live deploy yet; give a deploy id")
+        return dict(api.get_deploy(name, wanted))
+
+    view = _call(api_url, token, as_json, show)
     if as_json:
         return
     d = view["deploy"]
-    click.echo(f"deploy {d['deploy_id']}: {d['state']}" + (f" v{d['version']}" if d.get("version") else ""))
+    click.echo(f"deploy {d['deploy_id']}: {_paint(d['state'])}" + (f" v{d['version']}" if d.get("version") else ""),
+               color=_color())
     click.echo(f"  by {d['created_by']} at {_when(d['created_at'])}: {d['description']}")
+    git = d.get("git") or {}
+    if git.get("sha"):
+        click.echo(f"  git {git['sha'][:12]}{' (dirty)' if git.get('dirty') else ''} on {git.get('branch') or '-'} "
+                   f"by {git.get('author') or '-'}")
     if d.get("rollback_of"):
         click.echo(f"  rollback of {d['rollback_of']}")
+    if d.get("promoted_from"):
+        p = d["promoted_from"]
+        click.echo(f"  promoted from {p['deployment']} v{p['version']} ({p['deploy_id']})")
     if d.get("files") is not None:
         click.echo(f"  {d['files']} files, {d['bytes']} bytes, {len(d.get('dag_ids', []))} DAGs; {_diff_summary(d.get('diff'))}")
     print_errors(d.get("errors", []), "dags")
-    for s in view["sidecars"]:
-        state = "live" if s["live"] else "stale"
-        click.echo(f"  sidecar {s['name']:<20} v{s['version']:<5} {state}  last heartbeat {_when(s['last_heartbeat'])}")
+    if view["sidecars"]:
+        _table(["sidecar", "component", "version", "state", "last heartbeat"],
+               [[s["name"], s["component"], f"v{s['version']}", _paint("live" if s["live"] else "stale"),
+                 _when(s["last_heartbeat"])] for s in view["sidecars"]])
 
 
 @deploys.command("cancel")
@@ -717,23 +800,73 @@ def deploys_cancel(deploy_id: str, api_url: str | None, token: str | None, deplo
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("deploy_id")
+@click.argument("target")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask (asked only on a terminal).")
+@click.option("--wait/--no-wait", default=None, help="Wait until live on every sidecar (default: on a terminal).")
+@click.option("--timeout", type=click.FloatRange(min=1), default=300, show_default=True, help="Seconds to --wait.")
 @api_options
-def rollback(deploy_id: str, api_url: str | None, token: str | None, deployment: str | None, as_json: bool,
-             debug: bool) -> None:
-    """Make an earlier deploy's bundle live again, as a new version (admin only)."""
-    name = _deployment(deployment)
-    d = _call(api_url, token, as_json, lambda api: api.rollback(name, deploy_id))
-    if not as_json:
-        click.echo(f"rolled back: deploy {d['deploy_id']} is {d['state']} v{d['version']}")
+def rollback(target: str, yes: bool, wait: bool | None, timeout: float, api_url: str | None, token: str | None,
+             deployment: str | None, as_json: bool, debug: bool) -> int:
+    """Make an earlier version live again, as a new version (admin only). TARGET is a version (v12 or 12)
+    or a deploy id. A version already live is left as it is."""
+    from dagcast import config
+    from dagcast import deploy as deploying
+    from dagcast.client import ApiClient
+    from dagcast.exceptions import ConfigError
+
+    OUTCOME.json = as_json
+    result = deploying.DeployResult()
+    OUTCOME.doc = result.to_json
+    try:
+        settings = config.resolve(api_url, token, deployment)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from exc
+    name = settings.deployment
+    if wait is None:
+        wait = sys.stdout.isatty() and not as_json
+    say: Callable[[str], None] = _echo_err if as_json else click.echo
+    api = ApiClient(settings.api_url, settings.token, on_retry=lambda m: _echo_err(f"warning: {m}"))
+    try:
+        if re.fullmatch(r"[0-9a-f]{11}-[0-9a-f]{6}", target):
+            chosen = api.get_deploy(name, target)["deploy"]
+            if not chosen.get("version"):
+                raise click.UsageError(f"deploy {target} is {chosen['state']}: it never went live, so it cannot be rolled back to")
+            version = int(chosen["version"])
+        else:
+            version = _version_number(target, "TARGET") or 0
+        record = api.get_version(name, version)["version"]
+        live = api.get_deployment(name)
+        live_sha = api.get_version(name, live["current_version"])["version"]["sha256"] if live["current_version"] else None
+        result.sha256 = record["sha256"]
+        if version == live["current_version"] or record["sha256"] == live_sha:
+            result.state, result.converged = "UNCHANGED", True
+            result.deploy_id, result.version = live["current_deploy_id"], live["current_version"]
+            say(f"v{version} of {name} is already live" + ("" if version == live["current_version"]
+                                                             else f" (as v{live['current_version']}, same bundle)"))
+            return EXIT_OK
+        interactive = sys.stdin.isatty() and sys.stderr.isatty() and not as_json
+        if interactive and not yes and not click.confirm(
+                f"Roll {name} back from v{live['current_version']} to the bundle of v{version}?", default=False, err=True):
+            raise click.exceptions.Abort()
+        created = api.rollback(name, record["deploy_id"])
+        result.deploy_id, result.state, result.version = created["deploy_id"], created["state"], created.get("version")
+        result.uploaded = True
+        say(f"rolled back: deploy {created['deploy_id']} is {created['state']} v{created.get('version')} "
+            f"(the bundle of v{version})")
+        if wait:
+            opts = deploying.DeployOptions(dags_path=Path("."), deployment=name, wait=True, timeout=timeout)
+            deploying.wait(api, opts, result.deploy_id, result, say)
+    finally:
+        api.close()
+    return EXIT_OK
 
 
-def _version_number(value: str | None) -> int | None:
+def _version_number(value: str | None, hint: str = "--version") -> int | None:
     if value is None:
         return None
     digits = value[1:] if value[:1] in ("v", "V") else value
     if not digits.isdigit() or int(digits) < 1:
-        raise click.BadParameter(f"{value!r} is not a version (v12 or 12)", param_hint="--version")
+        raise click.BadParameter(f"{value!r} is not a version (v12 or 12) or a deploy id", param_hint=hint)
     return int(digits)
 
 
@@ -849,6 +982,125 @@ def webhooks_deliveries(limit: int, api_url: str | None, token: str | None, depl
         status = str(d["status"]) if d.get("status") is not None else "-"
         click.echo(f"{_when(d['at']):<20} {d['webhook_id']:<14} {d['event_type']:<22} {d['attempt']:>3} {status:>6}  "
                    + ("ok" if d["ok"] else d.get("error") or "failed"))
+
+
+@cli.group()
+def deployments() -> None:
+    """List and create deployments."""
+
+
+@deployments.command("list")
+@api_options
+def deployments_list(api_url: str | None, token: str | None, deployment: str | None, as_json: bool, debug: bool) -> None:
+    """The deployments this token can see, with their live version and what they accept."""
+    doc = _call(api_url, token, as_json, lambda api: api.list_deployments())
+    if as_json:
+        return
+    _table(["deployment", "dag deploys", "live", "accepts", "parse"],
+           [[d["name"], "enabled" if d["mechanism"] == "DAG_ONLY" else "disabled",
+             f"v{d['current_version']}" if d["current_version"] else "-", d.get("accept", "both"), d.get("parse_mode", "-")]
+            for d in doc["items"]])
+
+
+@deployments.command("create")
+@click.argument("name")
+@click.option("--dag-deploy", type=click.Choice(["enabled", "disabled"]), default="enabled", show_default=True,
+              help="Accept DAG-only deploys from the start.")
+@api_options
+def deployments_create(name: str, dag_deploy: str, api_url: str | None, token: str | None, deployment: str | None,
+                       as_json: bool, debug: bool) -> None:
+    """Create a deployment (admin for all deployments)."""
+    mechanism = "DAG_ONLY" if dag_deploy == "enabled" else "IMAGE"
+    doc = _call(api_url, token, as_json, lambda api: api.create_deployment({"name": name, "mechanism": mechanism}))
+    if not as_json:
+        click.echo(f"deployment {doc['name']} created (DAG-only deploys {dag_deploy})")
+
+
+@cli.group()
+def sidecars() -> None:
+    """The sidecars of a deployment."""
+
+
+@sidecars.command("list")
+@api_options
+def sidecars_list(api_url: str | None, token: str | None, deployment: str | None, as_json: bool, debug: bool) -> None:
+    """Name, component, version, live or stale (and behind), last heartbeat and last error."""
+    name = _deployment(deployment)
+    doc = _call(api_url, token, as_json, lambda api: api.list_sidecars(name))
+    if as_json:
+        return
+    if not doc["items"]:
+        click.echo(f"no sidecar has registered for {name}")
+        return
+    rows = []
+    for s in doc["items"]:
+        state = "live" if s["live"] else "stale"
+        if s.get("version") and not s.get("on_current"):
+            state += ", behind"
+        rows.append([s["name"], s["component"], f"v{s['version']}" if s["version"] else "none",
+                     _paint(state, "live" if state == "live" else ("stale" if not s["live"] else "behind")),
+                     f"{_when(s['last_heartbeat'])} ({s.get('last_seen_s', 0):.0f} s ago)", (s.get("last_error") or "-")[:60]])
+    _table(["sidecar", "component", "version", "state", "last heartbeat", "last error"], rows)
+
+
+@cli.group()
+def tokens() -> None:
+    """API tokens (admin for all deployments): list, create (the secret is shown once), revoke."""
+
+
+@tokens.command("list")
+@api_options
+def tokens_list(api_url: str | None, token: str | None, deployment: str | None, as_json: bool, debug: bool) -> None:
+    """Every token: name, role, scope, revoked (never a secret)."""
+    doc = _call(api_url, token, as_json, lambda api: api.list_tokens())
+    if as_json:
+        return
+    _table(["name", "role", "deployments", "sidecar names", "state", "created"],
+           [[t["name"], t["role"], ",".join(t["deployments"]), ",".join(t.get("sidecar_names") or []) or "-",
+             _paint("revoked", "REJECTED") if t["revoked"] else "active", _when(t["created_at"])]
+            for t in sorted(doc["items"], key=lambda t: t["name"])])
+
+
+@tokens.command("create")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["viewer", "deployer", "sidecar", "admin"]), required=True)
+@click.option("--scope", "scopes", multiple=True, help="A deployment it may act on (repeat; default: all).")
+@click.option("--sidecar-name", "sidecar_names", multiple=True, help="Sidecar tokens: a name or pattern it may register.")
+@api_options
+def tokens_create(name: str, role: str, scopes: tuple[str, ...], sidecar_names: tuple[str, ...], api_url: str | None,
+                  token: str | None, deployment: str | None, as_json: bool, debug: bool) -> None:
+    """Create a token; its secret is printed once (only its hash is stored)."""
+    body: dict[str, Any] = {"name": name, "role": role, "deployments": list(scopes) or ["*"]}
+    if sidecar_names:
+        body["sidecar_names"] = list(sidecar_names)
+    doc = _call(api_url, token, as_json, lambda api: api.create_token(body))
+    if not as_json:
+        info = doc["info"]
+        click.echo(f"token {info['name']} ({info['role']}, {','.join(info['deployments'])}) created; "
+                   "its secret, shown once:", err=True)
+        click.echo(doc["token"])
+
+
+@tokens.command("revoke")
+@click.argument("name")
+@api_options
+def tokens_revoke(name: str, api_url: str | None, token: str | None, deployment: str | None, as_json: bool,
+                  debug: bool) -> None:
+    """Revoke a token: refused at once here, within the API's token cache time everywhere."""
+    doc = _call(api_url, token, as_json, lambda api: api.revoke_token(name))
+    if not as_json:
+        click.echo(f"token {doc['name']} revoked")
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script: `eval "$(dagcast completion bash)"` in ~/.bashrc."""
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None
+    click.echo(cls(cli, {}, "dagcast", "_DAGCAST_COMPLETE").source())
 
 
 # --- operators --------------------------------------------------------------------------------

@@ -100,6 +100,24 @@ class ApiClient:
     def rollback(self, deployment: str, deploy_id: str) -> dict[str, Any]:
         return dict(self.request("POST", f"/deployments/{deployment}/deploys/{deploy_id}/rollback"))
 
+    def list_deployments(self) -> dict[str, Any]:
+        return dict(self.request("GET", "/deployments"))
+
+    def create_deployment(self, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.request("POST", "/deployments", json=body))
+
+    def list_sidecars(self, deployment: str) -> dict[str, Any]:
+        return dict(self.request("GET", f"/deployments/{deployment}/sidecars"))
+
+    def list_tokens(self) -> dict[str, Any]:
+        return dict(self.request("GET", "/tokens"))
+
+    def create_token(self, body: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.request("POST", "/tokens", json=body))
+
+    def revoke_token(self, name: str) -> dict[str, Any]:
+        return dict(self.request("DELETE", f"/tokens/{name}"))
+
     def promote(self, deployment: str, body: dict[str, Any]) -> dict[str, Any]:
         return dict(self.request("POST", f"/deployments/{deployment}/promotions", json=body))
 
