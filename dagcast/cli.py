@@ -830,7 +830,7 @@ def rollback(target: str, yes: bool, wait: bool | None, timeout: float, api_url:
         if re.fullmatch(r"[0-9a-f]{11}-[0-9a-f]{6}", target):
             chosen = api.get_deploy(name, target)["deploy"]
             if not chosen.get("version"):
-                raise click.UsageError(f"deploy {target} is {chosen['state']}: it never went live, so it cannot be rolled back to")
+                raise ClientError(f"deploy {target} is {chosen['state']}; only a deploy that went live can be rolled back to")
             version = int(chosen["version"])
         else:
             version = _version_number(target, "TARGET") or 0
@@ -850,7 +850,7 @@ def rollback(target: str, yes: bool, wait: bool | None, timeout: float, api_url:
             raise click.exceptions.Abort()
         created = api.rollback(name, record["deploy_id"])
         result.deploy_id, result.state, result.version = created["deploy_id"], created["state"], created.get("version")
-        result.uploaded = True
+        result.rollback_of, result.diff, result.uploaded = created.get("rollback_of"), created.get("diff"), True
         say(f"rolled back: deploy {created['deploy_id']} is {created['state']} v{created.get('version')} "
             f"(the bundle of v{version})")
         if wait:

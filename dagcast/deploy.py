@@ -136,6 +136,7 @@ class DeployResult:
     uploaded: bool = False
     upload: dict[str, Any] | None = None  # what went up: {kind: delta|bundle|promotion, bytes, base_version}
     promoted_from: dict[str, Any] | None = None  # dagcast promote: {deployment, version, deploy_id, sha256}
+    rollback_of: str | None = None  # dagcast rollback: the deploy whose bundle it serves again
     timings: Timings = field(default_factory=Timings)
 
     def to_json(self) -> dict[str, Any]:
@@ -156,6 +157,7 @@ class DeployResult:
             "timings": self.timings.to_json(),
             **({"files_list": self.files_list} if self.files_list is not None else {}),
             **({"promoted_from": self.promoted_from} if self.promoted_from is not None else {}),
+            **({"rollback_of": self.rollback_of} if self.rollback_of is not None else {}),
         }
 
 

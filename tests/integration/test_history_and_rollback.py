@@ -43,7 +43,8 @@ def test_rollback_serves_an_earlier_bundle_as_a_new_version_on_every_sidecar(sta
     superseded = api.json("GET", f"/deployments/{stack['deployment']}/deploys/{second['deploy_id']}")["deploy"]
     assert superseded["state"] == "SUPERSEDED"
     history = run_dagcast(["deploys", "list", "--limit", "3"], stack_env(stack))
-    lines = history.stdout.splitlines()
+    header, *lines = history.stdout.splitlines()
+    assert header.split()[:3] == ["DEPLOY", "VERSION", "STATE"]
     assert lines[0].startswith(back["deploy_id"]) and "ACTIVE" in lines[0] and "rollback to" in lines[0]
     assert lines[1].startswith(second["deploy_id"]) and "SUPERSEDED" in lines[1]
 
@@ -68,7 +69,9 @@ def test_deploys_show_prints_errors_like_a_compiler_and_the_sidecars(stack: dict
     assert shown.returncode == 0
     assert f"deploy {deploy_id}: REJECTED" in shown.stdout
     assert "dags/etl.py:1: syntax_error:" in shown.stderr
-    assert "sidecar sidecar-1" in shown.stdout
+    rows = shown.stdout.splitlines()
+    header = next(i for i, line in enumerate(rows) if line.startswith("SIDECAR"))
+    assert any(r.split()[0] == "sidecar-1" and "live" in r for r in rows[header + 1:]), shown.stdout
 
 
 def test_a_viewer_cannot_roll_back_or_change_settings(stack: dict[str, Any]) -> None:
