@@ -25,6 +25,7 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy app.py chalicelib dagcast
+	$(VENV)/bin/hadolint Dockerfile Dockerfile.airflow
 
 test: install lint
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -42,6 +43,7 @@ bench: install
 	$(PY) bench/e2e.py
 	$(PY) bench/durable.py
 	$(PY) bench/delta_bench.py
+	$(PY) bench/packaging_bench.py
 
 # The deployable template and zip, offline: no AWS credentials needed (the zip's
 # dependencies come from PyPI, like the rest of the install).
