@@ -5,14 +5,14 @@ this, does not build every API model at start (chalicelib.models re-exports it).
 """
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
-from chalicelib.bundle import FileEntry
+from chalicelib.bundle import FileEntry, Model
 
 MAX_LISTED = 50
 
 
-class DeployDiff(BaseModel):
+class DeployDiff(Model):
     """What a deploy changes against the version live when it was validated.
 
     DAG ids are those given as literals; a DAG definition whose id is computed at parse time
