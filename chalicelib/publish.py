@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aws_lambda_powertools import Logger
-from pydantic import TypeAdapter
+from pydantic import ConfigDict, TypeAdapter
 
 from chalicelib.bundle import BuiltDelta, FileEntry, Limits
 from chalicelib.exceptions import Conflict, StorageError
@@ -27,7 +27,7 @@ from chalicelib.store import Store, VersionRace
 
 logger = Logger(service="dagcast", child=True)
 
-MANIFESTS = TypeAdapter(list[FileEntry])
+MANIFESTS = TypeAdapter(list[FileEntry], config=ConfigDict(defer_build=True))  # built on first use, like the models
 CACHED_MANIFESTS = 4
 
 

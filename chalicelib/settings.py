@@ -19,7 +19,7 @@ ENV_PREFIX = "DAGCAST_"
 class Settings(BaseModel):
     """What the API and ingest functions need to know about their AWS resources."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
 
     table_name: str = Field(description="DynamoDB table holding deployments, deploys, versions, sidecars, tokens")
     bundles_bucket: str = Field(description="S3 bucket for uploaded bundles")
