@@ -22,7 +22,7 @@ CLIENT_MODULES = [
     "dagcast", "dagcast.cli", "dagcast.sidecar", "dagcast.deploy", "dagcast.client", "dagcast.bundler",
     "dagcast.config", "dagcast.compile_cache", "dagcast.exceptions", "dagcast.extras", "dagcast.gitinfo",
     "dagcast.lease", "dagcast.lifetime", "dagcast.local", "dagcast.logs", "dagcast.observe", "dagcast.parse",
-    "dagcast.parse_check", "chalicelib.bundle", "chalicelib.models", "chalicelib.manifest", "chalicelib.signing",
+    "dagcast.parse_check", "dagcast.github_action", "chalicelib.bundle", "chalicelib.models", "chalicelib.manifest", "chalicelib.signing",
     "chalicelib.exceptions",
 ]
 # What only the [server], [local] and [sidecar] extras install.
