@@ -37,6 +37,7 @@ lint: install package $(CHECKOV_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy app.py chalicelib dagcast
 	$(CHECKOV_VENV)/bin/checkov -f $(PACKAGE_DIR)/sam.yaml --framework cloudformation --skip-download --compact --quiet
+	$(VENV)/bin/hadolint Dockerfile Dockerfile.airflow
 
 test: install lint
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -54,6 +55,7 @@ bench: install
 	$(PY) bench/e2e.py
 	$(PY) bench/durable.py
 	$(PY) bench/delta_bench.py
+	$(PY) bench/packaging_bench.py
 
 # The deployable template and zip, offline: no AWS credentials needed (the zip's
 # dependencies come from PyPI, like the rest of the install).

@@ -8,12 +8,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
-from aws_lambda_powertools import Logger, Tracer
-from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
-from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from aws_lambda_powertools import Logger
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from chalice import Chalice, Rate, Response
@@ -32,7 +30,6 @@ from chalicelib.exceptions import (
     StorageError,
     Unauthorized,
 )
-from chalicelib.ingest import Ingest, parse_notification
 from chalicelib.models import (
     NAME_RE,
     CreatedDeploy,
@@ -64,22 +61,29 @@ from chalicelib.notify import Notifier, SidecarQueues
 from chalicelib.openapi import RouteSpec, build_document
 from chalicelib.publish import Publisher
 from chalicelib.service import ControlPlane, now_ms
-from chalicelib.settings import get_settings
+from chalicelib.settings import get_settings, tracing_enabled
 from chalicelib.signing import FileSigner, KmsSigner, Signer
 from chalicelib.storage import BundleStorage
 from chalicelib.store import Store
-from chalicelib.telemetry import Telemetry
-from chalicelib.webhooks import Deliverer, DeliveryFailed
+from chalicelib.telemetry import Telemetry, Tracing
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+
+    from chalicelib.ingest import Ingest
+    from chalicelib.webhooks import Deliverer
 
 app = Chalice(app_name="dagcast")
 logger = Logger(service="dagcast")
-tracer = Tracer(service="dagcast")  # X-Ray subsegments and patched boto3 on Lambda; a no-op elsewhere
+tracing = Tracing("dagcast", tracing_enabled)  # X-Ray subsegments and patched boto3 on Lambda; a no-op elsewhere
 telemetry = Telemetry()
 
 
 @app.middleware("all")
 def flush_metrics(event: Any, get_response: Callable[[Any], Any]) -> Any:
-    """Every invocation, HTTP or event, ends by printing its metrics as EMF."""
+    """Every invocation, HTTP or event, starts tracing (the first time, where it is on) and ends by
+    printing its metrics as EMF."""
+    tracing.start()
     try:
         return get_response(event)
     finally:
@@ -148,6 +152,8 @@ def get_publisher() -> Publisher:
 
 @functools.lru_cache(maxsize=1)
 def get_deliverer() -> Deliverer:
+    from chalicelib.webhooks import Deliverer
+
     s = get_settings()
     store = get_store()
 
@@ -169,6 +175,8 @@ def get_control() -> ControlPlane:
 
 @functools.lru_cache(maxsize=1)
 def get_ingest() -> Ingest:
+    from chalicelib.ingest import Ingest  # the ingest function's own code: the API's cold start skips it
+
     return Ingest(get_settings(), get_store(), get_bundles(), get_publisher(), now_ms, telemetry)
 
 
@@ -481,8 +489,10 @@ def janitor(event: Any) -> dict[str, Any]:
     return report.model_dump()
 
 
-@tracer.capture_method
+@tracing.capture_method
 def _ingest_record(record: SQSRecord) -> None:
+    from chalicelib.ingest import parse_notification
+
     for event in parse_notification(record.body):
         get_ingest().handle(event)
 
@@ -490,6 +500,8 @@ def _ingest_record(record: SQSRecord) -> None:
 @app.on_sqs_message(queue="dagcast-ingest", batch_size=10, name="ingest")
 def ingest(event: Any) -> dict[str, Any]:
     """S3 ObjectCreated -> SQS -> here. Failed records go back to the queue (and its DLQ)."""
+    from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+
     processor = BatchProcessor(event_type=EventType.SQS)
     return dict(
         process_partial_response(
@@ -499,6 +511,8 @@ def ingest(event: Any) -> dict[str, Any]:
 
 
 def _webhook_record(record: SQSRecord) -> None:
+    from chalicelib.webhooks import DeliveryFailed
+
     attempt = int(record.attributes.approximate_receive_count or 1)
     try:
         get_deliverer().deliver(json.loads(record.body), attempt)
@@ -513,6 +527,8 @@ def _webhook_record(record: SQSRecord) -> None:
 @app.on_sqs_message(queue="dagcast-webhooks", batch_size=10, name="webhooks")
 def webhooks(event: Any) -> dict[str, Any]:
     """Lifecycle events queued for webhooks -> signed POSTs. Failed ones come back with backoff, then go to the DLQ."""
+    from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+
     processor = BatchProcessor(event_type=EventType.SQS)
     return dict(
         process_partial_response(

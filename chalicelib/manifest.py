@@ -5,15 +5,16 @@ this, does not build every API model at start (chalicelib.models re-exports it).
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import zlib
+from typing import Any
 
-from pydantic import BaseModel, Field, TypeAdapter
+from pydantic import Field, TypeAdapter
 
-from chalicelib.bundle import FileEntry
+from chalicelib.bundle import FileEntry, Model
 
 MAX_LISTED = 50
-MANIFESTS = TypeAdapter(list[FileEntry])
 # A version's file list, stored gzip-compressed: paths and JSON keys repeat, so 10,000 files take
 # about a quarter of the bytes on the CLI's download (the sha256 digests are most of what is left).
 MANIFEST_CONTENT_TYPE = "application/gzip"
@@ -24,8 +25,14 @@ class ManifestError(ValueError):
     """A stored manifest that is not one (corrupt, or inflating past MANIFEST_MAX_BYTES)."""
 
 
+@functools.cache
+def manifests() -> TypeAdapter[Any]:
+    """The file list's (de)serializer, built on first use (the CLI imports this module at start)."""
+    return TypeAdapter(list[FileEntry])
+
+
 def encode_manifest(entries: list[FileEntry]) -> bytes:
-    return gzip.compress(MANIFESTS.dump_json(entries), compresslevel=6, mtime=0)
+    return gzip.compress(manifests().dump_json(entries), compresslevel=6, mtime=0)
 
 
 def decode_manifest(raw: bytes, max_bytes: int = MANIFEST_MAX_BYTES) -> list[FileEntry]:
@@ -41,12 +48,13 @@ def decode_manifest(raw: bytes, max_bytes: int = MANIFEST_MAX_BYTES) -> list[Fil
             raise ManifestError(f"the manifest is truncated or inflates past {max_bytes} bytes")
         raw = data
     try:
-        return MANIFESTS.validate_json(raw)
+        found: list[FileEntry] = manifests().validate_json(raw)
+        return found
     except ValueError as exc:
         raise ManifestError(f"the manifest is not a file list: {exc}") from exc
 
 
-class DeployDiff(BaseModel):
+class DeployDiff(Model):
     """What a deploy changes against the version live when it was validated.
 
     DAG ids are those given as literals; a DAG definition whose id is computed at parse time

@@ -6,9 +6,9 @@ import re
 from enum import Enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import ConfigDict, Field, StringConstraints, field_validator
 
-from chalicelib.bundle import Issue, Limits
+from chalicelib.bundle import Issue, Limits, Model
 from chalicelib.manifest import DeployDiff as DeployDiff  # re-exported: one of the API models
 
 NAME_RE = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
@@ -63,14 +63,14 @@ class Role(str, Enum):
     ADMIN = "admin"
 
 
-class Strict(BaseModel):
+class Strict(Model):
     model_config = ConfigDict(extra="forbid")
 
 
 # --- records ---------------------------------------------------------------------------
 
 
-class Deployment(BaseModel):
+class Deployment(Model):
     name: str
     uid: str = Field("", description="immutable random id given at creation: part of every version's identity")
     mechanism: Mechanism = Mechanism.IMAGE
@@ -104,7 +104,7 @@ class GitInfo(Strict):
     dirty: bool = False
 
 
-class PromotedFrom(BaseModel):
+class PromotedFrom(Model):
     """The version of another deployment whose bundle, byte for byte, a promotion deploys."""
 
     deployment: str
@@ -113,7 +113,7 @@ class PromotedFrom(BaseModel):
     sha256: str
 
 
-class Deploy(BaseModel):
+class Deploy(Model):
     deployment: str
     deploy_id: str
     state: DeployState
@@ -178,7 +178,7 @@ class Deploy(BaseModel):
         )
 
 
-class SidecarStages(BaseModel):
+class SidecarStages(Model):
     name: str
     notified_s: float | None = Field(description="ACTIVE -> the sidecar received the announcement (or reconciled)")
     sync_s: float | None = Field(description="notified -> live: download, verify, extract, swap the link")
@@ -186,7 +186,7 @@ class SidecarStages(BaseModel):
     parse_report_s: float | None = Field(None, description="live -> Airflow's parse of it reported by this sidecar")
 
 
-class DeployStages(BaseModel):
+class DeployStages(Model):
     """A deploy's stage durations in seconds, computed from the timestamps on its record."""
 
     upload_s: float | None = Field(description="deploy created (upload presigned) -> S3 stored the upload")
@@ -198,7 +198,7 @@ class DeployStages(BaseModel):
     sidecars: list[SidecarStages] = Field(default_factory=list)
 
 
-class Delta(BaseModel):
+class Delta(Model):
     """A version's changes against the version live before it, as a small archive (see chalicelib.bundle.delta)."""
 
     base_version: int
@@ -212,7 +212,7 @@ class Delta(BaseModel):
     files_sha256: str = Field(description="digest of this version's file list that applying the delta must give")
 
 
-class Version(BaseModel):
+class Version(Model):
     """A published version. Its identity is (deployment_id, version, sha256); it never changes."""
 
     deployment: str
@@ -229,7 +229,7 @@ class Version(BaseModel):
     parse_mode: ParseMode = Field(ParseMode.REPORT, description="the deployment's parse_mode when it was published")
 
 
-class Sidecar(BaseModel):
+class Sidecar(Model):
     deployment: str
     name: str
     component: str = "unknown"
@@ -249,7 +249,7 @@ class Sidecar(BaseModel):
     parser: str | None = None
 
 
-class Token(BaseModel):
+class Token(Model):
     token_hash: str
     name: str
     role: Role
@@ -323,7 +323,7 @@ class CreateWebhook(Strict):
     description: str = Field("", max_length=256)
 
 
-class Webhook(BaseModel):
+class Webhook(Model):
     deployment: str
     webhook_id: str
     url: str
@@ -333,12 +333,12 @@ class Webhook(BaseModel):
     created_at: int = 0
 
 
-class WebhookCreated(BaseModel):
+class WebhookCreated(Model):
     webhook: Webhook
     secret: str = Field(description="the HMAC-SHA256 key of the signatures: shown in this response only")
 
 
-class Delivery(BaseModel):
+class Delivery(Model):
     """One attempt to deliver an event to a webhook."""
 
     deployment: str
@@ -432,7 +432,7 @@ class ParseRecord(ParseReport):
     reported_at: int = 0
 
 
-class ParseErrorView(BaseModel):
+class ParseErrorView(Model):
     path: str
     line: int | None
     type: str
@@ -442,7 +442,7 @@ class ParseErrorView(BaseModel):
     new: bool = Field(description="some sidecar did not have it on the version it ran before")
 
 
-class DeployParse(BaseModel):
+class DeployParse(Model):
     """What Airflow made of a deploy's version, over the sidecars that reported it."""
 
     status: Literal["parsed", "pending", "unavailable", "none"] = Field(
@@ -467,7 +467,7 @@ class DeployParse(BaseModel):
 # --- API output ------------------------------------------------------------------------
 
 
-class SidecarView(BaseModel):
+class SidecarView(Model):
     name: str
     component: str
     version: int
@@ -484,7 +484,7 @@ class SidecarView(BaseModel):
     parser: str | None = Field(None, description="the Airflow that parses new versions there, if any")
 
 
-class DeployView(BaseModel):
+class DeployView(Model):
     deploy: Deploy
     sidecars: list[SidecarView]
     live_sidecars: int
@@ -494,31 +494,31 @@ class DeployView(BaseModel):
     parse: DeployParse = Field(default_factory=lambda: DeployParse(status="none"))
 
 
-class UploadForm(BaseModel):
+class UploadForm(Model):
     url: str
     fields: dict[str, str]
     expires_at: int
 
 
-class CreatedDeploy(BaseModel):
+class CreatedDeploy(Model):
     deploy: Deploy
     upload: UploadForm
 
 
-class VersionView(BaseModel):
+class VersionView(Model):
     version: Version
     download_url: str | None = Field(None, description="only for tokens that may download bundles (sidecar, admin)")
     manifest_url: str | None = None
     delta_url: str | None = None
 
 
-class SigningKey(BaseModel):
+class SigningKey(Model):
     key_id: str
     algorithm: str
     public_key: str = Field(description="PEM")
 
 
-class Registration(BaseModel):
+class Registration(Model):
     sidecar: SidecarView
     queue_url: str
     secret: str = Field(description="this sidecar's own secret, shown once: heartbeats and deregistration need it")
@@ -526,7 +526,7 @@ class Registration(BaseModel):
     signing_keys: list[SigningKey] = Field(description="the keys that sign version announcements")
 
 
-class JanitorReport(BaseModel):
+class JanitorReport(Model):
     sidecars_removed: list[str] = Field(default_factory=list)
     deploys_expired: list[str] = Field(default_factory=list)
     bundles_pruned: list[str] = Field(default_factory=list)
@@ -546,7 +546,7 @@ class CreateToken(Strict):
     )
 
 
-class TokenView(BaseModel):
+class TokenView(Model):
     name: str
     role: Role
     deployments: list[str]
@@ -555,12 +555,12 @@ class TokenView(BaseModel):
     created_at: int
 
 
-class IssuedToken(BaseModel):
+class IssuedToken(Model):
     token: str = Field(description="the secret; shown once, stored only as a hash")
     info: TokenView
 
 
-class Page(BaseModel):
+class Page(Model):
     items: list[Any]
     next_cursor: str | None = None
 
@@ -568,7 +568,7 @@ class Page(BaseModel):
 DEPLOY_ID_RE = re.compile(r"^[0-9a-f]{11}-[0-9a-f]{6}$")
 
 
-class IngestEvent(BaseModel):
+class IngestEvent(Model):
     """One object-created notification, reduced to what ingest needs."""
 
     bucket: str

@@ -67,7 +67,6 @@ from chalicelib.signing import ALGORITHM, Signer, SigningError
 from chalicelib.storage import BundleStorage, bundle_key, uploaded_delta_key
 from chalicelib.store import Store
 from chalicelib.telemetry import Telemetry
-from chalicelib.webhooks import check_url
 
 MAX_WEBHOOKS = 20
 
@@ -429,6 +428,8 @@ class ControlPlane:
             events = check_event_types(req.events)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from exc
+        from chalicelib.webhooks import check_url  # httpx: only for this route, not on every cold start
+
         url = check_url(req.url, self._settings.webhook_allow_private_hosts)
         if len(self._store.list_webhooks(deployment)) >= MAX_WEBHOOKS:
             raise Conflict(f"deployment {deployment!r} has {MAX_WEBHOOKS} webhooks already; remove one first")

@@ -13,7 +13,9 @@ sha256 (``signed_message``), so that AWS KMS (which signs at most 4 KiB of raw m
 key file sign exactly the same bytes: ECDSA P-256 with SHA-256, DER-encoded signatures.
 
 On AWS the key is a KMS key (``KmsSigner``); on the embedded stack a PEM file in the state
-folder (``FileSigner``). Verifying needs only `cryptography`: this module never imports boto3.
+folder (``FileSigner``). Verifying needs only `cryptography`: this module never imports boto3,
+and imports cryptography only when a key is loaded (loading its bindings is ~40 ms of a cold
+start, and `pip install dagcast` has no cryptography: `--once` never verifies).
 """
 from __future__ import annotations
 
@@ -22,11 +24,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 ALGORITHM = "ECDSA_P256_SHA256"
 _DOMAIN = b"dagcast-announcement:v1:"
@@ -44,6 +45,8 @@ def signed_message(statement: bytes) -> bytes:
 
 def key_id_of(public_key_pem: str) -> str:
     """A short, stable name for a public key: the first 16 hex digits of its DER's sha256."""
+    from cryptography.hazmat.primitives import serialization
+
     der = serialization.load_pem_public_key(public_key_pem.encode()).public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -70,6 +73,8 @@ class FileSigner:
     """A P-256 private key in a PEM file (mode 0600), created on first use: the embedded stack's key."""
 
     def __init__(self, path: Path) -> None:
+        from cryptography.hazmat.primitives import serialization
+
         self.path = path
         self._key = self._load_or_create()
         self._public = self._key.public_key().public_bytes(
@@ -78,6 +83,9 @@ class FileSigner:
         self._id = key_id_of(self._public)
 
     def _load_or_create(self) -> ec.EllipticCurvePrivateKey:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
         try:
             key = serialization.load_pem_private_key(self.path.read_bytes(), password=None)
         except FileNotFoundError:
@@ -105,6 +113,9 @@ class FileSigner:
         return self._public
 
     def sign(self, statement: bytes) -> str:
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+
         signature = self._key.sign(signed_message(statement), ec.ECDSA(hashes.SHA256()))
         return base64.b64encode(signature).decode()
 
@@ -119,6 +130,8 @@ class KmsSigner:
         self._id: str | None = None
 
     def _load_public(self) -> str:
+        from cryptography.hazmat.primitives import serialization
+
         if self._public is None:
             try:
                 der = self._kms.get_public_key(KeyId=self._key_arn)["PublicKey"]
@@ -153,6 +166,9 @@ class Verifier:
     """Checks signatures against the public keys a sidecar learnt from the API (by key id)."""
 
     def __init__(self, public_keys: dict[str, str]) -> None:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
         self._keys: dict[str, ec.EllipticCurvePublicKey] = {}
         for key_id, pem in public_keys.items():
             key = serialization.load_pem_public_key(pem.encode())
@@ -166,6 +182,10 @@ class Verifier:
         key = self._keys.get(key_id)
         if key is None:
             return False
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
+
         try:
             signature = base64.b64decode(signature_b64, validate=True)
             key.verify(signature, signed_message(statement), ec.ECDSA(hashes.SHA256()))

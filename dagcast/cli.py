@@ -26,8 +26,9 @@ from typing import Any, NoReturn
 
 import click
 
-# httpx imports its own command line (rich, pygments: ~90 ms) whenever it can; dagcast never runs
-# it, and start-up time is on the path of every `dagcast deploy`. httpx falls back to a stub
+# httpx imports its own command line (rich, pygments: ~90 ms) whenever it can (where they are
+# installed: dagcast does not need them); dagcast never runs it, and start-up time is on the path
+# of every `dagcast deploy`. httpx falls back to a stub
 # `httpx.main` when that module cannot be imported, which this entry makes happen, in the CLI's
 # process only (dagcast's library users, such as Airflow importing dagcast.airflow, are untouched).
 sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
@@ -399,30 +400,37 @@ def deploy(
 
 
 class _upload_progress:  # noqa: N801 - used as a context manager like a function
-    """A rich progress bar for the upload on a terminal; nothing otherwise (plain lines are printed instead)."""
+    """A one-line progress bar for the upload on a terminal (stderr, redrawn in place, wiped at the
+    end); nothing otherwise (plain lines are printed instead)."""
+
+    WIDTH = 30
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self._bar: Any = None
-        self._task: Any = None
+        self._started = 0.0
+        self._drawn = False
 
     def __enter__(self) -> Callable[[int, int], None] | None:
         if not self.enabled:
             return None
-        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
-        self._bar = Progress("upload", BarColumn(), DownloadColumn(), TransferSpeedColumn(), transient=True)
-        self._bar.start()
+        self._started = time.monotonic()
         return self._update
 
     def _update(self, done: int, total: int) -> None:
-        if self._task is None:
-            self._task = self._bar.add_task("upload", total=total)
-        self._bar.update(self._task, completed=done)
+        from dagcast.bundler import human_size
+
+        filled = self.WIDTH * done // total if total else self.WIDTH
+        elapsed = time.monotonic() - self._started
+        speed = f"{human_size(int(done / elapsed))}/s" if elapsed > 0 else ""
+        bar = "#" * filled + "-" * (self.WIDTH - filled)
+        sys.stderr.write(f"\rupload [{bar}] {human_size(done)}/{human_size(total)} {speed}\x1b[K")
+        sys.stderr.flush()
+        self._drawn = True
 
     def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
+        if self._drawn:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
 
 
 # --- project files --------------------------------------------------------------------------
@@ -536,6 +544,9 @@ def sidecar(
         version = syncer.sync()
         click.echo(f"{cfg.link} -> v{syncer.live_version()}" + ("" if version else " (already current)"))
         return
+    from dagcast import extras
+
+    extras.require("sidecar", "`dagcast sidecar` (the daemon; --once needs no extra)")
     import boto3
 
     daemon = Sidecar(cfg, api, boto3.client("sqs"))
@@ -1123,6 +1134,9 @@ def admin_create_token(table: str, name: str, role: str, deployments: tuple[str,
     """
     import time
 
+    from dagcast import extras
+
+    extras.require("server", "`dagcast admin create-token`")
     import boto3
     from botocore.exceptions import BotoCoreError
     from botocore.exceptions import ClientError as BotoClientError
@@ -1167,7 +1181,10 @@ def local_up(state_dir: Path, port: int, bind: str, sidecars: int, deployment: s
     state folder, it carries on with the same state, ports and tokens."""
     import threading
 
+    from dagcast import extras
     from dagcast.local import EmbeddedStack
+
+    extras.require("local", "`dagcast local up`")
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

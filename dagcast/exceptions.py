@@ -31,6 +31,17 @@ class ConfigError(ClientError):
     code = "config_error"
 
 
+class MissingExtra(ConfigError):
+    """The command needs packages of an extra that is not installed (`pip install dagcast` is the
+    CLI alone): the message is the one line that says which extra to install."""
+
+    code = "missing_extra"
+
+    def __init__(self, what: str, extra: str, missing: str) -> None:
+        super().__init__(f"{what} needs the [{extra}] extra ({missing} is not installed): pip install 'dagcast[{extra}]'")
+        self.extra = extra
+
+
 class UsageProblem(ClientError):
     """The command cannot run as asked (a missing or empty folder, say): exit 2."""
 

@@ -16,26 +16,64 @@ One file per idea, each layer importing only the ones below it:
     rebuild       a version's bundle from an earlier one's and an uploaded delta (ingest)
 
 The CLI, the sidecar, the Airflow bundle and the ingest function use the names re-exported here.
+Each is imported on first use (PEP 562), so that a caller that needs only the models (the API
+function, through chalicelib.models) does not pay for tarfile, the scanner and the workers.
 """
-from chalicelib.bundle.cache import CompileCache, Reuse
-from chalicelib.bundle.compile_workers import Bounds, CompileDeadline, CompileSession, CompileWorkerError, CompileWorkers
-from chalicelib.bundle.delta import BuiltDelta, DeltaCollector
-from chalicelib.bundle.extract import extract_bundle, extract_delta
-from chalicelib.bundle.format import BundleError, BundleInfo, write_bundle
-from chalicelib.bundle.report import (
-    HARD_LIMITS,
-    NAME_MAX,
-    BundleRejected,
-    DeltaMismatch,
-    FileEntry,
-    Issue,
-    Limits,
-    MiB,
-    Report,
-    files_digest,
-)
-from chalicelib.bundle.rules import relative_link
-from chalicelib.bundle.validate import validate_file, validate_stream
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from chalicelib.bundle.cache import CompileCache, Reuse
+    from chalicelib.bundle.compile_workers import Bounds, CompileDeadline, CompileSession, CompileWorkerError, CompileWorkers
+    from chalicelib.bundle.delta import BuiltDelta, DeltaCollector
+    from chalicelib.bundle.extract import extract_bundle, extract_delta
+    from chalicelib.bundle.format import BundleError, BundleInfo, write_bundle
+    from chalicelib.bundle.report import (
+        HARD_LIMITS,
+        NAME_MAX,
+        BundleRejected,
+        DeltaMismatch,
+        FileEntry,
+        Issue,
+        Limits,
+        MiB,
+        Model,
+        Report,
+        files_digest,
+    )
+    from chalicelib.bundle.rules import relative_link
+    from chalicelib.bundle.validate import validate_file, validate_stream
+
+# name -> the submodule that defines it
+_EXPORTS = {
+    "CompileCache": "cache", "Reuse": "cache",
+    "Bounds": "compile_workers", "CompileDeadline": "compile_workers", "CompileSession": "compile_workers",
+    "CompileWorkerError": "compile_workers", "CompileWorkers": "compile_workers",
+    "BuiltDelta": "delta", "DeltaCollector": "delta",
+    "extract_bundle": "extract", "extract_delta": "extract",
+    "BundleError": "format", "BundleInfo": "format", "write_bundle": "format",
+    "HARD_LIMITS": "report", "NAME_MAX": "report", "BundleRejected": "report", "DeltaMismatch": "report",
+    "FileEntry": "report", "Issue": "report", "Limits": "report", "MiB": "report", "Model": "report", "Report": "report",
+    "files_digest": "report",
+    "relative_link": "rules",
+    "validate_file": "validate", "validate_stream": "validate",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "HARD_LIMITS",
@@ -56,6 +94,7 @@ __all__ = [
     "Issue",
     "Limits",
     "MiB",
+    "Model",
     "Report",
     "Reuse",
     "extract_bundle",

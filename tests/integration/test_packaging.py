@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,9 @@ def test_make_package_works_without_aws_credentials_and_passes_cfn_lint(tmp_path
     template = (tmp_path / "pkg" / "sam.yaml").read_text()
     assert "FunctionResponseTypes" in template and "ReportBatchItemFailures" in template
     assert (tmp_path / "pkg" / "deployment.zip").stat().st_size > 1_000_000
+    with zipfile.ZipFile(tmp_path / "pkg" / "deployment.zip") as z:
+        top = {name.split("/")[0] for name in z.namelist()}
+    # every package app.py and chalicelib import is in the zip (chalicelib.signing: cryptography)
+    assert {"app.py", "chalicelib", "chalice", "boto3", "aws_lambda_powertools", "aws_xray_sdk", "pydantic",
+            "cryptography"} <= top
+    assert not top & {"moto", "click", "httpx", "dagcast", "pydantic_settings"}, "nothing the functions do not import"
