@@ -39,8 +39,10 @@ from chalicelib.models import (
     CreateWebhook,
     Delivery,
     Deploy,
+    DeployFiles,
     Deployment,
     DeployView,
+    FileDiff,
     Heartbeat,
     IssuedToken,
     Page,
@@ -56,6 +58,7 @@ from chalicelib.models import (
     UploadForm,
     VersionView,
     WebhookCreated,
+    WhoAmI,
 )
 from chalicelib.notify import Notifier, SidecarQueues
 from chalicelib.openapi import RouteSpec, build_document
@@ -338,6 +341,23 @@ def get_deploy(ctx: Ctx, deployment: str, deploy_id: str) -> DeployView:
     return get_control().get_deploy(deployment, deploy_id, _int_query(ctx, "wait", 0, 0, MAX_WAIT_SECONDS))
 
 
+@api("/deployments/{deployment}/deploys/{deploy_id}/files", "GET",
+     "The files a deploy's version added, removed and changed against the version before it (from the manifests)",
+     Permission.READ, response=DeployFiles)
+def deploy_files(ctx: Ctx, deployment: str, deploy_id: str) -> DeployFiles:
+    return get_control().deploy_files(deployment, deploy_id)
+
+
+@api("/deployments/{deployment}/deploys/{deploy_id}/files/diff", "GET",
+     "A unified text diff of one file between a deploy's version and the version before it (text files up to a bound)",
+     Permission.READ, response=FileDiff, query={"path": "the file's path in the bundle"})
+def file_diff(ctx: Ctx, deployment: str, deploy_id: str) -> FileDiff:
+    path = ctx.query.get("path")
+    if not path:
+        raise InvalidRequest("query parameter 'path' is required: the file to diff")
+    return get_control().file_diff(deployment, deploy_id, path)
+
+
 @api("/deployments/{deployment}/deploys/{deploy_id}/upload", "POST", "A fresh presigned upload for a PENDING deploy",
      Permission.DEPLOY, response=UploadForm)
 def renew_upload(ctx: Ctx, deployment: str, deploy_id: str) -> UploadForm:
@@ -438,6 +458,13 @@ def report_parse(ctx: Ctx, deployment: str, name: str) -> ParseRecord:
 def deregister_sidecar(ctx: Ctx, deployment: str, name: str) -> None:
     assert ctx.token is not None
     get_control().deregister_sidecar(deployment, name, ctx.token, ctx.sidecar_secret())
+
+
+@api("/whoami", "GET", "The token this request carries: its name, role and deployments", Permission.READ,
+     response=WhoAmI)
+def whoami(ctx: Ctx) -> WhoAmI:
+    assert ctx.token is not None
+    return get_control().whoami(ctx.token)
 
 
 @api("/tokens", "GET", "List tokens (never their secrets)", Permission.ADMIN)

@@ -24,6 +24,12 @@ class BundleTooLarge(InvalidRequest):
     code = "bundle_too_large"
 
 
+class DiffRefused(InvalidRequest):
+    """No text diff for this file: it is binary, not UTF-8, or over the size bound; compare it locally."""
+
+    code = "diff_refused"
+
+
 class Unauthorized(DagcastError):
     """No bearer token, or one that is unknown, malformed or revoked."""
 

@@ -555,6 +555,52 @@ class TokenView(Model):
     created_at: int
 
 
+class WhoAmI(Model):
+    """The token a request was made with: its name (what deploys record as created_by), role and scope."""
+
+    name: str
+    role: Role
+    deployments: list[str]
+    permissions: list[str] = Field(description="what the role may do: read, deploy, sync, admin")
+
+
+class FileChange(Model):
+    path: str
+    size: int = Field(description="bytes in this version (in the base version, for a removed file)")
+    base_size: int | None = Field(None, description="bytes in the base version, for a changed file")
+
+
+class DeployFiles(Model):
+    """What a version changed, file by file, against the version live before it (version - 1)."""
+
+    deploy_id: str
+    version: int
+    base_version: int | None = Field(description="None for a deployment's first version: every file is added")
+    base_deploy_id: str | None = None
+    added: list[FileChange]
+    removed: list[FileChange]
+    changed: list[FileChange]
+    added_total: int
+    removed_total: int
+    changed_total: int
+    truncated: bool = Field(description="a list is cut at max_listed; the totals are exact")
+    max_listed: int
+    diff_max_bytes: int = Field(description="files larger than this (either side) get no text diff")
+
+
+class FileDiff(Model):
+    """A unified text diff of one file between a version and the version before it."""
+
+    path: str
+    version: int
+    base_version: int | None
+    status: Literal["added", "removed", "changed", "unchanged"]
+    size: int | None
+    base_size: int | None
+    diff: str
+    truncated: bool = Field(description="the diff was cut at its line bound")
+
+
 class IssuedToken(Model):
     token: str = Field(description="the secret; shown once, stored only as a hash")
     info: TokenView

@@ -8,7 +8,9 @@ import secrets
 import time
 from collections.abc import Callable
 
+from chalicelib import filediff
 from chalicelib.auth import ROLE_PERMISSIONS, Permission, hash_token, new_token
+from chalicelib.bundle import FileEntry
 from chalicelib.events import EventSink, EventType, check_event_types, deploy_detail
 from chalicelib.exceptions import (
     BaseMoved,
@@ -31,11 +33,13 @@ from chalicelib.models import (
     Delivery,
     DeltaUpload,
     Deploy,
+    DeployFiles,
     Deployment,
     DeployParse,
     DeployState,
     DeployView,
     DuplicateDag,
+    FileDiff,
     Heartbeat,
     IssuedToken,
     JanitorReport,
@@ -56,9 +60,11 @@ from chalicelib.models import (
     TokenView,
     UpdateDeployment,
     UploadForm,
+    Version,
     VersionView,
     Webhook,
     WebhookCreated,
+    WhoAmI,
 )
 from chalicelib.notify import SidecarQueues
 from chalicelib.publish import Publisher, new_uid
@@ -495,6 +501,79 @@ class ControlPlane:
             delta_url=(self._bundles.presigned_download(delta.key, expiry, delta.object_version)
                        if delta and downloads else None),
         )
+
+    # --- what a version changed, file by file -----------------------------------------
+
+    def deploy_files(self, deployment: str, deploy_id: str) -> DeployFiles:
+        """The files a deploy's version added, removed and changed against version - 1, from their
+        manifests (no bundle is read); each list is capped, the totals are exact."""
+        version, manifest, base, base_manifest = self._compared(deployment, deploy_id)
+        added, removed, changed = filediff.file_changes(base_manifest, manifest)
+        cap = filediff.MAX_LISTED_FILES
+        return DeployFiles(
+            deploy_id=deploy_id, version=version.version, base_version=base.version if base else None,
+            base_deploy_id=base.deploy_id if base else None, added=added[:cap], removed=removed[:cap],
+            changed=changed[:cap], added_total=len(added), removed_total=len(removed), changed_total=len(changed),
+            truncated=max(len(added), len(removed), len(changed)) > cap, max_listed=cap,
+            diff_max_bytes=filediff.DIFF_MAX_BYTES,
+        )
+
+    def file_diff(self, deployment: str, deploy_id: str, path: str) -> FileDiff:
+        """A unified diff of one file between a deploy's version and version - 1 (an added or removed
+        file against nothing), read from the two bundles in S3; DiffRefused for a binary file or one
+        over filediff.DIFF_MAX_BYTES on either side, checked on the manifests before any read."""
+        version, manifest, base, base_manifest = self._compared(deployment, deploy_id)
+        new = next((f for f in manifest if f.path == path), None)
+        old = next((f for f in base_manifest or [] if f.path == path), None)
+        if new is None and old is None:
+            where = f"v{version.version}" + (f" or v{base.version}" if base else "")
+            raise NotFound(f"no file {path!r} in {where} of {deployment!r}")
+        status = "added" if old is None else "removed" if new is None else "changed" if old.sha256 != new.sha256 else "unchanged"
+        text, truncated = "", False
+        if status != "unchanged":
+            filediff.check_diffable(path, new, old)
+            after = filediff.text_of(path, self._member(version, path)) if new else []
+            before = filediff.text_of(path, self._member(base, path)) if old and base else []
+            text, truncated = filediff.unified(path, before, after, f"v{base.version}" if old and base else "",
+                                               f"v{version.version}" if new else "")
+        return FileDiff(path=path, version=version.version, base_version=base.version if base else None, status=status,
+                        size=new.size if new else None, base_size=old.size if old else None, diff=text, truncated=truncated)
+
+    def _compared(self, deployment: str, deploy_id: str) -> tuple[Version, list[FileEntry], Version | None, list[FileEntry] | None]:
+        """A deploy's version and file list, and those of the version before it (None for the first)."""
+        deploy = self._store.get_deploy(deployment, deploy_id)
+        if deploy.version is None:
+            raise Conflict(f"deploy {deploy_id} is {deploy.state.value} and has no version: it changed no files")
+        version = self._store.get_version(deployment, deploy.version)
+        manifest = self._manifest_of(deployment, deploy.deploy_id, deploy.version)
+        if deploy.version == 1:
+            return version, manifest, None, None
+        try:
+            base = self._store.get_version(deployment, deploy.version - 1)
+        except NotFound:
+            return version, manifest, None, None
+        return version, manifest, base, self._manifest_of(deployment, base.deploy_id, base.version)
+
+    def _manifest_of(self, deployment: str, deploy_id: str, version: int) -> list[FileEntry]:
+        key = self._store.get_deploy_fields(deployment, deploy_id, ["manifest_key"]).get("manifest_key")
+        manifest = self._publisher.load_manifest(str(key) if key else None)
+        if manifest is None:
+            raise Conflict(f"the file list of v{version} of {deployment!r} is not available")
+        return manifest
+
+    def _member(self, version: Version, path: str) -> bytes:
+        """One file of a version, streamed from its bundle (pinned to the object version it was validated as)."""
+        if not self._bundles.exists(version.key):
+            raise Conflict(f"the bundle of v{version.version} was removed by the retention policy; no diff can be shown")
+        body, _, _ = self._bundles.open(version.key, version.object_version)
+        try:
+            return filediff.read_member(body, version.limits, path)
+        finally:
+            body.close()
+
+    def whoami(self, token: Token) -> WhoAmI:
+        perms = sorted(p.value for p in ROLE_PERMISSIONS[token.role])
+        return WhoAmI(name=token.name, role=token.role, deployments=token.deployments, permissions=perms)
 
     def _uid(self, deployment: str) -> str:
         dep = self._store.get_deployment(deployment)

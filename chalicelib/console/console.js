@@ -7,7 +7,7 @@
   const PAGE_SIZE = 20;
   const TOKEN_KEY = "dagcast.console.token";
   const PARSE_VIEWS = 5; // the newest deploys whose parse reports the history shows
-  const TABS = ["history", "sidecars", "webhooks", "settings"];
+  const TABS = ["history", "fleet", "sidecars", "webhooks", "settings"];
   const LIMITS = [
     ["max_bundle_bytes", "Max bundle size (compressed, bytes)"],
     ["max_total_bytes", "Max total size (uncompressed, bytes)"],
@@ -40,6 +40,10 @@
     polling: false,
     signatures: {},
     parse: {},             // deploy id -> what Airflow made of it (the deploy view's `parse`), for recent deploys
+    me: null,              // GET /whoami: the signed-in token's name and role
+    page: null,            // the deploy page shown: {deployment, version, deployId}
+    pageData: null,        // its deploy view, file changes and the diffs opened
+    chart: {},             // deployment name -> {at, items}: the last 50 deploys for the timings chart
   };
 
   const $ = (id) => document.getElementById(id);
@@ -56,7 +60,7 @@
       else if (key === "dataset") Object.assign(el.dataset, value);
       else el.setAttribute(key, value === true ? "" : String(value));
     }
-    for (const child of children.flat()) {
+    for (const child of children.flat(Infinity)) {
       if (child === null || child === undefined || child === false) continue;
       el.append(child instanceof Node ? child : document.createTextNode(String(child)));
     }
@@ -270,7 +274,7 @@
     return h("span", { class: "git" },
       h("code", { title: git.sha }, git.sha.slice(0, 8)),
       git.dirty ? h("span", { class: "dirty", title: "uncommitted changes" }, "+dirty") : null,
-      git.branch ? h("span", { class: "branch" }, git.branch) : null);
+      git.branch ? h("span", { class: "branch", title: git.branch }, git.branch) : null);
   }
 
   function renderHistory() {
@@ -287,9 +291,12 @@
       const isCurrent = dep && d.version && d.version === dep.current_version && d.state === "ACTIVE";
       const focused = state.focus !== null && d.version === state.focus;
       return h("tr", { class: `deploy state-${d.state.toLowerCase()}${isCurrent ? " current" : ""}${focused ? " focused" : ""}`,
-        dataset: { deployId: d.deploy_id } },
+        dataset: { deployId: d.deploy_id },
+        onclick: (event) => { if (!event.target.closest("a, button")) openDeploy(d); } },
         td({ "data-label": "Version", class: "version" },
-          d.version ? `v${d.version}` : "—", isCurrent ? h("span", { class: "tag" }, "live") : null),
+          h("a", { class: "open-deploy", href: pageHash(d), dataset: { key: "open:" + d.deploy_id },
+            "aria-label": `Open ${d.version ? "v" + d.version : "deploy " + d.deploy_id}` }, d.version ? `v${d.version}` : "open"),
+          isCurrent ? h("span", { class: "tag" }, "live") : null),
         td({ "data-label": "State" }, h("span", { class: `badge badge-${STATE_KIND[d.state] || "muted"} state` }, d.state)),
         td({ "data-label": "Description", class: "description" },
           h("div", {}, d.description || h("span", { class: "muted" }, "(no description)")),
@@ -405,6 +412,437 @@
     } finally {
       btn.disabled = false;
     }
+  }
+
+  // --- the deploy page: one deploy looked into (#d=...&v=N, or &deploy=ID for one without a version) ----
+
+  const SVG = "http://www.w3.org/2000/svg";
+
+  function sv(tag, attrs, ...children) {
+    const el = document.createElementNS(SVG, tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (value === null || value === undefined) continue;
+      if (key === "text") el.textContent = value;
+      else if (key === "class") el.setAttribute("class", value);
+      else el.setAttribute(key, String(value));
+    }
+    for (const child of children.flat()) if (child) el.append(child);
+    return el;
+  }
+
+  function bytes(n) {
+    if (n === null || n === undefined) return "—";
+    if (n < 1024) return `${n} B`;
+    if (n < 1048576) return `${(n / 1024).toFixed(1)} KiB`;
+    return `${(n / 1048576).toFixed(1)} MiB`;
+  }
+
+  function pageHash(d) {
+    return `#d=${enc(d.deployment)}&tab=history&` + (d.version ? `v=${d.version}` : `deploy=${enc(d.deploy_id)}`);
+  }
+
+  function openDeploy(d) {
+    const hash = pageHash(d);
+    if (window.location.hash !== hash) window.location.hash = hash; // a history entry: Back closes the page
+    else applyHash();
+  }
+
+  function closePage() {
+    if (!state.page) return;
+    state.focus = state.page.version || null;
+    state.focusShown = false;
+    state.page = null;
+    state.pageData = null;
+    delete state.signatures["page-body"];
+    delete state.signatures["history-body"];
+    history.replaceState(null, "", `#d=${enc(state.selected)}&tab=history` + (state.focus ? `&v=${state.focus}` : ""));
+    showTab("history", false);
+    renderAll();
+  }
+
+  // The page follows the URL: a link, a click on a history row, or the browser's Back.
+  function applyHash() {
+    const wanted = readHash();
+    if (!state.token) return;
+    if (wanted.deployment && wanted.deployment !== state.selected && state.deployments.some((d) => d.name === wanted.deployment)) {
+      select(wanted.deployment);
+    }
+    if (wanted.version || wanted.deployId) {
+      const same = state.page && (wanted.deployId ? state.page.deployId === wanted.deployId : state.page.version === wanted.version);
+      if (!same) {
+        state.page = { deployment: wanted.deployment || state.selected, version: wanted.version, deployId: wanted.deployId };
+        state.pageData = { view: null, files: null, filesError: null, diffs: {}, error: null };
+        delete state.signatures["page-body"];
+        loadPage();
+      }
+    } else if (state.page) {
+      closePage();
+      return;
+    }
+    renderPageVisibility();
+  }
+
+  function renderPageVisibility() {
+    const on = !!state.page;
+    $("deploy-page").hidden = !on;
+    $("tabs").hidden = on;
+    for (const t of TABS) $("panel-" + t).hidden = on || t !== state.tab;
+  }
+
+  async function loadPage() {
+    const page = state.page;
+    if (!page) return;
+    const data = state.pageData;
+    try {
+      if (!page.deployId) {
+        const found = state.history.find((d) => d.version === page.version && d.deployment === page.deployment);
+        page.deployId = found ? found.deploy_id
+          : (await api("GET", `deployments/${enc(page.deployment)}/versions/${page.version}`)).version.deploy_id;
+      }
+      const view = await api("GET", `deployments/${enc(page.deployment)}/deploys/${enc(page.deployId)}`);
+      if (state.page !== page) return;
+      data.view = view;
+      data.error = null;
+      page.version = view.deploy.version || null;
+      if (view.deploy.version && !data.files && !data.filesError) {
+        try {
+          data.files = await api("GET", `deployments/${enc(page.deployment)}/deploys/${enc(page.deployId)}/files`);
+        } catch (err) {
+          if (err.status === 401) throw err;
+          data.filesError = err.message;
+        }
+      }
+    } catch (err) {
+      if (err.status === 401) { failed(err); return; }
+      if (state.page === page) data.error = err.status === 404 ? `No such deploy in ${page.deployment}.` : err.message;
+    }
+    if (state.page === page) renderPage();
+  }
+
+  async function loadDiff(path) {
+    const page = state.page;
+    const data = state.pageData;
+    if (!page || !data) return;
+    if (data.diffs[path] && !data.diffs[path].error) {
+      delete data.diffs[path]; // a second click hides it
+      renderPage();
+      return;
+    }
+    data.diffs[path] = { loading: true };
+    renderPage();
+    try {
+      const doc = await api("GET", `deployments/${enc(page.deployment)}/deploys/${enc(page.deployId)}/files/diff?path=${enc(path)}`);
+      if (state.pageData === data) data.diffs[path] = { doc };
+    } catch (err) {
+      if (err.status === 401) { failed(err); return; }
+      if (state.pageData === data) data.diffs[path] = { error: err.message };
+    }
+    if (state.pageData === data) renderPage();
+  }
+
+  function section(title, id, ...children) {
+    return h("section", { class: "page-section", "aria-labelledby": id }, h("h4", { id }, title), ...children);
+  }
+
+  function renderPage() {
+    const data = state.pageData;
+    const body = $("page-body");
+    if (!state.page || !data) return;
+    const dep = current();
+    const sig = JSON.stringify([data, state.admin, dep && dep.current_version, $("page-body").clientWidth]);
+    render(body, sig, () => {
+      if (data.error) return [h("p", { class: "error-text", id: "page-title" }, data.error)];
+      if (!data.view) return [h("p", { class: "muted", id: "page-title" }, "Loading the deploy…")];
+      const d = data.view.deploy;
+      const isCurrent = dep && d.version && d.version === dep.current_version && d.state === "ACTIVE";
+      return [
+        h("div", { class: "page-head" },
+          h("h3", { id: "page-title" }, `${d.deployment} ${d.version ? "v" + d.version : "deploy"}`),
+          h("span", { class: `badge badge-${STATE_KIND[d.state] || "muted"} state` }, d.state),
+          isCurrent ? h("span", { class: "tag" }, "live") : null),
+        h("p", { class: "page-description" }, d.description || h("span", { class: "muted" }, "(no description)")),
+        facts(d),
+        pageActions(d, dep),
+        section("Timeline", "page-timeline", timeline(d, data.view)),
+        section("DAGs", "page-dags", dagChanges(d)),
+        section("Files", "page-files", fileChanges(data)),
+        d.errors && d.errors.length ? section("Validation errors", "page-errors", errorsByFile(d)) : null,
+        section("Airflow parse", "page-parse", parseByFile(data.view)),
+      ].filter(Boolean);
+    });
+  }
+
+  function facts(d) {
+    const g = d.git || {};
+    const rows = [
+      ["Deployed by", h("span", { class: "created-by" }, d.created_by || "—")],
+      ["When", timeEl(d.created_at, formatTime(d.created_at))],
+      ["Deploy id", h("code", {}, d.deploy_id)],
+      ["Bundle", `${bytes(d.size)} compressed` + (d.files != null ? `, ${plural(d.files, "file")}, ${bytes(d.bytes)}` : "")],
+      ["sha256", h("code", { class: "sha" }, d.sha256)],
+    ];
+    if (g.sha) {
+      rows.push(["Commit", h("span", { class: "git git-full" }, h("code", { title: g.sha }, g.sha.slice(0, 12)),
+        g.dirty ? h("span", { class: "dirty" }, "+dirty") : null, g.branch ? h("span", { class: "branch", title: g.branch }, g.branch) : null)]);
+      if (g.author) rows.push(["Author", g.author]);
+      if (g.subject) rows.push(["Subject", g.subject]);
+    }
+    if (d.promoted_from) {
+      const p = d.promoted_from;
+      rows.push(["Promoted from", h("span", { class: "promoted" }, `${p.deployment} v${p.version} (deploy ${p.deploy_id}, same sha256)`)]);
+    }
+    if (d.rollback_of) rows.push(["Rollback of", h("code", {}, d.rollback_of)]);
+    return h("dl", { class: "facts" }, rows.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
+  }
+
+  function pageActions(d, dep) {
+    if (!canRollBack(d, dep)) return null;
+    return h("div", { class: "actions page-actions" }, h("button", {
+      type: "button", class: "btn", dataset: { key: "page-rb:" + d.deploy_id }, onclick: () => askRollback(d),
+    }, `Roll back to v${d.version}`));
+  }
+
+  // created, uploaded, ACTIVE, each sidecar live: one row per event, a bar from the deploy's creation
+  function timeline(d, view) {
+    const t0 = d.created_at;
+    const events = [["created", d.created_at], ["uploaded", d.stored_at || d.uploaded_at], ["validating", d.uploaded_at],
+      ["ACTIVE", d.activated_at]];
+    for (const [name, at] of Object.entries(d.activations || {}).sort((a, b) => a[1] - b[1])) events.push([`${name} live`, at]);
+    if (d.converged_at) events.push(["all sidecars live", d.converged_at]);
+    const shown = events.filter(([, at]) => at && t0);
+    if (shown.length < 2) return h("p", { class: "muted" }, "No timings yet.");
+    const span = Math.max(1, ...shown.map(([, at]) => at - t0));
+    const width = Math.max(300, Math.min(760, Math.round($("page-body").clientWidth || 640)));
+    const label = Math.min(170, Math.round(width * 0.4)), value = 64, row = 22;
+    const scale = (width - label - value) / span;
+    const desc = shown.map(([name, at]) => `${name} at +${secs((at - t0) / 1000)}`).join(", ");
+    const svg = sv("svg", { class: "timeline", role: "img", viewBox: `0 0 ${width} ${shown.length * row + 4}`,
+      width, height: shown.length * row + 4,
+      "aria-labelledby": "timeline-title timeline-desc" },
+      sv("title", { id: "timeline-title", text: "Stage timeline of this deploy" }),
+      sv("desc", { id: "timeline-desc", text: desc }),
+      shown.map(([name, at], i) => {
+        const y = i * row + 4;
+        const w = Math.max(2, (at - t0) * scale);
+        return sv("g", { class: "tl-row" + (name.endsWith(" live") ? " tl-sidecar" : "") },
+          sv("text", { x: 0, y: y + 13, class: "tl-label", text: name }),
+          sv("rect", { x: label, y: y + 3, width: w, height: 12, rx: 2, class: "tl-bar" }),
+          sv("text", { x: label + w + 6, y: y + 13, class: "tl-value", text: `+${secs((at - t0) / 1000)}` }));
+      }));
+    const notLive = (view.sidecars || []).filter((x) => x.live && !(d.activations || {})[x.name]).map((x) => x.name);
+    return h("div", {}, svg, notLive.length && d.state === "ACTIVE"
+      ? h("p", { class: "muted" }, `Not live yet on ${notLive.join(", ")}.`) : null);
+  }
+
+  function dagChanges(d) {
+    const diff = d.diff;
+    if (!diff) return h("p", { class: "muted" }, d.version ? "No DAG changes recorded." : "This deploy never went live.");
+    const list = (label, cls, items, total) => items && items.length
+      ? h("div", { class: "dag-list " + cls }, h("span", { class: "dag-label" }, `${label} (${total || items.length})`),
+        h("ul", { "aria-label": label }, items.map((x) => h("li", {}, h("code", {}, x)))))
+      : null;
+    const parts = [
+      list("DAGs added", "dags-added", diff.dags_added, diff.dags_added_count),
+      list("DAGs removed", "dags-removed", diff.dags_removed, diff.dags_removed_count),
+      list("DAGs no longer given by name (maybe built at parse time)", "dags-maybe", diff.dags_maybe_removed),
+      list(`Files with DAG ids computed at parse time (${plural(diff.dynamic_dags || 0, "DAG")})`, "dags-dynamic", diff.dynamic_files),
+      list("Removed files that had DAGs computed at parse time", "dags-dynamic-removed", diff.dynamic_files_removed),
+    ].filter(Boolean);
+    return parts.length ? h("div", { class: "dag-changes" }, parts) : h("p", { class: "muted" }, "No DAG added or removed.");
+  }
+
+  function fileChanges(data) {
+    if (data.filesError) return h("p", { class: "muted" }, data.filesError);
+    const f = data.files;
+    if (!f) return h("p", { class: "muted" }, data.view.deploy.version ? "Loading the file list…" : "This deploy never went live: no files changed.");
+    const against = f.base_version ? `against v${f.base_version}` : "the first version: every file is new";
+    const group = (kind, label, items, total) => {
+      if (!items.length) return null;
+      return h("div", { class: "file-group file-" + kind },
+        h("h5", {}, `${label} (${total})`),
+        h("ul", { class: "file-list", "aria-label": `Files ${kind}` }, items.map((c) => fileItem(kind, c, f, data))),
+        total > items.length ? h("p", { class: "muted" }, `… and ${total - items.length} more`) : null);
+    };
+    const none = !f.added_total && !f.removed_total && !f.changed_total;
+    return h("div", {},
+      h("p", { class: "muted files-summary" }, `${f.changed_total} changed, ${f.added_total} added, ${f.removed_total} removed, ${against}`),
+      none ? h("p", { class: "muted" }, "The same files as the version before.") : null,
+      group("changed", "Changed", f.changed, f.changed_total),
+      group("added", "Added", f.added, f.added_total),
+      group("removed", "Removed", f.removed, f.removed_total));
+  }
+
+  function fileItem(kind, c, f, data) {
+    const sizes = kind === "changed" ? `${bytes(c.base_size)} → ${bytes(c.size)}` : bytes(c.size);
+    const tooBig = Math.max(c.size || 0, c.base_size || 0) > f.diff_max_bytes;
+    const shown = data.diffs[c.path];
+    return h("li", { class: "file", dataset: { path: c.path } },
+      h("div", { class: "file-line" },
+        h("code", { class: "file-path" }, c.path),
+        h("span", { class: "file-size muted" }, sizes),
+        tooBig ? h("span", { class: "muted file-nodiff" }, "too large for a diff")
+          : h("button", { type: "button", class: "btn btn-small", "aria-expanded": shown && !shown.error ? "true" : "false",
+            dataset: { key: "diff:" + c.path }, onclick: () => loadDiff(c.path) },
+          shown && !shown.error && !shown.loading ? "Hide diff" : "Show diff")),
+      shown ? diffView(shown) : null);
+  }
+
+  function diffView(shown) {
+    if (shown.loading) return h("p", { class: "muted" }, "Loading the diff…");
+    if (shown.error) return h("p", { class: "error-text diff-error" }, shown.error);
+    const doc = shown.doc;
+    if (doc.status === "unchanged") return h("p", { class: "muted" }, "Unchanged.");
+    const lines = doc.diff.replace(/\n$/, "").split("\n").map((line) => {
+      const cls = line.startsWith("+++") || line.startsWith("---") ? "dl-file" : line.startsWith("@@") ? "dl-hunk"
+        : line.startsWith("+") ? "dl-add" : line.startsWith("-") ? "dl-del" : "dl-ctx";
+      return h("span", { class: "dl " + cls }, line + "\n");
+    });
+    return h("div", { class: "diff-box" },
+      h("pre", { class: "diff-text", tabindex: "0", "aria-label": `Diff of ${doc.path}` }, lines),
+      doc.truncated ? h("p", { class: "muted" }, "The diff is cut short here.") : null);
+  }
+
+  function byPath(items) {
+    const out = new Map();
+    for (const item of items) {
+      const key = item.path || "(the bundle)";
+      if (!out.has(key)) out.set(key, []);
+      out.get(key).push(item);
+    }
+    return out;
+  }
+
+  function errorsByFile(d) {
+    const files = [...byPath(d.errors).entries()].map(([path, items]) => h("li", { class: "error-file" },
+      h("code", { class: "where" }, path),
+      h("ul", {}, items.map((e) => h("li", {},
+        e.line ? h("span", { class: "line" }, `line ${e.line}: `) : null, h("span", { class: "code" }, e.code), ": ", e.message)))));
+    return h("div", {}, h("ul", { class: "errors by-file", "aria-label": "Validation errors by file" }, files),
+      d.errors_truncated ? h("p", { class: "muted" }, `… and ${d.errors_truncated} more`) : null);
+  }
+
+  function parseByFile(view) {
+    const p = view.parse;
+    if (!p || p.status === "none") return h("p", { class: "muted" }, "No parse report: no sidecar parses with Airflow here.");
+    if (p.status === "unavailable") return h("p", { class: "muted" }, "Airflow parse is not available on these sidecars.");
+    const components = {};
+    for (const x of view.sidecars || []) components[x.name] = x.component;
+    const errors = p.import_errors || [];
+    const head = h("p", { class: "parse" + (errors.length ? " parse-errors" : "") },
+      `Airflow loaded ${Math.max(0, (p.files || 0) - byPath(errors).size)} of ${p.files} files (${plural(p.dags, "DAG")})`,
+      p.pending && p.pending.length ? h("span", { class: "muted" }, ` · waiting on ${p.pending.join(", ")}`) : null,
+      p.held && p.held.length ? h("span", { class: "badge badge-error" }, `held on ${p.held.join(", ")}`) : null);
+    const files = [...byPath(errors).entries()].map(([path, items]) => h("li", { class: "error-file" },
+      h("code", { class: "where" }, path),
+      h("ul", {}, items.map((e) => {
+        const by = {};
+        for (const name of e.sidecars) (by[components[name] || "sidecar"] ||= []).push(name);
+        return h("li", {}, e.line ? h("span", { class: "line" }, `line ${e.line}: `) : null,
+          h("span", { class: "code" }, e.type), ": ", e.message.split("\n")[0], e.new ? h("span", { class: "tag" }, "new") : null,
+          h("span", { class: "muted" }, " — " + Object.entries(by).map(([c, names]) => `${c}: ${names.join(", ")}`).join("; ")));
+      }))));
+    return h("div", {}, head, files.length ? h("ul", { class: "errors by-file", "aria-label": "Import errors by file" }, files) : null);
+  }
+
+  // --- the chart of the last deploys: upload → ACTIVE and ACTIVE → all live, stacked bars ------------
+
+  const CHART_MS = 10000;
+
+  async function loadChart(name) {
+    const had = state.chart[name];
+    if (had && Date.now() - had.at < CHART_MS) return;
+    try {
+      const page = await api("GET", `deployments/${enc(name)}/deploys?limit=50`);
+      state.chart[name] = { at: Date.now(), items: page.items };
+    } catch (err) {
+      if (!had) state.chart[name] = { at: Date.now(), items: [] };
+    }
+  }
+
+  function chartPoints(items) {
+    return items.filter((d) => d.version && d.stages).map((d) => {
+      const st = d.stages;
+      const up = st.upload_to_ingest_s != null && st.ingest_to_active_s != null ? st.upload_to_ingest_s + st.ingest_to_active_s : null;
+      return { version: d.version, id: d.deploy_id, up, live: st.active_to_all_live_s };
+    }).filter((p) => p.up != null || p.live != null).reverse(); // oldest left
+  }
+
+  function renderChart() {
+    const entry = state.chart[state.selected];
+    const points = entry ? chartPoints(entry.items) : [];
+    $("deploy-chart").hidden = points.length === 0;
+    const box = $("chart-box");
+    const width = Math.max(300, Math.min(1200, Math.round(box.clientWidth || 600)));
+    render(box, JSON.stringify([points, width]), () => {
+      if (!points.length) return [];
+      const height = 160, left = 44, bottom = 22, top = 10;
+      const max = Math.max(0.1, ...points.map((p) => (p.up || 0) + (p.live || 0)));
+      const plotW = width - left - 8, plotH = height - top - bottom;
+      const slot = plotW / Math.max(points.length, 10);
+      const bar = Math.max(2, Math.min(24, slot * 0.7));
+      const y = (v) => top + plotH - (v / max) * plotH;
+      const bars = points.map((p, i) => {
+        const x = left + i * slot + (slot - bar) / 2;
+        const up = p.up || 0, live = p.live || 0;
+        const label = `v${p.version}: upload → ACTIVE ${p.up != null ? secs(p.up) : "—"}, ACTIVE → all live ${p.live != null ? secs(p.live) : "—"}`;
+        return sv("g", { class: "bar", "data-version": p.version },
+          sv("title", { text: label }),
+          sv("rect", { class: "bar-up", x, y: y(up), width: bar, height: Math.max(0, (up / max) * plotH) }),
+          sv("rect", { class: "bar-live", x, y: y(up + live), width: bar, height: Math.max(0, (live / max) * plotH) }),
+          points.length <= 20 || i % Math.ceil(points.length / 12) === 0
+            ? sv("text", { class: "axis-label", x: x + bar / 2, y: height - 6, "text-anchor": "middle", text: `v${p.version}` }) : null);
+      });
+      const slowest = points.reduce((a, b) => ((b.up || 0) + (b.live || 0) > (a.up || 0) + (a.live || 0) ? b : a));
+      return [sv("svg", { class: "deploy-chart", role: "img", viewBox: `0 0 ${width} ${height}`, width, height,
+        "aria-labelledby": "chart-title chart-desc" },
+        sv("title", { id: "chart-title", text: `Timings of the last ${plural(points.length, "deploy")}` }),
+        sv("desc", { id: "chart-desc", text: `Stacked bars per version, oldest first: upload → ACTIVE, then ACTIVE → all live sidecars. ` +
+          `Slowest: v${slowest.version} (${secs((slowest.up || 0) + (slowest.live || 0))}).` }),
+        sv("line", { class: "axis", x1: left, y1: top + plotH, x2: width - 4, y2: top + plotH }),
+        sv("line", { class: "axis", x1: left, y1: top, x2: left, y2: top + plotH }),
+        sv("text", { class: "axis-label", x: left - 4, y: top + 8, "text-anchor": "end", text: secs(max) }),
+        sv("text", { class: "axis-label", x: left - 4, y: top + plotH, "text-anchor": "end", text: "0 s" }),
+        bars),
+      h("p", { class: "legend" }, h("span", { class: "key key-up" }), "upload → ACTIVE ", h("span", { class: "key key-live" }), "ACTIVE → all live")];
+    });
+    render($("chart-body"), JSON.stringify(points), () => points.slice().reverse().map((p) => h("tr", {},
+      td({ "data-label": "Version" }, `v${p.version}`),
+      td({ "data-label": "Upload → ACTIVE" }, p.up != null ? secs(p.up) : "—"),
+      td({ "data-label": "ACTIVE → all live" }, p.live != null ? secs(p.live) : "—"))));
+  }
+
+  // --- the fleet: sidecars by component, each one's version and heartbeat --------------------------
+
+  function renderFleet() {
+    const box = $("fleet");
+    const dep = current();
+    const items = state.sidecars[state.selected] || [];
+    $("fleet-empty").hidden = items.length > 0;
+    const v = dep ? dep.current_version : 0;
+    const groups = new Map();
+    for (const x of items) {
+      const c = x.component || "(no component)";
+      if (!groups.has(c)) groups.set(c, []);
+      groups.get(c).push(x);
+    }
+    const sig = JSON.stringify([v, items, Math.floor(Date.now() / 1000)]);
+    render(box, sig, () => [...groups.entries()].sort().map(([component, members]) => {
+      const on = members.filter((x) => x.live && x.on_current).length;
+      const bad = members.filter((x) => !x.live || (v && !x.on_current)).length;
+      return h("section", { class: "fleet-group", dataset: { component }, "aria-label": `Component ${component}` },
+        h("div", { class: "fleet-head" }, h("h3", {}, component),
+          h("span", { class: `badge badge-${bad ? "error" : "ok"}` }, v ? `${on} of ${members.length} on v${v}` : plural(members.length, "sidecar"))),
+        h("ul", { class: "fleet-list" }, members.map((x) => {
+          const mark = !x.live ? { text: "stale", kind: "error", title: `no heartbeat for ${secs(x.last_seen_s || 0)}` }
+            : v && !x.on_current ? { text: `behind v${v}`, kind: "progress" } : { text: "current", kind: "ok" };
+          return h("li", { class: `fleet-sidecar mark-${mark.kind}`, dataset: { sidecar: x.name } },
+            h("span", { class: "fleet-name" }, x.name),
+            h("span", { class: "fleet-version" }, x.version ? `v${x.version}` : "none"),
+            h("span", { class: `badge badge-${mark.kind} fleet-mark`, title: mark.title || null }, mark.text),
+            h("span", { class: "fleet-beat muted" }, "heartbeat ", timeEl(x.last_heartbeat, ago(x.last_heartbeat))),
+            x.last_error ? h("span", { class: "error-text fleet-error" }, x.last_error) : null);
+        })));
+    }));
   }
 
   // --- rollback --------------------------------------------------------------------------
@@ -537,7 +975,9 @@
     $("settings-readonly").hidden = !readOnly;
     $("settings-actions").hidden = readOnly;
     $("save-settings").disabled = readOnly;
-    setText($("who"), state.admin ? "Signed in: admin" : "Signed in: read-only");
+    const me = state.me;
+    const role = state.admin ? "admin" : me ? me.role : "read-only";
+    setText($("who"), me ? `Signed in as ${me.name} (${role})` : `Signed in: ${role}`);
   }
 
   function renderSettings() {
@@ -618,6 +1058,10 @@
 
   function select(name) {
     if (state.selected === name) return;
+    if (state.page && state.page.deployment !== name) {
+      state.page = null;
+      state.pageData = null;
+    }
     state.selected = name;
     state.focus = null;
     state.history = [];
@@ -637,12 +1081,16 @@
     // v=12, or an Airflow bundle version (the version folder, 12-<first 16 hex digits of the sha256>)
     const v = /^([1-9][0-9]*)(-[0-9a-f]{16})?$/.exec(params.get("v") || "");
     const version = v ? Number(v[1]) : null;
-    return { deployment: params.get("d"), tab: TABS.includes(params.get("tab")) ? params.get("tab") : null, version };
+    const id = /^[0-9a-f]{11}-[0-9a-f]{6}$/.exec(params.get("deploy") || "");
+    return { deployment: params.get("d"), tab: TABS.includes(params.get("tab")) ? params.get("tab") : null, version,
+      deployId: id ? id[0] : null };
   }
 
   function writeHash() {
     if (!state.selected) return;
-    const hash = `#d=${enc(state.selected)}&tab=${state.tab}` + (state.focus ? `&v=${state.focus}` : "");
+    const p = state.page;
+    const hash = p ? `#d=${enc(state.selected)}&tab=history&` + (p.version ? `v=${p.version}` : `deploy=${enc(p.deployId)}`)
+      : `#d=${enc(state.selected)}&tab=${state.tab}` + (state.focus ? `&v=${state.focus}` : "");
     if (window.location.hash !== hash) history.replaceState(null, "", hash);
   }
 
@@ -653,9 +1101,13 @@
     if (!dep) return;
     setText($("detail-title"), dep.name);
     renderHistory();
+    renderChart();
+    renderFleet();
     renderSidecars();
     renderDeliveries();
     renderSettings();
+    renderPageVisibility();
+    renderPage();
   }
 
   // --- polling -------------------------------------------------------------------------------
@@ -675,8 +1127,9 @@
       const views = await Promise.all(state.deployments.map((d) =>
         api("GET", `deployments/${enc(d.name)}/sidecars`).then((r) => r.items, () => null)));
       state.deployments.forEach((d, i) => { if (views[i]) state.sidecars[d.name] = views[i]; });
-      if (state.selected) await loadDeliveries(state.selected);
+      if (state.selected) await Promise.all([loadDeliveries(state.selected), loadChart(state.selected)]);
       renderAll();
+      if (state.page) await loadPage();
       if (state.selected) await loadHistory(false);
       setText($("refreshed"), "updated " + new Date().toLocaleTimeString());
       if ($("status").classList.contains("status-error") && $("status").dataset.network) announce("");
@@ -710,22 +1163,18 @@
   async function signIn(token, remember) {
     state.token = token;
     try {
-      await api("GET", "deployments");
+      state.me = await api("GET", "whoami");
     } catch (err) {
       state.token = null;
+      state.me = null;
       sessionStorage.removeItem(TOKEN_KEY);
       showSignIn();
       announce(err.status === 401 ? "That token was not accepted." : err.message, "error");
       return;
     }
     if (remember) sessionStorage.setItem(TOKEN_KEY, token);
-    // Admins may change settings and roll back: GET /tokens answers 200 for them only.
-    try {
-      await api("GET", "tokens");
-      state.admin = true;
-    } catch (err) {
-      state.admin = false;
-    }
+    // Admins may change settings and roll back (in the deployments their token is scoped to).
+    state.admin = state.me.role === "admin";
     $("signin").hidden = true;
     $("app").hidden = false;
     $("session").hidden = false;
@@ -738,13 +1187,14 @@
     showTab(state.tab, false);
     announce(state.admin ? "Signed in as an admin." : "Signed in with read-only access.", "ok");
     await refresh();
+    applyHash();
     schedule();
   }
 
   function signOut(message) {
     clearTimeout(state.timer);
     Object.assign(state, {
-      token: null, admin: false, deployments: [], sidecars: {}, deliveries: {}, selected: null, history: [], cursor: null,
+      token: null, admin: false, me: null, page: null, pageData: null, chart: {}, deployments: [], sidecars: {}, deliveries: {}, selected: null, history: [], cursor: null,
       historyFor: null, settingsFor: null, settingsDirty: false, signatures: {},
     });
     sessionStorage.removeItem(TOKEN_KEY);
@@ -782,6 +1232,8 @@
       announce("Changes discarded.");
     });
     $("rollback-dialog").addEventListener("close", onRollbackClosed);
+    $("page-back").addEventListener("click", closePage);
+    window.addEventListener("hashchange", applyHash);
     document.addEventListener("visibilitychange", () => { if (!document.hidden && state.token) refresh(); });
 
     const saved = sessionStorage.getItem(TOKEN_KEY);

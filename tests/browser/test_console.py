@@ -62,6 +62,8 @@ def test_admin_signs_in_and_sees_demo_on_its_version_with_every_sidecar_converge
 ) -> None:
     page = open_console()
     sign_in(page, stack["token"])
+    me = Api(stack).json("GET", "/whoami")
+    expect(page.locator("#who")).to_have_text(f"Signed in as {me['name']} (admin)")  # the token's name, not only the role
     card = deployment_card(page, "demo")
     expect(card.locator(".version")).to_have_text(f"v{demo_live['current_version']}")
     expect(card.locator(".convergence")).to_have_text("converged")
@@ -289,6 +291,7 @@ def test_a_viewer_sees_settings_read_only_and_no_rollback_buttons(
     page.get_by_label("API token").fill(viewer["token"])
     page.get_by_role("button", name="Sign in").click()
     expect(page.get_by_role("status")).to_have_text("Signed in with read-only access.")
+    expect(page.locator("#who")).to_have_text(f"Signed in as {viewer['info']['name']} (viewer)")
     expect(page.locator("#history-body tr.state-superseded").first).to_be_visible()
     expect(page.get_by_role("button", name=re.compile("Roll back"))).to_have_count(0)
     expect(page.locator("#deployment-list li")).to_have_count(1)
@@ -343,7 +346,7 @@ def test_the_page_talks_only_to_its_own_origin_under_a_strict_csp(
     assert requests, "the page made no requests"
     elsewhere = [u for u in requests if not u.startswith(origin + "/")]
     assert not elsewhere, elsewhere
-    assert any("/deployments/demo/deploys" in u for u in requests) and any(u.endswith("/tokens") for u in requests)
+    assert any("/deployments/demo/deploys" in u for u in requests) and any(u.endswith("/whoami") for u in requests)
     assert not problems, problems
 
 
@@ -358,7 +361,7 @@ def test_narrow_viewport_shows_every_view_without_horizontal_overflow(
     assert fits_width(page), "deployments and history"
     shoot(page, screenshots, "narrow-history")
     page.screenshot(path=str(screenshots / "narrow-deployments.png"))
-    for tab in ("Sidecars", "Webhooks", "Settings"):
+    for tab in ("Fleet", "Sidecars", "Webhooks", "Settings"):
         page.get_by_role("tab", name=tab).click()
         expect(page.get_by_role("tabpanel", name=tab)).to_be_visible()
         assert fits_width(page), tab
@@ -372,15 +375,20 @@ def test_narrow_viewport_shows_every_view_without_horizontal_overflow(
     page.get_by_role("dialog").get_by_role("button", name="Cancel").click()
 
 
-def test_a_bundle_version_link_from_airflow_opens_that_deploy_highlighted(
+def test_a_bundle_version_link_from_airflow_opens_that_deploys_page_then_history_highlights_it(
     open_console: OpenConsole, stack: dict[str, Any], demo_live: dict[str, Any]
 ) -> None:
     version = demo_live["current_version"]
     page = open_console(fragment=f"#d=demo&tab=history&v={version}")  # what DagcastDagBundle.view_url gives Airflow
     sign_in(page, stack["token"])
+    expect(page.locator("#page-title")).to_have_text(f"demo v{version}")
+    expect(page.locator("#tabs")).to_be_hidden()
+    assert page.evaluate("location.hash").endswith(f"&v={version}")
+    page.get_by_role("button", name="Back to history").click()
     focused = page.locator("#history-body tr.focused")
     expect(focused).to_have_count(1)
     expect(focused.locator(".version")).to_contain_text(f"v{version}")
+    expect(page.locator("#deploy-page")).to_be_hidden()
     assert page.evaluate("location.hash").endswith(f"&v={version}")
 
 

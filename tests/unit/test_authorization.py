@@ -109,6 +109,8 @@ ROUTE_SPEC: dict[str, str | None] = {
     "POST /deployments/{deployment}/deploys": "deploy",
     "GET /deployments/{deployment}/deploys": "read",
     "GET /deployments/{deployment}/deploys/{deploy_id}": "read",
+    "GET /deployments/{deployment}/deploys/{deploy_id}/files": "read",
+    "GET /deployments/{deployment}/deploys/{deploy_id}/files/diff": "read",
     "POST /deployments/{deployment}/deploys/{deploy_id}/upload": "deploy",
     "POST /deployments/{deployment}/deploys/{deploy_id}/cancel": "deploy",
     "POST /deployments/{deployment}/deploys/{deploy_id}/rollback": "admin",
@@ -124,6 +126,7 @@ ROUTE_SPEC: dict[str, str | None] = {
     "PUT /deployments/{deployment}/sidecars/{name}": "sync",
     "PUT /deployments/{deployment}/sidecars/{name}/parse": "sync",
     "DELETE /deployments/{deployment}/sidecars/{name}": "sync",
+    "GET /whoami": "read",
     "GET /tokens": "admin",
     "POST /tokens": "admin",
     "DELETE /tokens/{name}": "admin",
@@ -286,6 +289,12 @@ BODIES: dict[type[BaseModel], Callable[[World], dict[str, Any]]] = {
 }
 
 
+# Query strings a route needs to succeed (the file to diff: the live deploy's only file, added in v1).
+QUERIES: dict[str, str] = {
+    "GET /deployments/{deployment}/deploys/{deploy_id}/files/diff": "?path=etl.py",
+}
+
+
 def request_body(route: RouteSpec, world: World) -> bytes:
     if route.body is None:
         return b""
@@ -324,7 +333,7 @@ def test_every_route_needs_exactly_the_documented_permission() -> None:
 @pytest.mark.parametrize("route", app_module.ROUTES, ids=[_route_id(r) for r in app_module.ROUTES])
 def test_route_answers_the_status_its_permission_and_scope_demand(route: RouteSpec, caller: Caller, world: World) -> None:
     params = path_params(route, world)
-    path = route.path.format(**params)
+    path = route.path.format(**params) + QUERIES.get(_route_id(route), "")
     headers = {"Content-Type": "application/json", **authorization(caller, world)}
     if "name" in params and "/sidecars/" in route.path:  # the sidecar's own secret: a sidecar acts only as itself
         headers["X-Dagcast-Sidecar-Secret"] = world.secrets[params["name"]]
