@@ -553,10 +553,12 @@ def _webhook_record(record: SQSRecord) -> None:
 
 @app.on_sqs_message(queue="dagcast-webhooks", batch_size=10, name="webhooks")
 def webhooks(event: Any) -> dict[str, Any]:
-    """Lifecycle events queued for webhooks -> signed POSTs. Failed ones come back with backoff, then go to the DLQ."""
+    """Lifecycle events queued for webhooks -> signed POSTs. Failed ones come back with backoff, then go to the DLQ.
+    A receiver that is down is an expected outcome, not a function error: a batch whose every delivery failed
+    is answered with its item failures like any other (each attempt is recorded and logged as a warning)."""
     from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 
-    processor = BatchProcessor(event_type=EventType.SQS)
+    processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failure=False)
     return dict(
         process_partial_response(
             event=event.to_dict(), record_handler=_webhook_record, processor=processor, context=event.context

@@ -302,6 +302,8 @@ def test_webhooks_are_signed_retried_after_failures_and_carry_a_stable_id(ci_sta
         until(lambda: receiver.bad_signatures >= 1, 30, "a delivery signed with the real secret")
         proc = run_dagcast(["webhooks", "remove", hook_id, "--json"], stack_env(info))
         assert proc.returncode == 0, proc.stderr
+        log = Path(info["state_dir"], "local-up.log").read_text()
+        assert "webhook delivery failed" in log and "Traceback" not in log, "a receiver that is down is no function error"
     finally:
         receiver.close()
 
