@@ -23,6 +23,7 @@ import base64
 import hashlib
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -92,11 +93,21 @@ class FileSigner:
             key = ec.generate_private_key(ec.SECP256R1())
             pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(pem)
-            os.replace(tmp, self.path)
+            # A unique temp file, published with link(): it fails when the key exists, so of two processes or
+            # threads making it at once, the first one's key is the key, and the other loads that one.
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(pem)
+                try:
+                    os.link(tmp, self.path)
+                except FileExistsError:
+                    return self._load_or_create()
+            except OSError as exc:
+                raise SigningError(f"cannot create the signing key {self.path}: {exc}") from exc
+            finally:
+                tmp.unlink(missing_ok=True)
             return key
         except (OSError, ValueError) as exc:
             raise SigningError(f"cannot load the signing key {self.path}: {exc}") from exc
