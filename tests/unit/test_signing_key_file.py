@@ -13,7 +13,7 @@ def test_signers_starting_at_once_make_one_key_and_all_use_it(tmp_path: Path) ->
         ids: list[str] = []
         errors: list[str] = []
 
-        def start() -> None:
+        def start(path: Path = path, ids: list[str] = ids, errors: list[str] = errors) -> None:
             try:
                 ids.append(FileSigner(path).key_id)
             except Exception as exc:  # noqa: BLE001 - collected and asserted below
