@@ -81,6 +81,15 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def _require_dag_only(dep: Deployment) -> None:
+    """New versions (uploads and promotions alike) only once an admin switched the mechanism to DAG_ONLY."""
+    if dep.mechanism is not Mechanism.DAG_ONLY:
+        raise Conflict(
+            f"DAG-only deploys are disabled for deployment {dep.name!r} (mechanism {dep.mechanism.value}); "
+            f"an admin can enable them with `dagcast deployment update --deployment {dep.name} --dag-deploy enabled`"
+        )
+
+
 def new_deploy_id(clock_ms: int) -> str:
     """Time-ordered id: 11 hex digits of milliseconds, then 6 random hex digits."""
     return f"{clock_ms:011x}-{secrets.token_hex(3)}"
@@ -138,11 +147,7 @@ class ControlPlane:
 
     def create_deploy(self, deployment: str, req: CreateDeploy, created_by: str) -> CreatedDeploy:
         dep = self._store.get_deployment(deployment)
-        if dep.mechanism is not Mechanism.DAG_ONLY:
-            raise Conflict(
-                f"DAG-only deploys are disabled for deployment {deployment!r} (mechanism {dep.mechanism.value}); "
-                f"an admin can enable them with `dagcast deployment update --deployment {deployment} --dag-deploy enabled`"
-            )
+        _require_dag_only(dep)
         if dep.accept is Accept.PROMOTIONS:
             raise PromotionsOnly(
                 f"deployment {deployment!r} accepts only promoted versions (accept: promotions); promote one that "
@@ -342,9 +347,7 @@ class ControlPlane:
         if not caller.allows(req.source):
             raise Forbidden(f"token {caller.name!r} is not scoped to deployment {req.source!r}, the promotion's source")
         dep = self._store.get_deployment(target)
-        if dep.mechanism is not Mechanism.DAG_ONLY:
-            raise Conflict(f"DAG-only deploys are disabled for deployment {target!r} (mechanism {dep.mechanism.value}); "
-                           f"an admin can enable them with `dagcast deployment update --deployment {target} --dag-deploy enabled`")
+        _require_dag_only(dep)
         if dep.accept is Accept.UPLOADS:
             raise PromotionRefused(f"deployment {target!r} accepts only uploads (accept: uploads); an admin can allow "
                                    f"promotions with `dagcast deployment update --deployment {target} --accept both`")

@@ -961,9 +961,7 @@ def webhooks_list(api_url: str | None, token: str | None, deployment: str | None
     doc = _call(api_url, token, as_json, lambda api: api.list_webhooks(name))
     if as_json:
         return
-    click.echo(f"{'ID':<14} {'EVENTS':<40} URL")
-    for h in doc["items"]:
-        click.echo(f"{h['webhook_id']:<14} {','.join(h['events'])[:40]:<40} {h['url']}")
+    _table(["id", "events", "url"], [[h["webhook_id"], ",".join(h["events"]), h["url"]] for h in doc["items"]])
 
 
 @webhooks.command("remove")
@@ -988,11 +986,10 @@ def webhooks_deliveries(limit: int, api_url: str | None, token: str | None, depl
     doc = _call(api_url, token, as_json, lambda api: api.list_deliveries(name, limit))
     if as_json:
         return
-    click.echo(f"{'WHEN':<20} {'WEBHOOK':<14} {'EVENT':<22} {'TRY':>3} {'STATUS':>6}  RESULT")
-    for d in doc["items"]:
-        status = str(d["status"]) if d.get("status") is not None else "-"
-        click.echo(f"{_when(d['at']):<20} {d['webhook_id']:<14} {d['event_type']:<22} {d['attempt']:>3} {status:>6}  "
-                   + ("ok" if d["ok"] else d.get("error") or "failed"))
+    _table(["when", "webhook", "event", "try", "status", "result"],
+           [[_when(d["at"]), d["webhook_id"], d["event_type"], str(d["attempt"]),
+             str(d["status"]) if d.get("status") is not None else "-", "ok" if d["ok"] else d.get("error") or "failed"]
+            for d in doc["items"]])
 
 
 @cli.group()
