@@ -174,7 +174,7 @@ class Ingest:
         if manifest is None:
             return _issue("base_unavailable", f"the file list of v{delta.base_version}, the delta's base, is gone")
         try:
-            body, size, _ = self._bundles.open(deploy.delta_key, object_version)
+            body, size, read_version = self._bundles.open(deploy.delta_key, object_version)
         except StorageError:
             return _issue("upload_missing", "the uploaded delta cannot be read")
         try:
@@ -211,7 +211,8 @@ class Ingest:
                               f"(sha256 {info.sha256}, {info.size} bytes) is not the announced one "
                               f"(sha256 {deploy.sha256}, {deploy.size} bytes)")
             out.seek(0)
-            if not self._store.mark_rebuilt(deploy.deployment, deploy.deploy_id, self._clock(), object_version):
+            # the object version actually read (a notification may not name one): the sidecars' delta is pinned to it
+            if not self._store.mark_rebuilt(deploy.deployment, deploy.deploy_id, self._clock(), read_version):
                 logger.info("deploy cancelled or expired while its bundle was rebuilt")
                 self._bundles.delete(deploy.delta_key)
                 return None

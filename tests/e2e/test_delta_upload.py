@@ -69,6 +69,12 @@ def test_a_one_file_change_uploads_a_delta_and_sidecars_get_the_same_bytes_as_a_
     assert s3.head_object(Bucket=bucket, Key=f"bundles/{deployment}/{deploy_id}.delta.tar.gz")["ContentLength"] == \
         doc["upload"]["bytes"]
     assert s3.list_objects_v2(Bucket=bucket, Prefix=f"deltas/{deployment}/{deploy_id}").get("KeyCount") == 0
+    # the deployer's key can be written again (by anyone with S3 write); the sidecars' delta is the object version
+    # ingest read, never what the key holds now
+    s3.put_object(Bucket=bucket, Key=f"bundles/{deployment}/{deploy_id}.delta.tar.gz", Body=b"not the delta")
+    version = Api(info, token=info["sidecar_token"]).json("GET", f"/deployments/{deployment}/versions/current")
+    served = httpx.get(version["delta_url"], timeout=30).content
+    assert hashlib.sha256(served).hexdigest() == version["version"]["delta"]["sha256"]
     assert [metric(sc["metrics_url"], "dagcast_sidecar_fetches_total", 'kind="delta"') for sc in info["sidecars"]] == \
         [n + 1 for n in deltas_before], "v2 built from the delta"
 
