@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import unquote_plus
 
 from aws_lambda_powertools import Logger
@@ -76,7 +76,6 @@ class Outcome(str, Enum):
     ACTIVE = "active"
     REJECTED = "rejected"
     IGNORED = "ignored"
-    REBUILT = "rebuilt"  # a delta became the deploy's bundle; its own notification follows
 
 
 class Ingest:
@@ -132,31 +131,44 @@ class Ingest:
         return self._validate_and_publish(deploy.model_copy(update={"uploaded_at": uploaded_at}), event.version_id)
 
     def _handle_delta(self, event: IngestEvent, deployment: str, deploy_id: str) -> Outcome:
-        """An uploaded delta: rebuild the deploy's bundle from its base version and write it to the
-        deploy's key, whose arrival is then validated like any upload (the deploy stays PENDING until
-        then). A delta that cannot give the announced bundle rejects the deploy, saying why."""
+        """An uploaded delta: rebuild the deploy's bundle from its base version into a local file, validate
+        that like any upload, and store it at the deploy's key only once it is valid, then publish (the
+        deploy stays PENDING until it is rebuilt). A delta that cannot give the announced bundle rejects
+        the deploy, saying why; a redelivery after a crash while the rebuilt bundle was validated redoes both."""
         try:
             deploy = self._store.get_deploy(deployment, deploy_id)
         except NotFound:
             logger.warning("ignoring delta with no deploy record", extra={"key": event.key})
             return Outcome.IGNORED
-        if deploy.delta is None or deploy.delta_key != event.key or deploy.state is not DeployState.PENDING:
+        redelivered = deploy.state is DeployState.VALIDATING and deploy.rebuilt_at is not None  # a crash mid-way
+        if deploy.delta is None or deploy.delta_key != event.key or not (deploy.state is DeployState.PENDING or redelivered):
             # Once the bundle is rebuilt the delta is kept until the bundle is decided (see _sidecar_delta).
             if deploy.state in ABANDONED or deploy.state is DeployState.REJECTED or deploy.delta_key != event.key:
                 self._bundles.delete(event.key)  # cancelled, expired or rejected: the delta has no more use
             logger.info("delta not needed", extra={"state": deploy.state.value})
             return Outcome.IGNORED
         started = time.monotonic()
-        problem = self._rebuild(deploy, deploy.delta, event.version_id)
-        if problem is None:
-            return Outcome.REBUILT  # the rebuilt bundle's own notification carries the deploy on
+        with tempfile.TemporaryFile(prefix="dagcast-rebuilt-") as out:
+            problem = self._rebuild(deploy, deploy.delta, event.version_id, out)
+            if problem is None:
+                # Validated here, from the file just written, and stored only once valid: no second
+                # download, no wait for the stored bundle's own notification (which then finds it decided).
+                uploaded_at = self._store.start_validation(deployment, deploy_id, self._clock(), stored_at=event.stored_at)
+                if uploaded_at is None:
+                    return Outcome.IGNORED
+                fresh = self._store.get_deploy(deployment, deploy_id)
+                out.seek(0)
+                return self._validate_and_publish(fresh.model_copy(update={"uploaded_at": uploaded_at}), None, rebuilt=out)
+        if problem.code == "cancelled":
+            return Outcome.IGNORED
         if self._store.start_validation(deployment, deploy_id, self._clock(), stored_at=event.stored_at) is None:
             return Outcome.IGNORED
         self._bundles.delete(event.key)
         return self._reject(deploy, [problem], started)
 
-    def _rebuild(self, deploy: Deploy, delta: DeltaUpload, object_version: str | None) -> Issue | None:
-        """Write the rebuilt bundle to deploy.key; the Issue that rejects the deploy, or None when written."""
+    def _rebuild(self, deploy: Deploy, delta: DeltaUpload, object_version: str | None, out: BinaryIO) -> Issue | None:
+        """Write the rebuilt bundle to `out` (a local file, stored at deploy.key once it is valid); the Issue
+        that rejects the deploy, a `cancelled` one when it was cancelled or expired meanwhile, or None."""
         assert deploy.delta_key is not None
         deployment = self._store.get_deployment(deploy.deployment)
         limits = deployment.limits
@@ -190,33 +202,30 @@ class Ingest:
         if uploaded.sha256 != delta.sha256:
             return _issue("checksum_mismatch", f"uploaded delta sha256 {uploaded.sha256} does not match "
                           f"announced {delta.sha256}")
-        with tempfile.TemporaryFile(prefix="dagcast-rebuilt-") as out:
-            try:
-                base_body, _, _ = self._bundles.open(base.key, base.object_version)
-            except StorageError:
-                return _issue("base_unavailable", f"the bundle of v{delta.base_version}, the delta's base, is gone")
-            try:
-                info = rebuild_bundle(base_body, base.limits, uploaded, delta.removed, delta.files_sha256, out,
-                                      delta.compresslevel)
-            except DeltaMismatch as exc:
-                return _issue("delta_mismatch", str(exc))
-            except BundleError as exc:
-                return _issue("delta_mismatch", f"the rebuilt bundle cannot be written: {exc}")
-            except OSError as exc:  # the S3 stream broke: let the queue redeliver
-                raise StorageError(f"cannot read the base bundle {base.key}: {exc}") from exc
-            finally:
-                base_body.close()
-            if (info.sha256, info.size) != (deploy.sha256, deploy.size):
-                return _issue("delta_rebuild_mismatch", f"the bundle rebuilt from v{delta.base_version} and the delta "
-                              f"(sha256 {info.sha256}, {info.size} bytes) is not the announced one "
-                              f"(sha256 {deploy.sha256}, {deploy.size} bytes)")
-            out.seek(0)
-            # the object version actually read (a notification may not name one): the sidecars' delta is pinned to it
-            if not self._store.mark_rebuilt(deploy.deployment, deploy.deploy_id, self._clock(), read_version):
-                logger.info("deploy cancelled or expired while its bundle was rebuilt")
-                self._bundles.delete(deploy.delta_key)
-                return None
-            self._bundles.put_checked(deploy.key, out, deploy.sha256)
+        try:
+            base_body, _, _ = self._bundles.open(base.key, base.object_version)
+        except StorageError:
+            return _issue("base_unavailable", f"the bundle of v{delta.base_version}, the delta's base, is gone")
+        try:
+            info = rebuild_bundle(base_body, base.limits, uploaded, delta.removed, delta.files_sha256, out,
+                                  delta.compresslevel)
+        except DeltaMismatch as exc:
+            return _issue("delta_mismatch", str(exc))
+        except BundleError as exc:
+            return _issue("delta_mismatch", f"the rebuilt bundle cannot be written: {exc}")
+        except OSError as exc:  # the S3 stream broke: let the queue redeliver
+            raise StorageError(f"cannot read the base bundle {base.key}: {exc}") from exc
+        finally:
+            base_body.close()
+        if (info.sha256, info.size) != (deploy.sha256, deploy.size):
+            return _issue("delta_rebuild_mismatch", f"the bundle rebuilt from v{delta.base_version} and the delta "
+                          f"(sha256 {info.sha256}, {info.size} bytes) is not the announced one "
+                          f"(sha256 {deploy.sha256}, {deploy.size} bytes)")
+        # the object version actually read (a notification may not name one): the sidecars' delta is pinned to it
+        if not self._store.mark_rebuilt(deploy.deployment, deploy.deploy_id, self._clock(), read_version):
+            logger.info("deploy cancelled or expired while its bundle was rebuilt")
+            self._bundles.delete(deploy.delta_key)
+            return _issue("cancelled", "the deploy was cancelled or expired while its bundle was rebuilt")
         # The uploaded delta stays until the rebuilt bundle is decided: when its base is still the live
         # version, it is the sidecars' delta too (see _sidecar_delta).
         logger.info("bundle rebuilt from a delta", extra={"base_version": delta.base_version, "delta_bytes": delta.size,
@@ -250,19 +259,24 @@ class Ingest:
         except NotFound:
             return None
 
-    def _validate_and_publish(self, deploy: Deploy, object_version: str | None) -> Outcome:
+    def _validate_and_publish(self, deploy: Deploy, object_version: str | None, rebuilt: BinaryIO | None = None) -> Outcome:
+        """Validate the deploy's bundle (the stored upload, or the `rebuilt` local file, stored at the
+        deploy's key only once it is valid) and publish it, or reject it saying why."""
         started = time.monotonic()
         deployment = self._store.get_deployment(deploy.deployment)
         base = self._publisher.live_base(deployment)
         collect = DeltaCollector({f.path: f.sha256 for f in base.manifest}) if base else None
-        try:
-            body, size, object_version = self._bundles.open(deploy.key, object_version)
-        except StorageError:
-            if self._store.get_deploy(deploy.deployment, deploy.deploy_id).state in ABANDONED:
-                logger.info("deploy cancelled before its upload was read")  # cancel deleted the upload
-                self._bundles.delete(deploy.key)
-                return Outcome.IGNORED
-            raise
+        if rebuilt is not None:
+            body, size = rebuilt, deploy.size
+        else:
+            try:
+                body, size, object_version = self._bundles.open(deploy.key, object_version)
+            except StorageError:
+                if self._store.get_deploy(deploy.deployment, deploy.deploy_id).state in ABANDONED:
+                    logger.info("deploy cancelled before its upload was read")  # cancel deleted the upload
+                    self._bundles.delete(deploy.key)
+                    return Outcome.IGNORED
+                raise
         try:
             if size != deploy.size:
                 return self._reject(deploy, [_issue("size_mismatch", f"uploaded {size} bytes, announced {deploy.size}")], started)
@@ -277,7 +291,8 @@ class Ingest:
             except CompileWorkerError as exc:  # killed mid-bundle (out of memory?): let the queue redeliver
                 raise StorageError(f"cannot validate bundle {deploy.key}: {exc}") from exc
         finally:
-            body.close()
+            if rebuilt is None:
+                body.close()
         # A bundle that broke a limit was not read to the end, so its hash covers only a prefix:
         # compare checksums only when every byte was hashed (a valid bundle always is).
         if report.compressed_bytes == size and report.sha256 != deploy.sha256:
@@ -288,6 +303,9 @@ class Ingest:
             )
         if not report.valid:
             return self._reject(deploy, report.errors, started, report, object_version)
+        if rebuilt is not None:  # valid: stored now, its object version is the one published (and pinned)
+            rebuilt.seek(0)
+            object_version = self._bundles.put_checked(deploy.key, rebuilt, deploy.sha256)
         return self._activate(deploy, report, started, base, collect, deployment.limits, object_version)
 
     def _sidecar_delta(self, deploy: Deploy, base: LiveBase | None, built: BuiltDelta | None) -> Delta | None:

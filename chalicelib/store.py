@@ -362,9 +362,11 @@ class Store:
 
     def mark_rebuilt(self, deployment: str, deploy_id: str, now_ms: int, delta_object_version: str | None = None) -> bool:
         """Record that ingest rebuilt a PENDING deploy's bundle from its delta (the object version of the
-        delta it read, when the bucket is versioned); False when the deploy is no longer PENDING
-        (cancelled or expired meanwhile), and its bundle must not be written."""
-        values: dict[str, Any] = {":now": now_ms, ":pending": DeployState.PENDING.value}
+        delta it read, when the bucket is versioned); also a VALIDATING one already rebuilt (a redelivery
+        after a crash before it was decided). False when the deploy is no longer either (cancelled or
+        expired meanwhile), and its bundle must not be written."""
+        values: dict[str, Any] = {":now": now_ms, ":pending": DeployState.PENDING.value,
+                                  ":validating": DeployState.VALIDATING.value}
         update = "SET rebuilt_at = :now"
         if delta_object_version:
             update += ", delta_object_version = :dov"
@@ -373,7 +375,7 @@ class Store:
             self._table.update_item(
                 Key={"pk": _pk(deployment), "sk": _deploy_sk(deploy_id)},
                 UpdateExpression=update,
-                ConditionExpression="#s = :pending",
+                ConditionExpression="#s = :pending OR (#s = :validating AND attribute_exists(rebuilt_at))",
                 ExpressionAttributeNames={"#s": "state"},
                 ExpressionAttributeValues=values,
             )

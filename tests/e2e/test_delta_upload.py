@@ -230,3 +230,56 @@ def test_a_delta_whose_base_bundle_is_gone_falls_back_to_a_full_upload(
     code, doc, stderr = deploy(info, folder)
     assert code == 0 and doc["converged"], stderr
     assert "base_unavailable" in stderr and doc["upload"]["kind"] == "bundle", stderr
+
+
+def test_a_delta_that_rebuilds_into_an_invalid_bundle_is_rejected_naming_the_file_and_leaves_nothing_at_its_key(
+    delta_stack: dict[str, Any], tmp_path: Path
+) -> None:
+    """As a deployer who skips the CLI: an honest delta (it rebuilds exactly into the bundle announced)
+    whose bundle does not compile. The deploy is rejected naming the file, nothing goes live, and the
+    deploy's key holds no bundle (see also test_guarantees_server: it is stored only once valid)."""
+    from chalicelib.bundle import DeltaCollector, validate_stream
+    from dagcast import bundler
+
+    info = delta_stack
+    api = Api(info)
+    dep = info["deployment"]
+    base = write_dags(tmp_path / "base", {**MANY, "base.py": dag_source("base")})
+    code, doc, _ = deploy(info, base)
+    assert code == 0 and doc["converged"], doc
+    live = api.json("GET", f"/deployments/{dep}/versions/current")["version"]
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    (broken / "broken.py").write_text("def broken(:\n    pass\n")
+
+    def bundle_of(folder: Path) -> io.BytesIO:
+        out = io.BytesIO()
+        bundler.build(folder, out)
+        out.seek(0)
+        return out
+
+    base_report = validate_stream(bundle_of(base))
+    collect = DeltaCollector({f.path: f.sha256 for f in base_report.manifest})
+    whole = bundle_of(broken)
+    report = validate_stream(io.BytesIO(whole.getvalue()), check_python=False, collect=collect)
+    built = collect.build(report.manifest, report.bytes)
+    assert built is not None
+    body = {"sha256": report.sha256, "size": len(whole.getvalue()), "description": "broken by delta", "delta": {
+        "base_version": live["version"], "base_sha256": live["sha256"], "sha256": built.sha256,
+        "size": len(built.data), "files_sha256": built.files_sha256, "removed": built.removed,
+        "compresslevel": bundler.COMPRESSLEVEL}}
+    created = api.json("POST", f"/deployments/{dep}/deploys", body)
+    form = created["upload"]
+    resp = httpx.post(form["url"], data=form["fields"], files={"file": ("d.tar.gz", built.data, "application/gzip")})
+    assert resp.status_code < 300, resp.text
+    deploy_id = created["deploy"]["deploy_id"]
+    until(lambda: api.json("GET", f"/deployments/{dep}/deploys/{deploy_id}")["deploy"]["state"] not in
+          ("PENDING", "VALIDATING"), 60, "the broken delta decided")
+    view = api.json("GET", f"/deployments/{dep}/deploys/{deploy_id}")["deploy"]
+    assert view["state"] == "REJECTED" and view["rebuilt_at"], view
+    assert [(e["code"], e["path"]) for e in view["errors"]] == [("syntax_error", "broken.py")], view["errors"]
+    assert api.json("GET", f"/deployments/{dep}/versions/current")["version"]["version"] == live["version"]
+    s3 = aws(info, "s3")
+    [bucket] = [b["Name"] for b in s3.list_buckets()["Buckets"] if "bundles" in b["Name"]]
+    stored = s3.list_object_versions(Bucket=bucket, Prefix=created["deploy"]["key"])
+    assert not stored.get("Versions"), "an invalid rebuilt bundle was left behind"

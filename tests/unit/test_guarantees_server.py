@@ -488,3 +488,67 @@ def test_a_stale_worker_that_dies_writing_its_delta_after_the_deploy_went_live_c
         "the stale worker's delta (against v1) is the key's latest object"
     served = fetch(version_view(client, deployment, sidecar_token, "3")["delta_url"])
     rebuilds(base, served, record, data, tmp_path)
+
+
+# --- 5. an uploaded delta: the rebuilt bundle is validated before it is stored ---------------
+
+
+def test_a_rebuilt_bundle_is_stored_only_once_valid_and_a_crash_while_validating_it_is_finished_by_the_redelivery(
+    client: Client, aws: StackOutputs, deployment: str, deployer_token: str, make_bundle: MakeBundle,
+    announcements: Announcements, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+) -> None:
+    import io
+
+    import chalicelib.ingest as ingest_module
+    from chalicelib.bundle import CompileWorkerError, DeltaCollector, validate_stream
+
+    base = make_bundle(bundle(1))
+    deploy_and_ingest(client, aws, deployment, deployer_token, base)
+    assert [m["version"] for m in announcements()] == [1]
+    data = make_bundle(bundle(2, **{"dags/new.py": dag("new")}))
+    collect = DeltaCollector({f.path: f.sha256 for f in validate_stream(io.BytesIO(base)).manifest})
+    report = validate_stream(io.BytesIO(data), check_python=False, collect=collect)
+    built = collect.build(report.manifest, report.bytes)
+    store = app_module.get_store()
+    live = store.get_version(deployment, 1)
+    assert built is not None
+    body = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "delta": {
+        "base_version": 1, "base_sha256": live.sha256, "sha256": built.sha256, "size": len(built.data),
+        "files_sha256": built.files_sha256, "removed": built.removed, "compresslevel": 6}}
+    resp = client.http.post(f"/deployments/{deployment}/deploys", headers=auth(deployer_token), body=json.dumps(body))
+    assert resp.status_code == 201, resp.body
+    deploy = resp.json_body["deploy"]
+    delta_key = resp.json_body["upload"]["fields"]["key"]
+    assert delta_key != deploy["key"] and delta_key.endswith(".delta.tar.gz")
+    upload(aws, delta_key, built.data)
+    notification = s3_notification(aws.bucket, delta_key, len(built.data))
+
+    real = ingest_module.validate_stream
+    crashed: list[bool] = []
+
+    def dies_once(*args: Any, **kwargs: Any) -> Any:
+        if not crashed:
+            crashed.append(True)
+            raise CompileWorkerError("killed mid-bundle")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "validate_stream", dies_once)
+    with pytest.raises(BatchProcessingError, match="All records failed"):  # the invocation fails: SQS redelivers
+        ingest(client, notification)
+    stored = store.get_deploy(deployment, deploy["deploy_id"])
+    assert crashed and stored.state is DeployState.VALIDATING and stored.rebuilt_at is not None
+    assert object_versions(aws, deploy["key"]) == [], "the rebuilt bundle was stored before it was validated"
+    assert announcements() == []
+
+    assert ingest(client, notification) == {"batchItemFailures": []}
+    stored = store.get_deploy(deployment, deploy["deploy_id"])
+    assert (stored.state, stored.version) == (DeployState.ACTIVE, 2)
+    record = store.get_version(deployment, 2)
+    assert object_versions(aws, deploy["key"]) == [record.object_version]
+    served = boto3.client("s3").get_object(Bucket=aws.bucket, Key=deploy["key"], VersionId=record.object_version)
+    assert served["Body"].read() == data, "the stored bundle is the one the deployer's folder makes"
+    assert [m["version"] for m in announcements()] == [2]
+    # the stored bundle's own notification arrives after: the deploy is decided, nothing changes
+    assert ingest(client, s3_notification(aws.bucket, deploy["key"], len(data))) == {"batchItemFailures": []}
+    assert [v["version"] for v in items(aws, deployment, "VERSION#")] == [1, 2]
+    assert object_versions(aws, deploy["key"]) == [record.object_version]
