@@ -90,25 +90,36 @@ SAMPLE = 64  # files hashed to decide whether most of the folder is new to the c
 
 
 def _compile_part(root: str, relpaths: list[str]) -> dict[str, list[str]]:
-    """In a worker process: validate a bundle of these files with the validator's public entry point,
-    and return what its compile cache learned (only files that compiled, by the sha256 of their bytes)."""
-    import io
+    """In a worker process: the validator's own Python check (`_check_python`, what validate_stream runs
+    on every .py member) on these files' bytes, read from the folder; returns the files that compiled, by
+    the sha256 of those bytes, with their DAG ids. Bytes that change before they are bundled have another
+    sha256: the validator compiles them itself. Files of SUSPECT_BYTES and more are left to the validator,
+    which compiles them in a bounded worker."""
+    import hashlib
 
-    from chalicelib.bundle import validate_stream, write_bundle
+    from chalicelib.bundle.compile_workers import SUSPECT_BYTES
+    from chalicelib.bundle.python import _check_python
 
-    buf = io.BytesIO()
-    write_bundle(Path(root), relpaths, buf, compresslevel=1)
-    buf.seek(0)
-    learned = CompileCache()
-    validate_stream(buf, cache=learned)
-    return learned.entries
+    learned: dict[str, list[str]] = {}
+    for rel in relpaths:
+        try:
+            with open(os.path.join(root, rel), "rb") as f:
+                source = f.read(SUSPECT_BYTES)
+        except OSError:
+            continue  # the bundler says why it cannot ship
+        if len(source) >= SUSPECT_BYTES:
+            continue
+        issue, dag_ids = _check_python(source, rel)
+        if issue is None:
+            learned[hashlib.sha256(source).hexdigest()] = dag_ids
+    return learned
 
 
 class Prewarm:
     """Compiles the .py files of a dags folder that `cache` has not seen, in worker processes, while the
     caller builds the bundle; `join()` puts what they learned into the cache. Only an optimization:
     whatever fails (no processes allowed, a worker dies) leaves the cache as it was, and the validator
-    compiles those files itself. Entries come from the same validator, keyed by exact bytes."""
+    compiles those files itself. Entries come from the validator's own check, keyed by exact bytes."""
 
     def __init__(self, root: Path, relpaths: list[str], cache: CompileCache, workers: int | None = None) -> None:
         self._cache = cache
