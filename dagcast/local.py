@@ -255,6 +255,8 @@ class EmbeddedStack:
                 "DAGCAST_WEBHOOK_QUEUE_URL": outputs.webhook_queue_url,
                 # receivers on this machine (loopback, plain http); retries a second apart, then doubling
                 "DAGCAST_WEBHOOK_ALLOW_PRIVATE_HOSTS": "true",
+                # one process serves the API, ingest and the sidecars' reports: a long poll wakes on their writes
+                "DAGCAST_WAIT_WAKEUPS": os.environ.get("DAGCAST_WAIT_WAKEUPS", "true"),
                 "DAGCAST_WEBHOOK_RETRY_BASE_SECONDS": os.environ.get("DAGCAST_WEBHOOK_RETRY_BASE_SECONDS", "1"),
                 "POWERTOOLS_LOG_LEVEL": os.environ.get("POWERTOOLS_LOG_LEVEL", "WARNING"),
                 "POWERTOOLS_METRICS_NAMESPACE": "dagcast",
