@@ -29,7 +29,7 @@ class RecordingWakeups(DeployWakeups):
     def __init__(self) -> None:
         super().__init__()
         self.pauses: list[bool] = []
-        self.watching_now = threading.Event()
+        self.pausing = threading.Event()  # set when a long poll, its first view built, starts its first pause
 
     @contextlib.contextmanager
     def watch(self, deployment: str, deploy_id: str) -> Iterator[Waiter]:
@@ -38,11 +38,11 @@ class RecordingWakeups(DeployWakeups):
 
             class Recording(Waiter):
                 def wait(self, timeout: float) -> bool:
+                    outer.pausing.set()
                     woke = inner.wait(timeout)
                     outer.pauses.append(woke)
                     return woke
 
-            self.watching_now.set()
             yield Recording()
 
 
@@ -86,7 +86,7 @@ def test_the_converging_report_wakes_the_long_poll(
     monkeypatch.setattr(app_module.get_store(), "_on_deploy_change", wakeups.changed)  # the store signals these
     control = waking_control(wakeups, Ticks())
     t, answers = in_background(lambda: control.get_deploy(deployment, live_on_three, wait_seconds=20))
-    assert wakeups.watching_now.wait(10)
+    assert wakeups.pausing.wait(10)
     sidecars.report("w3", 1, last_sync_at=7)  # the last live sidecar: the deploy converges
     t.join(10)  # the pause between reads is 5 s: an answer before then came from the wake-up
     assert answers, "the long poll did not answer after the converging report"
@@ -101,7 +101,7 @@ def test_without_a_wake_up_the_long_poll_still_notices_by_reading(
     wakeups = RecordingWakeups()  # the store never signals this one: every wake-up is missed
     control = waking_control(wakeups, Ticks(), wait_check_active_seconds=0.05)
     t, answers = in_background(lambda: control.get_deploy(deployment, live_on_three, wait_seconds=20))
-    assert wakeups.watching_now.wait(10)
+    assert wakeups.pausing.wait(10)
     sidecars.report("w3", 1, last_sync_at=7)
     t.join(30)
     assert answers and answers[0].converged and answers[0].sidecars_on_version == 3
