@@ -687,8 +687,10 @@ def _wait(api: ApiClient, opts: DeployOptions, deploy_id: str, result: DeployRes
             raise WaitTimeout(_timeout_line(opts, deploy_id, view, result))
         # The API answers a long poll when something changed, so ask again at once; an answer that
         # came back at once with nothing new (an API without long polls) means polling: pause first.
+        # (convergence noted is news too: the API answers it at once, and a pause then would delay the
+        # parse report that may follow it)
         now = (result.state, view.get("sidecars_on_version"), view.get("live_sidecars"), len(result.stale_sidecars),
-               parse.get("status"), tuple(parse.get("reported") or ()))
+               parse.get("status"), tuple(parse.get("reported") or ()), view["deploy"].get("converged_at"))
         elapsed = time.monotonic() - asked
         if now == seen and elapsed < opts.poll_interval:
             time.sleep(opts.poll_interval - elapsed)

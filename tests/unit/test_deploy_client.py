@@ -138,6 +138,23 @@ def test_wait_long_polls_and_asks_again_at_once_after_each_change(
     assert sleeps == [], "each answer brought news: no pause between requests"
 
 
+def test_wait_asks_again_at_once_when_the_answer_is_the_noted_convergence(
+    tmp_path: Path, no_upload: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every sidecar runs it, a parse report is due: the API answers the moment convergence is noted,
+    and the CLI asks again at once (a pause would delay noticing the parse report that follows)."""
+    sleeps = record_sleeps(monkeypatch)
+    dags = write(tmp_path / "dags", {"a.py": "x = 1\n"})
+    pending = {"status": "pending", "pending": ["s0"], "reported": []}
+    converged, noted = view("ACTIVE", on=2) | {"parse": pending}, view("ACTIVE", on=2) | {"parse": pending}
+    noted["deploy"] = {**noted["deploy"], "converged_at": 5}
+    parsed = view("ACTIVE", on=2) | {"parse": {"status": "parsed", "reported": ["s0"]}}
+    api = FakeApi([converged, noted, parsed])
+    result = deploy.run(api, deploy.DeployOptions(dags_path=dags, deployment="d"), lambda _: None)  # type: ignore[arg-type]
+    assert result.converged and len(api.waits) == 3
+    assert sleeps == [], "the noted convergence was news: no pause before asking again"
+
+
 def test_wait_still_paces_itself_against_an_api_that_answers_at_once(
     tmp_path: Path, no_upload: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
