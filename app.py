@@ -69,6 +69,7 @@ from chalicelib.signing import FileSigner, KmsSigner, Signer
 from chalicelib.storage import BundleStorage
 from chalicelib.store import Store
 from chalicelib.telemetry import Telemetry, Tracing
+from chalicelib.wakeups import DeployWakeups
 
 if TYPE_CHECKING:
     from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
@@ -109,8 +110,14 @@ _AWS_CONFIG = Config(retries={"max_attempts": 5, "mode": "standard"}, signature_
 
 
 @functools.lru_cache(maxsize=1)
+def get_wakeups() -> DeployWakeups:
+    return DeployWakeups()
+
+
+@functools.lru_cache(maxsize=1)
 def get_store() -> Store:
-    return Store(boto3.resource("dynamodb", config=_AWS_CONFIG).Table(get_settings().table_name))
+    table = boto3.resource("dynamodb", config=_AWS_CONFIG).Table(get_settings().table_name)
+    return Store(table, on_deploy_change=get_wakeups().changed)
 
 
 @functools.lru_cache(maxsize=1)
@@ -173,7 +180,7 @@ def get_control() -> ControlPlane:
     s = get_settings()
     queues = SidecarQueues(get_sqs(), get_sns(), s.topic_arn, s.sidecar_queue_prefix)
     return ControlPlane(s, get_store(), get_bundles(), queues, get_publisher(), telemetry=telemetry,
-                        forget_token=get_auth().forget, signer=get_signer())
+                        forget_token=get_auth().forget, signer=get_signer(), wakeups=get_wakeups())
 
 
 @functools.lru_cache(maxsize=1)

@@ -4,9 +4,12 @@ Handlers call one method here with plain values; this layer decides, the store p
 """
 from __future__ import annotations
 
+import contextlib
 import secrets
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from chalicelib import filediff
 from chalicelib.auth import ROLE_PERMISSIONS, Permission, hash_token, new_token
@@ -73,8 +76,10 @@ from chalicelib.signing import ALGORITHM, Signer, SigningError
 from chalicelib.storage import BundleStorage, bundle_key, uploaded_delta_key
 from chalicelib.store import Store
 from chalicelib.telemetry import Telemetry
+from chalicelib.wakeups import DeployWakeups, Sleeper, Waiter
 
 MAX_WEBHOOKS = 20
+_POOL_LOCK = threading.Lock()
 
 
 def now_ms() -> int:
@@ -108,7 +113,10 @@ class ControlPlane:
         sleep: Callable[[float], None] = time.sleep,
         forget_token: Callable[[str], None] | None = None,
         signer: Signer | None = None,
+        wakeups: DeployWakeups | None = None,
     ) -> None:
+        self._wakeups = wakeups  # the store signals it after writes to a deploy record (one process serving all calls)
+        self._read_pool: ThreadPoolExecutor | None = None
         self._signer = signer
         self._telemetry = telemetry or Telemetry()
         self._forget_token = forget_token  # drops a revoked token from this process's authenticator cache
@@ -188,44 +196,72 @@ class ControlPlane:
 
     def get_deploy(self, deployment: str, deploy_id: str, wait_seconds: float = 0) -> DeployView:
         """The deploy with its sidecars. With `wait_seconds`, a long poll: while the deploy is still on
-        its way (PENDING, VALIDATING, or ACTIVE with live sidecars not on it yet), answer when its
-        state, its sidecars' activations or its convergence change, or when the time is up.
+        its way (PENDING, VALIDATING, or ACTIVE with live sidecars not on it yet, or parse reports
+        due), answer when its state, its sidecars' activations, its parse reports or its convergence
+        change, or when the time is up.
 
         Each answer is a full view (the whole deploy record and every sidecar), so while sidecars run
         an ACTIVE deploy one by one, their reports are gathered: the first one, and the one after which
         every live sidecar has run it, are answered at once; the others once the poll has lasted
-        `wait_answer_seconds`."""
-        view = self._deploy_view(deployment, deploy_id)
-        if wait_seconds <= 0 or _settled(view):
-            return view
+        `wait_answer_seconds`. Parse reports are answered at once.
+
+        The poll re-reads the deploy's progress fields (a projection GetItem) every
+        `wait_check_*_seconds`; with in-process wake-ups (see chalicelib.wakeups) the pause between
+        two reads also ends as soon as this process wrote to the deploy record."""
+        if wait_seconds <= 0:
+            return self._deploy_view(deployment, deploy_id)
+        with self._watch(deployment, deploy_id) as waiter:  # from before the first read: no change slips by
+            view = self._deploy_view(deployment, deploy_id)
+            if _settled(view):
+                return view
+            return self._long_poll(deployment, deploy_id, view, wait_seconds, waiter)
+
+    def _watch(self, deployment: str, deploy_id: str) -> contextlib.AbstractContextManager[Waiter]:
+        if self._wakeups is not None and self._settings.wait_wakeups:
+            return self._wakeups.watch(deployment, deploy_id)
+        return contextlib.nullcontext(Sleeper(self._sleep))
+
+    def _long_poll(self, deployment: str, deploy_id: str, view: DeployView, wait_seconds: float,
+                   waiter: Waiter) -> DeployView:
         started = self._clock()
         deadline = started + wait_seconds * 1000
         gather_until = started + self._settings.wait_answer_seconds * 1000
         seen = _progress(view.deploy.model_dump(mode="json", include=set(PROGRESS_FIELDS)))
         active = view.deploy.state is DeployState.ACTIVE
-        waiting_on = {s.name for s in view.sidecars if s.live} - set(view.deploy.activations)
+        # the reports that complete the set: live sidecars not on the version yet, but those held back
+        # by the parse gate (they stay on the version before) and those on it without an activation
+        waiting_on = ({s.name for s in view.sidecars if s.live and not s.on_deploy} - set(view.parse.held)
+                      - set(view.deploy.activations))
         gathered = False
         while self._clock() < deadline:
             # Before ACTIVE nothing waits on this answer but the CLI's next message; once ACTIVE the
             # last sidecar's report ends the wait, so look more often.
-            self._sleep(self._settings.wait_check_active_seconds if active else self._settings.wait_check_seconds)
+            waiter.wait(self._settings.wait_check_active_seconds if active else self._settings.wait_check_seconds)
             now = _progress(self._store.get_deploy_fields(deployment, deploy_id, list(PROGRESS_FIELDS)))
             if now != seen:
                 state, activations, converged_at, parsed = now
                 if (state, converged_at) != (seen[0], seen[2]) or not seen[1] or waiting_on <= set(activations):
-                    break
+                    return self._deploy_view(deployment, deploy_id, parses=bool(parsed))
                 if parsed != seen[3]:
-                    break  # a parse report: an answer the CLI may be waiting for
+                    # a parse report: an answer the CLI may be waiting for
+                    return self._deploy_view(deployment, deploy_id, parses=True)
                 gathered, seen = True, now
             if gathered and self._clock() >= gather_until:
                 break
-        return self._deploy_view(deployment, deploy_id)
+        return self._deploy_view(deployment, deploy_id, parses=bool(seen[3]))
 
-    def _deploy_view(self, deployment: str, deploy_id: str, partial_convergence: bool = True) -> DeployView:
-        deploy = self._store.get_deploy(deployment, deploy_id)
+    def _deploy_view(self, deployment: str, deploy_id: str, partial_convergence: bool = True,
+                     parses: bool | None = None) -> DeployView:
+        """`parses`: whether the deploy has parse reports, when the caller knows (they are then read
+        with the rest); None: read after the deploy record, if it names any."""
+        reads = self._reads()
+        later_deploy = reads.submit(self._store.get_deploy, deployment, deploy_id)
+        later_sidecars = reads.submit(self._store.list_sidecars, deployment)
+        later_parses = reads.submit(self._store.list_parses, deployment, deploy_id) if parses else None
         dep = self._store.get_deployment(deployment)
         uid = dep.uid or self._store.ensure_uid(deployment, new_uid())
-        sidecars = sorted(self._store.list_sidecars(deployment), key=lambda s: s.name)
+        deploy = later_deploy.result()
+        sidecars = sorted(later_sidecars.result(), key=lambda s: s.name)
         views = self._views(dep, uid, sidecars)
         for view, s in zip(views, sidecars, strict=True):
             # "on it" means exactly this version: its number, its bundle's sha256 and the deployment's id,
@@ -234,7 +270,10 @@ class ControlPlane:
         live = [s for s in views if s.live]
         on_version = [s for s in live if s.on_deploy]
         converged = deploy.state is DeployState.ACTIVE and len(on_version) == len(live)
-        reports = self._store.list_parses(deployment, deploy_id) if deploy.parsed else []
+        if later_parses is not None:
+            reports = later_parses.result() if deploy.parsed else []
+        else:
+            reports = self._store.list_parses(deployment, deploy_id) if deploy.parsed else []
         if converged and live and deploy.converged_at is None:
             at = self._note_convergence(deploy, [s.name for s in live], partial_convergence)
             if at is not None:
@@ -248,6 +287,15 @@ class ControlPlane:
             stages=deploy.stages(),
             parse=_parse_view(deploy, views, reports),
         )
+
+    def _reads(self) -> ThreadPoolExecutor:
+        """Threads for the independent reads of a view (the deploy, its sidecars, its parse reports),
+        made at the same time: one round trip to DynamoDB instead of three."""
+        if self._read_pool is None:
+            with _POOL_LOCK:
+                if self._read_pool is None:
+                    self._read_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dagcast-view")
+        return self._read_pool
 
     def list_deploys(self, deployment: str, limit: int, cursor: str | None) -> Page:
         self._store.get_deployment(deployment)

@@ -61,6 +61,12 @@ class Settings(BaseModel):
         description="while sidecars run an ACTIVE deploy one by one, a long poll answers their reports at most "
         "this often (the first one, and the one that completes the set, at once)",
     )
+    wait_wakeups: bool = Field(
+        False,
+        description="a deploy long poll also wakes when this process wrote to the deploy record (in-process "
+        "wake-ups, see chalicelib.wakeups): for one process serving every call (the embedded stack); on Lambda "
+        "the writes happen in other invocations, and the long poll's reads alone notice them",
+    )
     token_cache_seconds: float = Field(
         5, ge=0, le=300,
         description="a function keeps each token it read this long (0: read on every request); the bound on "

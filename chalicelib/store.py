@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from botocore.exceptions import ClientError
@@ -66,9 +67,11 @@ class VersionRace(Exception):
 class Store:
     """Reads and writes dagcast's records. Takes a boto3 DynamoDB Table resource."""
 
-    def __init__(self, table: Any) -> None:
+    def __init__(self, table: Any, on_deploy_change: Callable[[str, str], None] | None = None) -> None:
         self._table = table
         self._client = table.meta.client
+        # told (deployment, deploy id) after each write to a deploy record: in-process long polls wake on it
+        self._on_deploy_change = on_deploy_change
         self._version_deploys: dict[tuple[str, int], tuple[str, str, str]] = {}
 
     # --- deployments -----------------------------------------------------------------
@@ -243,6 +246,7 @@ class Store:
             if _failed_condition(exc):
                 return None
             raise StorageError(f"cannot mark deploy {deploy_id} validating: {exc}") from exc
+        self._changed(deployment, deploy_id)
         return int(out["Attributes"]["uploaded_at"])
 
     def finish_rejected(self, deployment: str, deploy_id: str, fields: dict[str, Any]) -> bool:
@@ -265,6 +269,7 @@ class Store:
             if _failed_condition(exc):
                 return False
             raise StorageError(f"cannot record rejection of deploy {deploy_id}: {exc}") from exc
+        self._changed(deployment, deploy_id)
         return True
 
     def activate(self, version: Version, expected_last: int, previous_deploy: str | None, fields: dict[str, Any]) -> None:
@@ -333,6 +338,9 @@ class Store:
             if len(reasons) >= 3 and reasons[2] == "ConditionalCheckFailed":
                 raise Conflict(f"deploy {version.deploy_id} is no longer validating") from exc
             raise VersionRace(f"version {n} of {d!r} was taken") from exc
+        self._changed(d, version.deploy_id)
+        if previous_deploy and previous_deploy != version.deploy_id:
+            self._changed(d, previous_deploy)
 
     def undecided_deploys(self, deployment: str) -> list[Deploy]:
         """Deploys still PENDING or VALIDATING."""
@@ -354,6 +362,7 @@ class Store:
             if _failed_condition(exc):
                 return False
             raise StorageError(f"cannot expire deploy {deploy_id}: {exc}") from exc
+        self._changed(deployment, deploy_id)
         return True
 
     def create_rollback(self, deploy: Deploy) -> None:
@@ -409,6 +418,7 @@ class Store:
                     f"deploy {deploy_id} is {state}; only a PENDING or VALIDATING deploy can be cancelled"
                 ) from exc
             raise StorageError(f"cannot cancel deploy {deploy_id}: {exc}") from exc
+        self._changed(deployment, deploy_id)
         return Deploy.model_validate(_strip(out["Attributes"]))
 
     def recent_deploys_in(self, deployment: str, states: set[DeployState], since_ms: int) -> list[Deploy]:
@@ -443,6 +453,7 @@ class Store:
                 self.record_activation(deployment, deploy_id, sidecar, at_ms)
                 return
             raise StorageError(f"cannot record activation of {deploy_id} on {sidecar!r}: {exc}") from exc
+        self._changed(deployment, deploy_id)
 
     def put_parse(self, record: ParseRecord, expires_at_s: int) -> None:
         """Keep a sidecar's parse report of a deploy's version (the latest one per sidecar), and note
@@ -467,6 +478,7 @@ class Store:
                 )
         except ClientError as exc:
             raise StorageError(f"cannot record the parse report of {record.sidecar!r}: {exc}") from exc
+        self._changed(record.deployment, record.deploy_id)
 
     def list_parses(self, deployment: str, deploy_id: str) -> list[ParseRecord]:
         items = self._query_prefix(_pk(deployment), f"PARSE#{deploy_id}#")
@@ -485,6 +497,7 @@ class Store:
             if _failed_condition(exc):
                 return False
             raise StorageError(f"cannot record convergence of deploy {deploy_id}: {exc}") from exc
+        self._changed(deployment, deploy_id)
         return True
 
     def list_versions(self, deployment: str) -> list[Version]:
@@ -578,6 +591,10 @@ class Store:
         return [Sidecar.model_validate(_strip(i)) for i in items]
 
     # --- helpers ---------------------------------------------------------------------
+
+    def _changed(self, deployment: str, deploy_id: str) -> None:
+        if self._on_deploy_change is not None:
+            self._on_deploy_change(deployment, deploy_id)
 
     def _get(self, pk: str, sk: str, what: str, projection: list[str] | None = None) -> dict[str, Any] | None:
         kwargs: dict[str, Any] = {}

@@ -98,6 +98,8 @@ class Timings:
     upload_s: float | None = None
     wait_s: float | None = None  # upload done -> ACTIVE and every live sidecar on it (--wait)
     total_s: float | None = None
+    # epoch seconds: when --wait received the answer that ended its wait (None when it did not wait, or timed out)
+    noticed_at: float | None = None
     _started: float = field(default_factory=time.perf_counter, repr=False)
 
     def lap(self, stage: str, since: float) -> float:
@@ -642,6 +644,7 @@ def _wait(api: ApiClient, opts: DeployOptions, deploy_id: str, result: DeployRes
         asked = time.monotonic()
         try:
             view = api.get_deploy(opts.deployment, deploy_id, wait=max(0, min(LONG_POLL_SECONDS, int(deadline - asked))))
+            received = time.time()
         except ApiUnavailable as exc:
             if time.monotonic() >= deadline:
                 raise WaitTimeout(f"timed out after {opts.timeout:g}s: the API did not answer ({exc})") from exc
@@ -654,6 +657,8 @@ def _wait(api: ApiClient, opts: DeployOptions, deploy_id: str, result: DeployRes
             say("the API answers again")
             lost = 0
         _take(view, result)
+        if result.state in ("REJECTED", "CANCELLED", "EXPIRED", "SUPERSEDED"):  # an answer that ends the wait
+            result.timings.noticed_at = round(received, 3)
         if result.state != last_state:
             say(f"State {result.state}" + (f" (v{result.version})" if result.version else ""))
             last_state = result.state or ""
@@ -669,6 +674,7 @@ def _wait(api: ApiClient, opts: DeployOptions, deploy_id: str, result: DeployRes
         done = result.converged or (held and all(s["on_it"] or s["name"] in held for s in result.sidecars))
         if (result.state == "ACTIVE" and done and parse.get("status") != "pending"
                 and (not opts.require_all or not result.stale_sidecars)):
+            result.timings.noticed_at = round(received, 3)
             say(_live_line(view, result))
             if parse.get("status") == "parsed":
                 say(_parse_line(result.parse or {}))
@@ -681,8 +687,10 @@ def _wait(api: ApiClient, opts: DeployOptions, deploy_id: str, result: DeployRes
             raise WaitTimeout(_timeout_line(opts, deploy_id, view, result))
         # The API answers a long poll when something changed, so ask again at once; an answer that
         # came back at once with nothing new (an API without long polls) means polling: pause first.
+        # (convergence noted is news too: the API answers it at once, and a pause then would delay the
+        # parse report that may follow it)
         now = (result.state, view.get("sidecars_on_version"), view.get("live_sidecars"), len(result.stale_sidecars),
-               parse.get("status"), tuple(parse.get("reported") or ()))
+               parse.get("status"), tuple(parse.get("reported") or ()), view["deploy"].get("converged_at"))
         elapsed = time.monotonic() - asked
         if now == seen and elapsed < opts.poll_interval:
             time.sleep(opts.poll_interval - elapsed)

@@ -255,6 +255,8 @@ class EmbeddedStack:
                 "DAGCAST_WEBHOOK_QUEUE_URL": outputs.webhook_queue_url,
                 # receivers on this machine (loopback, plain http); retries a second apart, then doubling
                 "DAGCAST_WEBHOOK_ALLOW_PRIVATE_HOSTS": "true",
+                # one process serves the API, ingest and the sidecars' reports: a long poll wakes on their writes
+                "DAGCAST_WAIT_WAKEUPS": os.environ.get("DAGCAST_WAIT_WAKEUPS", "true"),
                 "DAGCAST_WEBHOOK_RETRY_BASE_SECONDS": os.environ.get("DAGCAST_WEBHOOK_RETRY_BASE_SECONDS", "1"),
                 "POWERTOOLS_LOG_LEVEL": os.environ.get("POWERTOOLS_LOG_LEVEL", "WARNING"),
                 "POWERTOOLS_METRICS_NAMESPACE": "dagcast",
@@ -618,12 +620,16 @@ def _scheduled_event() -> dict[str, Any]:
 
 
 def _quiet(handler: Any) -> Any:
-    """Chalice's request handler class (a partial) with access logs silenced."""
+    """Chalice's request handler class (a partial) with access logs silenced, and TCP_NODELAY."""
     import functools
 
     from chalice.local import ChaliceRequestHandler
 
     class Quiet(ChaliceRequestHandler):
+        # Headers and body go out in two writes: with Nagle's algorithm on, the body waits for the
+        # client's delayed ACK of the headers (~40 ms) on every answer of a kept-alive connection.
+        disable_nagle_algorithm = True
+
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             return
 

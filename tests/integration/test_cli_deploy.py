@@ -234,6 +234,7 @@ def test_every_stage_of_a_deploy_is_on_record_from_the_cli_to_each_sidecar(stack
     timings = doc["timings"]
     assert all(timings[k] is not None and timings[k] >= 0 for k in
                ("bundle_s", "validate_s", "diff_s", "presign_s", "upload_s", "wait_s", "total_s")), timings
+    assert isinstance(timings["noticed_at"], float), timings  # epoch seconds: when the answer that ended the wait came
 
     view = Api(stack).json("GET", f"/deployments/{stack['deployment']}/deploys/{doc['deploy_id']}")
     d, stages = view["deploy"], view["stages"]

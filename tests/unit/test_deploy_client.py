@@ -58,7 +58,8 @@ def view(state: str, on: int = 0, live: int = 2) -> dict[str, Any]:
 def record_sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """deploy's pauses, recorded instead of slept (its clocks stay real)."""
     sleeps: list[float] = []
-    clock = types.SimpleNamespace(monotonic=time.monotonic, perf_counter=time.perf_counter, sleep=sleeps.append)
+    clock = types.SimpleNamespace(monotonic=time.monotonic, perf_counter=time.perf_counter, time=time.time,
+                                  sleep=sleeps.append)
     monkeypatch.setattr(deploy, "time", clock)
     return sleeps
 
@@ -80,9 +81,41 @@ def test_the_json_result_says_how_long_each_stage_took(tmp_path: Path, no_upload
     result = deploy.run(api, deploy.DeployOptions(dags_path=dags, deployment="d"), said.append)  # type: ignore[arg-type]
     assert any(line.startswith("Bundled 2 files") for line in said), said
     timings = result.to_json()["timings"]
+    noticed = timings.pop("noticed_at")
     assert set(timings) == {"bundle_s", "validate_s", "diff_s", "presign_s", "upload_s", "wait_s", "total_s"}
     assert all(isinstance(v, float) and v >= 0 for v in timings.values()), timings
     assert timings["total_s"] >= max(v for k, v in timings.items() if k != "total_s")
+    assert isinstance(noticed, float)
+
+
+class TimedApi(FakeApi):
+    """A FakeApi that notes (epoch seconds) when it handed out each answer."""
+
+    def __init__(self, views: list[dict[str, Any]]) -> None:
+        super().__init__(views)
+        self.answered: list[float] = []
+
+    def get_deploy(self, deployment: str, deploy_id: str, wait: int = 0) -> dict[str, Any]:
+        answer = super().get_deploy(deployment, deploy_id, wait)
+        self.answered.append(time.time())
+        return answer
+
+
+def test_noticed_at_is_when_the_answer_that_ended_the_wait_arrived(tmp_path: Path, no_upload: None) -> None:
+    dags = write(tmp_path / "dags", {"a.py": "x = 1\n"})
+    api = TimedApi([view("VALIDATING"), view("ACTIVE", on=1), view("ACTIVE", on=2)])
+    result = deploy.run(api, deploy.DeployOptions(dags_path=dags, deployment="d"), lambda _: None)  # type: ignore[arg-type]
+    noticed = result.to_json()["timings"]["noticed_at"]
+    assert len(api.answered) == 3
+    # the last answer's arrival, to the millisecond (epoch seconds, 3 decimals): not an earlier answer's, not the exit
+    assert api.answered[-1] - 0.0005 <= noticed <= api.answered[-1] + 0.002
+    assert round(noticed, 3) == noticed
+
+
+def test_noticed_at_is_null_without_a_wait(tmp_path: Path, no_upload: None) -> None:
+    dags = write(tmp_path / "dags", {"a.py": "x = 1\n"})
+    opts = deploy.DeployOptions(dags_path=dags, deployment="d", wait=False)
+    assert deploy.run(FakeApi(), opts, lambda _: None).to_json()["timings"]["noticed_at"] is None  # type: ignore[arg-type]
 
 
 def test_stages_that_did_not_run_are_null(tmp_path: Path, no_upload: None) -> None:
@@ -103,6 +136,23 @@ def test_wait_long_polls_and_asks_again_at_once_after_each_change(
     assert result.converged and result.state == "ACTIVE"
     assert api.waits == [deploy.LONG_POLL_SECONDS] * 5, "every request lets the API hold the answer"
     assert sleeps == [], "each answer brought news: no pause between requests"
+
+
+def test_wait_asks_again_at_once_when_the_answer_is_the_noted_convergence(
+    tmp_path: Path, no_upload: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every sidecar runs it, a parse report is due: the API answers the moment convergence is noted,
+    and the CLI asks again at once (a pause would delay noticing the parse report that follows)."""
+    sleeps = record_sleeps(monkeypatch)
+    dags = write(tmp_path / "dags", {"a.py": "x = 1\n"})
+    pending = {"status": "pending", "pending": ["s0"], "reported": []}
+    converged, noted = view("ACTIVE", on=2) | {"parse": pending}, view("ACTIVE", on=2) | {"parse": pending}
+    noted["deploy"] = {**noted["deploy"], "converged_at": 5}
+    parsed = view("ACTIVE", on=2) | {"parse": {"status": "parsed", "reported": ["s0"]}}
+    api = FakeApi([converged, noted, parsed])
+    result = deploy.run(api, deploy.DeployOptions(dags_path=dags, deployment="d"), lambda _: None)  # type: ignore[arg-type]
+    assert result.converged and len(api.waits) == 3
+    assert sleeps == [], "the noted convergence was news: no pause before asking again"
 
 
 def test_wait_still_paces_itself_against_an_api_that_answers_at_once(

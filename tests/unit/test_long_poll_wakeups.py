@@ -1,0 +1,155 @@
+"""The deploy long poll with in-process wake-ups (the embedded stack): the report that converges the
+deploy ends the pause between two reads at once; without a wake-up, the reads alone still notice it;
+and the last report is never gathered because of a sidecar that will not send one."""
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+
+import boto3
+import pytest
+from conftest import Sidecars
+from test_deploy_stages import Ticks, publish
+
+import app as app_module
+from chalicelib.models import DeployView, ParseReport
+from chalicelib.notify import SidecarQueues
+from chalicelib.service import ControlPlane
+from chalicelib.settings import get_settings
+from chalicelib.wakeups import DeployWakeups, Waiter
+from dagcast.bootstrap import StackOutputs
+
+SIDECARS = ("w1", "w2", "w3")
+
+
+class RecordingWakeups(DeployWakeups):
+    """DeployWakeups that notes how each pause of a long poll ended: True when a wake-up ended it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pauses: list[bool] = []
+        self.pausing = threading.Event()  # set when a long poll, its first view built, starts its first pause
+
+    @contextlib.contextmanager
+    def watch(self, deployment: str, deploy_id: str) -> Iterator[Waiter]:
+        with super().watch(deployment, deploy_id) as inner:
+            outer = self
+
+            class Recording(Waiter):
+                def wait(self, timeout: float) -> bool:
+                    outer.pausing.set()
+                    woke = inner.wait(timeout)
+                    outer.pauses.append(woke)
+                    return woke
+
+            yield Recording()
+
+
+def never_sleep(seconds: float) -> None:
+    raise AssertionError(f"the long poll slept {seconds} s instead of waiting on its wake-ups")
+
+
+def waking_control(wakeups: DeployWakeups, ticks: Ticks, **settings: object) -> ControlPlane:
+    """A control plane whose long polls wait on `wakeups`, with a pause between reads (5 s, the most
+    allowed) far longer than any of these tests may take: a poll that ends did not sleep it out."""
+    s = get_settings().model_copy(update={"wait_wakeups": True, "wait_check_seconds": 5.0,
+                                          "wait_check_active_seconds": 5.0, **settings})
+    queues = SidecarQueues(boto3.client("sqs"), boto3.client("sns"), s.topic_arn, s.sidecar_queue_prefix)
+    return ControlPlane(s, app_module.get_store(), app_module.get_bundles(), queues, app_module.get_publisher(),
+                        clock=ticks.clock, sleep=never_sleep, wakeups=wakeups)
+
+
+def in_background(poll: Callable[[], DeployView]) -> tuple[threading.Thread, list[DeployView]]:
+    answers: list[DeployView] = []
+    t = threading.Thread(target=lambda: answers.append(poll()), daemon=True)
+    t.start()
+    return t, answers
+
+
+@pytest.fixture
+def live_on_three(control: ControlPlane, aws: StackOutputs, deployment: str, make_bundle: Callable[..., bytes],
+                  sidecars: Sidecars) -> str:
+    """An ACTIVE v1 with three registered sidecars, two of which run it."""
+    for name in SIDECARS:
+        sidecars.register(name)
+    deploy_id = publish(control, aws, deployment, make_bundle({"a.py": "x = 1\n"}))
+    sidecars.report("w1", 1, last_sync_at=5)
+    sidecars.report("w2", 1, last_sync_at=6)
+    return deploy_id
+
+
+def test_the_converging_report_wakes_the_long_poll(
+    monkeypatch: pytest.MonkeyPatch, deployment: str, live_on_three: str, sidecars: Sidecars
+) -> None:
+    wakeups = RecordingWakeups()
+    monkeypatch.setattr(app_module.get_store(), "_on_deploy_change", wakeups.changed)  # the store signals these
+    control = waking_control(wakeups, Ticks())
+    t, answers = in_background(lambda: control.get_deploy(deployment, live_on_three, wait_seconds=20))
+    assert wakeups.pausing.wait(10)
+    sidecars.report("w3", 1, last_sync_at=7)  # the last live sidecar: the deploy converges
+    t.join(10)  # the pause between reads is 5 s: an answer before then came from the wake-up
+    assert answers, "the long poll did not answer after the converging report"
+    assert answers[0].converged and answers[0].sidecars_on_version == 3
+    assert wakeups.pauses and wakeups.pauses[-1] is True, "the pause was ended by the report's write"
+    assert wakeups.watching() == 0, "the long poll stopped watching when it answered"
+
+
+def test_without_a_wake_up_the_long_poll_still_notices_by_reading(
+    deployment: str, live_on_three: str, sidecars: Sidecars
+) -> None:
+    wakeups = RecordingWakeups()  # the store never signals this one: every wake-up is missed
+    control = waking_control(wakeups, Ticks(), wait_check_active_seconds=0.05)
+    t, answers = in_background(lambda: control.get_deploy(deployment, live_on_three, wait_seconds=20))
+    assert wakeups.pausing.wait(10)
+    sidecars.report("w3", 1, last_sync_at=7)
+    t.join(30)
+    assert answers and answers[0].converged and answers[0].sidecars_on_version == 3
+    assert wakeups.pauses and not any(wakeups.pauses), "no wake-up was delivered: the re-reads noticed the report"
+
+
+def test_a_change_between_the_first_read_and_the_first_pause_is_not_missed(
+    monkeypatch: pytest.MonkeyPatch, deployment: str, live_on_three: str, sidecars: Sidecars
+) -> None:
+    """The poll watches from before its first read: a report written while it builds its first view
+    ends the first pause at once."""
+    wakeups = RecordingWakeups()
+    monkeypatch.setattr(app_module.get_store(), "_on_deploy_change", wakeups.changed)
+    control = waking_control(wakeups, Ticks())
+    first_view = control._deploy_view
+    calls: list[int] = []
+
+    def view_then_report(*args: object, **kwargs: object) -> DeployView:
+        out = first_view(*args, **kwargs)  # type: ignore[arg-type]
+        if not calls:
+            sidecars.report("w3", 1, last_sync_at=7)
+        calls.append(1)
+        return out
+
+    monkeypatch.setattr(control, "_deploy_view", view_then_report)
+    view = control.get_deploy(deployment, live_on_three, wait_seconds=20)  # never_sleep: no 5 s pause either
+    assert view.converged and wakeups.pauses == [True]
+
+
+def test_the_last_report_is_not_gathered_because_of_a_sidecar_held_by_the_parse_gate(
+    control: ControlPlane, aws: StackOutputs, deployment: str, make_bundle: Callable[..., bytes], sidecars: Sidecars
+) -> None:
+    """w3 stays on the version before (its parse gate held v1 back): w2's report, the last one that
+    will come, is answered at once, not after the gathering period."""
+    from test_parse_reports import report as parse_report
+
+    for name in SIDECARS:
+        sidecars.register(name)
+    deploy_id = publish(control, aws, deployment, make_bundle({"a.py": "x = 1\n"}))
+    sidecars.report("w1", 1, last_sync_at=5)
+    sha256 = app_module.get_store().get_version(deployment, 1).sha256
+    control.report_parse(deployment, "w3", ParseReport(**parse_report(1, sha256, held=True, mode="gate")),
+                         sidecars.secrets["w3"])
+    ticks = Ticks({1: lambda: sidecars.report("w2", 1, last_sync_at=8)})
+    s = get_settings()
+    queues = SidecarQueues(boto3.client("sqs"), boto3.client("sns"), s.topic_arn, s.sidecar_queue_prefix)
+    waiting = ControlPlane(s, app_module.get_store(), app_module.get_bundles(), queues, app_module.get_publisher(),
+                           clock=ticks.clock, sleep=ticks.sleep)
+    view = waiting.get_deploy(deployment, deploy_id, wait_seconds=10)
+    assert len(ticks.sleeps) == 1, f"answered at the first read after w2's report, not gathered: {ticks.sleeps}"
+    assert view.sidecars_on_version == 2 and view.parse.held == ["w3"]
