@@ -698,15 +698,17 @@ class ControlPlane:
             raise Forbidden(f"a heartbeat of sidecar {name!r} needs its secret (X-Dagcast-Sidecar-Secret)")
         fields = req.model_dump(mode="json")
         fields["last_heartbeat"] = self._clock()
+        # The reads an activation needs go out with the heartbeat's write (one round trip, not three): the
+        # report is on the path of every deploy to every sidecar. Nothing is decided before the write is in.
+        reads = self._reads()
+        later_dep = reads.submit(self._store.get_deployment, deployment)
+        later_identity = reads.submit(self._version_identity, deployment, req.version) if req.version else None
         sidecar, before = self._store.heartbeat(deployment, name, fields, hash_token(secret))
-        dep = self._store.get_deployment(deployment)
+        dep = later_dep.result()
         uid = dep.uid or self._store.ensure_uid(deployment, new_uid())
         reported = (req.version, req.sha256, req.deployment_id)
-        if req.version and reported != (before.version, before.sha256, before.deployment_id):
-            try:
-                deploy_id, sha256, version_uid = self._store.version_identity(deployment, req.version)
-            except NotFound:  # a folder left from an older installation: report it, record nothing
-                deploy_id = None
+        if later_identity is not None and reported != (before.version, before.sha256, before.deployment_id):
+            deploy_id, sha256, version_uid = later_identity.result()
             if deploy_id is not None and req.sha256 == sha256 and req.deployment_id == (version_uid or uid) == uid:
                 at = req.last_sync_at or fields["last_heartbeat"]
                 self._store.record_activation(deployment, deploy_id, name, at, req.last_notified_at)
@@ -714,6 +716,14 @@ class ControlPlane:
                     # notes convergence (and says so) when this was the last one
                     self._deploy_view(deployment, deploy_id, partial_convergence=False)
         return self._views(dep, uid, [sidecar])[0]
+
+    def _version_identity(self, deployment: str, version: int) -> tuple[str | None, str | None, str | None]:
+        """(deploy id, sha256, deployment uid) of a recorded version; Nones for a folder left from an older
+        installation (report it, record nothing)."""
+        try:
+            return self._store.version_identity(deployment, version)
+        except NotFound:
+            return None, None, None
 
     def report_parse(self, deployment: str, name: str, req: ParseReport, secret: str | None) -> ParseRecord:
         """A sidecar's report of what Airflow made of a version, sent with its own secret. Kept only
