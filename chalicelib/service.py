@@ -730,19 +730,22 @@ class ControlPlane:
         when it names a recorded version exactly (number and sha256), for that version's deploy."""
         if not secret:
             raise Forbidden(f"a parse report of sidecar {name!r} needs its secret (X-Dagcast-Sidecar-Secret)")
+        reads = self._reads()  # what the report needs, read at once; nothing is written before the secret is checked
+        later_dep = reads.submit(self._store.get_deployment, deployment)
+        later_identity = reads.submit(self._store.version_identity, deployment, req.version)
         sidecar = self._store.get_sidecar(deployment, name)
         if sidecar is None:
             raise NotFound(f"sidecar {name!r} is not registered in {deployment!r}; register it first")
         if not secrets.compare_digest(sidecar.secret_hash, hash_token(secret)):
             raise Forbidden(f"this request does not carry sidecar {name!r}'s own secret (X-Dagcast-Sidecar-Secret)")
-        deploy_id, sha256, _ = self._store.version_identity(deployment, req.version)
+        deploy_id, sha256, _ = later_identity.result()
         if req.sha256 != sha256:
             raise Conflict(f"version {req.version} of {deployment!r} has bundle sha256 {sha256[:12]}..., "
                            f"not {req.sha256[:12]}...: the report is not about it")
         clock = self._clock()
         record = ParseRecord(**req.model_dump(), deployment=deployment, deploy_id=deploy_id, sidecar=name,
                              component=sidecar.component, reported_at=clock)
-        dep = self._store.get_deployment(deployment)
+        dep = later_dep.result()
         self._store.put_parse(record, clock // 1000 + dep.retention_days * 86400)
         if req.status == "parsed":
             self._telemetry.import_errors(req.import_errors_total, req.new_import_errors_total, held=req.held)
