@@ -54,7 +54,10 @@ class Settings(BaseModel):
         "(the StuckDeploys metric): longer than ingest's five deliveries, 360 s apart, take",
     )
     activation_retries: int = Field(60, ge=1, description="bound on version-assignment retries under contention")
-    wait_check_seconds: float = Field(0.25, gt=0, le=5, description="a deploy long poll re-reads the deploy this often")
+    wait_check_seconds: float = Field(
+        0.1, gt=0, le=5,
+        description="a deploy long poll re-reads the deploy this often (a projection GetItem: the CLI waiting "
+        "on an upload's validation, or on a rebuilt delta, notices it within this)")
     wait_check_active_seconds: float = Field(0.05, gt=0, le=5, description="the same once the deploy is ACTIVE")
     wait_answer_seconds: float = Field(
         0.5, ge=0, le=5,
