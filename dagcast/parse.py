@@ -361,8 +361,9 @@ class Parser:
     def __init__(self, *, workers: int | None = None, file_timeout: float | None = None,
                  env: dict[str, str] | None = None, timeout: float | None = None,
                  safe_mode: bool | None = None, python: str | None = None,
-                 bundle_name: str | None = None, serialize: bool = True) -> None:
+                 bundle_name: str | None = None, serialize: bool = True, immutable: bool = False) -> None:
         self.workers = max(1, workers or os.cpu_count() or 1)
+        self.immutable = immutable  # folders whose files never change in place (a sidecar's versions)
         self.file_timeout = file_timeout
         self.env = dict(env or {})
         self.timeout = timeout or DEFAULT_TIMEOUT
@@ -498,6 +499,7 @@ class Parser:
             "op": "parse", "folder": str(folder), "select": select_, "known": known,
             "safe_mode": self.safe_mode, "file_timeout": self.file_timeout, "workers": self.workers,
             "timeout": timeout or self.timeout, "bundle_name": self.bundle_name, "serialize": self.serialize,
+            "immutable": self.immutable,
         }
         try:
             with self._lock:
@@ -672,6 +674,46 @@ class _Worker:
     since: float = 0.0
 
 
+DEFAULT_HEURISTIC = "airflow.utils.file.might_contain_dag_via_default_heuristic"
+_HEURISTIC = {"immutable": False}  # the request being served lists a folder of immutable files
+HEURISTIC_KEPT = 200_000  # files whose answer the warm child remembers
+
+
+def _remember_dag_heuristic(conf: Any) -> None:
+    """In the warm child: Airflow's listing (`[core] dag_discovery_safe_mode`) reads every .py file of the
+    folder for the words "dag" and "airflow", on every parse, and each version is a new folder. Its
+    unchanged files are hard links of the same immutable files, so the answer of Airflow's default
+    heuristic (a function of the bytes alone) is remembered by the file's identity (device, inode, size,
+    mtime): an incremental parse of 10,000 files reads only what changed. A `might_contain_dag_callable`
+    of the user's own is left alone (it may look at more than the bytes). Only for folders that are
+    never written in place (`Parser(immutable=True)`: the sidecar's version folders); any other folder
+    may be edited between two parses within one tick of the file system's clock."""
+    from airflow.utils import file as airflow_file
+
+    if conf.get("core", "might_contain_dag_callable", fallback=DEFAULT_HEURISTIC) != DEFAULT_HEURISTIC:
+        return
+    original = airflow_file.might_contain_dag
+    known: dict[tuple[int, int, int, int], bool] = {}
+
+    def might_contain_dag(file_path: str, safe_mode: bool, zip_file: Any = None) -> bool:
+        if not safe_mode or zip_file is not None or not _HEURISTIC["immutable"]:
+            return bool(original(file_path, safe_mode, zip_file))
+        try:
+            st = os.stat(file_path)
+        except OSError:
+            return bool(original(file_path, safe_mode))
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        answer = known.get(key)
+        if answer is None:
+            answer = bool(original(file_path, safe_mode))
+            if len(known) >= HEURISTIC_KEPT:
+                known.clear()
+            known[key] = answer
+        return answer
+
+    airflow_file.might_contain_dag = might_contain_dag  # what find_dag_file_paths calls, by its module's name
+
+
 class _Warm:
     """State of the warm child: Airflow imported, modules pre-imported, forks on request."""
 
@@ -692,6 +734,7 @@ class _Warm:
         self.version = str(getattr(airflow, "__version__", ""))
         self.conf: Any = conf
         self.list_files: Callable[..., list[str]] = list_py_file_paths
+        _remember_dag_heuristic(conf)
         self.tried: set[str] = set()
         self.gc: Any = gc
         self._warm_up(workdir)
@@ -749,6 +792,7 @@ class _Warm:
         file_timeout = request.get("file_timeout")
         timeout_value = float(file_timeout) if file_timeout is not None else \
             self.conf.getfloat("core", "dagbag_import_timeout", fallback=30.0)
+        _HEURISTIC["immutable"] = bool(request.get("immutable"))
         listed = [Path(p).relative_to(folder).as_posix() for p in self.list_files(folder, safe_mode=safe_mode)]
         select_ = request.get("select")
         if select_ is None:

@@ -193,7 +193,7 @@ class ParseCheck:
             self._parser.close()
 
     def _warm(self) -> None:
-        self._parser = self._factory(workers=self._workers, bundle_name="dagcast")
+        self._parser = self._factory(workers=self._workers, bundle_name="dagcast", immutable=True)  # version folders
         try:
             self._parser.start()
         except ParseError as exc:

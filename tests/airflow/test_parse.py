@@ -400,3 +400,35 @@ def test_an_airflow_that_fails_to_import_is_a_parse_error(tmp_path: Path) -> Non
     (fake / "__init__.py").write_text("raise RuntimeError('broken airflow install')\n")
     with Parser(env={"PYTHONPATH": str(fake.parent)}) as p, pytest.raises(ParseError, match="broken airflow install"):
         p.parse(tmp_path)
+
+
+def test_for_immutable_version_folders_the_listing_remembers_unchanged_files_and_only_those(tmp_path: Path) -> None:
+    """A sidecar's parser (`immutable=True`) remembers Airflow's safe-mode answer per file identity: a
+    version folder of hard links to the last one lists exactly what a fresh listing does, and a file
+    whose words changed (a new file, as in every new version) is read again. Any other parser never
+    remembers: a file rewritten in place with its size and mtime kept is seen as it is now."""
+    first = tmp_path / "v1"
+    first.mkdir()
+    (first / "a.py").write_text(dag_text('"a"'))
+    (first / "b.py").write_text(dag_text('"b"'))
+    (first / "plain.py").write_text("X = 1\n")
+    second = tmp_path / "v2"
+    second.mkdir()
+    for name in ("a.py", "plain.py"):
+        os.link(first / name, second / name)  # unchanged: the same file
+    (second / "b.py").write_text("X = 2  # no longer a DAG file: it mentions neither word\n")
+    (second / "c.py").write_text(dag_text('"c"'))
+    with Parser(workers=1, immutable=True) as p:
+        assert sorted(p.parse(first).files) == ["a.py", "b.py"]
+        assert sorted(p.parse(second).files) == ["a.py", "c.py"]
+
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    path = edited / "d.py"
+    path.write_text(dag_text('"d"'))
+    with Parser(workers=1) as p:
+        assert sorted(p.parse(edited).files) == ["d.py"]
+        before = path.stat()
+        path.write_text("#" * before.st_size)  # same size, no DAG words
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert sorted(p.parse(edited).files) == [], "a folder that is not immutable is listed as it is now"
