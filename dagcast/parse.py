@@ -67,6 +67,7 @@ STARTUP_TIMEOUT = 180.0  # importing Airflow in the warm child
 GRACE = 15.0  # the caller waits this much past the deadline for the warm child's own verdict
 _TMP_PREFIX = "dagcast-parse-"
 _TMP_ENV = "DAGCAST_PARSE_TMP"  # the warm child removes it if its parent dies without doing so
+_NICE_ENV = "DAGCAST_PARSE_NICE"  # the warm child (and so its forks) lowers its CPU priority by this
 _PR_SET_PDEATHSIG = 1
 # top-level `import airflow.x` / `from airflow.x import y`: what the DAG processor pre-imports
 _AIRFLOW_IMPORT = re.compile(rb"^(?:from|import)[ \t]+(airflow(?:\.\w+)+)(?:[ \t]+import[ \t]+\(?([\w, \t]*))?",
@@ -361,9 +362,11 @@ class Parser:
     def __init__(self, *, workers: int | None = None, file_timeout: float | None = None,
                  env: dict[str, str] | None = None, timeout: float | None = None,
                  safe_mode: bool | None = None, python: str | None = None,
-                 bundle_name: str | None = None, serialize: bool = True, immutable: bool = False) -> None:
+                 bundle_name: str | None = None, serialize: bool = True, immutable: bool = False,
+                 nice: int = 0) -> None:
         self.workers = max(1, workers or os.cpu_count() or 1)
         self.immutable = immutable  # folders whose files never change in place (a sidecar's versions)
+        self.nice = nice  # parse at a lower CPU priority than the caller (a sidecar beside Airflow: 10)
         self.file_timeout = file_timeout
         self.env = dict(env or {})
         self.timeout = timeout or DEFAULT_TIMEOUT
@@ -430,6 +433,8 @@ class Parser:
         })
         env.update(self.env)
         env[_TMP_ENV] = str(tmp)
+        if self.nice:
+            env[_NICE_ENV] = str(self.nice)
         return child_env(env)
 
     def _spawn(self) -> _Child:
@@ -629,6 +634,8 @@ def _serve() -> None:
     """The warm child's main: import Airflow, then one parse per request line on stdin."""
     die_with_parent()
     tmp = os.environ.pop(_TMP_ENV, "")
+    with contextlib.suppress(ValueError, OSError):
+        os.nice(int(os.environ.pop(_NICE_ENV, "0") or 0))
     parent = os.getppid()
 
     def orphaned(signum: int = signal.SIGTERM, frame: Any = None) -> None:

@@ -94,6 +94,9 @@ def build_report(record: Version, result: ParseResult, base: ParseResult | None,
     }
 
 
+PARSE_NICE = 10  # the parser's CPU priority below the sidecar's (nice(2) increment)
+
+
 class ParseCheck:
     """Parses versions on a thread of its own; `gate` blocks for the answer, `after_publish` does not."""
 
@@ -193,7 +196,9 @@ class ParseCheck:
             self._parser.close()
 
     def _warm(self) -> None:
-        self._parser = self._factory(workers=self._workers, bundle_name="dagcast", immutable=True)  # version folders
+        # Version folders never change in place; and the parse, only a report (or a gate the sync waits on
+        # anyway), yields the CPU to the Airflow component beside it and to the sidecar's own syncs.
+        self._parser = self._factory(workers=self._workers, bundle_name="dagcast", immutable=True, nice=PARSE_NICE)
         try:
             self._parser.start()
         except ParseError as exc:

@@ -432,3 +432,16 @@ def test_for_immutable_version_folders_the_listing_remembers_unchanged_files_and
         path.write_text("#" * before.st_size)  # same size, no DAG words
         os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
         assert sorted(p.parse(edited).files) == [], "a folder that is not immutable is listed as it is now"
+
+
+def test_a_parser_with_nice_parses_at_a_lower_cpu_priority_than_its_caller(tmp_path: Path) -> None:
+    """The sidecar's parse check (`nice=10`) never competes with the Airflow component beside it."""
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    with Parser(workers=1, nice=5) as p:
+        p.start()
+        assert p.pid is not None
+        assert os.getpriority(os.PRIO_PROCESS, p.pid) == min(19, mine + 5)
+    with Parser(workers=1) as p:
+        p.start()
+        assert p.pid is not None
+        assert os.getpriority(os.PRIO_PROCESS, p.pid) == mine

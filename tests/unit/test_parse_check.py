@@ -9,7 +9,7 @@ import pytest
 from chalicelib.models import MAX_REPORTED, ParseMode, ParseReport, Version
 from dagcast.exceptions import ApiUnavailable
 from dagcast.parse import FileResult, ImportFailure, ParseResult
-from dagcast.parse_check import ParseCheck, build_report, changed_paths
+from dagcast.parse_check import PARSE_NICE, ParseCheck, build_report, changed_paths
 
 SHA = "a" * 64
 
@@ -109,3 +109,21 @@ def test_without_airflow_nothing_is_parsed_and_nothing_held(tmp_path: Path, monk
     pc.start()
     assert not pc.available and pc.mode_for(record()) is None
     assert pc.gate(None, record(2, ParseMode.GATE), tmp_path / "2-b") is True
+
+
+def test_the_sidecars_parser_lists_its_immutable_version_folders_at_a_lower_cpu_priority(tmp_path: Path,
+                                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("dagcast.parse_check.airflow_label", lambda: "airflow test")
+    made: list[dict[str, Any]] = []
+    parser = FakeParser({"1-a": result(dags={"a.py": ["a"]})})
+    def factory(**kw: Any) -> Any:
+        made.append(kw)
+        return parser
+
+    pc = ParseCheck(root=tmp_path, mode="auto", send=lambda _: None, files_of={"1-a": {"a.py": "1"}}.get,
+                    parser_factory=factory)
+    pc.start()
+    pc.after_publish(None, record(1), tmp_path / "1-a")
+    pc._submit(lambda: None).result()
+    pc.close()
+    assert [(kw["immutable"], kw["nice"]) for kw in made] == [(True, PARSE_NICE)] and PARSE_NICE > 0
