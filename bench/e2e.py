@@ -339,16 +339,15 @@ class Bench:
             stack.children.remove(c)
         info.sidecars[:count] = [stack.start_sidecar(n, extra_args) for n in names]
         parses = "off" not in extra_args
-        current = self.api.get_version(info.deployment, None)["version"]
+        current = self.api.get_deployment(info.deployment).get("current_version") or 0  # 0: nothing deployed yet
         deadline = time.monotonic() + 300
         while True:
-            view = self.api.get_deploy(info.deployment, current["deploy_id"])
-            ready = {s["name"] for s in view["sidecars"] if s["live"] and s["version"] >= current["version"]
-                     and bool(s.get("parser")) == parses}
+            ready = {s["name"] for s in self.api.list_sidecars(info.deployment)["items"]
+                     if s["live"] and s["version"] >= current and bool(s.get("parser")) == parses}
             if set(names) <= ready:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"sidecars {sorted(set(names) - ready)} did not come back on v{current['version']}")
+                raise RuntimeError(f"sidecars {sorted(set(names) - ready)} did not come back on v{current}")
             time.sleep(0.2)
 
 
