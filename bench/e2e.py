@@ -362,12 +362,15 @@ class PeerSet:
     aws_cli: str | None
     names: set[str]
     runs: int  # at most this many runs of each case (each peer run of 10,000 files takes a while)
+    max_files: int = 1000  # larger folders: no peers (minutes per run on moto), said in the notes
     notes: dict[str, str] = field(default_factory=dict)  # peer -> why it did not run
 
     def start(self, bench: Bench, work: Path, files: int) -> list[Any]:
         from peers import BundlePeer, PeerUnavailable, SyncPeer
 
         started: list[Any] = []
+        if files > self.max_files:
+            return started
         if not self.aws_cli:
             for name in ("aws s3 sync", "S3DagBundle"):
                 self.notes[name] = "skipped: `aws` (the AWS CLI) is not on PATH; `pip install awscli`"
@@ -700,6 +703,8 @@ def main() -> int:
     parser.add_argument("--peers", default="sync,bundle",
                         help="peers measured beside dagcast: sync (`aws s3 sync`), bundle (Airflow's S3DagBundle), or none")
     parser.add_argument("--peer-runs", type=int, default=3, help="peer runs per case, at most (after dagcast's first ones)")
+    parser.add_argument("--peer-max-files", type=int, default=1000,
+                        help="no peers for larger folders (a peer run of 10,000 files on moto takes minutes)")
     parser.add_argument("--aws", default=shutil.which("aws"), help="the AWS CLI for the peers (skipped without)")
     parser.add_argument("--parse-10k", choices=("off", "on"), default="off",
                         help="off: the 10,000-file cases run on sidecars started with --parse off (a first deploy "
@@ -725,7 +730,8 @@ def main() -> int:
     results: dict[str, Any] = {"machine": machine(), "sidecars": args.sidecars, "scenarios": {}}
     results["command"] = "python bench/e2e.py" + "".join(f" {a}" for a in sys.argv[1:])
     results["cli_help"] = cli_help(10)
-    peer_set = PeerSet(args.aws, {p for p in args.peers.split(",") if p in ("sync", "bundle")}, args.peer_runs)
+    peer_set = PeerSet(args.aws, {p for p in args.peers.split(",") if p in ("sync", "bundle")}, args.peer_runs,
+                       args.peer_max_files)
     pooled = Samples()
     try:
         with EmbeddedStack(work / "state", sidecars=args.sidecars) as stack:
