@@ -122,6 +122,12 @@ class Ingest:
         except NotFound:
             logger.warning("ignoring upload with no deploy record", extra={"key": event.key})
             return Outcome.IGNORED
+        if deploy.delta is not None and not deploy.state.final:
+            # A delta deploy's bundle is written by ingest itself, once validated, and published by that same
+            # invocation (or, after a crash, by the delta's redelivery): its arrival here changes nothing, and
+            # whatever else is written to the key is not the object version that is published.
+            logger.info("a delta deploy's bundle: decided by its delta's handler", extra={"state": deploy.state.value})
+            return Outcome.IGNORED
         uploaded_at = None if deploy.state.final else self._store.start_validation(
             deployment, deploy_id, self._clock(), stored_at=event.stored_at
         )
