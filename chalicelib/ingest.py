@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, BinaryIO
@@ -363,9 +365,11 @@ class Ingest:
         self, deploy: Deploy, report: Report, started: float, base: LiveBase | None, collect: DeltaCollector | None,
         limits: Limits, object_version: str | None,
     ) -> Outcome:
-        manifest_key = self._publisher.save_manifest(deploy, report.manifest)
+        # the manifest is written while the sidecars' delta is made (and written, when it is ingest's own)
+        saving = _background().submit(self._publisher.save_manifest, deploy, report.manifest)
         built = collect.build(report.manifest, report.bytes) if collect else None
         delta = self._sidecar_delta(deploy, base, built)
+        manifest_key = saving.result()
         if collect and collect.abandoned:
             logger.info("no delta for this deploy", extra={"reason": collect.abandoned})
         validation_ms = int((time.monotonic() - started) * 1000)
@@ -395,6 +399,19 @@ class Ingest:
             upload_to_active_s=(version.created_at - uploaded) / 1000 if uploaded else None,
         )
         return Outcome.ACTIVE
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _background() -> ThreadPoolExecutor:
+    """Threads for writes that need not wait on each other (kept, like the compile workers, by a warm function)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dagcast-ingest")
+        return _POOL
 
 
 def _issue(code: str, message: str) -> Issue:

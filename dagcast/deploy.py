@@ -426,8 +426,8 @@ def _await_rebuild(api: ApiClient, opts: DeployOptions, deploy_id: str) -> dict[
             time.sleep(opts.poll_interval)
             continue
         deploy = view["deploy"]
-        if deploy["state"] == "PENDING":
-            continue
+        if deploy["state"] == "PENDING" or (deploy["state"] == "VALIDATING" and not deploy.get("rebuilt_at")):
+            continue  # not rebuilt yet (a refused delta is VALIDATING for a moment before it is REJECTED)
         errors = deploy.get("errors") or []
         if deploy["state"] == "REJECTED" and errors and errors[0]["code"] in ("base_moved", *RETRY_FULL):
             return dict(errors[0])
