@@ -174,11 +174,13 @@ def _end_process(code: int) -> None:
     import threading
 
     gc.freeze()
-    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+    run_exitfuncs = getattr(atexit, "_run_exitfuncs", None)  # CPython's own, since 3.0; tested
+    if run_exitfuncs is None or any(
+            t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
         return
     # logging.shutdown (flushes every handler), weakref.finalize callbacks (temporary folders, the
     # parser's child), multiprocessing's children: what atexit holds runs as at any exit
-    atexit._run_exitfuncs()
+    run_exitfuncs()
     try:
         sys.stdout.flush()
         sys.stderr.flush()
