@@ -568,9 +568,10 @@ def _live_manifest(live: dict[str, Any] | None) -> list[FileEntry] | None:
     import httpx
 
     from chalicelib.manifest import decode_manifest
+    from dagcast.client import tls_context
 
     try:
-        resp = httpx.get(live["manifest_url"], timeout=30)
+        resp = httpx.get(live["manifest_url"], timeout=30, verify=tls_context())
         resp.raise_for_status()
         return decode_manifest(resp.content)
     except (httpx.HTTPError, ValueError):
@@ -581,6 +582,8 @@ def upload(form: dict[str, Any], stream: BinaryIO | ProgressReader, attempts: in
     """POST the bundle to the presigned form, rewinding the stream on every attempt."""
     import httpx
 
+    from dagcast.client import tls_context
+
     for attempt in range(attempts):
         last = attempt == attempts - 1
         stream.seek(0)
@@ -590,6 +593,7 @@ def upload(form: dict[str, Any], stream: BinaryIO | ProgressReader, attempts: in
                 data=form["fields"],
                 files={"file": ("bundle.tar.gz", cast(IO[bytes], stream), "application/gzip")},
                 timeout=httpx.Timeout(30.0, write=300.0),
+                verify=tls_context(),
             )
         except httpx.TransportError as exc:
             if last:
