@@ -13,15 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, BinaryIO, cast
+from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
-import httpx
-
-from chalicelib.bundle import BundleInfo, DeltaCollector, FileEntry, Limits, Report, validate_stream
-from chalicelib.manifest import DeployDiff, decode_manifest, diff_manifests, summary
-from dagcast import bundler, compile_cache, gitinfo
-from dagcast.bundler import Collected, human_size
-from dagcast.client import ApiClient, backoff
 from dagcast.exceptions import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
@@ -37,6 +30,16 @@ from dagcast.exceptions import (
     UploadFailed,
     WaitTimeout,
 )
+
+# What the deploy works with is imported when it starts working (in _run, while the look-ahead waits
+# on the API), not with this module: the command creates its DeployResult, whose Timings are the
+# deploy's clock, first. httpx comes with the ApiClient the caller made; pydantic, the bundler and the
+# validator (chalicelib.bundle: ~70 ms of imports) with the first stage that uses them.
+if TYPE_CHECKING:
+    from chalicelib.bundle import BundleInfo, DeltaCollector, FileEntry, Limits, Report
+    from chalicelib.manifest import DeployDiff
+    from dagcast.bundler import Collected
+    from dagcast.client import ApiClient
 
 Say = Callable[[str], None]
 Progress = Callable[[int, int], None]  # (bytes sent, total)
@@ -228,11 +231,15 @@ class _LookAhead(threading.Thread):
         try:
             try:
                 self.deployment = self._api.get_deployment(self._opts.deployment)
+                from chalicelib.bundle import Limits  # imported meanwhile by the main thread, most often
+
                 self.limits = Limits.model_validate(self.deployment.get("limits") or {})
             finally:
                 self.limits_known.set()
             self.live = _live_version(self._api, self._opts.deployment)
             self.manifest = _live_manifest(self.live)
+            from dagcast import gitinfo
+
             self.git = gitinfo.describe(self._opts.dags_path)
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread by result()
             self._error = exc
@@ -257,6 +264,8 @@ def _run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | Non
         live = ahead.result().live
         diff = None
         if report is not None:
+            from chalicelib.manifest import diff_manifests, summary
+
             diff = diff_manifests(ahead.manifest, report.manifest)
             result.diff = diff.model_dump()
             if live is not None:
@@ -305,6 +314,8 @@ def _ship(api: ApiClient, opts: DeployOptions, tmp: BinaryIO, info: BundleInfo, 
     again once against the new live version; after that, or when the delta cannot work, the bundle goes.
     Returns the deploy's id (once a delta was rebuilt into the bundle, or the bundle was uploaded).
     `delta` is the first one to try, made while the bundle was validated."""
+    from dagcast.bundler import human_size
+
     retried = False
     while True:
         mark = time.perf_counter()
@@ -357,6 +368,8 @@ class _Delta:
 def _delta_of(collect: DeltaCollector, report: Report, live: dict[str, Any], bundle_size: int) -> _Delta | None:
     """The delta `collect` gathered while `report`'s bundle was read, against the live version; None when
     it would not be much smaller than the bundle."""
+    from dagcast import bundler
+
     built = collect.build(report.manifest, report.bytes) if report.valid else None
     if built is None or len(built.data) * 2 > bundle_size:
         return None
@@ -378,6 +391,8 @@ def _delta_against(api: ApiClient, opts: DeployOptions, tmp: BinaryIO, limits: L
                    say: Say) -> _Delta | None:
     """After the live version moved: the delta of the bundle in tmp against the version live now (the
     bundle read once more, without compiling), or None to upload the bundle."""
+    from chalicelib.bundle import DeltaCollector, validate_stream
+
     live = _live_version(api, opts.deployment)
     manifest = _live_manifest(live)
     if live is None or manifest is None:
@@ -472,6 +487,12 @@ def _bundle_and_validate(
     compile cache is this machine's, and .py files it has never seen are compiled by worker processes
     while the bundle is written. The same pass gathers the delta against the live version (unless --full),
     returned as its collector. Raises BundleInvalid, with nothing uploaded."""
+    # the first stage that needs them (pydantic, tarfile, the validator): imported while the look-ahead
+    # started by _run waits on the API
+    from chalicelib.bundle import DeltaCollector, Limits, validate_stream
+    from dagcast import bundler, compile_cache
+    from dagcast.bundler import human_size
+
     validating = not opts.skip_validation or opts.dry_run
     started = time.perf_counter()
     collected = bundler.collect(opts.dags_path)
@@ -546,8 +567,13 @@ def _live_version(api: ApiClient, deployment: str) -> dict[str, Any] | None:
 def _live_manifest(live: dict[str, Any] | None) -> list[FileEntry] | None:
     if not live or not live.get("manifest_url"):
         return None
+    import httpx
+
+    from chalicelib.manifest import decode_manifest
+    from dagcast.client import tls_context
+
     try:
-        resp = httpx.get(live["manifest_url"], timeout=30)
+        resp = httpx.get(live["manifest_url"], timeout=30, verify=tls_context())
         resp.raise_for_status()
         return decode_manifest(resp.content)
     except (httpx.HTTPError, ValueError):
@@ -556,6 +582,10 @@ def _live_manifest(live: dict[str, Any] | None) -> list[FileEntry] | None:
 
 def upload(form: dict[str, Any], stream: BinaryIO | ProgressReader, attempts: int, say: Say) -> None:
     """POST the bundle to the presigned form, rewinding the stream on every attempt."""
+    import httpx
+
+    from dagcast.client import tls_context
+
     for attempt in range(attempts):
         last = attempt == attempts - 1
         stream.seek(0)
@@ -565,6 +595,7 @@ def upload(form: dict[str, Any], stream: BinaryIO | ProgressReader, attempts: in
                 data=form["fields"],
                 files={"file": ("bundle.tar.gz", cast(IO[bytes], stream), "application/gzip")},
                 timeout=httpx.Timeout(30.0, write=300.0),
+                verify=tls_context(),
             )
         except httpx.TransportError as exc:
             if last:
@@ -582,6 +613,8 @@ def upload(form: dict[str, Any], stream: BinaryIO | ProgressReader, attempts: in
 
 
 def _retry(say: Say, what: str, attempt: int, attempts: int) -> None:
+    from dagcast.client import backoff
+
     delay = backoff(attempt)
     say(f"{what}; retrying in {delay:.1f}s (attempt {attempt + 2}/{attempts})")
     time.sleep(delay)
@@ -635,6 +668,8 @@ def wait(api: ApiClient, opts: DeployOptions, deploy_id: str, result: DeployResu
 
 
 def _wait(api: ApiClient, opts: DeployOptions, deploy_id: str, result: DeployResult, say: Say) -> DeployResult:
+    from dagcast.client import backoff
+
     deadline = time.monotonic() + opts.timeout
     last_state = ""
     seen: tuple[Any, ...] = ()

@@ -12,7 +12,7 @@ import pytest
 
 import chalicelib.bundle.validate as validation
 from chalicelib.bundle import CompileCache, validate_stream
-from dagcast import compile_cache, deploy
+from dagcast import bundler, compile_cache, deploy
 from dagcast.exceptions import ApiError, BundleInvalid
 
 
@@ -196,7 +196,7 @@ def test_new_files_are_compiled_by_workers_with_the_validators_own_results(
     cache = CompileCache()
     assert compile_cache.Prewarm(root, paths, cache, workers=2).join() == 39
     reference = CompileCache()
-    deploy.bundler.build(root, (tmp_path / "b.tgz").open("wb"))
+    bundler.build(root, (tmp_path / "b.tgz").open("wb"))
     with (tmp_path / "b.tgz").open("rb") as f:
         report = validate_stream(f, cache=reference)
     assert cache.entries == reference.entries, "the same entries the validator makes, and none for the broken file"
