@@ -54,6 +54,7 @@ bench: install
 	$(PY) bench/sidecar_bench.py
 	$(PY) bench/e2e.py
 	$(PY) bench/cli_overhead.py
+	$(PY) bench/wait_notice.py
 	$(PY) bench/durable.py
 	$(PY) bench/delta_bench.py
 	$(PY) bench/packaging_bench.py
