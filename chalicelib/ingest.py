@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -63,6 +62,8 @@ _COMPILED = CompileCache()
 _WORKERS: CompileWorkers | None = None
 PARALLEL_MIN_BUNDLE = 2 * 1024 * 1024  # compressed bytes; smaller bundles compile in well under a second
 ABANDONED = (DeployState.CANCELLED, DeployState.EXPIRED)
+# writes that need not wait on each other (threads start on first use; kept, like the workers, by a warm function)
+_BACKGROUND = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dagcast-ingest")
 
 
 def compile_workers(settings: Settings) -> CompileWorkers:
@@ -167,8 +168,6 @@ class Ingest:
                 fresh = self._store.get_deploy(deployment, deploy_id)
                 out.seek(0)
                 return self._validate_and_publish(fresh.model_copy(update={"uploaded_at": uploaded_at}), None, rebuilt=out)
-        if problem.code == "cancelled":
-            return Outcome.IGNORED
         if self._store.start_validation(deployment, deploy_id, self._clock(), stored_at=event.stored_at) is None:
             return Outcome.IGNORED
         self._bundles.delete(event.key)
@@ -176,7 +175,8 @@ class Ingest:
 
     def _rebuild(self, deploy: Deploy, delta: DeltaUpload, object_version: str | None, out: BinaryIO) -> Issue | None:
         """Write the rebuilt bundle to `out` (a local file, stored at deploy.key once it is valid); the Issue
-        that rejects the deploy, a `cancelled` one when it was cancelled or expired meanwhile, or None."""
+        that rejects the deploy, or None (also when it was cancelled or expired meanwhile: the caller's
+        start_validation then finds it so)."""
         assert deploy.delta_key is not None
         deployment = self._store.get_deployment(deploy.deployment)
         limits = deployment.limits
@@ -233,7 +233,7 @@ class Ingest:
         if not self._store.mark_rebuilt(deploy.deployment, deploy.deploy_id, self._clock(), read_version):
             logger.info("deploy cancelled or expired while its bundle was rebuilt")
             self._bundles.delete(deploy.delta_key)
-            return _issue("cancelled", "the deploy was cancelled or expired while its bundle was rebuilt")
+            return None
         # The uploaded delta stays until the rebuilt bundle is decided: when its base is still the live
         # version, it is the sidecars' delta too (see _sidecar_delta).
         logger.info("bundle rebuilt from a delta", extra={"base_version": delta.base_version, "delta_bytes": delta.size,
@@ -366,7 +366,7 @@ class Ingest:
         limits: Limits, object_version: str | None,
     ) -> Outcome:
         # the manifest is written while the sidecars' delta is made (and written, when it is ingest's own)
-        saving = _background().submit(self._publisher.save_manifest, deploy, report.manifest)
+        saving = _BACKGROUND.submit(self._publisher.save_manifest, deploy, report.manifest)
         built = collect.build(report.manifest, report.bytes) if collect else None
         delta = self._sidecar_delta(deploy, base, built)
         manifest_key = saving.result()
@@ -399,19 +399,6 @@ class Ingest:
             upload_to_active_s=(version.created_at - uploaded) / 1000 if uploaded else None,
         )
         return Outcome.ACTIVE
-
-
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _background() -> ThreadPoolExecutor:
-    """Threads for writes that need not wait on each other (kept, like the compile workers, by a warm function)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="dagcast-ingest")
-        return _POOL
 
 
 def _issue(code: str, message: str) -> Issue:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -79,7 +78,6 @@ from chalicelib.telemetry import Telemetry
 from chalicelib.wakeups import DeployWakeups, Sleeper, Waiter
 
 MAX_WEBHOOKS = 20
-_POOL_LOCK = threading.Lock()
 
 
 def now_ms() -> int:
@@ -116,7 +114,9 @@ class ControlPlane:
         wakeups: DeployWakeups | None = None,
     ) -> None:
         self._wakeups = wakeups  # the store signals it after writes to a deploy record (one process serving all calls)
-        self._read_pool: ThreadPoolExecutor | None = None
+        # the independent reads of a view (the deploy, its sidecars, its parse reports) and of a report,
+        # made at the same time: one round trip to DynamoDB instead of three (threads start on first use)
+        self._reads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dagcast-view")
         self._signer = signer
         self._telemetry = telemetry or Telemetry()
         self._forget_token = forget_token  # drops a revoked token from this process's authenticator cache
@@ -254,7 +254,7 @@ class ControlPlane:
                      parses: bool | None = None) -> DeployView:
         """`parses`: whether the deploy has parse reports, when the caller knows (they are then read
         with the rest); None: read after the deploy record, if it names any."""
-        reads = self._reads()
+        reads = self._reads
         later_deploy = reads.submit(self._store.get_deploy, deployment, deploy_id)
         later_sidecars = reads.submit(self._store.list_sidecars, deployment)
         later_parses = reads.submit(self._store.list_parses, deployment, deploy_id) if parses else None
@@ -270,10 +270,9 @@ class ControlPlane:
         live = [s for s in views if s.live]
         on_version = [s for s in live if s.on_deploy]
         converged = deploy.state is DeployState.ACTIVE and len(on_version) == len(live)
-        if later_parses is not None:
-            reports = later_parses.result() if deploy.parsed else []
-        else:
-            reports = self._store.list_parses(deployment, deploy_id) if deploy.parsed else []
+        reports = []
+        if deploy.parsed:
+            reports = later_parses.result() if later_parses else self._store.list_parses(deployment, deploy_id)
         if converged and live and deploy.converged_at is None:
             at = self._note_convergence(deploy, [s.name for s in live], partial_convergence)
             if at is not None:
@@ -287,15 +286,6 @@ class ControlPlane:
             stages=deploy.stages(),
             parse=_parse_view(deploy, views, reports),
         )
-
-    def _reads(self) -> ThreadPoolExecutor:
-        """Threads for the independent reads of a view (the deploy, its sidecars, its parse reports),
-        made at the same time: one round trip to DynamoDB instead of three."""
-        if self._read_pool is None:
-            with _POOL_LOCK:
-                if self._read_pool is None:
-                    self._read_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dagcast-view")
-        return self._read_pool
 
     def list_deploys(self, deployment: str, limit: int, cursor: str | None) -> Page:
         self._store.get_deployment(deployment)
@@ -700,7 +690,7 @@ class ControlPlane:
         fields["last_heartbeat"] = self._clock()
         # The reads an activation needs go out with the heartbeat's write (one round trip, not three): the
         # report is on the path of every deploy to every sidecar. Nothing is decided before the write is in.
-        reads = self._reads()
+        reads = self._reads
         later_dep = reads.submit(self._store.get_deployment, deployment)
         later_identity = reads.submit(self._version_identity, deployment, req.version) if req.version else None
         sidecar, before = self._store.heartbeat(deployment, name, fields, hash_token(secret))
@@ -730,7 +720,7 @@ class ControlPlane:
         when it names a recorded version exactly (number and sha256), for that version's deploy."""
         if not secret:
             raise Forbidden(f"a parse report of sidecar {name!r} needs its secret (X-Dagcast-Sidecar-Secret)")
-        reads = self._reads()  # what the report needs, read at once; nothing is written before the secret is checked
+        reads = self._reads  # what the report needs, read at once; nothing is written before the secret is checked
         later_dep = reads.submit(self._store.get_deployment, deployment)
         later_identity = reads.submit(self._store.version_identity, deployment, req.version)
         sidecar = self._store.get_sidecar(deployment, name)

@@ -15,6 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
+import httpx
+
+from dagcast.client import ApiClient, backoff, tls_context
 from dagcast.exceptions import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
@@ -33,13 +36,13 @@ from dagcast.exceptions import (
 
 # What the deploy works with is imported when it starts working (in _run, while the look-ahead waits
 # on the API), not with this module: the command creates its DeployResult, whose Timings are the
-# deploy's clock, first. httpx comes with the ApiClient the caller made; pydantic, the bundler and the
-# validator (chalicelib.bundle: ~70 ms of imports) with the first stage that uses them.
+# deploy's clock, first. httpx and the API client are imported by then anyway (the command made its
+# ApiClient); pydantic, the bundler and the validator (chalicelib.bundle: ~70 ms of imports) come
+# with the first stage that uses them.
 if TYPE_CHECKING:
     from chalicelib.bundle import BundleInfo, DeltaCollector, FileEntry, Limits, Report
     from chalicelib.manifest import DeployDiff
     from dagcast.bundler import Collected
-    from dagcast.client import ApiClient
 
 Say = Callable[[str], None]
 Progress = Callable[[int, int], None]  # (bytes sent, total)
@@ -567,10 +570,7 @@ def _live_version(api: ApiClient, deployment: str) -> dict[str, Any] | None:
 def _live_manifest(live: dict[str, Any] | None) -> list[FileEntry] | None:
     if not live or not live.get("manifest_url"):
         return None
-    import httpx
-
     from chalicelib.manifest import decode_manifest
-    from dagcast.client import tls_context
 
     try:
         resp = httpx.get(live["manifest_url"], timeout=30, verify=tls_context())
@@ -582,10 +582,6 @@ def _live_manifest(live: dict[str, Any] | None) -> list[FileEntry] | None:
 
 def upload(form: dict[str, Any], stream: BinaryIO | ProgressReader, attempts: int, say: Say) -> None:
     """POST the bundle to the presigned form, rewinding the stream on every attempt."""
-    import httpx
-
-    from dagcast.client import tls_context
-
     for attempt in range(attempts):
         last = attempt == attempts - 1
         stream.seek(0)
@@ -613,8 +609,6 @@ def upload(form: dict[str, Any], stream: BinaryIO | ProgressReader, attempts: in
 
 
 def _retry(say: Say, what: str, attempt: int, attempts: int) -> None:
-    from dagcast.client import backoff
-
     delay = backoff(attempt)
     say(f"{what}; retrying in {delay:.1f}s (attempt {attempt + 2}/{attempts})")
     time.sleep(delay)
@@ -668,8 +662,6 @@ def wait(api: ApiClient, opts: DeployOptions, deploy_id: str, result: DeployResu
 
 
 def _wait(api: ApiClient, opts: DeployOptions, deploy_id: str, result: DeployResult, say: Say) -> DeployResult:
-    from dagcast.client import backoff
-
     deadline = time.monotonic() + opts.timeout
     last_state = ""
     seen: tuple[Any, ...] = ()

@@ -682,19 +682,19 @@ class _Worker:
 
 
 DEFAULT_HEURISTIC = "airflow.utils.file.might_contain_dag_via_default_heuristic"
-_HEURISTIC = {"immutable": False}  # the request being served lists a folder of immutable files
 HEURISTIC_KEPT = 200_000  # files whose answer the warm child remembers
 
 
-def _remember_dag_heuristic(conf: Any) -> None:
+def _remember_dag_heuristic(conf: Any, immutable: Callable[[], bool]) -> None:
     """In the warm child: Airflow's listing (`[core] dag_discovery_safe_mode`) reads every .py file of the
     folder for the words "dag" and "airflow", on every parse, and each version is a new folder. Its
     unchanged files are hard links of the same immutable files, so the answer of Airflow's default
     heuristic (a function of the bytes alone) is remembered by the file's identity (device, inode, size,
     mtime): an incremental parse of 10,000 files reads only what changed. A `might_contain_dag_callable`
     of the user's own is left alone (it may look at more than the bytes). Only for folders that are
-    never written in place (`Parser(immutable=True)`: the sidecar's version folders); any other folder
-    may be edited between two parses within one tick of the file system's clock."""
+    never written in place (`Parser(immutable=True)`: the sidecar's version folders; `immutable()`
+    says whether the request being served lists one); any other folder may be edited between two
+    parses within one tick of the file system's clock."""
     from airflow.utils import file as airflow_file
 
     if conf.get("core", "might_contain_dag_callable", fallback=DEFAULT_HEURISTIC) != DEFAULT_HEURISTIC:
@@ -703,7 +703,7 @@ def _remember_dag_heuristic(conf: Any) -> None:
     known: dict[tuple[int, int, int, int], bool] = {}
 
     def might_contain_dag(file_path: str, safe_mode: bool, zip_file: Any = None) -> bool:
-        if not safe_mode or zip_file is not None or not _HEURISTIC["immutable"]:
+        if not safe_mode or zip_file is not None or not immutable():
             return bool(original(file_path, safe_mode, zip_file))
         try:
             st = os.stat(file_path)
@@ -741,7 +741,8 @@ class _Warm:
         self.version = str(getattr(airflow, "__version__", ""))
         self.conf: Any = conf
         self.list_files: Callable[..., list[str]] = list_py_file_paths
-        _remember_dag_heuristic(conf)
+        self.immutable = False  # the request being served lists a folder of immutable files
+        _remember_dag_heuristic(conf, lambda: self.immutable)
         self.tried: set[str] = set()
         self.gc: Any = gc
         self._warm_up(workdir)
@@ -799,7 +800,7 @@ class _Warm:
         file_timeout = request.get("file_timeout")
         timeout_value = float(file_timeout) if file_timeout is not None else \
             self.conf.getfloat("core", "dagbag_import_timeout", fallback=30.0)
-        _HEURISTIC["immutable"] = bool(request.get("immutable"))
+        self.immutable = bool(request.get("immutable"))
         listed = [Path(p).relative_to(folder).as_posix() for p in self.list_files(folder, safe_mode=safe_mode)]
         select_ = request.get("select")
         if select_ is None:
