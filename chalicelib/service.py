@@ -274,7 +274,7 @@ class ControlPlane:
         if deploy.parsed:
             reports = later_parses.result() if later_parses else self._store.list_parses(deployment, deploy_id)
         if converged and live and deploy.converged_at is None:
-            at = self._note_convergence(deploy, [s.name for s in live], partial_convergence)
+            at = self._note_convergence(deploy, live, partial_convergence)
             if at is not None:
                 deploy = deploy.model_copy(update={"converged_at": at})
         return DeployView(
@@ -497,23 +497,25 @@ class ControlPlane:
         self._store.get_deployment(deployment)
         return self._store.list_deliveries(deployment, limit)
 
-    def _note_convergence(self, deploy: Deploy, live: list[str], partial: bool = True) -> int | None:
+    def _note_convergence(self, deploy: Deploy, live: list[SidecarView], partial: bool = True) -> int | None:
         """Record (once) when the last live sidecar ran the deploy, from their activation times;
         returns that time when this call recorded it. A live sidecar on the version with no activation
-        on record (it was on it when it registered) counts from now, unless `partial` is False: a
-        heartbeat's own check, which may run between another sidecar's heartbeat and its activation
-        record (that sidecar's heartbeat then notes it)."""
+        on record counts from when it reported going live (its last sync, as its heartbeat gave it, and
+        never before the deploy went ACTIVE): a sidecar that was on the version when it registered, or a
+        view read between its heartbeat and its activation record, which holds that same time. With
+        `partial` False (a heartbeat's own check) such a sidecar's heartbeat notes it instead."""
         if deploy.activated_at is None or deploy.version is None:
             return None
-        seen = [deploy.activations[name] for name in live if name in deploy.activations]
-        if len(seen) != len(live) and not partial:
+        seen = [deploy.activations.get(s.name) for s in live]
+        if None in seen and not partial:
             return None
-        at = max(seen) if len(seen) == len(live) else self._clock()
+        at = max(t if t is not None else max(s.last_sync_at or s.last_heartbeat, deploy.activated_at)
+                 for t, s in zip(seen, live, strict=True))
         if not self._store.mark_converged(deploy.deployment, deploy.deploy_id, at):
             return None
         self._telemetry.sidecars_converged(max(0, at - deploy.activated_at) / 1000)
         done = deploy.model_copy(update={"converged_at": at})
-        self._events.emit(EventType.LIVE, deploy_detail(EventType.LIVE, done, sidecars=sorted(live),
+        self._events.emit(EventType.LIVE, deploy_detail(EventType.LIVE, done, sidecars=sorted(s.name for s in live),
                                                         stages=done.stages().model_dump(mode="json")))
         return at
 

@@ -145,6 +145,47 @@ def test_the_api_serves_stages_with_a_deploy_and_in_the_history(
     assert items[0]["deploy_id"] == live_deploy and items[0]["stages"] == view["stages"]
 
 
+def test_a_view_read_between_a_heartbeat_and_its_activation_record_notes_the_sidecars_own_time(
+    client: Client, deployment: str, live_deploy: str, viewer_token: str, sidecars: Sidecars,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The heartbeat writes the sidecar's row, then the deploy's activation: a view read in between sees
+    the sidecar on the version with no activation yet. Convergence is then noted from the time that
+    sidecar reported going live (the one its activation will hold), not from the reader's clock."""
+    store = app_module.get_store()
+    activated_at = store.get_deploy(deployment, live_deploy).activated_at
+    assert activated_at is not None
+    sidecars.report("w1", 1, last_notified_at=activated_at + 10, last_sync_at=activated_at + 40)
+    monkeypatch.setattr(type(store), "record_activation", lambda *a, **k: None)
+    sidecars.report("w2", 1, last_notified_at=activated_at + 15, last_sync_at=activated_at + 90)
+    monkeypatch.undo()
+    headers = {"Authorization": f"Bearer {viewer_token}"}
+    view = client.http.get(f"/deployments/{deployment}/deploys/{live_deploy}", headers=headers).json_body
+    assert view["converged"] is True
+    assert view["deploy"]["converged_at"] == activated_at + 90
+    store.record_activation(deployment, live_deploy, "w2", activated_at + 90, activated_at + 15)
+    deploy = store.get_deploy(deployment, live_deploy)
+    assert deploy.converged_at == max(deploy.activations.values())
+
+
+def test_a_sidecar_already_on_the_version_counts_as_live_from_the_deploy_going_active(
+    client: Client, deployment: str, live_deploy: str, viewer_token: str, sidecars: Sidecars,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One with no activation that went live before the deploy did (it had the version already)."""
+    store = app_module.get_store()
+    activated_at = store.get_deploy(deployment, live_deploy).activated_at
+    assert activated_at is not None
+    monkeypatch.setattr(type(store), "record_activation", lambda *a, **k: None)
+    for name in ("w1", "w2"):
+        sidecars.report(name, 1, last_sync_at=activated_at - 5_000)
+    monkeypatch.undo()
+    headers = {"Authorization": f"Bearer {viewer_token}"}
+    view = client.http.get(f"/deployments/{deployment}/deploys/{live_deploy}", headers=headers).json_body
+    assert view["converged"] is True and view["deploy"]["converged_at"] == activated_at
+    assert view["stages"]["active_to_all_live_s"] == 0
+
+
 # --- the long poll -----------------------------------------------------------------------
 
 
