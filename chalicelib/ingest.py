@@ -11,11 +11,13 @@ per file, a deadline per bundle; see chalicelib.bundle.compile_workers).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
 from typing import Any, BinaryIO
@@ -43,7 +45,7 @@ from chalicelib.bundle.rebuild import read_delta, rebuild_bundle
 from chalicelib.events import EventType, deploy_detail, errors_detail
 from chalicelib.exceptions import NotFound, StorageError
 from chalicelib.manifest import diff_manifests
-from chalicelib.models import Delta, DeltaUpload, Deploy, DeployState, IngestEvent
+from chalicelib.models import Delta, DeltaUpload, Deploy, Deployment, DeployState, IngestEvent, Version
 from chalicelib.publish import LiveBase, Publisher
 from chalicelib.settings import Settings
 from chalicelib.storage import BundleStorage, parse_bundle_key, parse_delta_key
@@ -158,60 +160,83 @@ class Ingest:
             return Outcome.IGNORED
         started = time.monotonic()
         with tempfile.TemporaryFile(prefix="dagcast-rebuilt-") as out:
-            problem = self._rebuild(deploy, deploy.delta, event.version_id, out)
-            if problem is None:
+            rebuilt = self._rebuild(deploy, deploy.delta, event.version_id, out)
+            if isinstance(rebuilt, _Rebuilt):
                 # Validated here, from the file just written, and stored only once valid: no second
                 # download, no wait for the stored bundle's own notification (which then finds it decided).
-                uploaded_at = self._store.start_validation(deployment, deploy_id, self._clock(), stored_at=event.stored_at)
-                if uploaded_at is None:
+                fresh = self._store.start_rebuilt_validation(deployment, deploy_id, self._clock(), rebuilt.read_version,
+                                                             stored_at=event.stored_at)
+                if fresh is None:
+                    logger.info("deploy cancelled or expired while its bundle was rebuilt")
+                    self._bundles.delete(event.key)
                     return Outcome.IGNORED
-                fresh = self._store.get_deploy(deployment, deploy_id)
+                # The uploaded delta stays until the rebuilt bundle is decided: when its base is still the
+                # live version, it is the sidecars' delta too (see _sidecar_delta).
+                logger.info("bundle rebuilt from a delta", extra={
+                    "base_version": deploy.delta.base_version, "delta_bytes": deploy.delta.size,
+                    "bundle_bytes": deploy.size})
                 out.seek(0)
-                return self._validate_and_publish(fresh.model_copy(update={"uploaded_at": uploaded_at}), None, rebuilt=out)
+                return self._validate_and_publish(fresh, None, rebuilt=out, known=(rebuilt.deployment, rebuilt.base))
         if self._store.start_validation(deployment, deploy_id, self._clock(), stored_at=event.stored_at) is None:
             return Outcome.IGNORED
         self._bundles.delete(event.key)
-        return self._reject(deploy, [problem], started)
+        return self._reject(deploy, [rebuilt], started)
 
-    def _rebuild(self, deploy: Deploy, delta: DeltaUpload, object_version: str | None, out: BinaryIO) -> Issue | None:
-        """Write the rebuilt bundle to `out` (a local file, stored at deploy.key once it is valid); the Issue
-        that rejects the deploy, or None (also when it was cancelled or expired meanwhile: the caller's
-        start_validation then finds it so)."""
+    def _rebuild(self, deploy: Deploy, delta: DeltaUpload, object_version: str | None, out: BinaryIO) -> Issue | _Rebuilt:
+        """Write the rebuilt bundle to `out` (a local file, stored at deploy.key once it is valid): what it
+        was rebuilt from, or the Issue that rejects the deploy. The reads go out together: the deployment,
+        the base version and the uploaded delta, then the base's file list and its bundle."""
         assert deploy.delta_key is not None
+        later_base = _BACKGROUND.submit(self._store.get_version, deploy.deployment, delta.base_version)
+        later_delta = _BACKGROUND.submit(self._bundles.open, deploy.delta_key, object_version)
+        try:
+            return self._rebuild_from(deploy, delta, later_base, later_delta, out)
+        finally:
+            with contextlib.suppress(Exception):  # whatever path was taken, the delta's stream is closed
+                later_delta.result()[0].close()
+
+    def _rebuild_from(self, deploy: Deploy, delta: DeltaUpload, later_base: Future[Version],
+                      later_delta: Future[tuple[BinaryIO, int, str | None]], out: BinaryIO) -> Issue | _Rebuilt:
         deployment = self._store.get_deployment(deploy.deployment)
-        limits = deployment.limits
         if deployment.current_version != delta.base_version:
             return _issue("base_moved", f"the delta was made against v{delta.base_version}, but "
                           f"v{deployment.current_version} went live meanwhile; deploy again (the CLI does, once)")
         try:
-            base = self._store.get_version(deploy.deployment, delta.base_version)
+            base = later_base.result()
         except NotFound:
             return _issue("base_unavailable", f"v{delta.base_version}, the delta's base, is no longer kept")
         if base.sha256 != delta.base_sha256:
             return _issue("base_moved", f"v{delta.base_version} is not the bundle the delta was made against")
+        later_body = _BACKGROUND.submit(self._bundles.open, base.key, base.object_version)
+        try:
+            return self._rebuild_on(deploy, delta, deployment, base, later_delta, later_body, out)
+        finally:
+            with contextlib.suppress(Exception):
+                later_body.result()[0].close()
+
+    def _rebuild_on(self, deploy: Deploy, delta: DeltaUpload, deployment: Deployment, base: Version,
+                    later_delta: Future[tuple[BinaryIO, int, str | None]],
+                    later_body: Future[tuple[BinaryIO, int, str | None]], out: BinaryIO) -> Issue | _Rebuilt:
         base_deploy = self._store.get_deploy_fields(deploy.deployment, base.deploy_id, ["manifest_key"])
         manifest = self._publisher.load_manifest(base_deploy.get("manifest_key"))
         if manifest is None:
             return _issue("base_unavailable", f"the file list of v{delta.base_version}, the delta's base, is gone")
         try:
-            body, size, read_version = self._bundles.open(deploy.delta_key, object_version)
+            body, size, read_version = later_delta.result()
         except StorageError:
             return _issue("upload_missing", "the uploaded delta cannot be read")
+        if size != delta.size:
+            return _issue("size_mismatch", f"uploaded {size} bytes of delta, announced {delta.size}")
         try:
-            if size != delta.size:
-                return _issue("size_mismatch", f"uploaded {size} bytes of delta, announced {delta.size}")
-            try:
-                uploaded = read_delta(body, limits, [f.path for f in manifest], delta.removed)
-            except BundleRejected as exc:
-                first = exc.report.errors[0] if exc.report.errors else _issue("invalid_delta", "the delta is not valid")
-                return first.model_copy(update={"message": f"the uploaded delta: {first.message}"})
-        finally:
-            body.close()
+            uploaded = read_delta(body, deployment.limits, [f.path for f in manifest], delta.removed)
+        except BundleRejected as exc:
+            first = exc.report.errors[0] if exc.report.errors else _issue("invalid_delta", "the delta is not valid")
+            return first.model_copy(update={"message": f"the uploaded delta: {first.message}"})
         if uploaded.sha256 != delta.sha256:
             return _issue("checksum_mismatch", f"uploaded delta sha256 {uploaded.sha256} does not match "
                           f"announced {delta.sha256}")
         try:
-            base_body, _, _ = self._bundles.open(base.key, base.object_version)
+            base_body, _, _ = later_body.result()
         except StorageError:
             return _issue("base_unavailable", f"the bundle of v{delta.base_version}, the delta's base, is gone")
         try:
@@ -223,22 +248,14 @@ class Ingest:
             return _issue("delta_mismatch", f"the rebuilt bundle cannot be written: {exc}")
         except OSError as exc:  # the S3 stream broke: let the queue redeliver
             raise StorageError(f"cannot read the base bundle {base.key}: {exc}") from exc
-        finally:
-            base_body.close()
         if (info.sha256, info.size) != (deploy.sha256, deploy.size):
             return _issue("delta_rebuild_mismatch", f"the bundle rebuilt from v{delta.base_version} and the delta "
                           f"(sha256 {info.sha256}, {info.size} bytes) is not the announced one "
                           f"(sha256 {deploy.sha256}, {deploy.size} bytes)")
+        # the base is the live version (checked above): the sidecars' delta and the diff are against it
+        live = LiveBase(base.version, base.deploy_id, manifest, base.sha256)
         # the object version actually read (a notification may not name one): the sidecars' delta is pinned to it
-        if not self._store.mark_rebuilt(deploy.deployment, deploy.deploy_id, self._clock(), read_version):
-            logger.info("deploy cancelled or expired while its bundle was rebuilt")
-            self._bundles.delete(deploy.delta_key)
-            return None
-        # The uploaded delta stays until the rebuilt bundle is decided: when its base is still the live
-        # version, it is the sidecars' delta too (see _sidecar_delta).
-        logger.info("bundle rebuilt from a delta", extra={"base_version": delta.base_version, "delta_bytes": delta.size,
-                                                           "bundle_bytes": info.size})
-        return None
+        return _Rebuilt(deployment, live, read_version)
 
     def _remove_late_write(self, deploy: Deploy, event: IngestEvent) -> None:
         """A write to the key of a deploy already decided: the upload of a cancelled or expired deploy
@@ -267,12 +284,18 @@ class Ingest:
         except NotFound:
             return None
 
-    def _validate_and_publish(self, deploy: Deploy, object_version: str | None, rebuilt: BinaryIO | None = None) -> Outcome:
+    def _validate_and_publish(self, deploy: Deploy, object_version: str | None, rebuilt: BinaryIO | None = None,
+                              known: tuple[Deployment, LiveBase] | None = None) -> Outcome:
         """Validate the deploy's bundle (the stored upload, or the `rebuilt` local file, stored at the
-        deploy's key only once it is valid) and publish it, or reject it saying why."""
+        deploy's key only once it is valid) and publish it, or reject it saying why. `known`: the
+        deployment and its live version as the rebuild read them, not read again."""
         started = time.monotonic()
-        deployment = self._store.get_deployment(deploy.deployment)
-        base = self._publisher.live_base(deployment)
+        base: LiveBase | None
+        if known is not None:
+            deployment, base = known
+        else:
+            deployment = self._store.get_deployment(deploy.deployment)
+            base = self._publisher.live_base(deployment)
         collect = DeltaCollector({f.path: f.sha256 for f in base.manifest}) if base else None
         if rebuilt is not None:
             body, size = rebuilt, deploy.size
@@ -399,6 +422,15 @@ class Ingest:
             upload_to_active_s=(version.created_at - uploaded) / 1000 if uploaded else None,
         )
         return Outcome.ACTIVE
+
+
+@dataclass(frozen=True)
+class _Rebuilt:
+    """What a delta deploy's bundle was rebuilt from, as read for it."""
+
+    deployment: Deployment
+    base: LiveBase
+    read_version: str | None  # the uploaded delta's object version
 
 
 def _issue(code: str, message: str) -> Issue:

@@ -369,30 +369,37 @@ class Store:
         """Record a rollback deploy directly in VALIDATING: its bundle was validated before."""
         self.create_deploy(deploy)
 
-    def mark_rebuilt(self, deployment: str, deploy_id: str, now_ms: int, delta_object_version: str | None = None) -> bool:
-        """Record that ingest rebuilt a PENDING deploy's bundle from its delta (the object version of the
-        delta it read, when the bucket is versioned); also a VALIDATING one already rebuilt (a redelivery
-        after a crash before it was decided). False when the deploy is no longer either (cancelled or
-        expired meanwhile), and its bundle must not be written."""
+    def start_rebuilt_validation(self, deployment: str, deploy_id: str, now_ms: int,
+                                 delta_object_version: str | None = None, stored_at: int | None = None) -> Deploy | None:
+        """Ingest rebuilt a PENDING deploy's bundle from its delta (the object version of the delta it
+        read, when the bucket is versioned) and validates it now: PENDING -> VALIDATING with `rebuilt_at`,
+        in one write, as start_validation does for an uploaded bundle. Also a VALIDATING one already
+        rebuilt (a redelivery after a crash before it was decided). Returns the deploy as it now is; None
+        when it is no longer either (cancelled or expired meanwhile), and its bundle must not be written."""
         values: dict[str, Any] = {":now": now_ms, ":pending": DeployState.PENDING.value,
                                   ":validating": DeployState.VALIDATING.value}
-        update = "SET rebuilt_at = :now"
+        update = "SET rebuilt_at = :now, #s = :validating, uploaded_at = if_not_exists(uploaded_at, :now)"
         if delta_object_version:
             update += ", delta_object_version = :dov"
             values[":dov"] = delta_object_version
+        if stored_at is not None:
+            update += ", stored_at = if_not_exists(stored_at, :stored)"
+            values[":stored"] = stored_at
         try:
-            self._table.update_item(
+            out = self._table.update_item(
                 Key={"pk": _pk(deployment), "sk": _deploy_sk(deploy_id)},
                 UpdateExpression=update,
                 ConditionExpression="#s = :pending OR (#s = :validating AND attribute_exists(rebuilt_at))",
                 ExpressionAttributeNames={"#s": "state"},
                 ExpressionAttributeValues=values,
+                ReturnValues="ALL_NEW",
             )
         except ClientError as exc:
             if _failed_condition(exc):
-                return False
+                return None
             raise StorageError(f"cannot mark deploy {deploy_id} rebuilt: {exc}") from exc
-        return True
+        self._changed(deployment, deploy_id)
+        return Deploy.model_validate(_strip(out["Attributes"]))
 
     def cancel_deploy(self, deployment: str, deploy_id: str, by: str) -> Deploy:
         """PENDING or VALIDATING -> CANCELLED. Activation requires VALIDATING in the same transaction

@@ -493,24 +493,21 @@ def test_a_stale_worker_that_dies_writing_its_delta_after_the_deploy_went_live_c
 # --- 5. an uploaded delta: the rebuilt bundle is validated before it is stored ---------------
 
 
-def test_a_rebuilt_bundle_is_stored_only_once_valid_and_a_crash_while_validating_it_is_finished_by_the_redelivery(
-    client: Client, aws: StackOutputs, deployment: str, deployer_token: str, make_bundle: MakeBundle,
-    announcements: Announcements, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
-) -> None:
+def start_delta_deploy(client: Client, aws: StackOutputs, deployment: str, deployer_token: str,
+                       make_bundle: MakeBundle) -> tuple[dict[str, Any], str, bytes, str]:
+    """v1 live, then a deploy of v2 uploaded as a delta against it: (deploy, delta key, v2's bundle,
+    the delta's S3 notification)."""
     import io
 
-    import chalicelib.ingest as ingest_module
-    from chalicelib.bundle import CompileWorkerError, DeltaCollector, validate_stream
+    from chalicelib.bundle import DeltaCollector, validate_stream
 
     base = make_bundle(bundle(1))
     deploy_and_ingest(client, aws, deployment, deployer_token, base)
-    assert [m["version"] for m in announcements()] == [1]
     data = make_bundle(bundle(2, **{"dags/new.py": dag("new")}))
     collect = DeltaCollector({f.path: f.sha256 for f in validate_stream(io.BytesIO(base)).manifest})
     report = validate_stream(io.BytesIO(data), check_python=False, collect=collect)
     built = collect.build(report.manifest, report.bytes)
-    store = app_module.get_store()
-    live = store.get_version(deployment, 1)
+    live = app_module.get_store().get_version(deployment, 1)
     assert built is not None
     body = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "delta": {
         "base_version": 1, "base_sha256": live.sha256, "sha256": built.sha256, "size": len(built.data),
@@ -521,7 +518,19 @@ def test_a_rebuilt_bundle_is_stored_only_once_valid_and_a_crash_while_validating
     delta_key = resp.json_body["upload"]["fields"]["key"]
     assert delta_key != deploy["key"] and delta_key.endswith(".delta.tar.gz")
     upload(aws, delta_key, built.data)
-    notification = s3_notification(aws.bucket, delta_key, len(built.data))
+    return deploy, delta_key, data, s3_notification(aws.bucket, delta_key, len(built.data))
+
+
+def test_a_rebuilt_bundle_is_stored_only_once_valid_and_a_crash_while_validating_it_is_finished_by_the_redelivery(
+    client: Client, aws: StackOutputs, deployment: str, deployer_token: str, make_bundle: MakeBundle,
+    announcements: Announcements, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+) -> None:
+    import chalicelib.ingest as ingest_module
+    from chalicelib.bundle import CompileWorkerError
+
+    deploy, delta_key, data, notification = start_delta_deploy(client, aws, deployment, deployer_token, make_bundle)
+    assert [m["version"] for m in announcements()] == [1]
+    store = app_module.get_store()
 
     real = ingest_module.validate_stream
     crashed: list[bool] = []
@@ -557,3 +566,28 @@ def test_a_rebuilt_bundle_is_stored_only_once_valid_and_a_crash_while_validating
     assert ingest(client, s3_notification(aws.bucket, deploy["key"], len(data))) == {"batchItemFailures": []}
     assert [v["version"] for v in items(aws, deployment, "VERSION#")] == [1, 2]
     assert object_versions(aws, deploy["key"]) == [record.object_version]
+
+
+def test_a_delta_deploy_cancelled_while_its_bundle_is_rebuilt_stores_nothing_and_never_goes_live(
+    client: Client, aws: StackOutputs, deployment: str, deployer_token: str, admin_token: str,
+    make_bundle: MakeBundle, announcements: Announcements, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+) -> None:
+    import chalicelib.ingest as ingest_module
+
+    deploy, delta_key, _, notification = start_delta_deploy(client, aws, deployment, deployer_token, make_bundle)
+    real = ingest_module.rebuild_bundle
+
+    def cancelled_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        info = real(*args, **kwargs)
+        url = f"/deployments/{deployment}/deploys/{deploy['deploy_id']}/cancel"
+        resp = client.http.post(url, headers=auth(admin_token))
+        assert resp.status_code == 200, resp.body
+        return info
+
+    monkeypatch.setattr(ingest_module, "rebuild_bundle", cancelled_meanwhile)
+    assert ingest(client, notification) == {"batchItemFailures": []}
+    stored = app_module.get_store().get_deploy(deployment, deploy["deploy_id"])
+    assert stored.state is DeployState.CANCELLED and stored.rebuilt_at is None and stored.version is None
+    assert object_versions(aws, deploy["key"]) == [], "a cancelled deploy's rebuilt bundle was stored"
+    assert object_versions(aws, delta_key) == [], "the cancelled deploy's delta was kept"
+    assert [m["version"] for m in announcements()] == [1]
