@@ -67,7 +67,7 @@ STARTUP_TIMEOUT = 180.0  # importing Airflow in the warm child
 GRACE = 15.0  # the caller waits this much past the deadline for the warm child's own verdict
 _TMP_PREFIX = "dagcast-parse-"
 _TMP_ENV = "DAGCAST_PARSE_TMP"  # the warm child removes it if its parent dies without doing so
-_NICE_ENV = "DAGCAST_PARSE_NICE"  # the warm child (and so its forks) lowers its CPU priority by this
+NICE_FROM_FILES = 20  # a parse of this many files or more runs its workers at the parser's `nice`
 _PR_SET_PDEATHSIG = 1
 # top-level `import airflow.x` / `from airflow.x import y`: what the DAG processor pre-imports
 _AIRFLOW_IMPORT = re.compile(rb"^(?:from|import)[ \t]+(airflow(?:\.\w+)+)(?:[ \t]+import[ \t]+\(?([\w, \t]*))?",
@@ -363,7 +363,10 @@ class Parser:
                  nice: int = 0) -> None:
         self.workers = max(1, workers or os.cpu_count() or 1)
         self.immutable = immutable  # folders whose files never change in place (a sidecar's versions)
-        self.nice = nice  # parse at a lower CPU priority than the caller (a sidecar beside Airflow: 10)
+        # the workers of a parse of NICE_FROM_FILES files or more run at this lower CPU priority than the
+        # caller (a sidecar beside Airflow: 10); a smaller parse (an everyday change: a fork or two, over in
+        # tens of milliseconds, that `deploy --wait` waits on) and the warm child itself do not
+        self.nice = nice
         self.file_timeout = file_timeout
         self.env = dict(env or {})
         self.timeout = timeout or DEFAULT_TIMEOUT
@@ -430,8 +433,6 @@ class Parser:
         })
         env.update(self.env)
         env[_TMP_ENV] = str(tmp)
-        if self.nice:
-            env[_NICE_ENV] = str(self.nice)
         return child_env(env)
 
     def _spawn(self) -> _Child:
@@ -501,7 +502,7 @@ class Parser:
             "op": "parse", "folder": str(folder), "select": select_, "known": known,
             "safe_mode": self.safe_mode, "file_timeout": self.file_timeout, "workers": self.workers,
             "timeout": timeout or self.timeout, "bundle_name": self.bundle_name, "serialize": self.serialize,
-            "immutable": self.immutable,
+            "immutable": self.immutable, "nice": self.nice,
         }
         try:
             with self._lock:
@@ -631,8 +632,6 @@ def _serve() -> None:
     """The warm child's main: import Airflow, then one parse per request line on stdin."""
     die_with_parent()
     tmp = os.environ.pop(_TMP_ENV, "")
-    with contextlib.suppress(ValueError, OSError):
-        os.nice(int(os.environ.pop(_NICE_ENV, "0") or 0))
     parent = os.getppid()
 
     def orphaned(signum: int = signal.SIGTERM, frame: Any = None) -> None:
@@ -809,7 +808,8 @@ class _Warm:
         if targets:
             self.preimport(folder, targets)
             settings = {"folder": folder, "safe_mode": bool(safe_mode), "file_timeout": file_timeout,
-                        "bundle_name": request.get("bundle_name"), "serialize": bool(request.get("serialize", True))}
+                        "bundle_name": request.get("bundle_name"), "serialize": bool(request.get("serialize", True)),
+                        "nice": int(request.get("nice") or 0) if len(targets) >= NICE_FROM_FILES else 0}
             hard = timeout_value * 1.5 + 2 if timeout_value > 0 else None
             failure = _Run(self, settings, targets, int(request.get("workers") or 1), hard,
                            float(request.get("timeout") or DEFAULT_TIMEOUT), send).run()
@@ -885,6 +885,9 @@ class _Run:
                 for w in self.running.values():
                     os.close(w.cmd)
                     os.close(w.res)
+                if self.settings.get("nice"):
+                    with contextlib.suppress(OSError):
+                        os.nice(int(self.settings["nice"]))
                 _worker(cmd_r, res_w, warm_pid, self.settings)
             except BaseException:  # noqa: BLE001 - the warm child sees the worker die
                 code = 70

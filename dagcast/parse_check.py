@@ -94,7 +94,7 @@ def build_report(record: Version, result: ParseResult, base: ParseResult | None,
     }
 
 
-PARSE_NICE = 10  # the parser's CPU priority below the sidecar's (nice(2) increment)
+PARSE_NICE = 10  # a parse of many files runs below the sidecar's CPU priority by this (nice(2) increment)
 
 
 class ParseCheck:
@@ -196,8 +196,9 @@ class ParseCheck:
             self._parser.close()
 
     def _warm(self) -> None:
-        # Version folders never change in place; and the parse, only a report (or a gate the sync waits on
-        # anyway), yields the CPU to the Airflow component beside it and to the sidecar's own syncs.
+        # Version folders never change in place; and a parse of many files, only a report (or a gate the sync
+        # waits on anyway), yields the CPU to the Airflow component beside it and to the sidecar's own syncs
+        # (a change of a few files is parsed at once, at the sidecar's priority: see dagcast.parse.NICE_FROM_FILES).
         self._parser = self._factory(workers=self._workers, bundle_name="dagcast", immutable=True, nice=PARSE_NICE)
         try:
             self._parser.start()

@@ -434,14 +434,33 @@ def test_for_immutable_version_folders_the_listing_remembers_unchanged_files_and
         assert sorted(p.parse(edited).files) == [], "a folder that is not immutable is listed as it is now"
 
 
-def test_a_parser_with_nice_parses_at_a_lower_cpu_priority_than_its_caller(tmp_path: Path) -> None:
-    """The sidecar's parse check (`nice=10`) never competes with the Airflow component beside it."""
+def test_a_parser_with_nice_parses_many_files_at_a_lower_cpu_priority_and_a_small_change_at_its_callers(
+    tmp_path: Path,
+) -> None:
+    """The sidecar's parse check (`nice=10`) never competes with the Airflow component beside it on a
+    parse of many files; an everyday change of a file or two (which `deploy --wait` waits on) is parsed
+    at the caller's priority. Each DAG file writes down the priority of the process that imports it."""
+    from dagcast.parse import NICE_FROM_FILES
+
     mine = os.getpriority(os.PRIO_PROCESS, 0)
-    with Parser(workers=1, nice=5) as p:
-        p.start()
-        assert p.pid is not None
-        assert os.getpriority(os.PRIO_PROCESS, p.pid) == min(19, mine + 5)
-    with Parser(workers=1) as p:
-        p.start()
-        assert p.pid is not None
-        assert os.getpriority(os.PRIO_PROCESS, p.pid) == mine
+    seen = tmp_path / "seen"
+    seen.mkdir()
+
+    def recording(name: str, rev: int = 0) -> str:
+        return dag_text(repr(name), extra=(
+            "import os\n"
+            f"open({str(seen / name)!r}, 'w').write(str(os.getpriority(os.PRIO_PROCESS, 0)))\n# {rev}\n"))
+
+    many = write(tmp_path / "many", {f"d{i}.py": recording(f"d{i}") for i in range(NICE_FROM_FILES)})
+    with Parser(workers=2, nice=5) as p:
+        first = p.parse(many)
+        assert len(first.dag_ids) == NICE_FROM_FILES
+        assert {(seen / f"d{i}").read_text() for i in range(NICE_FROM_FILES)} == {str(min(19, mine + 5))}
+        assert p.pid is not None and os.getpriority(os.PRIO_PROCESS, p.pid) == mine, "the warm child keeps it"
+        (many / "d0.py").write_text(recording("d0", rev=1))
+        again = p.parse(many, previous=first, changed={"d0.py"})
+        assert again.parsed_files == ["d0.py"]
+        assert (seen / "d0").read_text() == str(mine), "a small change is parsed at the caller's priority"
+    with Parser(workers=2) as p:
+        p.parse(many)
+        assert {(seen / f"d{i}").read_text() for i in range(NICE_FROM_FILES)} == {str(mine)}
