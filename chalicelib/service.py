@@ -706,8 +706,28 @@ class ControlPlane:
                 self._store.record_activation(deployment, deploy_id, name, at, req.last_notified_at)
                 if dep.current_deploy_id == deploy_id:
                     # notes convergence (and says so) when this was the last one
-                    self._deploy_view(deployment, deploy_id, partial_convergence=False)
+                    self._check_convergence(deployment, deploy_id, uid)
         return self._views(dep, uid, [sidecar])[0]
+
+    def _check_convergence(self, deployment: str, deploy_id: str, uid: str) -> None:
+        """A heartbeat's own check, once it recorded its sidecar's activation: when every live sidecar
+        runs exactly the deploy's version and has its activation on record, the deploy's full view is
+        read, and notes the convergence. The cheap reads first (the deploy's progress fields, then
+        each sidecar's version and last heartbeat only): when 50 sidecars report a version at once,
+        50 full views of 50 sidecars each were most of the API's work. Each heartbeat writes its
+        sidecar and its activation before this check reads, so the last one's check sees them all."""
+        fields = self._store.get_deploy_fields(deployment, deploy_id, ["state", "converged_at", "activations",
+                                                                      "version", "sha256"])
+        if fields.get("state") != DeployState.ACTIVE.value or fields.get("converged_at") is not None:
+            return
+        activations = fields.get("activations") or {}
+        version = fields.get("version")
+        clock = self._clock()
+        stale_ms = self._settings.sidecar_stale_seconds * 1000
+        live = [s for s in self._store.list_sidecar_states(deployment) if clock - s.last_heartbeat <= stale_ms]
+        if live and all(_runs(s, uid, int(version) if version is not None else None, fields.get("sha256"))
+                        and s.name in activations for s in live):
+            self._deploy_view(deployment, deploy_id, partial_convergence=False)
 
     def _version_identity(self, deployment: str, version: int) -> tuple[str | None, str | None, str | None]:
         """(deploy id, sha256, deployment uid) of a recorded version; Nones for a folder left from an older

@@ -45,6 +45,9 @@ def _parse_sk(deploy_id: str, sidecar: str) -> str:
     return f"PARSE#{deploy_id}#{sidecar}"
 
 
+SIDECAR_STATE_FIELDS = ("name", "version", "sha256", "deployment_id", "last_heartbeat", "last_sync_at")
+
+
 def _strip(item: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in item.items() if k not in ("pk", "sk", "ttl")}
 
@@ -597,6 +600,12 @@ class Store:
         items = self._query_prefix(_pk(deployment), "SIDECAR#")
         return [Sidecar.model_validate(_strip(i)) for i in items]
 
+    def list_sidecar_states(self, deployment: str) -> list[Sidecar]:
+        """The sidecars with only what says whether each is live and which version it runs (the other
+        fields left at their defaults): the read a heartbeat's convergence check makes of every sidecar."""
+        items = self._query_prefix(_pk(deployment), "SIDECAR#", list(SIDECAR_STATE_FIELDS))
+        return [Sidecar.model_validate({"deployment": deployment, **i}) for i in items]
+
     # --- helpers ---------------------------------------------------------------------
 
     def _changed(self, deployment: str, deploy_id: str) -> None:
@@ -684,12 +693,15 @@ class Store:
             raise StorageError(f"cannot read the deliveries of {deployment!r}: {exc}") from exc
         return [Delivery.model_validate(_strip(i)) for i in out.get("Items", [])]
 
-    def _query_prefix(self, pk: str, prefix: str) -> list[dict[str, Any]]:
-        kwargs = {
+    def _query_prefix(self, pk: str, prefix: str, projection: list[str] | None = None) -> list[dict[str, Any]]:
+        kwargs: dict[str, Any] = {
             "KeyConditionExpression": "pk = :pk AND begins_with(sk, :p)",
             "ExpressionAttributeValues": {":pk": pk, ":p": prefix},
             "ConsistentRead": True,
         }
+        if projection:
+            names = {f"#p{i}": name for i, name in enumerate(projection)}
+            kwargs.update(ProjectionExpression=", ".join(names), ExpressionAttributeNames=names)
         return self._all_pages(self._table.query, kwargs, f"{prefix.rstrip('#').lower()}s of {pk}")
 
     def _scan(self, filter_expression: str, values: dict[str, Any], what: str) -> list[dict[str, Any]]:

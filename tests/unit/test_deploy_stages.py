@@ -145,6 +145,36 @@ def test_the_api_serves_stages_with_a_deploy_and_in_the_history(
     assert items[0]["deploy_id"] == live_deploy and items[0]["stages"] == view["stages"]
 
 
+def test_the_last_live_sidecars_heartbeat_notes_convergence_with_nobody_reading_the_deploy(
+    deployment: str, live_deploy: str, sidecars: Sidecars, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No CLI waits and no console is open: the heartbeats alone record when every live sidecar ran the
+    version, at the last one's report, and each earlier heartbeat reads no full view of the deploy."""
+    store = app_module.get_store()
+    sidecars.register("w3")  # registered, then stale: it never counts
+    table = boto3.resource("dynamodb").Table(get_settings().table_name)
+    table.update_item(Key={"pk": f"DEPLOYMENT#{deployment}", "sk": "SIDECAR#w3"},
+                      UpdateExpression="SET last_heartbeat = :t", ExpressionAttributeValues={":t": 1})
+    activated_at = store.get_deploy(deployment, live_deploy).activated_at
+    assert activated_at is not None
+    full_views: list[str] = []
+    real = ControlPlane._deploy_view
+
+    def counted(self: ControlPlane, *args: Any, **kwargs: Any) -> Any:
+        full_views.append(args[1])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ControlPlane, "_deploy_view", counted)
+    sidecars.report("w1", 1, last_sync_at=activated_at + 30)
+    assert store.get_deploy(deployment, live_deploy).converged_at is None and full_views == []
+    sidecars.report("w2", 1, last_sync_at=activated_at + 70)
+    assert store.get_deploy(deployment, live_deploy).converged_at == activated_at + 70
+    assert full_views == [live_deploy], "one full view, by the last sidecar's heartbeat"
+    sidecars.report("w1", 1, last_sync_at=activated_at + 30)
+    sidecars.report("w2", 1, last_sync_at=activated_at + 70)
+    assert full_views == [live_deploy], "nothing more to note once converged"
+
+
 def test_a_view_read_between_a_heartbeat_and_its_activation_record_notes_the_sidecars_own_time(
     client: Client, deployment: str, live_deploy: str, viewer_token: str, sidecars: Sidecars,
     monkeypatch: pytest.MonkeyPatch,
