@@ -42,19 +42,22 @@ def check_diffable(path: str, *entries: FileEntry | None) -> None:
 def read_member(body: BinaryIO, limits: Limits, path: str, max_bytes: int = DIFF_MAX_BYTES) -> bytes:
     """One regular file's bytes from a bundle stream (members are in path order: the scan stops past it)."""
     scan = BundleScan(body, limits)
-    for member in scan.members():
-        if member.path > path and member.kind != "dir":
-            break
-        if member.path != path:
-            continue
-        if member.kind != "file":
-            raise DiffRefused(f"{path} is a {member.kind} in the bundle, not a file")
-        if member.size > max_bytes:
-            raise DiffRefused(f"{path} is {member.size} bytes, over the {max_bytes // 1024} KiB a text diff is shown for")
-        data = b"".join(scan.data())
-        if scan.halted or len(data) != member.size:
-            break
-        return data
+    try:
+        for member in scan.members():
+            if member.path > path and member.kind != "dir":
+                break
+            if member.path != path:
+                continue
+            if member.kind != "file":
+                raise DiffRefused(f"{path} is a {member.kind} in the bundle, not a file")
+            if member.size > max_bytes:
+                raise DiffRefused(f"{path} is {member.size} bytes, over the {max_bytes // 1024} KiB a text diff is shown for")
+            data = b"".join(scan.data())
+            if scan.halted or len(data) != member.size:
+                break
+            return data
+    finally:
+        scan.inf.settle()  # the caller closes the stream: nothing reads it past here
     problem = scan.issues.items[0].message if scan.issues else f"{path} is not in it"
     raise StorageError(f"cannot read {path} from the stored bundle: {problem}")
 

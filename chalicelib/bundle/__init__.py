@@ -3,6 +3,7 @@
 One file per idea, each layer importing only the ones below it:
 
     report        limits, issues, manifest entries, the report (models)
+    threads       the inflate and deflate threads that overlap zlib with the caller's work
     format        writing a DAG folder as a deterministic gzip-compressed tar
     scan          the gzip + tar stream, read once, limits enforced before inflating
     rules         what a member may be (paths, types, symlinks, structure)

@@ -15,18 +15,22 @@ import stat
 import struct
 import tarfile
 import zlib
+from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from chalicelib.bundle.threads import worker
 from chalicelib.exceptions import BundleError, DagcastError
 
-__all__ = ["BundleError", "BundleInfo", "BundleWriter", "DagcastError", "write_bundle"]
+__all__ = ["BundleError", "BundleInfo", "BundleWriter", "DagcastError", "OutputFailed", "write_bundle"]
 
 _BLOCK = 512
 _RECORD = 20 * _BLOCK
 _FLUSH_AT = 1 << 20  # compress in ~1 MiB batches
+_IN_FLIGHT = 2  # batches handed to the deflate thread and not yet written: memory stays bounded
 _READ_CHUNK = 1 << 20
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
@@ -41,8 +45,16 @@ class BundleInfo:
     bytes: int  # uncompressed total of regular files
 
 
+class OutputFailed(OSError):
+    """The bundle's output could not be written (a full disk, say): not a problem of the files read."""
+
+
 class _GzipSink:
-    """Deterministic gzip writer that hashes and counts the compressed output."""
+    """Deterministic gzip writer that hashes and counts the compressed output.
+
+    Batches are compressed, hashed and written by the deflate thread (chalicelib.bundle.threads), in
+    order, while the caller reads and frames the next files; the bytes are the same as compressing in
+    the caller's thread, since the batches and their order are."""
 
     def __init__(self, out: BinaryIO, compresslevel: int) -> None:
         self._out = out
@@ -51,6 +63,7 @@ class _GzipSink:
         self._raw = 0
         self._pending: list[bytes] = []
         self._pending_len = 0
+        self._inflight: deque[Future[None]] = deque()
         self.sha = hashlib.sha256()
         self.size = 0
         xfl = b"\x02" if compresslevel == 9 else b"\x04" if compresslevel == 1 else b"\x00"
@@ -61,7 +74,10 @@ class _GzipSink:
         if data:
             self.sha.update(data)
             self.size += len(data)
-            self._out.write(data)
+            try:
+                self._out.write(data)
+            except OSError as exc:
+                raise OutputFailed(exc.errno, f"cannot write the bundle: {exc.strerror or exc}") from exc
 
     def write(self, data: bytes) -> None:
         self._pending.append(data)
@@ -73,12 +89,37 @@ class _GzipSink:
         data = b"".join(self._pending)
         self._pending.clear()
         self._pending_len = 0
+        if not data:
+            return
+        self._inflight.append(worker("deflate").submit(self._deflate, data))
+        while len(self._inflight) > _IN_FLIGHT:
+            self._inflight.popleft().result()  # the deflate thread's error, if any, is raised here
+
+    def _deflate(self, data: bytes) -> None:
+        """In the deflate thread: one batch, after the ones before it."""
         self._crc = zlib.crc32(data, self._crc)
         self._raw += len(data)
         self._emit(self._zip.compress(data))
 
+    def settle(self) -> None:
+        """Wait until every batch handed over is written (raises the first error of one)."""
+        while self._inflight:
+            self._inflight.popleft().result()
+
+    def discard(self) -> None:
+        """The writer is abandoned (an error): wait for the batches in flight, so that nothing is written
+        to `out` after the caller has moved on, and drop their errors."""
+        self._pending.clear()
+        while self._inflight:
+            self._inflight.popleft().exception()
+
     def close(self) -> None:
-        self._compress()
+        try:
+            self._compress()
+            self.settle()
+        except BaseException:
+            self.discard()
+            raise
         self._emit(self._zip.flush())
         self._emit(struct.pack("<II", self._crc, self._raw & 0xFFFFFFFF))
 
@@ -163,26 +204,32 @@ def write_bundle(root: Path, relpaths: Iterable[str], out: BinaryIO, *, compress
         return ok
 
     writer = BundleWriter(out, compresslevel)
-    for rel in paths:
-        full = os.path.join(root_real, rel)
-        if not parent_is_real(rel):
-            raise BundleError(f"{rel}: a parent directory is a symlink or missing; refusing to follow it")
-        try:
-            fd = os.open(full, _OPEN_FLAGS)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                writer.raw(_symlink_header(rel, full, root_real, wanted, implied))
-                continue
-            raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise BundleError(f"{rel}: not a regular file")
-            writer.add_file(rel, st.st_size, _read_exactly(fd, rel, st.st_size))
-        except OSError as exc:
-            raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
-        finally:
-            os.close(fd)
+    try:
+        for rel in paths:
+            full = os.path.join(root_real, rel)
+            if not parent_is_real(rel):
+                raise BundleError(f"{rel}: a parent directory is a symlink or missing; refusing to follow it")
+            try:
+                fd = os.open(full, _OPEN_FLAGS)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    writer.raw(_symlink_header(rel, full, root_real, wanted, implied))
+                    continue
+                raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise BundleError(f"{rel}: not a regular file")
+                writer.add_file(rel, st.st_size, _read_exactly(fd, rel, st.st_size))
+            except OutputFailed:
+                raise
+            except OSError as exc:
+                raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
+            finally:
+                os.close(fd)
+    except BaseException:
+        writer.discard()
+        raise
     return writer.close()
 
 
@@ -238,6 +285,10 @@ class BundleWriter:
     def add_symlink(self, rel: str, linkname: str) -> None:
         """A symlink whose target, as written in the archive, is linkname (relative to rel's folder)."""
         self.raw(_header(rel, 0, tarfile.SYMTYPE, linkname))
+
+    def discard(self) -> None:
+        """Abandon the archive (the caller failed): nothing more is written to `out` once this returns."""
+        self._sink.discard()
 
     def close(self) -> BundleInfo:
         # End of archive: two zero blocks, then pad to a full record like tar does.

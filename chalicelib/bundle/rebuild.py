@@ -17,7 +17,7 @@ from typing import BinaryIO
 
 from chalicelib.bundle.delta import MAX_DELTA_BYTES
 from chalicelib.bundle.format import BundleInfo, BundleWriter
-from chalicelib.bundle.report import BundleRejected, DeltaMismatch, FileEntry, Limits, files_digest
+from chalicelib.bundle.report import BundleRejected, DeltaMismatch, Limits, triples_digest
 from chalicelib.bundle.rules import BundleScan, relative_link
 from chalicelib.bundle.validate import _run
 
@@ -100,7 +100,7 @@ def rebuild_bundle(
     gone = set(removed)
     pending = delta.paths
     writer = BundleWriter(out, compresslevel)
-    entries: list[FileEntry] = []
+    entries: list[tuple[str, int, str]] = []  # (path, size, sha256): what the digest covers
     at = 0
 
     def emit_delta_until(path: str | None) -> None:
@@ -113,27 +113,32 @@ def rebuild_bundle(
                 continue
             data = delta.files[rel]
             writer.add_file(rel, len(data), (data,))
-            entries.append(_entry(rel, len(data), hashlib.sha256(data).hexdigest()))
+            entries.append((rel, len(data), hashlib.sha256(data).hexdigest()))
 
     scan = BundleScan(base, limits)
-    previous = ""
-    for member in scan.members():
-        if member.path <= previous:
-            raise DeltaMismatch(f"the base version's bundle is not in path order at {member.path}")
-        previous = member.path
-        emit_delta_until(member.path)
-        if member.kind != "file" or member.path in gone or member.path in delta.files or member.path in delta.symlinks:
-            for _ in scan.data():  # a base symlink the delta does not repeat is gone with its version
-                pass
-            continue
-        digest = hashlib.sha256()
-        writer.add_file(member.path, member.size, _hashing(scan.data(), digest))
-        entries.append(_entry(member.path, member.size, digest.hexdigest()))
-    if scan.issues:
-        raise DeltaMismatch(f"the base version's bundle cannot be read: {scan.issues.items[0].message}")
-    emit_delta_until(None)
-    info = writer.close()
-    if files_digest(entries) != files_sha256:
+    try:
+        previous = ""
+        for member in scan.members():
+            if member.path <= previous:
+                raise DeltaMismatch(f"the base version's bundle is not in path order at {member.path}")
+            previous = member.path
+            emit_delta_until(member.path)
+            if member.kind != "file" or member.path in gone or member.path in delta.files or member.path in delta.symlinks:
+                for _ in scan.data():  # a base symlink the delta does not repeat is gone with its version
+                    pass
+                continue
+            digest = hashlib.sha256()
+            writer.add_file(member.path, member.size, _hashing(scan.data(), digest))
+            entries.append((member.path, member.size, digest.hexdigest()))
+        if scan.issues:
+            raise DeltaMismatch(f"the base version's bundle cannot be read: {scan.issues.items[0].message}")
+        emit_delta_until(None)
+        info = writer.close()
+    except BaseException:
+        scan.inf.settle()  # nothing reads the base's stream once this returns
+        writer.discard()
+        raise
+    if triples_digest(entries) != files_sha256:
         raise DeltaMismatch("the base version's files with the delta applied are not the files the deploy announced")
     return info
 
@@ -143,6 +148,3 @@ def _hashing(chunks: Iterator[bytes], digest: hashlib._Hash) -> Iterator[bytes]:
         digest.update(chunk)
         yield chunk
 
-
-def _entry(path: str, size: int, sha256: str) -> FileEntry:
-    return FileEntry.model_construct(path=path, size=size, sha256=sha256, dag_ids=[])

@@ -119,8 +119,13 @@ class BundleRejected(DagcastError):
 
 def files_digest(entries: Iterable[FileEntry]) -> str:
     """sha256 over a version's regular files (path, size, sha256; sorted by path)."""
+    return triples_digest((e.path, e.size, e.sha256) for e in entries)
+
+
+def triples_digest(files: Iterable[tuple[str, int, str]]) -> str:
+    """files_digest of (path, size, sha256) triples, for a caller that has no FileEntry to make."""
     h = hashlib.sha256()
-    for path, size, sha256 in sorted((e.path, e.size, e.sha256) for e in entries):
+    for path, size, sha256 in sorted(files):
         h.update(f"{path}\0{size}\0{sha256}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 

@@ -56,10 +56,13 @@ class BundleScan(TarStream):
             return bad("backslash_in_path", "the path contains a backslash")
         if name.startswith("/"):
             return bad("absolute_path", "absolute paths are not allowed")
-        parts = [p for p in name.split("/") if p not in ("", ".")]
+        parts = name.split("/")
+        if "" in parts or "." in parts:
+            parts = [p for p in parts if p not in ("", ".")]
         if ".." in parts:
             return bad("path_traversal", "the path contains '..' (it could escape the DAG folder)")
-        if any(len(p.encode()) > NAME_MAX for p in parts):
+        # no component can be longer than the whole name: only a long name needs its parts measured
+        if len(raw_name) > NAME_MAX and any(len(p.encode()) > NAME_MAX for p in parts):
             return bad("path_too_long", f"a file or folder name in the path is longer than {NAME_MAX} bytes")
         if raw_kind in _SPECIAL:
             code, why = _SPECIAL[raw_kind]
@@ -76,7 +79,8 @@ class BundleScan(TarStream):
         if kind == "file" and name.endswith("/"):
             return bad("invalid_name", "a regular file's name ends with '/'")
         path = "/".join(parts)
-        shown = _display(path.encode())
+        if path != name:
+            shown = _display(path.encode())  # else `shown` is already this name's display form
         if mode & 0o7000:
             return bad(
                 "unsafe_mode", f"setuid, setgid and sticky bits are not allowed (mode {mode & 0o7777:o})"

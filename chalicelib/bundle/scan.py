@@ -16,10 +16,12 @@ import hashlib
 import re
 import zlib
 from collections.abc import Iterator
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from chalicelib.bundle.report import MAX_ERRORS, Issue, Limits, MiB
+from chalicelib.bundle.threads import worker
 
 _CHUNK = 1 << 20  # raw read size, inflate step and member data chunk
 _BLOCK = 512
@@ -64,7 +66,12 @@ class _Issues:
 
 
 class _Inflater:
-    """Reads the raw input once, hashing and counting it, and inflates it in bounded steps."""
+    """Reads the raw input once, hashing and counting it, and inflates it in bounded steps.
+
+    Once a full step is taken, the next one (at most one chunk of output, the same bounds) runs on the
+    inflate thread (chalicelib.bundle.threads) while the caller parses this one; its error is raised
+    when the caller gets to its data, as when it was inflated then. `settle()` before reading the
+    hash or the counts, or the raw input itself."""
 
     def __init__(self, raw: BinaryIO, max_bundle_bytes: int) -> None:
         self._raw = raw
@@ -78,6 +85,7 @@ class _Inflater:
         self._need_input = True
         self._buf = b""
         self._pos = 0
+        self._ahead: Future[bytes] | None = None  # the next step, taken on the inflate thread
 
     def _read_raw(self) -> bytes:
         if self._raw_eof:
@@ -159,10 +167,25 @@ class _Inflater:
                 self.inflated += len(out)
                 return out
 
+    def _step(self) -> bytes:
+        """The next piece of decompressed data (the one read ahead, if any), and the one after it set going
+        when this one was a full chunk (more is likely to come: a small archive is read in the caller's
+        thread alone, one step at a time, as its consumer gets to it)."""
+        ahead, self._ahead = self._ahead, None
+        out = ahead.result() if ahead is not None else self._inflate()
+        if len(out) == _CHUNK:
+            self._ahead = worker("inflate").submit(self._inflate)
+        return out
+
+    def settle(self) -> None:
+        """Wait for the step read ahead: its data (or error) stays for the next chunk."""
+        if self._ahead is not None:
+            wait((self._ahead,))
+
     def chunk(self, n: int) -> bytes:
         """Up to n decompressed bytes (fewer when the buffer runs dry); b"" at the end."""
         if self._pos >= len(self._buf):
-            self._buf = self._inflate()
+            self._buf = self._step()
             self._pos = 0
         out = self._buf[self._pos : self._pos + n]
         self._pos += len(out)
@@ -195,6 +218,7 @@ class _Inflater:
 
     def drain_raw(self) -> None:
         """Read (and hash) the rest of the raw input without inflating it."""
+        self.settle()
         while self._read_raw():
             pass
 

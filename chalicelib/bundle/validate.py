@@ -77,6 +77,7 @@ def _run(
             scan.halted = True
     finally:
         compiler.close()
+        scan.inf.settle()  # a scan that stopped early may have a step in flight: the hash and count are final now
     if sink is None or not scan.issues:
         scan.finish(present)
     valid = not scan.issues

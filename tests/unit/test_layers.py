@@ -11,8 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # chalicelib.bundle, lowest layer first; a module may import the package's modules of lower layers only
 LAYERS: dict[str, int] = {
-    "report": 0, "format": 0,
-    "scan": 1, "dag_ids": 1, "cache": 1,
+    "report": 0, "threads": 0,
+    "format": 1, "scan": 1, "dag_ids": 1, "cache": 1,
     "rules": 2, "dag_scan": 2,
     "python": 3, "delta": 3,
     "compile_workers": 4,
