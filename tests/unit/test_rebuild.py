@@ -47,12 +47,18 @@ def delta_of(new: bytes, base: bytes) -> tuple[bytes, list[str], str]:
     return built.data, built.removed, files_digest(report.manifest)
 
 
-def rebuilt(base: bytes, delta: bytes, removed: list[str], digest: str, level: int = 1) -> bytes:
+def rebuilt(base: bytes, delta: bytes, removed: list[str], digest: str, level: int = 1,
+            base_files: dict[str, tuple[str, int]] | None = None) -> bytes:
     base_paths = [f.path for f in validate_stream(io.BytesIO(base), check_python=False).manifest]
     uploaded = read_delta(io.BytesIO(delta), Limits(), base_paths, removed)
     out = io.BytesIO()
-    rebuild_bundle(io.BytesIO(base), Limits(), uploaded, removed, digest, out, level)
+    rebuild_bundle(io.BytesIO(base), Limits(), uploaded, removed, digest, out, level, base_files=base_files)
     return out.getvalue()
+
+
+def file_list(bundle_bytes: bytes) -> dict[str, tuple[str, int]]:
+    """A bundle's file list as ingest records it (path -> (sha256, size))."""
+    return {f.path: (f.sha256, f.size) for f in validate_stream(io.BytesIO(bundle_bytes), check_python=False).manifest}
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -67,6 +73,26 @@ def test_base_plus_delta_is_byte_for_byte_the_bundle_of_the_new_folder(old: dict
         expected = bundle(root / "new", write(root / "new", new, links))
         delta, removed, digest = delta_of(expected, base)
         assert rebuilt(base, delta, removed, digest) == expected
+        assert rebuilt(base, delta, removed, digest, base_files=file_list(base)) == expected  # as ingest does
+
+
+def test_a_base_bundle_that_is_not_its_recorded_file_list_never_gives_the_new_folders_bundle(tmp_path: Path) -> None:
+    old = {"a.py": b"A = 1\n", "b.py": b"B = 1\n", "c.sql": b"select 1;\n"}
+    base = bundle(tmp_path / "old", write(tmp_path / "old", old))
+    new = bundle(tmp_path / "new", write(tmp_path / "new", {**old, "a.py": b"A = 2\n"}))
+    delta, removed, digest = delta_of(new, base)
+    recorded = file_list(base)
+    # the stored base was swapped for other bytes of the same sizes (an S3 write the record does not know):
+    # the result is another bundle, which the caller refuses by its sha256
+    other = bundle(tmp_path / "other", write(tmp_path / "other", {**old, "b.py": b"B = 2\n"}))
+    assert rebuilt(other, delta, removed, digest, base_files=recorded) != new
+    # a member the record does not list, or at another size, is refused here
+    grown = bundle(tmp_path / "grown", write(tmp_path / "grown", {**old, "b.py": b"B = 22\n"}))
+    with pytest.raises(DeltaMismatch, match="does not match its file list at b.py"):
+        rebuilt(grown, delta, removed, digest, base_files=recorded)
+    extra = bundle(tmp_path / "extra", write(tmp_path / "extra", {**old, "d.py": b"D = 1\n"}))
+    with pytest.raises(DeltaMismatch, match="does not match its file list at d.py"):
+        rebuilt(extra, delta, removed, digest, base_files=recorded)
 
 
 def test_a_delta_that_does_not_give_the_announced_files_is_refused(tmp_path: Path) -> None:
