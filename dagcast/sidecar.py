@@ -54,6 +54,7 @@ from dagcast.parse_check import ParseCheck
 log = logging.getLogger("dagcast.sidecar")
 
 CHUNK = 1 << 20
+META_KEPT = 3  # manifests kept parsed in memory: the live version's, the one before it and a new one
 IDLE_BEFORE_PRUNE = 2.0  # seconds of quiet queue after a swap before old versions are removed
 
 
@@ -126,6 +127,9 @@ class Syncer:
         # before a version is published: may it be? (the parse check's gate; None: always)
         self.gate: Callable[[str | None, Version, Path], bool] | None = None
         self.last_published: tuple[str | None, Version, Path] | None = None  # (folder before, record, folder)
+        # the last few manifests read, by folder name, with the stat they were read at (see _read_meta)
+        self._meta: dict[str, tuple[tuple[int, int, int, int], dict[str, Any]]] = {}
+        self._meta_lock = threading.Lock()
 
     def prepare(self) -> None:
         """Create the folders and remove leftovers of an interrupted sync."""
@@ -168,11 +172,29 @@ class Syncer:
             return None
 
     def _read_meta(self, name: str) -> dict[str, Any]:
+        """A version folder's manifest ({} when missing or unreadable). The live one is asked for by every
+        sync, heartbeat and health check, and at 10,000 files it is a megabyte of JSON: what was read is
+        kept while the file's inode, size, mtime and ctime stay the same (a manifest is replaced, never edited).
+        The document is shared: callers read it, never change it."""
+        path = self.manifests / f"{name}.json"
         try:
-            doc = json.loads((self.manifests / f"{name}.json").read_bytes())
+            st = path.stat()
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            with self._meta_lock:
+                kept = self._meta.get(name)
+            if kept is not None and kept[0] == stamp:
+                return kept[1]
+            doc = json.loads(path.read_bytes())
         except (OSError, ValueError):
             return {}
-        return doc if isinstance(doc, dict) else {}
+        if not isinstance(doc, dict):
+            return {}
+        with self._meta_lock:
+            self._meta.pop(name, None)
+            self._meta[name] = (stamp, doc)  # read after the stat: a newer file has another stamp, read again
+            while len(self._meta) > META_KEPT:
+                del self._meta[next(iter(self._meta))]
+        return doc
 
     # --- syncing -------------------------------------------------------------------------
 

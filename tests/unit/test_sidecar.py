@@ -10,6 +10,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import httpx
 import pytest
@@ -934,3 +935,35 @@ def test_a_heartbeat_answered_not_registered_registers_again_and_reconciles(env:
     daemon._heartbeat()
     assert [(kind, e if kind == "register" else e["secret"]) for kind, e in api.events] == [
         ("register", None), ("heartbeat", "secret-1"), ("register", "secret-1"), ("heartbeat", "secret-2")]
+
+
+def test_the_live_manifest_is_read_from_disk_once_until_it_is_replaced(env: Any, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    syncer, api, _ = env
+    api.add(1, versions_of(1, tmp_path))
+    assert syncer.sync() == 1
+    live = syncer.installed()
+    assert live is not None
+    path = syncer.manifests / f"{live.folder}.json"
+    reads: list[str] = []
+    read_bytes = Path.read_bytes
+
+    def counting(self: Path) -> bytes:
+        reads.append(self.name)
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", counting)
+    for _ in range(3):  # a sync's look, a heartbeat, a health check
+        assert syncer.installed() == live
+        assert syncer.files_of(live.folder) == {"dag.py": ANY, "sql/q.sql": ANY}
+    assert reads in ([], [path.name])  # at most once (the sync itself may have read it already)
+    before = len(reads)
+    # replaced (as _save_manifest does): read again, and what it says now is what is returned
+    doc = json.loads(read_bytes(path))
+    doc["deployment_id"] = "0" * len(doc["deployment_id"])
+    tmp = path.with_name(".tmp-" + path.name)
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+    assert syncer.installed().deployment_id == "0" * len(doc["deployment_id"])  # type: ignore[union-attr]
+    assert syncer.files_of(live.folder) == {"dag.py": ANY, "sql/q.sql": ANY}
+    assert len(reads) == before + 1
