@@ -16,7 +16,7 @@ import json
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
@@ -334,10 +334,15 @@ class Ingest:
             )
         if not report.valid:
             return self._reject(deploy, report.errors, started, report, object_version)
-        if rebuilt is not None:  # valid: stored now, its object version is the one published (and pinned)
-            rebuilt.seek(0)
-            object_version = self._bundles.put_checked(deploy.key, rebuilt, deploy.sha256)
-        return self._activate(deploy, report, started, base, collect, deployment.limits, object_version)
+        storing: Future[str | None] | None = None
+        if rebuilt is not None:  # valid: stored now (while the manifest and the delta are made), and its
+            rebuilt.seek(0)      # object version is the one published (and pinned)
+            storing = _BACKGROUND.submit(self._bundles.put_checked, deploy.key, rebuilt, deploy.sha256)
+        try:
+            return self._activate(deploy, report, started, base, collect, deployment.limits, object_version, storing)
+        finally:
+            if storing is not None:
+                wait((storing,))  # never left writing from the file once this returns (it is closed then)
 
     def _sidecar_delta(self, deploy: Deploy, base: LiveBase | None, built: BuiltDelta | None) -> Delta | None:
         """The delta sidecars get: the uploaded one itself when it was made against the live version and
@@ -386,13 +391,17 @@ class Ingest:
 
     def _activate(
         self, deploy: Deploy, report: Report, started: float, base: LiveBase | None, collect: DeltaCollector | None,
-        limits: Limits, object_version: str | None,
+        limits: Limits, object_version: str | None, storing: Future[str | None] | None = None,
     ) -> Outcome:
+        """Publish a valid bundle. `storing`: the write of a rebuilt bundle to the deploy's key, under way
+        (its object version is the one published), waited for before anything is published."""
         # the manifest is written while the sidecars' delta is made (and written, when it is ingest's own)
         saving = _BACKGROUND.submit(self._publisher.save_manifest, deploy, report.manifest)
         built = collect.build(report.manifest, report.bytes) if collect else None
         delta = self._sidecar_delta(deploy, base, built)
         manifest_key = saving.result()
+        if storing is not None:
+            object_version = storing.result()
         if collect and collect.abandoned:
             logger.info("no delta for this deploy", extra={"reason": collect.abandoned})
         validation_ms = int((time.monotonic() - started) * 1000)

@@ -591,3 +591,33 @@ def test_a_delta_deploy_cancelled_while_its_bundle_is_rebuilt_stores_nothing_and
     assert object_versions(aws, deploy["key"]) == [], "a cancelled deploy's rebuilt bundle was stored"
     assert object_versions(aws, delta_key) == [], "the cancelled deploy's delta was kept"
     assert [m["version"] for m in announcements()] == [1]
+
+
+def test_a_rebuilt_bundle_is_in_storage_at_the_published_object_version_before_its_version_is_published(
+    client: Client, aws: StackOutputs, deployment: str, deployer_token: str, make_bundle: MakeBundle,
+    announcements: Announcements, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+) -> None:
+    import chalicelib.publish as publish_module
+    import chalicelib.storage as storage_module
+
+    deploy, _, data, notification = start_delta_deploy(client, aws, deployment, deployer_token, make_bundle)
+    real_put, real_publish = storage_module.BundleStorage.put_checked, publish_module.Publisher.publish
+    seen: list[tuple[list[str], str | None]] = []
+
+    def slow_put(self: Any, *args: Any, **kwargs: Any) -> Any:
+        threading.Event().wait(0.3)  # the store takes longer than making the manifest and the delta
+        return real_put(self, *args, **kwargs)
+
+    def publish(self: Any, deploy_: Any, fields: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        seen.append((object_versions(aws, deploy["key"]), fields.get("object_version")))
+        return real_publish(self, deploy_, fields, *args, **kwargs)
+
+    monkeypatch.setattr(storage_module.BundleStorage, "put_checked", slow_put)
+    monkeypatch.setattr(publish_module.Publisher, "publish", publish)
+    assert ingest(client, notification) == {"batchItemFailures": []}
+    [(stored, pinned)] = seen
+    assert stored and pinned == stored[0], "published before the rebuilt bundle was stored, or pinned to another write"
+    record = app_module.get_store().get_version(deployment, 2)
+    served = boto3.client("s3").get_object(Bucket=aws.bucket, Key=deploy["key"], VersionId=record.object_version)
+    assert served["Body"].read() == data
+    assert [m["version"] for m in announcements()] == [1, 2]
