@@ -86,6 +86,7 @@ class _Inflater:
         self._buf = b""
         self._pos = 0
         self._ahead: Future[bytes] | None = None  # the next step, taken on the inflate thread
+        self.read_ahead = True  # the consumer turns it off when reading ahead would only slow it down
 
     def _read_raw(self) -> bytes:
         if self._raw_eof:
@@ -173,7 +174,7 @@ class _Inflater:
         thread alone, one step at a time, as its consumer gets to it)."""
         ahead, self._ahead = self._ahead, None
         out = ahead.result() if ahead is not None else self._inflate()
-        if len(out) == _CHUNK:
+        if len(out) == _CHUNK and self.read_ahead:
             self._ahead = worker("inflate").submit(self._inflate)
         return out
 

@@ -36,6 +36,7 @@ class Sink(Protocol):
 
 
 _REUSE_MAX = 8 * MiB  # members up to this size are hashed in memory before deciding to link
+INLINE_NO_READ_AHEAD = 256 * 1024  # Python compiled here past which the scan stops reading ahead
 PARALLEL_AFTER = 1 * MiB  # new Python compiled in the scanning process before worker processes take the rest
 
 
@@ -115,6 +116,11 @@ class _Compiler:
         self._inline = 0  # bytes compiled in this process
         self._started = time.monotonic()
         self.stopped = False  # a file was too complex: compile nothing more
+
+    @property
+    def inline_bytes(self) -> int:
+        """Bytes of Python compiled in this process so far."""
+        return self._inline
 
     @property
     def seconds(self) -> float:
@@ -243,6 +249,10 @@ def _members(
         elif want_python:
             checked = compiler.check(len(manifest), member.path, sha256, b"".join(parts))
             del parts
+            if compiler.inline_bytes >= INLINE_NO_READ_AHEAD:
+                # compile() holds the GIL for long stretches: a step read ahead then only makes this
+                # thread wait for it at each switch (a first deploy of 10,000 files: 10 % slower)
+                scan.inf.read_ahead = False
             if checked is not None:
                 issue, dag_ids = checked
                 if issue is not None:

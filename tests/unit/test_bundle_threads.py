@@ -164,3 +164,28 @@ def test_a_forked_child_bundles_and_validates_with_threads_of_its_own(tmp_path: 
     assert result.get(timeout=5) == parent.sha256
     assert result.get(timeout=5) is True
 
+
+
+def test_a_scan_that_compiles_much_python_stops_reading_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from chalicelib.bundle import CompileCache
+
+    for i in range(240):  # ~3 MB of new Python in small files: compiled in this process, holding the GIL
+        (tmp_path / f"dag_{i:03}.py").write_text("".join(f"X_{j} = {i} * {j}\n" for j in range(1000)))
+    out = io.BytesIO()
+    write_bundle(tmp_path, sorted(p.name for p in tmp_path.iterdir()), out, compresslevel=1)
+    submitted: list[str] = []
+    real = bundle_scan.worker
+
+    def counting(kind: str) -> Any:
+        submitted.append(kind)
+        return real(kind)
+
+    monkeypatch.setattr(bundle_scan, "worker", counting)
+    cache = CompileCache({}, max_entries=1000)
+    cold = validate_stream(io.BytesIO(out.getvalue()), cache=cache)
+    cold_steps = len(submitted)
+    submitted.clear()
+    warm = validate_stream(io.BytesIO(out.getvalue()), cache=cache)  # every file known: nothing compiled
+    assert cold.valid and warm == cold
+    assert len(submitted) >= 3, "a scan that compiles nothing reads ahead"
+    assert cold_steps < len(submitted) // 2, "a scan compiling most of the bundle kept reading ahead"
