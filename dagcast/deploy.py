@@ -301,6 +301,10 @@ def _run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | Non
         first = _delta_of(collect, report, live, info.size) if collect and report and live else None
         deploy_id = _ship(api, opts, tmp, info, body, first, ahead.limits, say, result, progress)
         result.uploaded = True
+        if report is not None and report.valid:
+            from dagcast import manifest_cache
+
+            manifest_cache.save(info.sha256, report.manifest)  # the next deploy's base, when this one goes live
         mark = timings.lap("upload_s", mark)
         if not opts.wait:
             return result
@@ -568,7 +572,15 @@ def _live_version(api: ApiClient, deployment: str) -> dict[str, Any] | None:
 
 
 def _live_manifest(live: dict[str, Any] | None) -> list[FileEntry] | None:
-    if not live or not live.get("manifest_url"):
+    """The live version's file list: kept here when this machine deployed that bundle, else downloaded."""
+    if not live:
+        return None
+    from dagcast import manifest_cache
+
+    kept = manifest_cache.load(str((live.get("version") or {}).get("sha256") or ""))
+    if kept is not None:
+        return kept
+    if not live.get("manifest_url"):
         return None
     from chalicelib.manifest import decode_manifest
 
