@@ -41,8 +41,7 @@ def check_diffable(path: str, *entries: FileEntry | None) -> None:
 
 def read_member(body: BinaryIO, limits: Limits, path: str, max_bytes: int = DIFF_MAX_BYTES) -> bytes:
     """One regular file's bytes from a bundle stream (members are in path order: the scan stops past it)."""
-    scan = BundleScan(body, limits)
-    try:
+    with BundleScan(body, limits) as scan:
         for member in scan.members():
             if member.path > path and member.kind != "dir":
                 break
@@ -56,8 +55,6 @@ def read_member(body: BinaryIO, limits: Limits, path: str, max_bytes: int = DIFF
             if scan.halted or len(data) != member.size:
                 break
             return data
-    finally:
-        scan.inf.settle()  # the caller closes the stream: nothing reads it past here
     problem = scan.issues.items[0].message if scan.issues else f"{path} is not in it"
     raise StorageError(f"cannot read {path} from the stored bundle: {problem}")
 

@@ -241,7 +241,7 @@ class Ingest:
             return _issue("base_unavailable", f"the bundle of v{delta.base_version}, the delta's base, is gone")
         try:
             info = rebuild_bundle(base_body, base.limits, uploaded, delta.removed, delta.files_sha256, out,
-                                  delta.compresslevel, base_files={f.path: (f.sha256, f.size) for f in manifest})
+                                  {f.path: (f.sha256, f.size) for f in manifest}, delta.compresslevel)
         except DeltaMismatch as exc:
             return _issue("delta_mismatch", str(exc))
         except BundleError as exc:

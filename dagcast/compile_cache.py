@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from chalicelib.bundle import CompileCache
+from dagcast.config import cache_home
 
 MAX_ENTRIES = 100_000
 JOURNAL_MAX = 20_000  # entries appended since the file was last written whole
@@ -25,8 +26,7 @@ class DiskCache(CompileCache):
 
 
 def _path() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "dagcast" / f"compiled-{CompileCache.TAG.replace(':', '-')}.json"
+    return cache_home() / f"compiled-{CompileCache.TAG.replace(':', '-')}.json"
 
 
 def _journal(path: Path) -> Path:

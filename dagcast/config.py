@@ -22,6 +22,11 @@ class ClientSettings:
     deployment: str
 
 
+def cache_home() -> Path:
+    """This machine's cache folder for dagcast: $XDG_CACHE_HOME/dagcast (default ~/.cache/dagcast)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dagcast"
+
+
 def find_project(start: Path | None = None) -> Path | None:
     """The nearest folder at or above `start` that holds a .dagcast/ folder."""
     here = (start or Path.cwd()).resolve()

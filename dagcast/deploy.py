@@ -301,11 +301,11 @@ def _run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | Non
         first = _delta_of(collect, report, live, info.size) if collect and report and live else None
         deploy_id = _ship(api, opts, tmp, info, body, first, ahead.limits, say, result, progress)
         result.uploaded = True
+        mark = timings.lap("upload_s", mark)
         if report is not None and report.valid:
             from dagcast import manifest_cache
 
             manifest_cache.save(info.sha256, report.manifest)  # the next deploy's base, when this one goes live
-        mark = timings.lap("upload_s", mark)
         if not opts.wait:
             return result
         return wait(api, opts, deploy_id, result, say)

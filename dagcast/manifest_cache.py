@@ -17,14 +17,14 @@ import tempfile
 from pathlib import Path
 
 from chalicelib.bundle import FileEntry
+from dagcast.config import cache_home
 
 KEEP = 4
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _folder() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "dagcast" / "manifests"
+    return cache_home() / "manifests"
 
 
 def load(sha256: str) -> list[FileEntry] | None:
@@ -46,14 +46,17 @@ def save(sha256: str, entries: list[FileEntry]) -> None:
     from chalicelib.manifest import manifests
 
     folder = _folder()
+    tmp: str | None = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".manifest-")
         with os.fdopen(fd, "wb") as f:
             f.write(manifests().dump_json(entries))
         os.replace(tmp, folder / f"{sha256}.json")
+        tmp = None
         kept = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
         for old in kept[KEEP:]:
             old.unlink(missing_ok=True)
     except OSError:
-        pass
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)  # a half-written copy is never left behind

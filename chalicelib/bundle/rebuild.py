@@ -11,7 +11,7 @@ announced by the caller; then it is validated like any uploaded bundle.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -91,7 +91,7 @@ def read_delta(fileobj: BinaryIO, limits: Limits, base_files: Collection[str], r
 
 def rebuild_bundle(
     base: BinaryIO, limits: Limits, delta: UploadedDelta, removed: Collection[str], files_sha256: str, out: BinaryIO,
-    compresslevel: int = 6, base_files: Mapping[str, tuple[str, int]] | None = None,
+    base_files: Mapping[str, tuple[str, int]], compresslevel: int = 6,
 ) -> BundleInfo:
     """Write to out the bundle of the base version's files, less `removed`, with the delta's files and
     symlinks (a delta carries every symlink of its version). DeltaMismatch when the base bundle is not
@@ -99,9 +99,9 @@ def rebuild_bundle(
     `compresslevel` must be the one the new bundle was written with for the bytes to be the same.
 
     `base_files` (path -> (sha256, size)): the base version's file list as ingest recorded it when it
-    validated that bundle. Its files' bytes are then not hashed again here: a base member it does not
-    list, at that size, is a mismatch, and bytes that differ from it change the result's sha256, which
-    the caller checks against the one the deploy announced (and validation hashes every file anyway)."""
+    validated that bundle. Its files' bytes are not hashed again here: a base member it does not list,
+    at that size, is a mismatch, and bytes that differ from it change the result's sha256, which the
+    caller checks against the one the deploy announced (and validation hashes every file anyway)."""
     gone = set(removed)
     pending = delta.paths
     writer = BundleWriter(out, compresslevel)
@@ -120,43 +120,32 @@ def rebuild_bundle(
             writer.add_file(rel, len(data), (data,))
             entries.append((rel, len(data), hashlib.sha256(data).hexdigest()))
 
-    scan = BundleScan(base, limits)
     try:
-        previous = ""
-        for member in scan.members():
-            if member.path <= previous:
-                raise DeltaMismatch(f"the base version's bundle is not in path order at {member.path}")
-            previous = member.path
-            emit_delta_until(member.path)
-            if member.kind != "file" or member.path in gone or member.path in delta.files or member.path in delta.symlinks:
-                for _ in scan.data():  # a base symlink the delta does not repeat is gone with its version
-                    pass
-                continue
-            known = base_files.get(member.path) if base_files is not None else None
-            if base_files is not None:
+        with BundleScan(base, limits) as scan:  # nothing reads the base's stream once it is left
+            previous = ""
+            for member in scan.members():
+                if member.path <= previous:
+                    raise DeltaMismatch(f"the base version's bundle is not in path order at {member.path}")
+                previous = member.path
+                emit_delta_until(member.path)
+                gone_or_new = member.path in gone or member.path in delta.files or member.path in delta.symlinks
+                if member.kind != "file" or gone_or_new:
+                    for _ in scan.data():  # a base symlink the delta does not repeat is gone with its version
+                        pass
+                    continue
+                known = base_files.get(member.path)
                 if known is None or known[1] != member.size:
                     raise DeltaMismatch(f"the base version's bundle does not match its file list at {member.path}")
                 writer.add_file(member.path, member.size, scan.data())
                 entries.append((member.path, member.size, known[0]))
-                continue
-            digest = hashlib.sha256()
-            writer.add_file(member.path, member.size, _hashing(scan.data(), digest))
-            entries.append((member.path, member.size, digest.hexdigest()))
-        if scan.issues:
-            raise DeltaMismatch(f"the base version's bundle cannot be read: {scan.issues.items[0].message}")
+            if scan.issues:
+                raise DeltaMismatch(f"the base version's bundle cannot be read: {scan.issues.items[0].message}")
         emit_delta_until(None)
         info = writer.close()
     except BaseException:
-        scan.inf.settle()  # nothing reads the base's stream once this returns
         writer.discard()
         raise
     if triples_digest(entries) != files_sha256:
         raise DeltaMismatch("the base version's files with the delta applied are not the files the deploy announced")
     return info
-
-
-def _hashing(chunks: Iterator[bytes], digest: hashlib._Hash) -> Iterator[bytes]:
-    for chunk in chunks:
-        digest.update(chunk)
-        yield chunk
 

@@ -18,7 +18,7 @@ import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, wait
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Self
 
 from chalicelib.bundle.report import MAX_ERRORS, Issue, Limits, MiB
 from chalicelib.bundle.threads import worker
@@ -284,7 +284,10 @@ _NO_DATA_TYPES = frozenset((b"1", b"2", b"3", b"4", b"5", b"6"))
 
 
 class TarStream:
-    """One pass over a gzip-compressed tar: yields the members `_check` accepts, records every issue."""
+    """One pass over a gzip-compressed tar: yields the members `_check` accepts, records every issue.
+
+    Used as a context manager: on leaving it (the end, a break, an error) no step read ahead is still
+    running, so its hash and counts are final and nothing reads the input once the block is left."""
 
     def __init__(self, fileobj: BinaryIO, limits: Limits) -> None:
         self.limits = limits
@@ -300,6 +303,12 @@ class TarStream:
         self._padding = 0
         self._global_pax: dict[bytes, bytes] = {}
         self._end = False
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.inf.settle()
 
     # -- issue helpers
     def _halt(self, exc: _Halt) -> None:

@@ -62,10 +62,9 @@ def _run(
     here, the rest goes to `workers` too. Past `deadline` (a time.monotonic() value) the scan stops
     with a validation_timeout issue.
     """
-    scan = BundleScan(fileobj, limits or Limits())
     manifest: list[FileEntry] = []
     compiler = _Compiler(cache, workers, parallel, deadline)
-    try:
+    with BundleScan(fileobj, limits or Limits()) as scan:
         try:
             _members(scan, manifest, check_python, sink, reuse, cache, collect, compiler)
             compiler.finish(manifest, scan)
@@ -76,9 +75,8 @@ def _run(
                 "checks before its deadline"
             )), final=True)
             scan.halted = True
-    finally:
-        compiler.close()
-        scan.inf.settle()  # a scan that stopped early may have a step in flight: the hash and count are final now
+        finally:
+            compiler.close()
     if sink is None or not scan.issues:
         scan.finish(present)
     valid = not scan.issues

@@ -52,7 +52,8 @@ def rebuilt(base: bytes, delta: bytes, removed: list[str], digest: str, level: i
     base_paths = [f.path for f in validate_stream(io.BytesIO(base), check_python=False).manifest]
     uploaded = read_delta(io.BytesIO(delta), Limits(), base_paths, removed)
     out = io.BytesIO()
-    rebuild_bundle(io.BytesIO(base), Limits(), uploaded, removed, digest, out, level, base_files=base_files)
+    rebuild_bundle(io.BytesIO(base), Limits(), uploaded, removed, digest, out,
+                   file_list(base) if base_files is None else base_files, level)
     return out.getvalue()
 
 
