@@ -41,7 +41,7 @@ from chalicelib.bundle import (
     Report,
     validate_stream,
 )
-from chalicelib.bundle.rebuild import read_delta, rebuild_bundle
+from chalicelib.bundle.rebuild import RebuiltCheck, read_delta, rebuild_bundle
 from chalicelib.events import EventType, deploy_detail, errors_detail
 from chalicelib.exceptions import NotFound, StorageError
 from chalicelib.manifest import diff_manifests
@@ -160,7 +160,7 @@ class Ingest:
             return Outcome.IGNORED
         started = time.monotonic()
         with tempfile.TemporaryFile(prefix="dagcast-rebuilt-") as out:
-            rebuilt = self._rebuild(deploy, deploy.delta, event.version_id, out)
+            rebuilt = self._rebuild(deploy, deploy.delta, event.version_id, out, started)
             if isinstance(rebuilt, _Rebuilt):
                 # Validated here, from the file just written, and stored only once valid: no second
                 # download, no wait for the stored bundle's own notification (which then finds it decided).
@@ -176,13 +176,14 @@ class Ingest:
                     "base_version": deploy.delta.base_version, "delta_bytes": deploy.delta.size,
                     "bundle_bytes": deploy.size})
                 out.seek(0)
-                return self._validate_and_publish(fresh, None, rebuilt=out, known=(rebuilt.deployment, rebuilt.base))
+                return self._validate_and_publish(fresh, None, rebuilt=out, known=rebuilt)
         if self._store.start_validation(deployment, deploy_id, self._clock(), stored_at=event.stored_at) is None:
             return Outcome.IGNORED
         self._bundles.delete(event.key)
         return self._reject(deploy, [rebuilt], started)
 
-    def _rebuild(self, deploy: Deploy, delta: DeltaUpload, object_version: str | None, out: BinaryIO) -> Issue | _Rebuilt:
+    def _rebuild(self, deploy: Deploy, delta: DeltaUpload, object_version: str | None, out: BinaryIO,
+                 started: float) -> Issue | _Rebuilt:
         """Write the rebuilt bundle to `out` (a local file, stored at deploy.key once it is valid): what it
         was rebuilt from, or the Issue that rejects the deploy. The reads go out together: the deployment,
         the base version and the uploaded delta, then the base's file list and its bundle."""
@@ -190,13 +191,14 @@ class Ingest:
         later_base = _BACKGROUND.submit(self._store.get_version, deploy.deployment, delta.base_version)
         later_delta = _BACKGROUND.submit(self._bundles.open, deploy.delta_key, object_version)
         try:
-            return self._rebuild_from(deploy, delta, later_base, later_delta, out)
+            return self._rebuild_from(deploy, delta, later_base, later_delta, out, started)
         finally:
             with contextlib.suppress(Exception):  # whatever path was taken, the delta's stream is closed
                 later_delta.result()[0].close()
 
     def _rebuild_from(self, deploy: Deploy, delta: DeltaUpload, later_base: Future[Version],
-                      later_delta: Future[tuple[BinaryIO, int, str | None]], out: BinaryIO) -> Issue | _Rebuilt:
+                      later_delta: Future[tuple[BinaryIO, int, str | None]], out: BinaryIO,
+                      started: float) -> Issue | _Rebuilt:
         deployment = self._store.get_deployment(deploy.deployment)
         if deployment.current_version != delta.base_version:
             return _issue("base_moved", f"the delta was made against v{delta.base_version}, but "
@@ -209,14 +211,15 @@ class Ingest:
             return _issue("base_moved", f"v{delta.base_version} is not the bundle the delta was made against")
         later_body = _BACKGROUND.submit(self._bundles.open, base.key, base.object_version)
         try:
-            return self._rebuild_on(deploy, delta, deployment, base, later_delta, later_body, out)
+            return self._rebuild_on(deploy, delta, deployment, base, later_delta, later_body, out, started)
         finally:
             with contextlib.suppress(Exception):
                 later_body.result()[0].close()
 
     def _rebuild_on(self, deploy: Deploy, delta: DeltaUpload, deployment: Deployment, base: Version,
                     later_delta: Future[tuple[BinaryIO, int, str | None]],
-                    later_body: Future[tuple[BinaryIO, int, str | None]], out: BinaryIO) -> Issue | _Rebuilt:
+                    later_body: Future[tuple[BinaryIO, int, str | None]], out: BinaryIO,
+                    started: float) -> Issue | _Rebuilt:
         base_deploy = self._store.get_deploy_fields(deploy.deployment, base.deploy_id, ["manifest_key"])
         manifest = self._publisher.load_manifest(base_deploy.get("manifest_key"))
         if manifest is None:
@@ -236,26 +239,42 @@ class Ingest:
             return _issue("checksum_mismatch", f"uploaded delta sha256 {uploaded.sha256} does not match "
                           f"announced {delta.sha256}")
         try:
-            base_body, _, _ = later_body.result()
+            base_body, _, base_read = later_body.result()
         except StorageError:
             return _issue("base_unavailable", f"the bundle of v{delta.base_version}, the delta's base, is gone")
+        # the base is the live version (checked above): the sidecars' delta and the diff are against it
+        live = LiveBase(base.version, base.deploy_id, manifest, base.sha256)
+        collect = DeltaCollector({f.path: f.sha256 for f in manifest})
+        # Validated as it is written when the bytes read are the ones the base's validation passed, by
+        # this validator (see RebuiltCheck); else read again once written, like any upload.
+        check = None
+        if base.validator == CompileCache.TAG and base.object_version and base_read == base.object_version:
+            check = RebuiltCheck(deployment.limits, {f.path: f for f in manifest}, cache=_COMPILED,
+                                 workers=self._workers, parallel=deploy.size >= PARALLEL_MIN_BUNDLE,
+                                 deadline=started + self._settings.validation_deadline_seconds, collect=collect)
         try:
             info = rebuild_bundle(base_body, base.limits, uploaded, delta.removed, delta.files_sha256, out,
-                                  {f.path: (f.sha256, f.size) for f in manifest}, delta.compresslevel)
+                                  {f.path: (f.sha256, f.size) for f in manifest}, delta.compresslevel, check)
+            if (info.sha256, info.size) != (deploy.sha256, deploy.size):
+                return _issue("delta_rebuild_mismatch", f"the bundle rebuilt from v{delta.base_version} and the delta "
+                              f"(sha256 {info.sha256}, {info.size} bytes) is not the announced one "
+                              f"(sha256 {deploy.sha256}, {deploy.size} bytes)")
+            report = check.report(info) if check is not None else None
         except DeltaMismatch as exc:
             return _issue("delta_mismatch", str(exc))
         except BundleError as exc:
             return _issue("delta_mismatch", f"the rebuilt bundle cannot be written: {exc}")
         except OSError as exc:  # the S3 stream broke: let the queue redeliver
             raise StorageError(f"cannot read the base bundle {base.key}: {exc}") from exc
-        if (info.sha256, info.size) != (deploy.sha256, deploy.size):
-            return _issue("delta_rebuild_mismatch", f"the bundle rebuilt from v{delta.base_version} and the delta "
-                          f"(sha256 {info.sha256}, {info.size} bytes) is not the announced one "
-                          f"(sha256 {deploy.sha256}, {deploy.size} bytes)")
-        # the base is the live version (checked above): the sidecars' delta and the diff are against it
-        live = LiveBase(base.version, base.deploy_id, manifest, base.sha256)
+        except CompileWorkerError as exc:  # killed mid-bundle (out of memory?): let the queue redeliver
+            raise StorageError(f"cannot validate the bundle rebuilt for {deploy.key}: {exc}") from exc
+        finally:
+            if check is not None:
+                check.close()
+        if check is not None:
+            logger.info("rebuilt bundle validated as it was written", extra={"reused_verdicts": check.reused})
         # the object version actually read (a notification may not name one): the sidecars' delta is pinned to it
-        return _Rebuilt(deployment, live, read_version)
+        return _Rebuilt(deployment, live, read_version, collect, report)
 
     def _remove_late_write(self, deploy: Deploy, event: IngestEvent) -> None:
         """A write to the key of a deploy already decided: the upload of a cancelled or expired deploy
@@ -285,18 +304,20 @@ class Ingest:
             return None
 
     def _validate_and_publish(self, deploy: Deploy, object_version: str | None, rebuilt: BinaryIO | None = None,
-                              known: tuple[Deployment, LiveBase] | None = None) -> Outcome:
+                              known: _Rebuilt | None = None) -> Outcome:
         """Validate the deploy's bundle (the stored upload, or the `rebuilt` local file, stored at the
         deploy's key only once it is valid) and publish it, or reject it saying why. `known`: the
-        deployment and its live version as the rebuild read them, not read again."""
+        deployment and its live version as the rebuild read them, not read again, and the rebuilt
+        bundle's report when it was validated as it was written."""
         started = time.monotonic()
         base: LiveBase | None
+        collect: DeltaCollector | None
         if known is not None:
-            deployment, base = known
+            deployment, base, collect = known.deployment, known.base, known.collect
         else:
             deployment = self._store.get_deployment(deploy.deployment)
             base = self._publisher.live_base(deployment)
-        collect = DeltaCollector({f.path: f.sha256 for f in base.manifest}) if base else None
+            collect = DeltaCollector({f.path: f.sha256 for f in base.manifest}) if base else None
         if rebuilt is not None:
             body, size = rebuilt, deploy.size
         else:
@@ -313,7 +334,7 @@ class Ingest:
                 return self._reject(deploy, [_issue("size_mismatch", f"uploaded {size} bytes, announced {deploy.size}")], started)
             deadline = started + self._settings.validation_deadline_seconds
             try:
-                report = validate_stream(
+                report = known.report if known is not None and known.report is not None else validate_stream(
                     body, deployment.limits, cache=_COMPILED, collect=collect, workers=self._workers,
                     parallel=size >= PARALLEL_MIN_BUNDLE, deadline=deadline,
                 )
@@ -414,7 +435,7 @@ class Ingest:
             "diff": diff_manifests(base.manifest if base else None, report.manifest).model_dump(),
         }
         fields["object_version"] = object_version
-        version = self._publisher.publish(deploy, fields, limits, object_version, delta)
+        version = self._publisher.publish(deploy, fields, limits, object_version, delta, validator=CompileCache.TAG)
         if version is None:
             final = self._store.get_deploy(deploy.deployment, deploy.deploy_id)
             if final.state in ABANDONED:  # cancelled while it was validated: it never goes live
@@ -440,6 +461,8 @@ class _Rebuilt:
     deployment: Deployment
     base: LiveBase
     read_version: str | None  # the uploaded delta's object version
+    collect: DeltaCollector  # the sidecars' delta against `base`: fed by `report`'s check, or by validation
+    report: Report | None  # the rebuilt bundle's validation, when it was checked as it was written
 
 
 def _issue(code: str, message: str) -> Issue:

@@ -227,6 +227,9 @@ class Version(Model):
     limits: Limits = Field(default_factory=Limits, description="the limits it was validated with: sidecars extract with these")
     delta: Delta | None = None
     parse_mode: ParseMode = Field(ParseMode.REPORT, description="the deployment's parse_mode when it was published")
+    validator: str | None = Field(None, description=(
+        "the validator that found the bundle valid (CompileCache.TAG): a delta deploy built on this version "
+        "reuses its verdicts on the files the delta leaves unchanged only when it is the same one"))
 
 
 class Sidecar(Model):

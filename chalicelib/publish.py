@@ -185,11 +185,13 @@ class Publisher:
         limits: Limits,
         object_version: str | None,
         delta: Delta | None = None,
+        validator: str | None = None,
     ) -> Version | None:
         """VALIDATING -> ACTIVE as the next version; the previous live deploy becomes SUPERSEDED.
 
         The version records what makes it itself (the deployment's id, the bundle's sha256 and
-        S3 object version) and the limits it was validated with; the announcement is signed.
+        S3 object version), the limits it was validated with and by which validator; the announcement
+        is signed.
         Retries bounded times when another deploy took the number; None when this deploy
         was already finished by another delivery (or cancelled meanwhile).
         """
@@ -210,6 +212,7 @@ class Publisher:
                 limits=limits,
                 delta=delta,
                 parse_mode=current.parse_mode,
+                validator=validator,
             )
             try:
                 self._store.activate(version, current.last_version, current.current_deploy_id,

@@ -370,7 +370,7 @@ class ControlPlane:
             "manifest_key": target.manifest_key,
             "diff": self._publisher.diff_against_live(deployment, manifest).model_dump(),
         }
-        self._publisher.publish(deploy, fields, served.limits, served.object_version)
+        self._publisher.publish(deploy, fields, served.limits, served.object_version, validator=served.validator)
         return self._store.get_deploy(deployment, deploy.deploy_id)
 
     # --- promotion -------------------------------------------------------------------

@@ -443,10 +443,7 @@ class TarStream:
         long_name: bytes | None,
         long_link: bytes | None,
     ) -> _Member | None:
-        limits = self.limits
-        self._members += 1
-        if self._members > limits.max_members:
-            raise _Halt("too_many_members", f"The bundle has more than {limits.max_members} members")
+        self._count()
         if b"size" in pax:
             if not pax[b"size"].isdigit() or len(pax[b"size"]) > 20:
                 raise _corrupt("malformed size in a PAX header")
@@ -470,7 +467,29 @@ class TarStream:
             raw_link = pax[b"linkpath"]
         shown = _display(raw_name)
 
-        # Size limits first: they stop the scan before any data is inflated.
+        self._sized(shown, data_size)  # size limits first: they stop the scan before any data is inflated
+        self._remaining = data_size
+        self._padding = -data_size % _BLOCK
+
+        if raw_kind == b"0" and raw_name.endswith(b"/") and kind == b"\x00":
+            raw_kind = b"5"  # old-style directory entry
+        if any(k.startswith(b"GNU.sparse.") for k in pax):
+            raw_kind = b"S"
+        mode = _num(block[100:108])
+        result = self._check(raw_name, shown, raw_kind, mode, raw_link, data_size)
+        if isinstance(result, Issue):
+            self.issues.add(result)
+            return None
+        return result
+
+    def _count(self) -> None:
+        self._members += 1
+        if self._members > self.limits.max_members:
+            raise _Halt("too_many_members", f"The bundle has more than {self.limits.max_members} members")
+
+    def _sized(self, shown: str, data_size: int) -> None:
+        """The size limits of a member's data, checked before any of it is read."""
+        limits = self.limits
         if data_size > limits.max_member_bytes:
             raise _Halt(
                 "member_too_large",
@@ -485,18 +504,27 @@ class TarStream:
                 f"(reached at {shown})",
                 shown,
             )
-        self._remaining = data_size
-        self._padding = -data_size % _BLOCK
 
-        if raw_kind == b"0" and raw_name.endswith(b"/") and kind == b"\x00":
-            raw_kind = b"5"  # old-style directory entry
-        if any(k.startswith(b"GNU.sparse.") for k in pax):
-            raw_kind = b"S"
-        mode = _num(block[100:108])
-        result = self._check(raw_name, shown, raw_kind, mode, raw_link, data_size)
+    def admit(self, raw_name: bytes, raw_kind: bytes, mode: int, raw_link: bytes, size: int) -> _Member | None:
+        """Every rule of the stream's members, for a member that is not read from it (one a rebuild
+        writes): the count and size limits, then `_check`. The member, or None when it is refused
+        (its issue is recorded; a limit halts the scan, as it would have halted the stream)."""
+        if self.halted:
+            return None
+        shown = _display(raw_name)
+        try:
+            self._count()
+            self._sized(shown, size)
+            result = self._check(raw_name, shown, raw_kind, mode, raw_link, size)
+        except _Halt as exc:
+            self._halt(exc)
+            return None
         if isinstance(result, Issue):
             self.issues.add(result)
             return None
+        if result is not None and result.kind == "file":
+            self.files += 1
+            self.bytes += result.size
         return result
 
 

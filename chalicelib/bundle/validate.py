@@ -69,11 +69,7 @@ def _run(
             _members(scan, manifest, check_python, sink, reuse, cache, collect, compiler)
             compiler.finish(manifest, scan)
         except CompileDeadline:
-            took = f" after {compiler.seconds:.0f} s" if compiler.seconds >= 1 else ""
-            scan.issues.add(Issue(code="validation_timeout", message=(
-                f"The bundle could not be validated in time{took}: it holds more Python than the validator "
-                "checks before its deadline"
-            )), final=True)
+            scan.issues.add(timed_out(compiler), final=True)
             scan.halted = True
         finally:
             compiler.close()
@@ -90,6 +86,15 @@ def _run(
         sha256=scan.inf.sha.hexdigest(),
         compressed_bytes=scan.inf.compressed,
     )
+
+
+def timed_out(compiler: _Compiler) -> Issue:
+    """The issue of a bundle whose deadline passed while `compiler` compiled it."""
+    took = f" after {compiler.seconds:.0f} s" if compiler.seconds >= 1 else ""
+    return Issue(code="validation_timeout", message=(
+        f"The bundle could not be validated in time{took}: it holds more Python than the validator "
+        "checks before its deadline"
+    ))
 
 
 class _Compiler:

@@ -521,19 +521,59 @@ def start_delta_deploy(client: Client, aws: StackOutputs, deployment: str, deplo
     return deploy, delta_key, data, s3_notification(aws.bucket, delta_key, len(built.data))
 
 
+@pytest.mark.parametrize("base", ["this validator", "another validator", "no object version"])
+def test_a_delta_deploy_reuses_its_bases_verdicts_only_for_the_pinned_bytes_this_validator_passed(
+    client: Client, aws: StackOutputs, deployment: str, deployer_token: str, make_bundle: MakeBundle,
+    monkeypatch: pytest.MonkeyPatch, base: str,  # noqa: F811
+) -> None:
+    """The files a delta leaves unchanged keep the base's verdicts only when its record names this
+    validator and pins the object version read; else the rebuilt bundle is read and validated again."""
+    import chalicelib.ingest as ingest_module
+    from chalicelib.bundle import CompileCache
+
+    deploy, _, data, notification = start_delta_deploy(client, aws, deployment, deployer_token, make_bundle)
+    table = boto3.resource("dynamodb").Table(aws.table_name)
+    key = {"pk": f"DEPLOYMENT#{deployment}", "sk": "VERSION#0000000001"}
+    if base == "another validator":  # validated before an upgrade of Python or of the validator
+        table.update_item(Key=key, UpdateExpression="SET validator = :v", ExpressionAttributeValues={":v": "cpython-39:v1"})
+    elif base == "no object version":  # a record that pins nothing: the bytes read may not be the ones validated
+        table.update_item(Key=key, UpdateExpression="REMOVE object_version")
+    real = ingest_module.validate_stream
+    read: list[bool] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        read.append(True)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ingest_module, "validate_stream", counted)
+    assert ingest(client, notification) == {"batchItemFailures": []}
+    store = app_module.get_store()
+    assert store.get_deploy(deployment, deploy["deploy_id"]).state is DeployState.ACTIVE
+    assert bool(read) is (base != "this validator")
+    record = store.get_version(deployment, 2)
+    assert record.validator == CompileCache.TAG
+    served = boto3.client("s3").get_object(Bucket=aws.bucket, Key=deploy["key"], VersionId=record.object_version)
+    assert served["Body"].read() == data
+
+
+@pytest.mark.parametrize("validated", ["as written", "read again"])
 def test_a_rebuilt_bundle_is_stored_only_once_valid_and_a_crash_while_validating_it_is_finished_by_the_redelivery(
     client: Client, aws: StackOutputs, deployment: str, deployer_token: str, make_bundle: MakeBundle,
-    announcements: Announcements, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    announcements: Announcements, monkeypatch: pytest.MonkeyPatch, validated: str,  # noqa: F811
 ) -> None:
+    """Validated as it is written (the base's verdicts reused: its record names this validator), or
+    read again once written (a base validated by another validator, as after an upgrade)."""
     import chalicelib.ingest as ingest_module
-    from chalicelib.bundle import CompileWorkerError
+    from chalicelib.bundle import CompileCache, CompileWorkerError
 
     deploy, delta_key, data, notification = start_delta_deploy(client, aws, deployment, deployer_token, make_bundle)
     assert [m["version"] for m in announcements()] == [1]
     store = app_module.get_store()
+    if validated == "read again":
+        monkeypatch.setattr(CompileCache, "TAG", "another-python:v0")
 
-    real = ingest_module.validate_stream
     crashed: list[bool] = []
+    real: Any = ingest_module.RebuiltCheck.report if validated == "as written" else ingest_module.validate_stream
 
     def dies_once(*args: Any, **kwargs: Any) -> Any:
         crashed.append(True)
@@ -541,18 +581,23 @@ def test_a_rebuilt_bundle_is_stored_only_once_valid_and_a_crash_while_validating
             raise CompileWorkerError("killed mid-bundle")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ingest_module, "validate_stream", dies_once)
+    if validated == "as written":
+        monkeypatch.setattr(ingest_module.RebuiltCheck, "report", dies_once)
+    else:
+        monkeypatch.setattr(ingest_module, "validate_stream", dies_once)
     with pytest.raises(BatchProcessingError, match="All records failed"):  # the invocation fails: SQS redelivers
         ingest(client, notification)
     stored = store.get_deploy(deployment, deploy["deploy_id"])
-    assert crashed and stored.state is DeployState.VALIDATING and stored.rebuilt_at is not None
+    # checked as it was written, the rebuild itself failed (and the deploy waits for it); else it failed after
+    expected = (DeployState.PENDING, False) if validated == "as written" else (DeployState.VALIDATING, True)
+    assert crashed and (stored.state, stored.rebuilt_at is not None) == expected
     assert object_versions(aws, deploy["key"]) == [], "the rebuilt bundle was stored before it was validated"
     assert announcements() == []
     # a notification of the deploy's own key meanwhile (ingest's store of it arriving while the deploy is
     # VALIDATING, or anyone's write) starts no second validation: the delta's handler decides the deploy
     calls = len(crashed)
     assert ingest(client, s3_notification(aws.bucket, deploy["key"], len(data))) == {"batchItemFailures": []}
-    assert len(crashed) == calls and store.get_deploy(deployment, deploy["deploy_id"]).state is DeployState.VALIDATING
+    assert len(crashed) == calls and store.get_deploy(deployment, deploy["deploy_id"]).state is expected[0]
 
     assert ingest(client, notification) == {"batchItemFailures": []}
     stored = store.get_deploy(deployment, deploy["deploy_id"])
