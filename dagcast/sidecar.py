@@ -127,8 +127,9 @@ class Syncer:
         # before a version is published: may it be? (the parse check's gate; None: always)
         self.gate: Callable[[str | None, Version, Path], bool] | None = None
         self.last_published: tuple[str | None, Version, Path] | None = None  # (folder before, record, folder)
-        # the last few manifests read, by folder name, with the stat they were read at (see _read_meta)
-        self._meta: dict[str, tuple[tuple[int, int, int, int], dict[str, Any]]] = {}
+        # the last few manifests read, by folder name, with the stat they were read at (see _read_meta),
+        # and what was made from each (see _made_from)
+        self._meta: dict[str, tuple[tuple[int, int, int, int], dict[str, Any], dict[str, Any]]] = {}
         self._meta_lock = threading.Lock()
 
     def prepare(self) -> None:
@@ -165,11 +166,29 @@ class Syncer:
         return live.version if live else 0
 
     def files_of(self, name: str) -> dict[str, str] | None:
-        """A version folder's files (path -> sha256) as its manifest records them; None when unknown."""
+        """A version folder's files (path -> sha256) as its manifest records them; None when unknown.
+        The mapping is shared: callers read it, never change it."""
         try:
-            return {str(e["path"]): str(e["sha256"]) for e in self._read_meta(name)["files"]}
+            files: dict[str, str] = self._made_from(
+                name, "files_of", lambda doc: {str(e["path"]): str(e["sha256"]) for e in doc["files"]})
+            return files
         except (KeyError, TypeError):
             return None
+
+    def _made_from(self, name: str, what: str, make: Callable[[dict[str, Any]], Any]) -> Any:
+        """make(the folder's manifest), kept with the parsed manifest (and dropped with it) under `what`:
+        at 10,000 files each mapping made from it takes tens of milliseconds."""
+        doc = self._read_meta(name)
+        with self._meta_lock:
+            kept = self._meta.get(name)
+            views = kept[2] if kept is not None and kept[1] is doc else None
+            if views is not None and what in views:
+                return views[what]
+        made = make(doc)
+        if views is not None:
+            with self._meta_lock:
+                views[what] = made
+        return made
 
     def _read_meta(self, name: str) -> dict[str, Any]:
         """A version folder's manifest ({} when missing or unreadable). The live one is asked for by every
@@ -191,7 +210,7 @@ class Syncer:
             return {}
         with self._meta_lock:
             self._meta.pop(name, None)
-            self._meta[name] = (stamp, doc)  # read after the stat: a newer file has another stamp, read again
+            self._meta[name] = (stamp, doc, {})  # read after the stat: a newer file has another stamp, read again
             while len(self._meta) > META_KEPT:
                 del self._meta[next(iter(self._meta))]
         return doc
@@ -385,15 +404,25 @@ class Syncer:
         return folder
 
     def _reuse(self) -> Reuse | None:
-        """The live version and its manifest, so unchanged files are hard-linked rather than rewritten."""
+        """The live version and its manifest, so unchanged files are hard-linked rather than rewritten.
+        Made once per version (see warm): the next deploy's sync does not wait for it."""
         live = self.installed()
         if live is None:
             return None
+        folder = self.versions / live.folder
         try:
-            files = {str(e["path"]): (str(e["sha256"]), int(e["size"])) for e in self._read_meta(live.folder)["files"]}
+            reuse: Reuse = self._made_from(live.folder, "reuse", lambda doc: Reuse(folder, {
+                str(e["path"]): (str(e["sha256"]), int(e["size"])) for e in doc["files"]}))
         except (KeyError, ValueError, TypeError):
             return None
-        return Reuse(self.versions / live.folder, files)
+        return reuse
+
+    def warm(self) -> None:
+        """Make, while nothing waits, what the next sync from the live version needs: its files to reuse
+        (and the folders they are in)."""
+        reuse = self._reuse()
+        if reuse is not None:
+            reuse.present  # noqa: B018  (computed once, kept with it)
 
     def _save_manifest(self, name: str, record: Version, manifest: list[FileEntry]) -> None:
         doc = {
@@ -696,6 +725,7 @@ class Sidecar:
         if not self._unpruned:
             return
         self._unpruned = False
+        self.syncer.warm()
         try:
             self.syncer.prune()
         except OSError as exc:

@@ -8,7 +8,9 @@ being checked now.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from chalicelib.bundle.report import FileEntry
@@ -47,7 +49,23 @@ class Reuse:
     folder: Path
     files: dict[str, tuple[str, int]]  # path -> (sha256, size)
 
+    @cached_property
+    def present(self) -> frozenset[str]:
+        """Its files and the folders they are in (see extract_delta): made once, as the files never change."""
+        return present_with(self.files)
+
     @classmethod
     def from_manifest(cls, folder: Path, manifest: list[FileEntry]) -> Reuse:
         return cls(folder, {f.path: (f.sha256, f.size) for f in manifest})
 
+
+
+def present_with(files: Iterable[str]) -> frozenset[str]:
+    """The paths and every folder they are in."""
+    present = set(files)
+    for path in list(present):
+        parent = path.rpartition("/")[0]
+        while parent and parent not in present:
+            present.add(parent)
+            parent = parent.rpartition("/")[0]
+    return frozenset(present)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from chalicelib.bundle.cache import Reuse
+from chalicelib.bundle.cache import Reuse, present_with
 from chalicelib.bundle.report import BundleRejected, DeltaMismatch, FileEntry, Limits, Report, files_digest
 from chalicelib.bundle.rules import relative_link
 from chalicelib.bundle.validate import _run
@@ -218,16 +218,11 @@ def extract_delta(
     returned report's manifest lists every file of the result.
     """
     gone = set(removed)
-    kept = {path: entry for path, entry in base.files.items() if path not in gone}
-    present = set(kept)
-    for path in kept:
-        parent = path.rpartition("/")[0]
-        while parent and parent not in present:
-            present.add(parent)
-            parent = parent.rpartition("/")[0]
+    kept = {path: entry for path, entry in base.files.items() if path not in gone} if gone else base.files
+    present = present_with(kept) if gone else base.present
 
     def fill(sink: _Extractor) -> Report:
-        report = _run(fileobj, limits, False, sink, present=frozenset(present))
+        report = _run(fileobj, limits, False, sink, present=present)
         if not report.valid:
             return report
         entries = list(report.manifest)

@@ -967,3 +967,29 @@ def test_the_live_manifest_is_read_from_disk_once_until_it_is_replaced(env: Any,
     assert syncer.installed().deployment_id == "0" * len(doc["deployment_id"])  # type: ignore[union-attr]
     assert syncer.files_of(live.folder) == {"dag.py": ANY, "sql/q.sql": ANY}
     assert len(reads) == before + 1
+
+
+def test_what_the_next_sync_reuses_is_made_once_per_live_version_and_again_when_its_manifest_changes(
+    env: Any, tmp_path: Path
+) -> None:
+    """At 10,000 files the live version's reuse map (and the folders its files are in) takes tens of
+    milliseconds: warm() makes it while nothing waits, and the next delta sync takes it as it is."""
+    syncer, api, _ = env
+    api.add(1, versions_of(1, tmp_path))
+    assert syncer.sync() == 1
+    syncer.warm()
+    reuse = syncer._reuse()
+    assert reuse is not None and syncer._reuse() is reuse
+    assert reuse.files == {"dag.py": (ANY, ANY), "sql/q.sql": (ANY, ANY)}
+    assert reuse.present == {"dag.py", "sql", "sql/q.sql"}
+    live = syncer.installed()
+    assert live is not None
+    path = syncer.manifests / f"{live.folder}.json"
+    doc = json.loads(path.read_bytes())
+    doc["files"] = [f for f in doc["files"] if f["path"] == "dag.py"]
+    tmp = path.with_name(".tmp-" + path.name)
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+    again = syncer._reuse()
+    assert again is not reuse and again is not None and set(again.files) == {"dag.py"}
+    assert syncer.files_of(live.folder) == {"dag.py": ANY}
