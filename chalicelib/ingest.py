@@ -41,7 +41,8 @@ from chalicelib.bundle import (
     Report,
     validate_stream,
 )
-from chalicelib.bundle.rebuild import RebuiltCheck, read_delta, rebuild_bundle
+from chalicelib.bundle.rebuild import read_delta, rebuild_bundle
+from chalicelib.bundle.written import WrittenCheck
 from chalicelib.events import EventType, deploy_detail, errors_detail
 from chalicelib.exceptions import NotFound, StorageError
 from chalicelib.manifest import diff_manifests
@@ -246,10 +247,10 @@ class Ingest:
         live = LiveBase(base.version, base.deploy_id, manifest, base.sha256)
         collect = DeltaCollector({f.path: f.sha256 for f in manifest})
         # Validated as it is written when the bytes read are the ones the base's validation passed, by
-        # this validator (see RebuiltCheck); else read again once written, like any upload.
+        # this validator (see WrittenCheck); else read again once written, like any upload.
         check = None
         if base.validator == CompileCache.TAG and base.object_version and base_read == base.object_version:
-            check = RebuiltCheck(deployment.limits, {f.path: f for f in manifest}, cache=_COMPILED,
+            check = WrittenCheck(deployment.limits, {f.path: f for f in manifest}, cache=_COMPILED,
                                  workers=self._workers, parallel=deploy.size >= PARALLEL_MIN_BUNDLE,
                                  deadline=started + self._settings.validation_deadline_seconds, collect=collect)
         try:

@@ -573,7 +573,7 @@ def test_a_rebuilt_bundle_is_stored_only_once_valid_and_a_crash_while_validating
         monkeypatch.setattr(CompileCache, "TAG", "another-python:v0")
 
     crashed: list[bool] = []
-    real: Any = ingest_module.RebuiltCheck.report if validated == "as written" else ingest_module.validate_stream
+    real: Any = ingest_module.WrittenCheck.report if validated == "as written" else ingest_module.validate_stream
 
     def dies_once(*args: Any, **kwargs: Any) -> Any:
         crashed.append(True)
@@ -582,7 +582,7 @@ def test_a_rebuilt_bundle_is_stored_only_once_valid_and_a_crash_while_validating
         return real(*args, **kwargs)
 
     if validated == "as written":
-        monkeypatch.setattr(ingest_module.RebuiltCheck, "report", dies_once)
+        monkeypatch.setattr(ingest_module.WrittenCheck, "report", dies_once)
     else:
         monkeypatch.setattr(ingest_module, "validate_stream", dies_once)
     with pytest.raises(BatchProcessingError, match="All records failed"):  # the invocation fails: SQS redelivers

@@ -17,7 +17,8 @@ LAYERS: dict[str, int] = {
     "python": 3, "delta": 3,
     "compile_workers": 4,
     "validate": 5,
-    "extract": 6, "rebuild": 6,
+    "extract": 6, "written": 6,
+    "rebuild": 7,
 }
 OUTSIDE_ALLOWED = {"chalicelib.exceptions"}  # what the bundle package may import from the rest of the project
 

@@ -24,7 +24,8 @@ from chalicelib.bundle import (
     validate_stream,
 )
 from chalicelib.bundle.format import write_bundle
-from chalicelib.bundle.rebuild import RebuiltCheck, read_delta, rebuild_bundle
+from chalicelib.bundle.rebuild import read_delta, rebuild_bundle
+from chalicelib.bundle.written import WrittenCheck
 
 NAMES = st.sampled_from(["a.py", "b.py", "lib/c.py", "lib/d.txt", "lib/deep/e.py", "z.sql", "m/n.py"])
 CONTENT = st.binary(max_size=300)
@@ -140,7 +141,7 @@ def test_a_hostile_delta_is_refused_with_the_bundle_rules() -> None:
     assert caught.value.report.errors[0].code
 
 
-# --- validating the rebuilt bundle as it is written (RebuiltCheck) ---------------------------------
+# --- validating the rebuilt bundle as it is written (WrittenCheck) ---------------------------------
 
 SNIPPETS = st.sampled_from([
     b"X = 1\n",
@@ -155,12 +156,12 @@ VALID_SNIPPETS = st.sampled_from([b"X = 1\n", b"from airflow import DAG\nwith DA
 
 def checked(base: bytes, delta: bytes, removed: list[str], digest: str, limits: Limits | None = None,
             level: int = 1) -> tuple[bytes, Report]:
-    """Rebuild with a RebuiltCheck fed the base's verdicts, as ingest does for a base of this validator."""
+    """Rebuild with a WrittenCheck fed the base's verdicts, as ingest does for a base of this validator."""
     limits = limits or Limits()
     base_report = validate_stream(io.BytesIO(base))
     assert base_report.valid, "a base version is a valid bundle"
     uploaded = read_delta(io.BytesIO(delta), limits, [f.path for f in base_report.manifest], removed)
-    check = RebuiltCheck(limits, {f.path: f for f in base_report.manifest}, cache=CompileCache())
+    check = WrittenCheck(limits, {f.path: f for f in base_report.manifest}, cache=CompileCache())
     out = io.BytesIO()
     info = rebuild_bundle(io.BytesIO(base), Limits(), uploaded, removed, digest, out,
                           {f.path: (f.sha256, f.size) for f in base_report.manifest}, level, check)
@@ -261,7 +262,7 @@ def test_an_unchanged_file_keeps_the_verdict_of_the_base_and_is_not_compiled_aga
     base_report = validate_stream(io.BytesIO(base))
     uploaded = read_delta(io.BytesIO(delta), Limits(), [f.path for f in base_report.manifest], removed)
     cache = CompileCache()
-    check = RebuiltCheck(Limits(), {f.path: f for f in base_report.manifest}, cache=cache)
+    check = WrittenCheck(Limits(), {f.path: f for f in base_report.manifest}, cache=cache)
     info = rebuild_bundle(io.BytesIO(base), Limits(), uploaded, removed, digest, io.BytesIO(),
                           {f.path: (f.sha256, f.size) for f in base_report.manifest}, 1, check)
     report = check.report(info)
