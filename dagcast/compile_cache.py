@@ -148,6 +148,11 @@ class Prewarm:
         except (OSError, ImportError, RuntimeError, ValueError):
             self.close()
 
+    @property
+    def compiling(self) -> bool:
+        """Whether workers were started (many files new to the cache): until join(), the cache lacks them."""
+        return bool(self._futures)
+
     def join(self) -> int:
         """Wait for the workers; returns how many entries they added to the cache."""
         added = 0

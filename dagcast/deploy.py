@@ -6,7 +6,9 @@ the deploy on the server, so a deploy this command abandoned never goes live.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import tempfile
 import threading
 import time
@@ -497,6 +499,7 @@ def _bundle_and_validate(
     # the first stage that needs them (pydantic, tarfile, the validator): imported while the look-ahead
     # started by _run waits on the API
     from chalicelib.bundle import DeltaCollector, Limits, validate_stream
+    from chalicelib.bundle.written import WrittenCheck
     from dagcast import bundler, compile_cache
     from dagcast.bundler import human_size
 
@@ -504,18 +507,24 @@ def _bundle_and_validate(
     started = time.perf_counter()
     collected = bundler.collect(opts.dags_path)
     ahead.limits_known.wait(30)  # the deployment's limits, read while the folder was walked
-    bundler.check_sizes(collected, ahead.limits or Limits())
+    limits = ahead.limits or Limits()
+    bundler.check_sizes(collected, limits)
     collected.raise_problems()  # before a byte is written: a 300 MiB file is refused at once
     paths = collected.paths
     mark = time.perf_counter()
     cache = compile_cache.load() if validating else None
     prewarm = compile_cache.Prewarm(opts.dags_path, paths, cache) if cache is not None else None
+    # Checked as it is written (the everyday deploy: its Python is in the compile cache but for a file or
+    # two), else read again once written, after the workers compiled what is new (a first deploy).
+    check = WrittenCheck(limits, cache=cache) if prewarm is not None and not prewarm.compiling else None
     setup = time.perf_counter() - mark  # validation's share, counted there
     try:
-        info = bundler.build(opts.dags_path, tmp, collected)
+        info = bundler.build(opts.dags_path, tmp, collected, check)
     except BaseException:
         if prewarm is not None:
             prewarm.close()
+        if check is not None:
+            check.close()
         raise
     mark = timings.lap("bundle_s", started)
     timings.add("bundle_s", -setup)
@@ -528,8 +537,13 @@ def _bundle_and_validate(
             ahead.join()  # the live version's file list, fetched while the folder was bundled
             if ahead.manifest is not None:
                 collect = DeltaCollector({f.path: f.sha256 for f in ahead.manifest})
-        tmp.seek(0)
-        report = validate_stream(tmp, ahead.limits, cache=cache, collect=collect)
+        if check is not None:
+            report = check.report(info)
+            if report.valid and collect is not None:
+                collect = _collect_written(opts.dags_path, report, check.symlinks, collect, tmp, limits)
+        else:
+            tmp.seek(0)
+            report = validate_stream(tmp, ahead.limits, cache=cache, collect=collect)
         compile_cache.save(cache)
         timings.lap("validate_s", mark)
         timings.add("validate_s", setup)
@@ -539,6 +553,33 @@ def _bundle_and_validate(
     if opts.parse_locally:
         _parse_here(opts, tmp, ahead.limits, say)
     return collected, info, report, collect
+
+
+def _collect_written(root: Path, report: Report, symlinks: dict[str, str], collect: DeltaCollector, tmp: BinaryIO,
+                     limits: Limits) -> DeltaCollector:
+    """The delta of a bundle checked as it was written, against the live version `collect` holds: the
+    files that differ from it are read again from the folder (few, in the everyday deploy). One that no
+    longer has the bytes bundled (edited meanwhile) makes the delta from the bundle itself."""
+    from chalicelib.bundle import DeltaCollector, validate_stream
+
+    base = collect.base
+    for entry in report.manifest:
+        data = None
+        if base.get(entry.path) != entry.sha256 and collect.wants(entry.size):
+            try:
+                with open(root / entry.path, "rb", opener=lambda p, f: os.open(p, f | os.O_NOFOLLOW)) as fh:
+                    data = fh.read(entry.size + 1)
+            except OSError:
+                data = None
+            if data is None or hashlib.sha256(data).hexdigest() != entry.sha256:
+                again = DeltaCollector(base)
+                tmp.seek(0)
+                validate_stream(tmp, limits, check_python=False, collect=again)
+                return again
+        collect.add_file(entry.path, 0o644, entry.sha256, None if data is None else [data])
+    for path, target in sorted(symlinks.items()):
+        collect.add_symlink(path, target)
+    return collect
 
 
 def _parse_here(opts: DeployOptions, bundle: BinaryIO, limits: Limits | None, say: Say) -> None:

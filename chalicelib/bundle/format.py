@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from chalicelib.bundle.threads import worker
 from chalicelib.exceptions import BundleError, DagcastError
@@ -43,6 +43,14 @@ class BundleInfo:
     size: int  # compressed bytes written
     files: int  # regular files
     bytes: int  # uncompressed total of regular files
+
+
+class MemberCheck(Protocol):
+    """What write_bundle shows each member as it writes it (chalicelib.bundle.written.WrittenCheck)."""
+
+    def wants(self, path: str, size: int) -> bool: ...
+    def file(self, path: str, size: int, sha256: str, data: bytes | None) -> None: ...
+    def symlink(self, path: str, linkname: str) -> None: ...
 
 
 class OutputFailed(OSError):
@@ -176,12 +184,15 @@ def _tarfile_header(name: str, size: int, kind: bytes, mode: int, linkname: str)
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
-def write_bundle(root: Path, relpaths: Iterable[str], out: BinaryIO, *, compresslevel: int = 6) -> BundleInfo:
+def write_bundle(root: Path, relpaths: Iterable[str], out: BinaryIO, *, compresslevel: int = 6,
+                 check: MemberCheck | None = None) -> BundleInfo:
     """Write the given files of root to out as a deterministic bundle.
 
     relpaths are POSIX paths relative to root (already filtered by the caller). Symlinks
     are kept as symlinks when they are relative, resolve inside root, point at another
     bundled path and do not go through another symlink; anything else raises BundleError.
+    With `check`, each member is shown to it as written: each file with its sha256 (and its
+    bytes, when the check wants them), each symlink with its target as written.
     """
     root_real = os.path.realpath(root)
     paths = sorted({_check_relpath(p) for p in relpaths})
@@ -213,24 +224,43 @@ def write_bundle(root: Path, relpaths: Iterable[str], out: BinaryIO, *, compress
                 fd = os.open(full, _OPEN_FLAGS)
             except OSError as exc:
                 if exc.errno == errno.ELOOP:
-                    writer.raw(_symlink_header(rel, full, root_real, wanted, implied))
+                    linkname = _symlink_linkname(rel, full, root_real, wanted, implied)
+                    writer.add_symlink(rel, linkname)
+                    if check is not None:
+                        check.symlink(rel, linkname)
                     continue
                 raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
+            digest = hashlib.sha256()
+            parts: list[bytes] | None = None
             try:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
                     raise BundleError(f"{rel}: not a regular file")
-                writer.add_file(rel, st.st_size, _read_exactly(fd, rel, st.st_size))
+                chunks = _read_exactly(fd, rel, st.st_size)
+                if check is not None:
+                    parts = [] if check.wants(rel, st.st_size) else None
+                    chunks = _teed(chunks, digest, parts)
+                writer.add_file(rel, st.st_size, chunks)
             except OutputFailed:
                 raise
             except OSError as exc:
                 raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
             finally:
                 os.close(fd)
+            if check is not None:
+                check.file(rel, st.st_size, digest.hexdigest(), None if parts is None else b"".join(parts))
     except BaseException:
         writer.discard()
         raise
     return writer.close()
+
+
+def _teed(chunks: Iterable[bytes], digest: Any, parts: list[bytes] | None) -> Iterator[bytes]:
+    for chunk in chunks:
+        digest.update(chunk)
+        if parts is not None:
+            parts.append(chunk)
+        yield chunk
 
 
 def _read_exactly(fd: int, rel: str, size: int) -> Iterator[bytes]:
@@ -298,8 +328,9 @@ class BundleWriter:
         return BundleInfo(sha256=self._sink.sha.hexdigest(), size=self._sink.size, files=self.files, bytes=self.bytes)
 
 
-def _symlink_header(rel: str, full: str, root_real: str, wanted: set[str], implied: set[str]) -> bytes:
-    """Tar header for a permitted symlink, or BundleError naming the problem."""
+def _symlink_linkname(rel: str, full: str, root_real: str, wanted: set[str], implied: set[str]) -> str:
+    """The target of a permitted symlink as the archive writes it (relative to its folder), or
+    BundleError naming the problem."""
     try:
         target = os.readlink(full)
     except OSError as exc:
@@ -318,4 +349,4 @@ def _symlink_header(rel: str, full: str, root_real: str, wanted: set[str], impli
         raise BundleError(f"{rel}: symlink target {target!r} goes through another symlink or does not exist")
     if resolved not in wanted and resolved not in implied:
         raise BundleError(f"{rel}: symlink target {resolved!r} is not part of the bundle")
-    return _header(rel, 0, tarfile.SYMTYPE, posixpath.relpath(resolved, base or "."))
+    return posixpath.relpath(resolved, base or ".")

@@ -242,3 +242,29 @@ def test_the_deploy_command_starts_without_the_terminal_ui_libraries() -> None:
             "print(sorted(m for m in sys.modules if m.startswith(('rich', 'pygments'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_an_everyday_deploy_is_checked_as_it_is_written_and_a_first_one_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_upload: None
+) -> None:
+    """A bundle whose Python the compile cache knows (but for a file or two) is validated in the pass
+    that writes it; one whose new files worker processes compile is read again once they are done."""
+    import chalicelib.bundle
+
+    monkeypatch.setattr(compile_cache, "PARALLEL_MIN", 10)
+    root = tmp_path / "dags"
+    many_files(root, 30)
+    reads: list[bool] = []
+    real = chalicelib.bundle.validate_stream
+    monkeypatch.setattr(chalicelib.bundle, "validate_stream", lambda *a, **k: (reads.append(True), real(*a, **k))[1])
+    api = FakeApi([view("ACTIVE", on=2)])
+    first = deploy.run(api, deploy.DeployOptions(dags_path=root, deployment="d"), lambda _: None)  # type: ignore[arg-type]
+    assert reads == [True], "30 new files: compiled by the workers, then the bundle is read again"
+    (root / "pkg_0" / "m_0.py").write_text("X = 'changed'\n")
+    second = deploy.run(api, deploy.DeployOptions(dags_path=root, deployment="d"), lambda _: None)  # type: ignore[arg-type]
+    assert reads == [True], "one file changed: checked as it was written"
+    assert (first.files, second.files) == (31, 31) and first.sha256 != second.sha256
+    broken = write(tmp_path / "broken", {"ok.py": "x = 1\n", "bad.py": "def f(:\n"})
+    with pytest.raises(BundleInvalid) as caught:
+        deploy.run(api, deploy.DeployOptions(dags_path=broken, deployment="d"), lambda _: None)  # type: ignore[arg-type]
+    assert [(e["path"], e["line"]) for e in caught.value.errors] == [("bad.py", 1)]
