@@ -472,16 +472,21 @@ class Store:
                 "ttl": expires_at_s, **record.model_dump(mode="json")}
         key = {"pk": _pk(record.deployment), "sk": _deploy_sk(record.deploy_id)}
         try:
-            self._table.put_item(Item=item)
             try:
-                self._table.update_item(
-                    Key=key, UpdateExpression="SET parsed.#n = :t", ConditionExpression="attribute_exists(parsed)",
-                    ExpressionAttributeNames={"#n": record.sidecar}, ExpressionAttributeValues={":t": record.reported_at},
-                )
+                # one round trip: the report and its note on the deploy record land together, so a long
+                # poll that sees the note finds the report (the answer to the last one is waited on)
+                self._client.transact_write_items(TransactItems=[
+                    {"Put": {"TableName": self._table.name, "Item": item}},
+                    {"Update": {"TableName": self._table.name, "Key": key, "UpdateExpression": "SET parsed.#n = :t",
+                                "ConditionExpression": "attribute_exists(parsed)",
+                                "ExpressionAttributeNames": {"#n": record.sidecar},
+                                "ExpressionAttributeValues": {":t": record.reported_at}}},
+                ])
             except ClientError as exc:
-                if not _failed_condition(exc):
+                if exc.response.get("Error", {}).get("Code") != "TransactionCanceledException":
                     raise
-                # a deploy recorded before parse reports existed has no map yet
+                # a deploy recorded before parse reports existed has no map yet (or no record at all)
+                self._table.put_item(Item=item)
                 self._table.update_item(
                     Key=key, UpdateExpression="SET parsed = :m", ConditionExpression="attribute_exists(pk)",
                     ExpressionAttributeValues={":m": {record.sidecar: record.reported_at}},

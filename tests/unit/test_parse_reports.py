@@ -150,3 +150,21 @@ def test_a_long_poll_answers_when_the_last_report_arrives(
     monkeypatch.setattr(control, "_sleep", sleep)
     view = control.get_deploy(deployment, live["deploy_id"], wait_seconds=30)
     assert view.parse.status == "parsed" and len(sleeps) == 1
+
+
+def test_a_report_and_its_note_on_the_deploy_land_together_and_a_deploy_recorded_before_reports_takes_them(
+    client: Client, deployment: str, sidecar_token: str, deployer_token: str, live: dict[str, Any]
+) -> None:
+    """The report and the deploy record's `parsed` note are one write; a deploy record from before
+    parse reports existed (no `parsed` map) gets its map from the first report, and keeps the next."""
+    store = app_module.get_store()
+    key = {"pk": f"DEPLOYMENT#{deployment}", "sk": f"DEPLOY#{live['deploy_id']}"}
+    store._table.update_item(Key=key, UpdateExpression="REMOVE parsed")
+    first, second = (SidecarCalls(client, deployment, sidecar_token, n) for n in ("old-1", "old-2"))
+    for s in (first, second):
+        assert put_report(s, report(1, live["sha256"]), secret=s.secret).status_code == 200
+    noted = store._table.get_item(Key=key, ConsistentRead=True)["Item"]["parsed"]
+    assert sorted(noted) == ["old-1", "old-2"]
+    assert sorted(r.sidecar for r in store.list_parses(deployment, live["deploy_id"])) == ["old-1", "old-2"]
+    view = view_of(client, deployment, live["deploy_id"], deployer_token)
+    assert view["parse"]["status"] != "none", view["parse"]
