@@ -20,7 +20,7 @@ from chalicelib.bundle import BundleInfo, Limits, write_bundle
 from dagcast.exceptions import BundleInvalid, UsageProblem
 
 if TYPE_CHECKING:
-    from chalicelib.bundle.format import MemberCheck
+    from chalicelib.bundle.format import MemberCheck, SegmentSource
 
 IGNORE_FILE = ".dagcastignore"
 # gzip level 1: on 1,000 DAG files (8 MB) it compresses in 0.07 s instead of level 6's 0.26 s, for a
@@ -185,9 +185,11 @@ def _check_links(found: Collected) -> None:
         found.paths.remove(rel)
 
 
-def build(root: Path, out: BinaryIO, collected: Collected | None = None, check: MemberCheck | None = None) -> BundleInfo:
+def build(root: Path, out: BinaryIO, collected: Collected | None = None, check: MemberCheck | None = None,
+          reuse: SegmentSource | None = None) -> BundleInfo:
     """The bundle of what `collect` found under root (collected now when not given), written to out
-    (each member shown to `check` as it is). BundleInvalid when something cannot ship."""
+    (each member shown to `check` as it is; the segments `reuse` has written from it, see
+    dagcast.segment_cache). BundleInvalid when something cannot ship."""
     collected = collected or collect(root, Limits())
     collected.raise_problems()
-    return write_bundle(root, collected.paths, out, compresslevel=COMPRESSLEVEL, check=check)
+    return write_bundle(root, collected.paths, out, compresslevel=COMPRESSLEVEL, check=check, reuse=reuse)

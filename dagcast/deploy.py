@@ -304,13 +304,22 @@ def _run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | Non
         deploy_id = _ship(api, opts, tmp, info, body, first, ahead.limits, say, result, progress)
         result.uploaded = True
         mark = timings.lap("upload_s", mark)
-        if report is not None and report.valid:
-            from dagcast import manifest_cache
+        from dagcast import bundler, segment_cache
 
-            manifest_cache.save(info.sha256, report.manifest)  # the next deploy's base, when this one goes live
-        if not opts.wait:
-            return result
-        return wait(api, opts, deploy_id, result, say)
+        tmp.flush()  # the next bundle's unchanged segments, kept while the deploy is waited for
+        keeping = threading.Thread(target=segment_cache.save, args=(opts.dags_path, bundler.COMPRESSLEVEL, tmp, info),
+                                   name="dagcast-keep-bundle")
+        keeping.start()
+        try:
+            if report is not None and report.valid:
+                from dagcast import manifest_cache
+
+                manifest_cache.save(info.sha256, report.manifest)  # the next deploy's base, when this one goes live
+            if not opts.wait:
+                return result
+            return wait(api, opts, deploy_id, result, say)
+        finally:
+            keeping.join()  # before the bundle's file is closed
 
 
 RETRY_FULL = ("base_unavailable", "delta_mismatch", "delta_rebuild_mismatch")  # a delta that cannot work: send it all
@@ -500,7 +509,7 @@ def _bundle_and_validate(
     # started by _run waits on the API
     from chalicelib.bundle import DeltaCollector, Limits, validate_stream
     from chalicelib.bundle.written import WrittenCheck
-    from dagcast import bundler, compile_cache
+    from dagcast import bundler, compile_cache, segment_cache
     from dagcast.bundler import human_size
 
     validating = not opts.skip_validation or opts.dry_run
@@ -518,14 +527,18 @@ def _bundle_and_validate(
     # two), else read again once written, after the workers compiled what is new (a first deploy).
     check = WrittenCheck(limits, cache=cache) if prewarm is not None and not prewarm.compiling else None
     setup = time.perf_counter() - mark  # validation's share, counted there
+    last = segment_cache.load(opts.dags_path, bundler.COMPRESSLEVEL)  # the last bundle: its unchanged segments
     try:
-        info = bundler.build(opts.dags_path, tmp, collected, check)
+        info = bundler.build(opts.dags_path, tmp, collected, check, last)
     except BaseException:
         if prewarm is not None:
             prewarm.close()
         if check is not None:
             check.close()
         raise
+    finally:
+        if last is not None:
+            last.close()
     mark = timings.lap("bundle_s", started)
     timings.add("bundle_s", -setup)
     say(f"Bundled {info.files} files, {human_size(info.bytes)} -> {human_size(info.size)} compressed "

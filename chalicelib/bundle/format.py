@@ -1,8 +1,10 @@
 """Deterministic bundle writer: a DAG folder as a reproducible gzip-compressed PAX tar.
 
 The same files always give the same bytes (and sha256): members are sorted by path,
-metadata is normalised (mtime 0, uid/gid 0, empty owner names, mode 0o644) and the
-gzip header carries no timestamp or file name.
+metadata is normalised (mtime 0, uid/gid 0, empty owner names, mode 0o644), the gzip
+headers carry no timestamp or file name, and the stream is cut into gzip members at
+points that depend on the members alone (see SEGMENT_EVERY), so that the unchanged
+parts of a new version keep the compressed bytes of the old one.
 """
 
 from __future__ import annotations
@@ -18,21 +20,45 @@ import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 from chalicelib.bundle.threads import worker
 from chalicelib.exceptions import BundleError, DagcastError
 
-__all__ = ["BundleError", "BundleInfo", "BundleWriter", "DagcastError", "OutputFailed", "write_bundle"]
+__all__ = ["BundleError", "BundleInfo", "BundleWriter", "DagcastError", "OutputFailed", "Segment", "SegmentSource",
+           "write_bundle"]
 
 _BLOCK = 512
 _RECORD = 20 * _BLOCK
-_FLUSH_AT = 1 << 20  # compress in ~1 MiB batches
-_IN_FLIGHT = 2  # batches handed to the deflate thread and not yet written: memory stays bounded
 _READ_CHUNK = 1 << 20
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+# A bundle is a run of gzip members ("segments"), each the tar bytes of consecutive members in path
+# order, compressed on its own; the end-of-archive blocks are the last one. A segment ends after a
+# member whose path's crc32 is 0 modulo SEGMENT_EVERY, or once it holds SEGMENT_BYTES: where segments
+# end depends only on the members, so a change moves the bounds of its own segment alone, and every
+# other segment of the new version is the same bytes as in the old one. A writer given those bytes
+# (a SegmentSource: the CLI's last bundle, the base a delta is rebuilt on) writes them again instead
+# of compressing them. gzip readers read the members as one stream (RFC 1952, 2.2).
+SEGMENT_EVERY = 64
+SEGMENT_BYTES = 1 << 20
+_STREAM_AT = 2 * SEGMENT_BYTES  # a segment past this is compressed as it is written (never reused)
+_IN_FLIGHT = 3  # segments handed to the deflate threads and not yet written: memory stays bounded
+_DEFLATERS = ("deflate", "deflate-2")  # segments compress apart, so on two threads at once
+_KEY_FORMAT = b"dagcast-segment-1\n"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One gzip member of a bundle: what it holds (`key`, see segment_key; "" for one compressed as it
+    was written, never reused) and where its compressed bytes are."""
+
+    key: str
+    offset: int
+    size: int
+    sha256: str  # of its compressed bytes
 
 
 @dataclass(frozen=True)
@@ -43,6 +69,8 @@ class BundleInfo:
     size: int  # compressed bytes written
     files: int  # regular files
     bytes: int  # uncompressed total of regular files
+    segments: tuple[Segment, ...] = field(default=(), compare=False, repr=False)
+    reused: int = field(default=0, compare=False, repr=False)  # segments written from a SegmentSource
 
 
 class MemberCheck(Protocol):
@@ -53,83 +81,55 @@ class MemberCheck(Protocol):
     def symlink(self, path: str, linkname: str) -> None: ...
 
 
+class SegmentSource(Protocol):
+    """Compressed segments written before, by key: the bytes, or None when it does not have them."""
+
+    def compressed(self, key: str) -> bytes | None: ...
+
+
 class OutputFailed(OSError):
     """The bundle's output could not be written (a full disk, say): not a problem of the files read."""
 
 
-class _GzipSink:
-    """Deterministic gzip writer that hashes and counts the compressed output.
+def _name(path: str) -> bytes:
+    return path.encode("utf-8", "surrogateescape")
 
-    Batches are compressed, hashed and written by the deflate thread (chalicelib.bundle.threads), in
-    order, while the caller reads and frames the next files; the bytes are the same as compressing in
-    the caller's thread, since the batches and their order are."""
 
-    def __init__(self, out: BinaryIO, compresslevel: int) -> None:
-        self._out = out
-        self._zip = zlib.compressobj(compresslevel, zlib.DEFLATED, -zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, 0)
-        self._crc = 0
-        self._raw = 0
-        self._pending: list[bytes] = []
-        self._pending_len = 0
-        self._inflight: deque[Future[None]] = deque()
-        self.sha = hashlib.sha256()
-        self.size = 0
-        xfl = b"\x02" if compresslevel == 9 else b"\x04" if compresslevel == 1 else b"\x00"
-        # magic, deflate, no flags, mtime 0, xfl, OS "unknown": no name, no timestamp.
-        self._emit(b"\x1f\x8b\x08\x00\x00\x00\x00\x00" + xfl + b"\xff")
+def key_line(path: str, kind: bytes, size: int, what: str) -> bytes:
+    """One member as a segment's key covers it: path, tar type, size and the file's sha256 or the
+    symlink's target as written (length-prefixed: no two members give the same bytes)."""
+    name, value = _name(path), _name(what)
+    return b"%d:%s%s%d:%d:%s" % (len(name), name, kind, size, len(value), value)
 
-    def _emit(self, data: bytes) -> None:
-        if data:
-            self.sha.update(data)
-            self.size += len(data)
-            try:
-                self._out.write(data)
-            except OSError as exc:
-                raise OutputFailed(exc.errno, f"cannot write the bundle: {exc.strerror or exc}") from exc
 
-    def write(self, data: bytes) -> None:
-        self._pending.append(data)
-        self._pending_len += len(data)
-        if self._pending_len >= _FLUSH_AT:
-            self._compress()
+def segment_key(lines: Iterable[bytes], compresslevel: int) -> str:
+    """What a segment holds: the same members at the same level give the same compressed bytes."""
+    digest = hashlib.sha256(_KEY_FORMAT + b"%d\n" % compresslevel)
+    for line in lines:
+        digest.update(line)
+    return digest.hexdigest()
 
-    def _compress(self) -> None:
-        data = b"".join(self._pending)
-        self._pending.clear()
-        self._pending_len = 0
-        if not data:
-            return
-        self._inflight.append(worker("deflate").submit(self._deflate, data))
-        while len(self._inflight) > _IN_FLIGHT:
-            self._inflight.popleft().result()  # the deflate thread's error, if any, is raised here
 
-    def _deflate(self, data: bytes) -> None:
-        """In the deflate thread: one batch, after the ones before it."""
-        self._crc = zlib.crc32(data, self._crc)
-        self._raw += len(data)
-        self._emit(self._zip.compress(data))
+def segment_ends(path: str, raw: int) -> bool:
+    """Whether a segment ends after the member at `path`, the segment holding `raw` tar bytes with it."""
+    return zlib.crc32(_name(path)) % SEGMENT_EVERY == 0 or raw >= SEGMENT_BYTES
 
-    def settle(self) -> None:
-        """Wait until every batch handed over is written (raises the first error of one)."""
-        while self._inflight:
-            self._inflight.popleft().result()
 
-    def discard(self) -> None:
-        """The writer is abandoned (an error): wait for the batches in flight, so that nothing is written
-        to `out` after the caller has moved on, and drop their errors."""
-        self._pending.clear()
-        while self._inflight:
-            self._inflight.popleft().exception()
+def _gzip_header(compresslevel: int) -> bytes:
+    xfl = b"\x02" if compresslevel == 9 else b"\x04" if compresslevel == 1 else b"\x00"
+    # magic, deflate, no flags, mtime 0, xfl, OS "unknown": no name, no timestamp.
+    return b"\x1f\x8b\x08\x00\x00\x00\x00\x00" + xfl + b"\xff"
 
-    def close(self) -> None:
-        try:
-            self._compress()
-            self.settle()
-        except BaseException:
-            self.discard()
-            raise
-        self._emit(self._zip.flush())
-        self._emit(struct.pack("<II", self._crc, self._raw & 0xFFFFFFFF))
+
+def _deflater(compresslevel: int) -> Any:
+    return zlib.compressobj(compresslevel, zlib.DEFLATED, -zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, 0)
+
+
+def _gzip_member(raw: bytes, compresslevel: int) -> bytes:
+    """One segment, compressed (on a deflate thread)."""
+    zip_ = _deflater(compresslevel)
+    return b"".join((_gzip_header(compresslevel), zip_.compress(raw), zip_.flush(),
+                     struct.pack("<II", zlib.crc32(raw), len(raw) & 0xFFFFFFFF)))
 
 
 def _check_relpath(rel: str) -> str:
@@ -185,14 +185,15 @@ def _tarfile_header(name: str, size: int, kind: bytes, mode: int, linkname: str)
 
 
 def write_bundle(root: Path, relpaths: Iterable[str], out: BinaryIO, *, compresslevel: int = 6,
-                 check: MemberCheck | None = None) -> BundleInfo:
+                 check: MemberCheck | None = None, reuse: SegmentSource | None = None) -> BundleInfo:
     """Write the given files of root to out as a deterministic bundle.
 
     relpaths are POSIX paths relative to root (already filtered by the caller). Symlinks
     are kept as symlinks when they are relative, resolve inside root, point at another
     bundled path and do not go through another symlink; anything else raises BundleError.
     With `check`, each member is shown to it as written: each file with its sha256 (and its
-    bytes, when the check wants them), each symlink with its target as written.
+    bytes, when the check wants them), each symlink with its target as written. With `reuse`, the
+    segments it has are written from it instead of being compressed again (see BundleWriter).
     """
     root_real = os.path.realpath(root)
     paths = sorted({_check_relpath(p) for p in relpaths})
@@ -214,7 +215,7 @@ def write_bundle(root: Path, relpaths: Iterable[str], out: BinaryIO, *, compress
             dir_ok[parent] = ok
         return ok
 
-    writer = BundleWriter(out, compresslevel)
+    writer = BundleWriter(out, compresslevel, reuse)
     try:
         for rel in paths:
             full = os.path.join(root_real, rel)
@@ -230,17 +231,16 @@ def write_bundle(root: Path, relpaths: Iterable[str], out: BinaryIO, *, compress
                         check.symlink(rel, linkname)
                     continue
                 raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
-            digest = hashlib.sha256()
             parts: list[bytes] | None = None
             try:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode):
                     raise BundleError(f"{rel}: not a regular file")
                 chunks = _read_exactly(fd, rel, st.st_size)
-                if check is not None:
-                    parts = [] if check.wants(rel, st.st_size) else None
-                    chunks = _teed(chunks, digest, parts)
-                writer.add_file(rel, st.st_size, chunks)
+                if check is not None and check.wants(rel, st.st_size):
+                    parts = []
+                    chunks = _kept(chunks, parts)
+                sha256 = writer.add_file(rel, st.st_size, chunks)
             except OutputFailed:
                 raise
             except OSError as exc:
@@ -248,18 +248,16 @@ def write_bundle(root: Path, relpaths: Iterable[str], out: BinaryIO, *, compress
             finally:
                 os.close(fd)
             if check is not None:
-                check.file(rel, st.st_size, digest.hexdigest(), None if parts is None else b"".join(parts))
+                check.file(rel, st.st_size, sha256, None if parts is None else b"".join(parts))
     except BaseException:
         writer.discard()
         raise
     return writer.close()
 
 
-def _teed(chunks: Iterable[bytes], digest: Any, parts: list[bytes] | None) -> Iterator[bytes]:
+def _kept(chunks: Iterable[bytes], parts: list[bytes]) -> Iterator[bytes]:
     for chunk in chunks:
-        digest.update(chunk)
-        if parts is not None:
-            parts.append(chunk)
+        parts.append(chunk)
         yield chunk
 
 
@@ -281,51 +279,171 @@ class BundleWriter:
     """The members of a bundle, given in path order, as the deterministic archive write_bundle makes.
 
     write_bundle feeds it a folder; the ingest function feeds it an earlier version merged with an
-    uploaded delta (chalicelib.bundle.rebuild), and gets the same bytes as bundling the folder.
+    uploaded delta (chalicelib.bundle.rebuild), and gets the same bytes as bundling the folder. Each
+    segment is compressed on a deflate thread (chalicelib.bundle.threads) while the caller frames the
+    next files, unless `reuse` has its bytes; whether it has is asked when the next member comes (or
+    at the end), so a source that learns segments as it reads them has read past this one. Segments
+    are written to `out` in order, by the caller's thread.
     """
 
-    def __init__(self, out: BinaryIO, compresslevel: int = 6) -> None:
-        self._sink = _GzipSink(out, compresslevel)
-        self._offset = 0
+    def __init__(self, out: BinaryIO, compresslevel: int = 6, reuse: SegmentSource | None = None) -> None:
+        self._out = out
+        self._level = compresslevel
+        self._reuse = reuse
+        self.sha = hashlib.sha256()
+        self.size = 0  # compressed bytes written
+        self._offset = 0  # tar bytes framed
+        self._parts: list[bytes] = []  # the open segment's tar bytes (unless it is streamed)
+        self._raw = 0
+        self._lines: list[bytes] = []  # its members, as its key covers them
+        self._stream: Any = None  # the open segment's deflater, once it outgrew _STREAM_AT
+        self._crc = 0
+        self._held: tuple[str, bytes] | None = None  # a closed segment, reuse not yet asked
+        self._queue: deque[tuple[str, Future[bytes] | bytes]] = deque()
+        self._turn = 0
+        self.segments: list[Segment] = []
         self.files = 0
         self.bytes = 0
+        self.reused = 0  # segments written again from `reuse`
 
-    def raw(self, block: bytes) -> None:
-        self._sink.write(block)
-        self._offset += len(block)
+    # -- output, in order
+    def _write(self, data: bytes) -> None:
+        self.sha.update(data)
+        self.size += len(data)
+        try:
+            self._out.write(data)
+        except OSError as exc:
+            raise OutputFailed(exc.errno, f"cannot write the bundle: {exc.strerror or exc}") from exc
 
-    def add_file(self, rel: str, size: int, chunks: Iterable[bytes]) -> None:
-        """A regular file of `size` bytes; `chunks` must add up to exactly that (BundleError otherwise)."""
-        self.raw(_header(rel, size, tarfile.REGTYPE))
+    def _emit_next(self) -> None:
+        key, item = self._queue.popleft()
+        data = item.result() if isinstance(item, Future) else item  # a deflate thread's error is raised here
+        self.segments.append(Segment(key, self.size, len(data), hashlib.sha256(data).hexdigest()))
+        self._write(data)
+
+    def _settle(self) -> None:
+        """Hand the closed segment over: its earlier bytes from `reuse`, or a deflate thread's."""
+        if self._held is None:
+            return
+        key, raw = self._held
+        self._held = None
+        data = self._reuse.compressed(key) if self._reuse is not None else None
+        if data is not None:
+            self.reused += 1
+            self._queue.append((key, data))
+        else:
+            pool = worker(_DEFLATERS[self._turn % len(_DEFLATERS)])
+            self._turn += 1
+            self._queue.append((key, pool.submit(_gzip_member, raw, self._level)))
+        while len(self._queue) > _IN_FLIGHT:
+            self._emit_next()
+
+    # -- framing
+    def _put(self, data: bytes) -> None:
+        self._offset += len(data)
+        self._raw += len(data)
+        if self._stream is not None:
+            self._crc = zlib.crc32(data, self._crc)
+            self._write(self._stream.compress(data))
+            return
+        self._parts.append(data)
+        if self._raw > _STREAM_AT:
+            self._start_stream()
+
+    def _start_stream(self) -> None:
+        """The open segment is too large to hold: every segment before it is written, and it is
+        compressed as it comes."""
+        self._settle()
+        while self._queue:
+            self._emit_next()
+        self.segments.append(Segment("", self.size, 0, ""))  # its size and digest are set when it ends
+        self._stream_sha = hashlib.sha256()
+        self._stream = _deflater(self._level)
+        self._write_streamed(_gzip_header(self._level))
+        parts, self._parts = self._parts, []
+        for part in parts:
+            self._crc = zlib.crc32(part, self._crc)
+            self._write_streamed(self._stream.compress(part))
+
+    def _write_streamed(self, data: bytes) -> None:
+        self._stream_sha.update(data)
+        self._write(data)
+
+    def _member_done(self, rel: str) -> None:
+        if segment_ends(rel, self._raw):
+            self._end_segment()
+
+    def _end_segment(self) -> None:
+        if self._stream is not None:
+            self._write_streamed(self._stream.flush())
+            self._write_streamed(struct.pack("<II", self._crc, self._raw & 0xFFFFFFFF))
+            start = self.segments[-1].offset
+            self.segments[-1] = Segment("", start, self.size - start, self._stream_sha.hexdigest())
+            self._stream, self._crc = None, 0
+        elif self._parts:
+            self._held = (segment_key(self._lines, self._level), b"".join(self._parts))
+        self._parts, self._lines, self._raw = [], [], 0
+
+    def add_file(self, rel: str, size: int, chunks: Iterable[bytes], sha256: str | None = None) -> str:
+        """A regular file of `size` bytes; `chunks` must add up to exactly that (BundleError otherwise).
+        Returns its sha256: `sha256` when the caller knows it (it is what the segment's key says it
+        holds), else the one of the chunks."""
+        self._settle()
+        self._put(_header(rel, size, tarfile.REGTYPE))
+        digest = hashlib.sha256() if sha256 is None else None
         got = 0
         for chunk in chunks:
             got += len(chunk)
             if got > size:
                 raise BundleError(f"{rel}: more bytes than its size of {size}")
-            self._sink.write(chunk)
+            if digest is not None:
+                digest.update(chunk)
+            self._put(chunk)
         if got != size:
             raise BundleError(f"{rel}: {got} bytes, not its size of {size}")
         pad = -size % _BLOCK
         if pad:
-            self._sink.write(b"\x00" * pad)
-        self._offset += size + pad
+            self._put(b"\x00" * pad)
         self.files += 1
         self.bytes += size
+        found = digest.hexdigest() if digest is not None else str(sha256)
+        self._lines.append(key_line(rel, tarfile.REGTYPE, size, found))
+        self._member_done(rel)
+        return found
 
     def add_symlink(self, rel: str, linkname: str) -> None:
         """A symlink whose target, as written in the archive, is linkname (relative to rel's folder)."""
-        self.raw(_header(rel, 0, tarfile.SYMTYPE, linkname))
+        self._settle()
+        self._put(_header(rel, 0, tarfile.SYMTYPE, linkname))
+        self._lines.append(key_line(rel, tarfile.SYMTYPE, 0, linkname))
+        self._member_done(rel)
 
     def discard(self) -> None:
         """Abandon the archive (the caller failed): nothing more is written to `out` once this returns."""
-        self._sink.discard()
+        self._held = None
+        self._parts = []
+        while self._queue:
+            _, item = self._queue.popleft()
+            if isinstance(item, Future):
+                item.exception()
 
     def close(self) -> BundleInfo:
-        # End of archive: two zero blocks, then pad to a full record like tar does.
-        self._offset += 2 * _BLOCK
-        self._sink.write(b"\x00" * (2 * _BLOCK + (-self._offset % _RECORD)))
-        self._sink.close()
-        return BundleInfo(sha256=self._sink.sha.hexdigest(), size=self._sink.size, files=self.files, bytes=self.bytes)
+        try:
+            self._settle()
+            self._end_segment()
+            self._settle()
+            # End of archive, a segment of its own: two zero blocks, then pad to a full record like tar does.
+            end = 2 * _BLOCK
+            end += -(self._offset + end) % _RECORD
+            self._offset += end
+            self._queue.append(("", _gzip_member(b"\x00" * end, self._level)))
+            while self._queue:
+                self._emit_next()
+        except BaseException:
+            self.discard()
+            raise
+        return BundleInfo(sha256=self.sha.hexdigest(), size=self.size, files=self.files, bytes=self.bytes,
+                          segments=tuple(self.segments), reused=self.reused)
 
 
 def _symlink_linkname(rel: str, full: str, root_real: str, wanted: set[str], implied: set[str]) -> str:

@@ -4,7 +4,8 @@
 when the deployment has a live version. The ingest function turns it back into the bundle the CLI
 built, byte for byte: the delta is read with every rule of a bundle (bounded to MAX_DELTA_BYTES
 uncompressed, held in memory), the base bundle is streamed member by member, and the two are merged
-in path order through the same deterministic writer (format.BundleWriter). The result is checked
+in path order through the same deterministic writer (format.BundleWriter), which writes the base's
+segments that the new version keeps as they were compressed (`BaseSegments`). The result is checked
 against the digest of the new version's file list here, and against the sha256 and size the deploy
 announced by the caller; then it is validated like any uploaded bundle: read again, or, with a
 `WrittenCheck`, as it is written (see there for when the base's verdicts may be reused).
@@ -12,14 +13,17 @@ announced by the caller; then it is validated like any uploaded bundle: read aga
 from __future__ import annotations
 
 import hashlib
+import tempfile
+import threading
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from chalicelib.bundle.delta import MAX_DELTA_BYTES
-from chalicelib.bundle.format import BundleInfo, BundleWriter
+from chalicelib.bundle.format import BundleInfo, BundleWriter, key_line, segment_key
 from chalicelib.bundle.report import BundleRejected, DeltaMismatch, Limits, triples_digest
 from chalicelib.bundle.rules import BundleScan, relative_link
+from chalicelib.bundle.scan import _Member
 from chalicelib.bundle.validate import _run
 from chalicelib.bundle.written import WrittenCheck
 
@@ -67,6 +71,77 @@ class _Held:
         return False
 
 
+_SPOOL_IN_MEMORY = 64 * 1024 * 1024  # compressed base bytes kept in memory; beyond, on local disk
+
+
+class BaseSegments:
+    """The base bundle's segments (gzip members), learnt as a scan reads the base through this: the
+    members each holds, whose key says which bytes a new segment holding the same members has, and
+    its compressed bytes, spooled as read. A segment is only offered when it holds whole members and
+    nothing else (a base bundle not written by format.BundleWriter may not); offered bytes that are
+    not those of its members make a bundle whose sha256 is not the announced one, and that is checked.
+    """
+
+    def __init__(self, raw: BinaryIO, compresslevel: int) -> None:
+        self._raw = raw
+        self._level = compresslevel
+        self._spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY, prefix="dagcast-base-")  # noqa: SIM115 - closed by close()
+        self._lock = threading.Lock()  # the inflate thread reads through this while the writer asks
+        self._ends: list[tuple[int, int]] = []
+        self._done = 0  # segments of _ends accounted for
+        self._start = (0, 0)  # (compressed, decompressed) offsets where the next one starts
+        self._lines: list[bytes] = []
+        self._first: int | None = None  # decompressed offset of its first member
+        self._found: dict[str, tuple[int, int]] = {}  # key -> (offset, size) of compressed bytes
+        self.offered = 0
+
+    def watch(self, scan: BundleScan) -> None:
+        scan.inf.ends = self._ends
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self._raw.read(n)
+        if chunk:
+            with self._lock:
+                self._spool.seek(0, 2)
+                self._spool.write(chunk)
+        return chunk
+
+    def member(self, member: _Member, sha256: str | None) -> None:
+        """A member of the base as the scan yields it (with its sha256 as recorded, for a file)."""
+        self.passed(member.offset)
+        if self._first is None:
+            self._first = member.offset
+        if member.kind == "file" and sha256 is not None:
+            self._lines.append(key_line(member.path, b"0", member.size, sha256))
+        elif member.kind == "symlink":
+            self._lines.append(key_line(member.path, b"2", 0,
+                                        relative_link(member.path.rpartition("/")[0], member.target)))
+        else:
+            self._lines.append(b"?")  # nothing a writer writes: no key matches it
+
+    def passed(self, offset: int) -> None:
+        """The scan is at `offset` of the decompressed stream: the segments ending by then are known."""
+        while self._done < len(self._ends) and self._ends[self._done][1] <= offset:
+            compressed, decompressed = self._ends[self._done]
+            self._done += 1
+            if self._lines and self._first == self._start[1] and decompressed == offset:
+                self._found[segment_key(self._lines, self._level)] = (self._start[0], compressed - self._start[0])
+            self._start, self._lines, self._first = (compressed, decompressed), [], None
+
+    def compressed(self, key: str) -> bytes | None:
+        at = self._found.get(key)
+        if at is None:
+            return None
+        with self._lock:
+            self._spool.seek(at[0])
+            data = self._spool.read(at[1])
+        self.offered += 1
+        return data
+
+    def close(self) -> None:
+        self._spool.close()
+
+
 def read_delta(fileobj: BinaryIO, limits: Limits, base_files: Collection[str], removed: Collection[str]) -> UploadedDelta:
     """The delta archive checked with a bundle's rules (its symlinks may point at base files that stay).
 
@@ -108,7 +183,8 @@ def rebuild_bundle(
     their bytes, the base's as kept (their verdicts reused: see WrittenCheck)."""
     gone = set(removed)
     pending = delta.paths
-    writer = BundleWriter(out, compresslevel)
+    segments = BaseSegments(base, compresslevel)
+    writer = BundleWriter(out, compresslevel, segments)
     entries: list[tuple[str, int, str]] = []  # (path, size, sha256): what the digest covers
     at = 0
 
@@ -124,39 +200,45 @@ def rebuild_bundle(
                     check.symlink(rel, linkname)
                 continue
             data = delta.files[rel]
-            writer.add_file(rel, len(data), (data,))
             sha256 = hashlib.sha256(data).hexdigest()
+            writer.add_file(rel, len(data), (data,), sha256)
             entries.append((rel, len(data), sha256))
             if check is not None:
                 check.file(rel, len(data), sha256, data)
 
     try:
-        with BundleScan(base, limits) as scan:  # nothing reads the base's stream once it is left
+        with BundleScan(cast(BinaryIO, segments), limits) as scan:  # nothing reads the base's stream once it is left
+            segments.watch(scan)
             previous = ""
             for member in scan.members():
                 if member.path <= previous:
                     raise DeltaMismatch(f"the base version's bundle is not in path order at {member.path}")
                 previous = member.path
+                known = base_files.get(member.path)
+                segments.member(member, known[0] if known is not None and known[1] == member.size else None)
                 emit_delta_until(member.path)
                 gone_or_new = member.path in gone or member.path in delta.files or member.path in delta.symlinks
                 if member.kind != "file" or gone_or_new:
                     for _ in scan.data():  # a base symlink the delta does not repeat is gone with its version
                         pass
                     continue
-                known = base_files.get(member.path)
                 if known is None or known[1] != member.size:
                     raise DeltaMismatch(f"the base version's bundle does not match its file list at {member.path}")
-                writer.add_file(member.path, member.size, scan.data())
+                writer.add_file(member.path, member.size, scan.data(), known[0])
                 entries.append((member.path, member.size, known[0]))
                 if check is not None:
                     check.kept(member.path, member.size, known[0])
             if scan.issues:
                 raise DeltaMismatch(f"the base version's bundle cannot be read: {scan.issues.items[0].message}")
+            if scan.end_at is not None:
+                segments.passed(scan.end_at)
         emit_delta_until(None)
         info = writer.close()
     except BaseException:
         writer.discard()
         raise
+    finally:
+        segments.close()
     if triples_digest(entries) != files_sha256:
         raise DeltaMismatch("the base version's files with the delta applied are not the files the deploy announced")
     return info

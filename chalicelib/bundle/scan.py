@@ -87,6 +87,9 @@ class _Inflater:
         self._pos = 0
         self._ahead: Future[bytes] | None = None  # the next step, taken on the inflate thread
         self.read_ahead = True  # the consumer turns it off when reading ahead would only slow it down
+        self.position = 0  # decompressed bytes handed to the consumer
+        # with a list here: (compressed, decompressed) offsets of the end of each gzip member inflated
+        self.ends: list[tuple[int, int]] | None = None
 
     def _read_raw(self) -> bytes:
         if self._raw_eof:
@@ -135,7 +138,22 @@ class _Inflater:
         )
 
     def _inflate(self) -> bytes:
-        """Next piece of decompressed data (at most one chunk); b"" at the end of the input."""
+        """Next step of decompressed data: one chunk, less only at the end of the input (a bundle's
+        gzip members, smaller than a chunk, are inflated in one step together); b"" at the end."""
+        out = self._inflate_piece(_CHUNK)
+        if len(out) == _CHUNK or not out or self._d is not None:  # a full step, the end, or input to read
+            return out
+        pieces, have = [out], len(out)
+        while have < _CHUNK and self._d is None:  # a gzip member ended: go on with the next one
+            piece = self._inflate_piece(_CHUNK - have)
+            if not piece:
+                break
+            pieces.append(piece)
+            have += len(piece)
+        return b"".join(pieces)
+
+    def _inflate_piece(self, limit: int) -> bytes:
+        """Next piece of decompressed data (at most `limit` bytes); b"" at the end of the input."""
         while True:
             if self._d is None:
                 while len(self._in) < 2 and not self._raw_eof:
@@ -155,15 +173,17 @@ class _Inflater:
                 if not self._in:
                     raise _corrupt("the file is truncated (the gzip stream ends early)")
             try:
-                out: bytes = self._d.decompress(self._in, _CHUNK)
+                out: bytes = self._d.decompress(self._in, limit)
             except zlib.error as exc:
                 raise _corrupt(f"corrupt gzip data ({exc})") from None
             if self._d.eof:
                 self._in = self._d.unused_data
                 self._d = None
+                if self.ends is not None:
+                    self.ends.append((self.compressed - len(self._in), self.inflated + len(out)))
             else:
                 self._in = self._d.unconsumed_tail
-                self._need_input = len(out) < _CHUNK
+                self._need_input = len(out) < limit
             if out:
                 self.inflated += len(out)
                 return out
@@ -190,6 +210,7 @@ class _Inflater:
             self._pos = 0
         out = self._buf[self._pos : self._pos + n]
         self._pos += len(out)
+        self.position += len(out)
         return out
 
     def read(self, n: int) -> bytes:
@@ -276,6 +297,7 @@ class _Member:
     mode: int
     size: int
     target: str = ""  # symlinks: target path relative to the bundle root
+    offset: int = 0  # where its first header block is in the decompressed stream
 
 
 
@@ -303,6 +325,7 @@ class TarStream:
         self._padding = 0
         self._global_pax: dict[bytes, bytes] = {}
         self._end = False
+        self.end_at: int | None = None  # where the end-of-archive block is in the decompressed stream
 
     def __enter__(self) -> Self:
         return self
@@ -392,6 +415,7 @@ class TarStream:
         long_name: bytes | None = None
         long_link: bytes | None = None
         meta_run = 0
+        start = self.inf.position
         while True:
             block = self.inf.read(_BLOCK)
             if len(block) < _BLOCK:
@@ -401,6 +425,7 @@ class TarStream:
             if block == _ZERO_BLOCK:
                 if meta_run:
                     raise _corrupt("an extended header is not followed by a member")
+                self.end_at = start
                 self._finish_stream()
                 self._end = True
                 return None
@@ -426,7 +451,10 @@ class TarStream:
                 else:
                     long_link = data.split(b"\x00", 1)[0]
                 continue
-            return self._member(block, kind, size, {**self._global_pax, **pax}, long_name, long_link)
+            member = self._member(block, kind, size, {**self._global_pax, **pax}, long_name, long_link)
+            if member is not None:
+                member.offset = start
+            return member
 
     def _finish_stream(self) -> None:
         """After the end-of-archive block: allow a little padding, then the gzip end must follow."""

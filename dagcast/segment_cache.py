@@ -1,0 +1,115 @@
+"""The last bundle made from each DAG folder, kept so that the next one reuses its compressed segments.
+
+A bundle is a run of gzip members, each holding consecutive files (chalicelib.bundle.format): the
+everyday deploy changes a file or two, and every other segment of its bundle is byte for byte one
+of the last bundle's. The writer asks this cache for each segment by its key (what it holds) and
+writes the bytes kept here instead of compressing the files again. Every segment read back is
+checked against the sha256 recorded when it was written, so a damaged or stale copy costs only the
+compression it would have saved. Kept in $XDG_CACHE_HOME/dagcast/bundles (default ~/.cache/dagcast),
+one bundle per folder, the last KEEP folders; failures only cost the compression.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+from chalicelib.bundle.format import BundleInfo
+from dagcast.config import cache_home
+
+KEEP = 4
+_VERSION = 1
+
+
+def _folder() -> Path:
+    return cache_home() / "bundles"
+
+
+def _name(dags_path: Path, compresslevel: int) -> str:
+    where = os.path.realpath(dags_path).encode("utf-8", "surrogateescape")
+    return f"{hashlib.sha256(where).hexdigest()[:24]}-{compresslevel}"
+
+
+class LastBundle:
+    """The segments of the last bundle made from a folder, by key (a format.SegmentSource)."""
+
+    def __init__(self, fd: int, segments: dict[str, tuple[int, int, str]]) -> None:
+        self._fd = fd
+        self._segments = segments
+        self.hits = 0
+
+    def compressed(self, key: str) -> bytes | None:
+        at = self._segments.get(key)
+        if at is None:
+            return None
+        offset, size, sha256 = at
+        try:
+            data = os.pread(self._fd, size, offset)
+        except OSError:
+            return None
+        if len(data) != size or hashlib.sha256(data).hexdigest() != sha256:
+            return None
+        self.hits += 1
+        return data
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def load(dags_path: Path, compresslevel: int) -> LastBundle | None:
+    """The last bundle made from this folder at this level, or None (none kept, or unreadable)."""
+    base = _folder() / _name(dags_path, compresslevel)
+    try:
+        fd = os.open(f"{base}.tgz", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        index = json.loads(Path(f"{base}.json").read_text())
+        if index.get("version") != _VERSION:
+            raise ValueError("another layout")
+        segments = {str(k): (int(o), int(n), str(s)) for k, o, n, s in index["segments"] if k}
+    except (OSError, ValueError, KeyError, TypeError):
+        os.close(fd)
+        return None
+    return LastBundle(fd, segments)
+
+
+def save(dags_path: Path, compresslevel: int, bundle: BinaryIO, info: BundleInfo) -> None:
+    """Keep `bundle` (a file flushed to its descriptor, read there without moving its position) as the
+    folder's last: the copy and its index written whole, then renamed into place."""
+    folder = _folder()
+    base = folder / _name(dags_path, compresslevel)
+    written: list[str] = []
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bundle-")
+        written.append(tmp)
+        with os.fdopen(fd, "wb") as out:
+            offset, source = 0, bundle.fileno()
+            while offset < info.size:
+                chunk = os.pread(source, min(1 << 20, info.size - offset), offset)
+                if not chunk:
+                    raise OSError("the bundle is shorter than it was written")
+                out.write(chunk)
+                offset += len(chunk)
+        fd, index = tempfile.mkstemp(dir=folder, prefix=".index-")
+        written.append(index)
+        with os.fdopen(fd, "w") as out:
+            json.dump({"version": _VERSION, "sha256": info.sha256,
+                       "segments": [[s.key, s.offset, s.size, s.sha256] for s in info.segments]}, out)
+        os.replace(tmp, f"{base}.tgz")  # the index names digests: a reader between the two renames
+        os.replace(index, f"{base}.json")  # finds segments that do not match, and compresses them
+        written.clear()
+        kept = sorted(folder.glob("*.tgz"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+        for old in kept[KEEP:]:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".json").unlink(missing_ok=True)
+    except (OSError, ValueError):
+        pass
+    finally:
+        for path in written:
+            Path(path).unlink(missing_ok=True)  # a half-written copy is never left behind
+

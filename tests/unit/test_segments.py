@@ -1,0 +1,184 @@
+"""A bundle is cut into gzip members ("segments") at points that depend on its members alone, so the
+unchanged parts of a new version keep the compressed bytes of the old one: a writer given them
+(the CLI's last bundle, the base a delta is rebuilt on) writes them again instead of compressing,
+and the bytes are those of compressing everything."""
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+import tempfile
+import zlib
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_rebuild import delta_of, file_list, write
+
+from chalicelib.bundle import Limits, validate_stream
+from chalicelib.bundle import format as bundle_format
+from chalicelib.bundle.format import SEGMENT_EVERY, BundleInfo, SegmentSource, segment_ends, write_bundle
+from chalicelib.bundle.rebuild import read_delta, rebuild_bundle
+from dagcast import segment_cache
+
+
+def folder(root: Path, files: int = 400, size: int = 900) -> list[str]:
+    tree = {f"dags/team_{i % 7}/dag_{i:04}.py": (f"# dag {i}\n" + "x = 1\n" * (size // 6)).encode()
+            for i in range(files)}
+    return write(root, tree)
+
+
+def members(data: bytes) -> list[bytes]:
+    """The gzip members of a bundle, as bytes."""
+    out, rest = [], data
+    while rest:
+        d = zlib.decompressobj(31)
+        d.decompress(rest)
+        assert d.eof
+        out.append(rest[: len(rest) - len(d.unused_data)])
+        rest = d.unused_data
+    return out
+
+
+def bundled(root: Path, paths: list[str], reuse: SegmentSource | None = None) -> tuple[bytes, BundleInfo]:
+    out = io.BytesIO()
+    info = write_bundle(root, paths, out, compresslevel=1, reuse=reuse)
+    return out.getvalue(), info
+
+
+class Kept:
+    """A segment source holding the segments of one bundle (as the CLI's cache does)."""
+
+    def __init__(self, data: bytes, writer: BundleInfo) -> None:
+        self.by_key = {s.key: data[s.offset:s.offset + s.size] for s in writer.segments if s.key}
+        self.asked: list[str] = []
+
+    def compressed(self, key: str) -> bytes | None:
+        self.asked.append(key)
+        return self.by_key.get(key)
+
+
+def test_a_bundle_is_gzip_members_any_gzip_reader_reads_as_one_tar(tmp_path: Path) -> None:
+    paths = folder(tmp_path)
+    data, writer = bundled(tmp_path, paths)
+    parts = members(data)
+    assert len(parts) == len(writer.segments) > 400 // SEGMENT_EVERY  # cut about every SEGMENT_EVERY files
+    assert [len(p) for p in parts] == [s.size for s in writer.segments]
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        assert sorted(m.name for m in tar.getmembers()) == sorted(paths)
+    assert len(gzip.decompress(data)) % (20 * 512) == 0
+    assert validate_stream(io.BytesIO(data)).valid
+
+
+def test_where_segments_end_depends_on_the_members_so_a_change_touches_its_own_segment_alone(tmp_path: Path) -> None:
+    paths = folder(tmp_path)
+    before = members(bundled(tmp_path, paths)[0])
+    (tmp_path / paths[200]).write_text("# changed\n")
+    after = members(bundled(tmp_path, paths)[0])
+    assert len(after) == len(before)
+    changed = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
+    assert changed[:-1] == [changed[0]] and changed[-1] == len(after) - 1  # its segment, and the end-of-archive
+    # one (padded to a full tar record: its size follows the total's)
+
+
+def test_a_segment_also_ends_once_it_holds_a_mebibyte(tmp_path: Path) -> None:
+    names = [n for n in (f"f{i:03}.txt" for i in range(200)) if not segment_ends(n, 0)][:40]
+    write(tmp_path, {n: os.urandom(100_000) for n in names})  # no path ends one: only the size does
+    data, writer = bundled(tmp_path, names)
+    assert len(writer.segments) >= 4  # 4 MB of files, cut at 1 MiB (and the end-of-archive one)
+    assert max(len(gzip.decompress(p)) for p in members(data)) < 2 * 1024 * 1024
+
+
+def test_a_file_too_large_to_hold_is_compressed_as_it_is_read_and_bundles_the_same(tmp_path: Path) -> None:
+    tree = {"a.py": b"x = 1\n", "big.bin": os.urandom(3 * 1024 * 1024), "z.py": b"y = 2\n"}
+    paths = write(tmp_path, tree)
+    data, writer = bundled(tmp_path, paths)
+    assert "" in [s.key for s in writer.segments[:-1]]  # streamed: never offered for reuse
+    assert data == bundled(tmp_path, paths, Kept(data, writer))[0]
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        assert tar.extractfile("big.bin").read() == tree["big.bin"]  # type: ignore[union-attr]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files=st.integers(1, 300), changed=st.sets(st.integers(0, 299), max_size=5), added=st.integers(0, 3))
+def test_writing_again_from_the_last_bundles_segments_gives_the_bytes_of_compressing_all(
+    files: int, changed: set[int], added: int
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        paths = folder(root, files, 200)
+        old, writer = bundled(root, paths)
+        for i in changed:
+            if i < files:
+                (root / paths[i]).write_text(f"# changed {i}\n")
+        paths += write_more(root, added)
+        fresh = bundled(root, paths)[0]
+        kept = Kept(old, writer)
+        again, rewriter = bundled(root, paths, kept)
+        assert again == fresh
+        unchanged = len(set(kept.by_key) & set(kept.asked))
+        assert rewriter.reused == unchanged
+        if not changed and not added:
+            assert rewriter.reused == len(writer.segments) - 1  # all but the end-of-archive one
+
+
+def write_more(root: Path, n: int) -> list[str]:
+    names = [f"dags/new_{i}.py" for i in range(n)]
+    for name in names:
+        (root / name).write_text(f"# new {name}\n")
+    return names
+
+
+def test_the_cli_keeps_its_last_bundle_and_a_damaged_copy_only_costs_the_compression(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = tmp_path / "dags"
+    paths = folder(root)
+    assert segment_cache.load(root, 1) is None
+    with tempfile.TemporaryFile() as tmp:
+        first = write_bundle(root, paths, tmp, compresslevel=1)
+        tmp.flush()
+        segment_cache.save(root, 1, tmp, first)
+    (root / paths[3]).write_text("# changed\n")
+    fresh = io.BytesIO()
+    write_bundle(root, paths, fresh, compresslevel=1)
+    last = segment_cache.load(root, 1)
+    assert last is not None and segment_cache.load(root, 9) is None  # per level
+    again = io.BytesIO()
+    write_bundle(root, paths, again, compresslevel=1, reuse=last)
+    last.close()
+    assert again.getvalue() == fresh.getvalue() and last.hits == len(first.segments) - 2
+    kept = next((tmp_path / "cache" / "dagcast" / "bundles").glob("*.tgz"))
+    damaged = bytearray(kept.read_bytes())
+    for i in range(5, len(damaged), 16):
+        damaged[i] ^= 0xFF
+    kept.write_bytes(bytes(damaged))
+    last = segment_cache.load(root, 1)
+    assert last is not None
+    again = io.BytesIO()
+    write_bundle(root, paths, again, compresslevel=1, reuse=last)
+    last.close()
+    assert again.getvalue() == fresh.getvalue() and last.hits == 0
+
+
+def test_a_rebuild_writes_the_bases_unchanged_segments_as_they_were_compressed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = folder(tmp_path)
+    base, base_writer = bundled(tmp_path, paths)
+    (tmp_path / paths[10]).write_text("# changed\n")
+    (tmp_path / paths[300]).unlink()
+    new = bundled(tmp_path, [p for p in paths if p != paths[300]])[0]
+    delta, removed, digest = delta_of(new, base)
+    uploaded = read_delta(io.BytesIO(delta), Limits(), list(file_list(base)), removed)
+    compressed: list[int] = []
+    real = bundle_format._gzip_member
+    monkeypatch.setattr(bundle_format, "_gzip_member", lambda raw, level: compressed.append(len(raw)) or real(raw, level))
+    out = io.BytesIO()
+    rebuild_bundle(io.BytesIO(base), Limits(), uploaded, removed, digest, out, file_list(base), 1)
+    assert out.getvalue() == new
+    assert len(compressed) == 3  # the two segments changed, and the end-of-archive one
+    assert len(base_writer.segments) > 6
