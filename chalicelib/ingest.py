@@ -42,6 +42,7 @@ from chalicelib.bundle import (
     validate_stream,
 )
 from chalicelib.bundle.rebuild import read_delta, rebuild_bundle
+from chalicelib.bundle.segments import SegmentIndex, SegmentTracker
 from chalicelib.bundle.written import WrittenCheck
 from chalicelib.events import EventType, deploy_detail, errors_detail
 from chalicelib.exceptions import NotFound, StorageError
@@ -221,7 +222,10 @@ class Ingest:
                     later_delta: Future[tuple[BinaryIO, int, str | None]],
                     later_body: Future[tuple[BinaryIO, int, str | None]], out: BinaryIO,
                     started: float) -> Issue | _Rebuilt:
-        base_deploy = self._store.get_deploy_fields(deploy.deployment, base.deploy_id, ["manifest_key"])
+        base_deploy = self._store.get_deploy_fields(deploy.deployment, base.deploy_id,
+                                                    ["manifest_key", "segments_key", "segments_sha256"])
+        later_index = _BACKGROUND.submit(self._publisher.load_segments, base_deploy.get("segments_key"),
+                                         base_deploy.get("segments_sha256"))
         manifest = self._publisher.load_manifest(base_deploy.get("manifest_key"))
         if manifest is None:
             return _issue("base_unavailable", f"the file list of v{delta.base_version}, the delta's base, is gone")
@@ -249,13 +253,17 @@ class Ingest:
         # Validated as it is written when the bytes read are the ones the base's validation passed, by
         # this validator (see WrittenCheck); else read again once written, like any upload.
         check = None
-        if base.validator == CompileCache.TAG and base.object_version and base_read == base.object_version:
+        pinned = bool(base.object_version) and base_read == base.object_version
+        # and the base's segments that the new bundle keeps are copied by its index only from those bytes
+        base_index = later_index.result() if pinned else None
+        if base.validator == CompileCache.TAG and pinned:
             check = WrittenCheck(deployment.limits, {f.path: f for f in manifest}, cache=_COMPILED,
                                  workers=self._workers, parallel=deploy.size >= PARALLEL_MIN_BUNDLE,
                                  deadline=started + self._settings.validation_deadline_seconds, collect=collect)
         try:
             info = rebuild_bundle(base_body, base.limits, uploaded, delta.removed, delta.files_sha256, out,
-                                  {f.path: (f.sha256, f.size) for f in manifest}, delta.compresslevel, check)
+                                  {f.path: (f.sha256, f.size) for f in manifest}, delta.compresslevel, check,
+                                  base_index)
             if (info.sha256, info.size) != (deploy.sha256, deploy.size):
                 return _issue("delta_rebuild_mismatch", f"the bundle rebuilt from v{delta.base_version} and the delta "
                               f"(sha256 {info.sha256}, {info.size} bytes) is not the announced one "
@@ -275,7 +283,7 @@ class Ingest:
         if check is not None:
             logger.info("rebuilt bundle validated as it was written", extra={"reused_verdicts": check.reused})
         # the object version actually read (a notification may not name one): the sidecars' delta is pinned to it
-        return _Rebuilt(deployment, live, read_version, collect, report)
+        return _Rebuilt(deployment, live, read_version, collect, report, SegmentIndex(delta.compresslevel, info.segments))
 
     def _remove_late_write(self, deploy: Deploy, event: IngestEvent) -> None:
         """A write to the key of a deploy already decided: the upload of a cancelled or expired deploy
@@ -334,10 +342,11 @@ class Ingest:
             if size != deploy.size:
                 return self._reject(deploy, [_issue("size_mismatch", f"uploaded {size} bytes, announced {deploy.size}")], started)
             deadline = started + self._settings.validation_deadline_seconds
+            tracker = SegmentTracker() if known is None else None
             try:
                 report = known.report if known is not None and known.report is not None else validate_stream(
                     body, deployment.limits, cache=_COMPILED, collect=collect, workers=self._workers,
-                    parallel=size >= PARALLEL_MIN_BUNDLE, deadline=deadline,
+                    parallel=size >= PARALLEL_MIN_BUNDLE, deadline=deadline, segments=tracker,
                 )
             except OSError as exc:  # the S3 stream broke: let the queue redeliver
                 raise StorageError(f"cannot read bundle {deploy.key}: {exc}") from exc
@@ -360,8 +369,10 @@ class Ingest:
         if rebuilt is not None:  # valid: stored now (while the manifest and the delta are made), and its
             rebuilt.seek(0)      # object version is the one published (and pinned)
             storing = _BACKGROUND.submit(self._bundles.put_checked, deploy.key, rebuilt, deploy.sha256)
+        segments = known.segments if known is not None else tracker.index() if tracker is not None else None
         try:
-            return self._activate(deploy, report, started, base, collect, deployment.limits, object_version, storing)
+            return self._activate(deploy, report, started, base, collect, deployment.limits, object_version, storing,
+                                  segments)
         finally:
             if storing is not None:
                 wait((storing,))  # never left writing from the file once this returns (it is closed then)
@@ -414,14 +425,19 @@ class Ingest:
     def _activate(
         self, deploy: Deploy, report: Report, started: float, base: LiveBase | None, collect: DeltaCollector | None,
         limits: Limits, object_version: str | None, storing: Future[str | None] | None = None,
+        segments: SegmentIndex | None = None,
     ) -> Outcome:
         """Publish a valid bundle. `storing`: the write of a rebuilt bundle to the deploy's key, under way
-        (its object version is the one published), waited for before anything is published."""
-        # the manifest is written while the sidecars' delta is made (and written, when it is ingest's own)
+        (its object version is the one published), waited for before anything is published. `segments`:
+        the bundle's segment index, kept for the rebuilds of the deltas made against it."""
+        # the manifest (and the segment index) are written while the sidecars' delta is made (and written,
+        # when it is ingest's own)
         saving = _BACKGROUND.submit(self._publisher.save_manifest, deploy, report.manifest)
+        indexing = _BACKGROUND.submit(self._publisher.save_segments, deploy, segments) if segments else None
         built = collect.build(report.manifest, report.bytes) if collect else None
         delta = self._sidecar_delta(deploy, base, built)
         manifest_key = saving.result()
+        indexed = indexing.result() if indexing is not None else {}
         if storing is not None:
             object_version = storing.result()
         if collect and collect.abandoned:
@@ -433,6 +449,7 @@ class Ingest:
             "dag_ids": report.dag_ids[:MAX_STORED_DAG_IDS],
             "validation_ms": validation_ms,
             "manifest_key": manifest_key,
+            **indexed,
             "diff": diff_manifests(base.manifest if base else None, report.manifest).model_dump(),
         }
         fields["object_version"] = object_version
@@ -464,6 +481,7 @@ class _Rebuilt:
     read_version: str | None  # the uploaded delta's object version
     collect: DeltaCollector  # the sidecars' delta against `base`: fed by `report`'s check, or by validation
     report: Report | None  # the rebuilt bundle's validation, when it was checked as it was written
+    segments: SegmentIndex  # the rebuilt bundle's, as written
 
 
 def _issue(code: str, message: str) -> Issue:

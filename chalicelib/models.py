@@ -137,6 +137,9 @@ class Deploy(Model):
     rollback_of: str | None = None
     object_version: str | None = Field(None, description="the S3 object version ingest validated")
     manifest_key: str | None = None
+    segments_key: str | None = Field(None, description="where ingest keeps the bundle's segment index, which a "
+                                     "bundle rebuilt from this one copies its unchanged segments by")
+    segments_sha256: str | None = Field(None, description="the sha256 of that index as ingest wrote it")
     diff: DeployDiff | None = None
     activations: dict[str, int] = Field(default_factory=dict)
     parsed: dict[str, int] = Field(default_factory=dict, description="sidecar -> when it reported parsing this version")

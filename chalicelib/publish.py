@@ -4,13 +4,14 @@ Shared by the ingest function (new uploads) and rollback (an earlier bundle agai
 """
 from __future__ import annotations
 
+import hashlib
 import random
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aws_lambda_powertools import Logger
 
@@ -24,6 +25,9 @@ from chalicelib.settings import Settings
 from chalicelib.signing import Signer, SigningError, statement_bytes
 from chalicelib.storage import BUNDLE_CONTENT_TYPE, BundleStorage, delta_key
 from chalicelib.store import Store, VersionRace
+
+if TYPE_CHECKING:
+    from chalicelib.bundle.segments import SegmentIndex
 
 logger = Logger(service="dagcast", child=True)
 
@@ -46,6 +50,10 @@ def version_statement(version: Version) -> dict[str, Any]:
 
 def manifest_key(deployment: str, deploy_id: str) -> str:
     return f"manifests/{deployment}/{deploy_id}.json.gz"
+
+
+def segments_key(deployment: str, deploy_id: str) -> str:
+    return f"manifests/{deployment}/{deploy_id}.segments.json.gz"
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,39 @@ class Publisher:
         self._bundles.put(key, encode_manifest(manifest), MANIFEST_CONTENT_TYPE)
         self._remember(key, manifest)
         return key
+
+    def save_segments(self, deploy: Deploy, index: SegmentIndex) -> dict[str, str]:
+        """Keep the bundle's segment index; the deploy record's fields that name it (and its sha256,
+        which the record vouches for: the object alone is not trusted)."""
+        key = segments_key(deploy.deployment, deploy.deploy_id)
+        data = index.encode()
+        try:
+            self._bundles.put(key, data, MANIFEST_CONTENT_TYPE)
+        except StorageError as exc:  # it only saves time: the next rebuild reads the whole base instead
+            logger.warning("segment index not kept", extra={"segments_key": key, "reason": str(exc)})
+            return {}
+        return {"segments_key": key, "segments_sha256": hashlib.sha256(data).hexdigest()}
+
+    def load_segments(self, key: str | None, sha256: str | None) -> SegmentIndex | None:
+        """The segment index a deploy record names, when it is the one ingest wrote; else None (a
+        rebuild then reads the whole base)."""
+        if not key or not sha256:
+            return None
+        try:
+            data = self._bundles.read(key)
+        except StorageError:
+            logger.warning("segment index missing", extra={"segments_key": key})
+            return None
+        if hashlib.sha256(data).hexdigest() != sha256:
+            logger.error("segment index is not the one written; not used", extra={"segments_key": key})
+            return None
+        from chalicelib.bundle.segments import SegmentIndex, SegmentIndexError  # ingest's alone: not at API start
+
+        try:
+            return SegmentIndex.decode(data)
+        except SegmentIndexError as exc:
+            logger.error("segment index unreadable; not used", extra={"segments_key": key, "reason": str(exc)})
+            return None
 
     def load_manifest(self, key: str | None) -> list[FileEntry] | None:
         if not key:

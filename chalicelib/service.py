@@ -368,6 +368,8 @@ class ControlPlane:
             "dag_ids": target.dag_ids,
             "validation_ms": 0,
             "manifest_key": target.manifest_key,
+            "segments_key": target.segments_key,  # the same bundle: a delta against the rollback copies from it
+            "segments_sha256": target.segments_sha256,
             "diff": self._publisher.diff_against_live(deployment, manifest).model_dump(),
         }
         self._publisher.publish(deploy, fields, served.limits, served.object_version, validator=served.validator)

@@ -14,6 +14,7 @@ One file per idea, each layer importing only the ones below it:
     validate      the engine: one pass, every member to its consumers; validate_stream
     extract       writing a checked bundle or a delta to a new folder
     delta         building a delta against the live version while validating
+    segments      a bundle's segments (gzip members) learnt as it is read, and the index ingest keeps
     written       validating a bundle as it is written (the CLI's bundle, the rebuilt one)
     rebuild       a version's bundle from an earlier one's and an uploaded delta (ingest)
 

@@ -53,12 +53,14 @@ _KEY_FORMAT = b"dagcast-segment-1\n"
 @dataclass(frozen=True)
 class Segment:
     """One gzip member of a bundle: what it holds (`key`, see segment_key; "" for one compressed as it
-    was written, never reused) and where its compressed bytes are."""
+    was written, and for the end-of-archive one: never reused) and where its compressed bytes are."""
 
     key: str
     offset: int
     size: int
-    sha256: str  # of its compressed bytes
+    raw: int  # tar bytes it holds
+    first: str  # path of its first member ("" for the end-of-archive one)
+    sha256: str = field(default="", compare=False)  # of its compressed bytes (the writer's: the CLI's cache checks it)
 
 
 @dataclass(frozen=True)
@@ -102,12 +104,20 @@ def key_line(path: str, kind: bytes, size: int, what: str) -> bytes:
     return b"%d:%s%s%d:%d:%s" % (len(name), name, kind, size, len(value), value)
 
 
-def segment_key(lines: Iterable[bytes], compresslevel: int) -> str:
-    """What a segment holds: the same members at the same level give the same compressed bytes."""
-    digest = hashlib.sha256(_KEY_FORMAT + b"%d\n" % compresslevel)
+def segment_key(lines: Iterable[bytes]) -> str:
+    """What a segment holds (key_line of each member): the same members, compressed at the same level,
+    give the same bytes (a SegmentSource holds the segments of one level)."""
+    digest = hashlib.sha256(_KEY_FORMAT)
     for line in lines:
         digest.update(line)
     return digest.hexdigest()
+
+
+def member_bytes(path: str, size: int, kind: bytes, linkname: str = "") -> int:
+    """The tar bytes of one member as the writer frames it: its header block(s), its data padded."""
+    header = _BLOCK if _plain(path, size, linkname) else len(
+        _tarfile_header(path, size, kind, 0o777 if kind == tarfile.SYMTYPE else 0o644, linkname))
+    return header + size + (-size % _BLOCK)
 
 
 def segment_ends(path: str, raw: int) -> bool:
@@ -115,7 +125,8 @@ def segment_ends(path: str, raw: int) -> bool:
     return zlib.crc32(_name(path)) % SEGMENT_EVERY == 0 or raw >= SEGMENT_BYTES
 
 
-def _gzip_header(compresslevel: int) -> bytes:
+def gzip_header(compresslevel: int) -> bytes:
+    """The header of each gzip member: XFL says level 1 or 9 (2 to 8 all say 0)."""
     xfl = b"\x02" if compresslevel == 9 else b"\x04" if compresslevel == 1 else b"\x00"
     # magic, deflate, no flags, mtime 0, xfl, OS "unknown": no name, no timestamp.
     return b"\x1f\x8b\x08\x00\x00\x00\x00\x00" + xfl + b"\xff"
@@ -125,10 +136,10 @@ def _deflater(compresslevel: int) -> Any:
     return zlib.compressobj(compresslevel, zlib.DEFLATED, -zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, 0)
 
 
-def _gzip_member(raw: bytes, compresslevel: int) -> bytes:
+def gzip_member(raw: bytes, compresslevel: int) -> bytes:
     """One segment, compressed (on a deflate thread)."""
     zip_ = _deflater(compresslevel)
-    return b"".join((_gzip_header(compresslevel), zip_.compress(raw), zip_.flush(),
+    return b"".join((gzip_header(compresslevel), zip_.compress(raw), zip_.flush(),
                      struct.pack("<II", zlib.crc32(raw), len(raw) & 0xFFFFFFFF)))
 
 
@@ -150,6 +161,11 @@ def _check_relpath(rel: str) -> str:
 _USTAR_TAIL = b"ustar\x0000" + b"\0" * (32 + 32 + 8 + 8 + 155)
 
 
+def _plain(name: str, size: int, linkname: str) -> bool:
+    """Whether the member's header is one ustar block (else tarfile writes PAX records before it)."""
+    return len(name) <= 100 and len(linkname) <= 100 and name.isascii() and linkname.isascii() and size < 0o77777777777
+
+
 def _header(name: str, size: int, kind: bytes, linkname: str = "") -> bytes:
     """The tar header block(s) of one member, byte-identical to tarfile's PAX_FORMAT output.
 
@@ -158,7 +174,7 @@ def _header(name: str, size: int, kind: bytes, linkname: str = "") -> bytes:
     goes through tarfile.
     """
     mode = 0o777 if kind == tarfile.SYMTYPE else 0o644
-    if len(name) <= 100 and len(linkname) <= 100 and name.isascii() and linkname.isascii() and size < 0o77777777777:
+    if _plain(name, size, linkname):
         block = b"".join((
             name.encode().ljust(100, b"\0"),
             b"%07o\0" % mode,
@@ -298,8 +314,9 @@ class BundleWriter:
         self._lines: list[bytes] = []  # its members, as its key covers them
         self._stream: Any = None  # the open segment's deflater, once it outgrew _STREAM_AT
         self._crc = 0
-        self._held: tuple[str, bytes] | None = None  # a closed segment, reuse not yet asked
-        self._queue: deque[tuple[str, Future[bytes] | bytes]] = deque()
+        self._first = ""  # the open segment's first member
+        self._held: tuple[str, bytes, str] | None = None  # a closed segment, reuse not yet asked
+        self._queue: deque[tuple[str, Future[bytes] | bytes, int, str]] = deque()  # (key, bytes, raw, first)
         self._turn = 0
         self.segments: list[Segment] = []
         self.files = 0
@@ -316,29 +333,37 @@ class BundleWriter:
             raise OutputFailed(exc.errno, f"cannot write the bundle: {exc.strerror or exc}") from exc
 
     def _emit_next(self) -> None:
-        key, item = self._queue.popleft()
+        key, item, raw, first = self._queue.popleft()
         data = item.result() if isinstance(item, Future) else item  # a deflate thread's error is raised here
-        self.segments.append(Segment(key, self.size, len(data), hashlib.sha256(data).hexdigest()))
+        self.segments.append(Segment(key, self.size, len(data), raw, first, hashlib.sha256(data).hexdigest()))
         self._write(data)
 
     def _settle(self) -> None:
         """Hand the closed segment over: its earlier bytes from `reuse`, or a deflate thread's."""
         if self._held is None:
             return
-        key, raw = self._held
+        key, raw, first = self._held
         self._held = None
         data = self._reuse.compressed(key) if self._reuse is not None else None
         if data is not None:
             self.reused += 1
-            self._queue.append((key, data))
+            self._queue.append((key, data, len(raw), first))
         else:
             pool = worker(_DEFLATERS[self._turn % len(_DEFLATERS)])
             self._turn += 1
-            self._queue.append((key, pool.submit(_gzip_member, raw, self._level)))
+            self._queue.append((key, pool.submit(gzip_member, raw, self._level), len(raw), first))
+        self._bound()
+
+    def _bound(self) -> None:
         while len(self._queue) > _IN_FLIGHT:
             self._emit_next()
 
     # -- framing
+    def _open(self, rel: str) -> None:
+        self._settle()
+        if not self._lines:
+            self._first = rel
+
     def _put(self, data: bytes) -> None:
         self._offset += len(data)
         self._raw += len(data)
@@ -356,10 +381,10 @@ class BundleWriter:
         self._settle()
         while self._queue:
             self._emit_next()
-        self.segments.append(Segment("", self.size, 0, ""))  # its size and digest are set when it ends
+        self.segments.append(Segment("", self.size, 0, 0, self._first))  # the rest is known when it ends
         self._stream_sha = hashlib.sha256()
         self._stream = _deflater(self._level)
-        self._write_streamed(_gzip_header(self._level))
+        self._write_streamed(gzip_header(self._level))
         parts, self._parts = self._parts, []
         for part in parts:
             self._crc = zlib.crc32(part, self._crc)
@@ -378,17 +403,18 @@ class BundleWriter:
             self._write_streamed(self._stream.flush())
             self._write_streamed(struct.pack("<II", self._crc, self._raw & 0xFFFFFFFF))
             start = self.segments[-1].offset
-            self.segments[-1] = Segment("", start, self.size - start, self._stream_sha.hexdigest())
+            self.segments[-1] = Segment("", start, self.size - start, self._raw, self._first,
+                                        self._stream_sha.hexdigest())
             self._stream, self._crc = None, 0
         elif self._parts:
-            self._held = (segment_key(self._lines, self._level), b"".join(self._parts))
+            self._held = (segment_key(self._lines), b"".join(self._parts), self._first)
         self._parts, self._lines, self._raw = [], [], 0
 
     def add_file(self, rel: str, size: int, chunks: Iterable[bytes], sha256: str | None = None) -> str:
         """A regular file of `size` bytes; `chunks` must add up to exactly that (BundleError otherwise).
         Returns its sha256: `sha256` when the caller knows it (it is what the segment's key says it
         holds), else the one of the chunks."""
-        self._settle()
+        self._open(rel)
         self._put(_header(rel, size, tarfile.REGTYPE))
         digest = hashlib.sha256() if sha256 is None else None
         got = 0
@@ -413,17 +439,32 @@ class BundleWriter:
 
     def add_symlink(self, rel: str, linkname: str) -> None:
         """A symlink whose target, as written in the archive, is linkname (relative to rel's folder)."""
-        self._settle()
+        self._open(rel)
         self._put(_header(rel, 0, tarfile.SYMTYPE, linkname))
         self._lines.append(key_line(rel, tarfile.SYMTYPE, 0, linkname))
         self._member_done(rel)
+
+    def add_segment(self, key: str, data: bytes, first: str, raw: int, files: int, nbytes: int) -> None:
+        """A whole segment's compressed bytes, as an earlier bundle has them: `files` regular files of
+        `nbytes` (and any symlinks) from `first`, `raw` tar bytes, which the members the caller would
+        give one by one make a segment of (a rebuild plans the new bundle's segments with the same
+        rules). Only between segments: after a member that ended one, or first."""
+        self._settle()
+        if self._lines or self._stream is not None:
+            raise ValueError("a segment is added in the middle of another one")
+        self._queue.append((key, data, raw, first))
+        self._offset += raw
+        self.files += files
+        self.bytes += nbytes
+        self.reused += 1
+        self._bound()
 
     def discard(self) -> None:
         """Abandon the archive (the caller failed): nothing more is written to `out` once this returns."""
         self._held = None
         self._parts = []
         while self._queue:
-            _, item = self._queue.popleft()
+            item = self._queue.popleft()[1]
             if isinstance(item, Future):
                 item.exception()
 
@@ -436,7 +477,7 @@ class BundleWriter:
             end = 2 * _BLOCK
             end += -(self._offset + end) % _RECORD
             self._offset += end
-            self._queue.append(("", _gzip_member(b"\x00" * end, self._level)))
+            self._queue.append(("", gzip_member(b"\x00" * end, self._level), end, ""))
             while self._queue:
                 self._emit_next()
         except BaseException:

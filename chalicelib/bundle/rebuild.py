@@ -12,18 +12,20 @@ announced by the caller; then it is validated like any uploaded bundle: read aga
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
+import io
+import shutil
 import tempfile
-import threading
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import BinaryIO, cast
 
 from chalicelib.bundle.delta import MAX_DELTA_BYTES
-from chalicelib.bundle.format import BundleInfo, BundleWriter, key_line, segment_key
+from chalicelib.bundle.format import BundleInfo, BundleWriter, Segment, gzip_member, key_line, member_bytes, segment_ends, segment_key
 from chalicelib.bundle.report import BundleRejected, DeltaMismatch, Limits, triples_digest
 from chalicelib.bundle.rules import BundleScan, relative_link
-from chalicelib.bundle.scan import _Member
+from chalicelib.bundle.segments import SPOOL_IN_MEMORY, BaseSegments, SegmentIndex
 from chalicelib.bundle.validate import _run
 from chalicelib.bundle.written import WrittenCheck
 
@@ -71,77 +73,6 @@ class _Held:
         return False
 
 
-_SPOOL_IN_MEMORY = 64 * 1024 * 1024  # compressed base bytes kept in memory; beyond, on local disk
-
-
-class BaseSegments:
-    """The base bundle's segments (gzip members), learnt as a scan reads the base through this: the
-    members each holds, whose key says which bytes a new segment holding the same members has, and
-    its compressed bytes, spooled as read. A segment is only offered when it holds whole members and
-    nothing else (a base bundle not written by format.BundleWriter may not); offered bytes that are
-    not those of its members make a bundle whose sha256 is not the announced one, and that is checked.
-    """
-
-    def __init__(self, raw: BinaryIO, compresslevel: int) -> None:
-        self._raw = raw
-        self._level = compresslevel
-        self._spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY, prefix="dagcast-base-")  # noqa: SIM115 - closed by close()
-        self._lock = threading.Lock()  # the inflate thread reads through this while the writer asks
-        self._ends: list[tuple[int, int]] = []
-        self._done = 0  # segments of _ends accounted for
-        self._start = (0, 0)  # (compressed, decompressed) offsets where the next one starts
-        self._lines: list[bytes] = []
-        self._first: int | None = None  # decompressed offset of its first member
-        self._found: dict[str, tuple[int, int]] = {}  # key -> (offset, size) of compressed bytes
-        self.offered = 0
-
-    def watch(self, scan: BundleScan) -> None:
-        scan.inf.ends = self._ends
-
-    def read(self, n: int = -1) -> bytes:
-        chunk = self._raw.read(n)
-        if chunk:
-            with self._lock:
-                self._spool.seek(0, 2)
-                self._spool.write(chunk)
-        return chunk
-
-    def member(self, member: _Member, sha256: str | None) -> None:
-        """A member of the base as the scan yields it (with its sha256 as recorded, for a file)."""
-        self.passed(member.offset)
-        if self._first is None:
-            self._first = member.offset
-        if member.kind == "file" and sha256 is not None:
-            self._lines.append(key_line(member.path, b"0", member.size, sha256))
-        elif member.kind == "symlink":
-            self._lines.append(key_line(member.path, b"2", 0,
-                                        relative_link(member.path.rpartition("/")[0], member.target)))
-        else:
-            self._lines.append(b"?")  # nothing a writer writes: no key matches it
-
-    def passed(self, offset: int) -> None:
-        """The scan is at `offset` of the decompressed stream: the segments ending by then are known."""
-        while self._done < len(self._ends) and self._ends[self._done][1] <= offset:
-            compressed, decompressed = self._ends[self._done]
-            self._done += 1
-            if self._lines and self._first == self._start[1] and decompressed == offset:
-                self._found[segment_key(self._lines, self._level)] = (self._start[0], compressed - self._start[0])
-            self._start, self._lines, self._first = (compressed, decompressed), [], None
-
-    def compressed(self, key: str) -> bytes | None:
-        at = self._found.get(key)
-        if at is None:
-            return None
-        with self._lock:
-            self._spool.seek(at[0])
-            data = self._spool.read(at[1])
-        self.offered += 1
-        return data
-
-    def close(self) -> None:
-        self._spool.close()
-
-
 def read_delta(fileobj: BinaryIO, limits: Limits, base_files: Collection[str], removed: Collection[str]) -> UploadedDelta:
     """The delta archive checked with a bundle's rules (its symlinks may point at base files that stay).
 
@@ -169,6 +100,7 @@ def read_delta(fileobj: BinaryIO, limits: Limits, base_files: Collection[str], r
 def rebuild_bundle(
     base: BinaryIO, limits: Limits, delta: UploadedDelta, removed: Collection[str], files_sha256: str, out: BinaryIO,
     base_files: Mapping[str, tuple[str, int]], compresslevel: int = 6, check: WrittenCheck | None = None,
+    base_index: SegmentIndex | None = None,
 ) -> BundleInfo:
     """Write to out the bundle of the base version's files, less `removed`, with the delta's files and
     symlinks (a delta carries every symlink of its version). DeltaMismatch when the base bundle is not
@@ -180,7 +112,15 @@ def rebuild_bundle(
     at that size, is a mismatch, and bytes that differ from it change the result's sha256, which the
     caller checks against the one the deploy announced (and validation hashes every file anyway).
     With `check`, each member written is shown to it, in the order written: the delta's files with
-    their bytes, the base's as kept (their verdicts reused: see WrittenCheck)."""
+    their bytes, the base's as kept (their verdicts reused: see WrittenCheck).
+
+    With `base_index` (the base's segments as ingest recorded them, at this level), the new bundle's
+    segments are planned from the file lists alone: the ones the base has are copied from it without
+    being inflated, and only the base's segments holding files of the others are read (see
+    _IndexedRebuild). Without, the base is scanned whole and offers its segments as it goes."""
+    if base_index is not None and base_index.level == compresslevel:
+        return _IndexedRebuild(base, limits, delta, removed, base_files, base_index, check).write(
+            out, files_sha256, compresslevel)
     gone = set(removed)
     pending = delta.paths
     segments = BaseSegments(base, compresslevel)
@@ -230,8 +170,7 @@ def rebuild_bundle(
                     check.kept(member.path, member.size, known[0])
             if scan.issues:
                 raise DeltaMismatch(f"the base version's bundle cannot be read: {scan.issues.items[0].message}")
-            if scan.end_at is not None:
-                segments.passed(scan.end_at)
+            segments.finish(scan)
         emit_delta_until(None)
         info = writer.close()
     except BaseException:
@@ -243,3 +182,112 @@ def rebuild_bundle(
         raise DeltaMismatch("the base version's files with the delta applied are not the files the deploy announced")
     return info
 
+
+
+class _IndexedRebuild:
+    """A rebuild planned from the file lists: the new bundle's members in path order, cut into segments
+    by the writer's own rule (format.segment_ends on format.member_bytes), each copied from the base
+    when the base's index has its key and its size, else written member by member (the base's files
+    read from the one base segment that holds each, inflated and scanned with a bundle's rules)."""
+
+    def __init__(self, base: BinaryIO, limits: Limits, delta: UploadedDelta, removed: Collection[str],
+                 base_files: Mapping[str, tuple[str, int]], index: SegmentIndex, check: WrittenCheck | None) -> None:
+        self._limits = limits
+        self._delta = delta
+        self._files = base_files
+        self._check = check
+        self._keyed = index.keyed()
+        self._held = [s for s in index.segments if s.first]  # in path order: the base's files by segment
+        self._firsts = [s.first for s in self._held]
+        self._open: tuple[int, dict[str, bytes]] = (-1, {})
+        self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, prefix="dagcast-base-")  # noqa: SIM115 - closed in write()
+        shutil.copyfileobj(base, self._spool, 1 << 20)
+        gone = set(removed) | delta.files.keys() | delta.symlinks.keys()
+        self._paths = sorted([p for p in base_files if p not in gone] + delta.paths)
+
+    def write(self, out: BinaryIO, files_sha256: str, level: int) -> BundleInfo:
+        try:
+            members = [self._member(p) for p in self._paths]
+            if triples_digest([(p, size, sha) for p, kind, size, sha in members if kind == b"0"]) != files_sha256:
+                raise DeltaMismatch("the base version's files with the delta applied are not the files the deploy announced")
+            writer = BundleWriter(out, level)
+            try:
+                run: list[tuple[str, bytes, int, str]] = []
+                raw = 0
+                for i, member in enumerate(members):
+                    run.append(member)
+                    raw += member_bytes(member[0], member[2], member[1], member[3] if member[1] == b"2" else "")
+                    if segment_ends(member[0], raw) or i == len(members) - 1:
+                        self._segment(writer, run, raw)
+                        run, raw = [], 0
+                return writer.close()
+            except BaseException:
+                writer.discard()
+                raise
+        finally:
+            self._spool.close()
+
+    def _member(self, path: str) -> tuple[str, bytes, int, str]:
+        """(path, tar type, size, sha256 or the symlink's target as written)."""
+        if path in self._delta.symlinks:
+            return path, b"2", 0, relative_link(path.rpartition("/")[0], self._delta.symlinks[path])
+        data = self._delta.files.get(path)
+        if data is not None:
+            return path, b"0", len(data), hashlib.sha256(data).hexdigest()
+        sha256, size = self._files[path]
+        return path, b"0", size, sha256
+
+    def _segment(self, writer: BundleWriter, run: list[tuple[str, bytes, int, str]], raw: int) -> None:
+        check = self._check
+        known = self._keyed.get(segment_key(key_line(p, kind, size, what) for p, kind, size, what in run))
+        if known is not None and known.raw == raw:
+            writer.add_segment(known.key, self._read(known), run[0][0], raw, sum(1 for m in run if m[1] == b"0"),
+                               sum(m[2] for m in run if m[1] == b"0"))
+            if check is not None:
+                for path, kind, size, what in run:
+                    self._show(check, path, kind, size, what)
+            return
+        for path, kind, size, what in run:
+            if kind == b"2":
+                writer.add_symlink(path, what)
+            else:
+                data = self._delta.files.get(path)
+                writer.add_file(path, size, (self._base_file(path, size) if data is None else data,), what)
+            if check is not None:
+                self._show(check, path, kind, size, what)
+
+    def _show(self, check: WrittenCheck, path: str, kind: bytes, size: int, what: str) -> None:
+        if kind == b"2":
+            check.symlink(path, what)
+        elif path in self._delta.files:
+            check.file(path, size, what, self._delta.files[path])
+        else:
+            check.kept(path, size, what)
+
+    def _read(self, segment: Segment) -> bytes:
+        self._spool.seek(segment.offset)
+        data = self._spool.read(segment.size)
+        if len(data) != segment.size:
+            raise DeltaMismatch("the base version's bundle is shorter than its segment index says")
+        return data
+
+    def _base_file(self, path: str, size: int) -> bytes:
+        """A base file's bytes, from the base segment that holds it (read with every rule of a bundle)."""
+        at = bisect.bisect_right(self._firsts, path) - 1
+        if at != self._open[0]:
+            if at < 0:
+                raise DeltaMismatch(f"the base version's segment index does not hold {path}")
+            segment = self._held[at]
+            files: dict[str, bytes] = {}
+            alone = io.BytesIO(self._read(segment) + gzip_member(bytes(1024), 1))  # with an end-of-archive
+            with BundleScan(alone, self._limits) as scan:
+                for member in scan.members():
+                    if member.kind == "file":
+                        files[member.path] = b"".join(scan.data())
+                if scan.issues:
+                    raise DeltaMismatch(f"the base version's bundle cannot be read: {scan.issues.items[0].message}")
+            self._open = (at, files)
+        data = self._open[1].get(path)
+        if data is None or len(data) != size:
+            raise DeltaMismatch(f"the base version's bundle does not match its file list at {path}")
+        return data

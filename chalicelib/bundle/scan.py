@@ -88,6 +88,7 @@ class _Inflater:
         self._ahead: Future[bytes] | None = None  # the next step, taken on the inflate thread
         self.read_ahead = True  # the consumer turns it off when reading ahead would only slow it down
         self.position = 0  # decompressed bytes handed to the consumer
+        self.head = b""  # the first bytes of the input (its first gzip header), once sniffed
         # with a list here: (compressed, decompressed) offsets of the end of each gzip member inflated
         self.ends: list[tuple[int, int]] | None = None
 
@@ -113,6 +114,7 @@ class _Inflater:
         while len(self._in) < 264 and not self._raw_eof:
             self._in += self._read_raw()
         head = self._in
+        self.head = head[:10]
         if head[:2] == b"\x1f\x8b":
             return
         if not head:
@@ -141,10 +143,10 @@ class _Inflater:
         """Next step of decompressed data: one chunk, less only at the end of the input (a bundle's
         gzip members, smaller than a chunk, are inflated in one step together); b"" at the end."""
         out = self._inflate_piece(_CHUNK)
-        if len(out) == _CHUNK or not out or self._d is not None:  # a full step, the end, or input to read
+        if len(out) == _CHUNK or not out or self._d is not None or not self._in:  # a full step, the end, input to read
             return out
         pieces, have = [out], len(out)
-        while have < _CHUNK and self._d is None:  # a gzip member ended: go on with the next one
+        while have < _CHUNK and self._d is None and self._in:  # a gzip member ended: on with the next, read
             piece = self._inflate_piece(_CHUNK - have)
             if not piece:
                 break

@@ -22,6 +22,7 @@ from chalicelib.bundle.rules import BundleScan
 if TYPE_CHECKING:
     from chalicelib.bundle.compile_workers import CompileSession
     from chalicelib.bundle.delta import DeltaCollector
+    from chalicelib.bundle.segments import SegmentTracker
 
 
 class Sink(Protocol):
@@ -52,6 +53,7 @@ def _run(
     workers: CompileWorkers | None = None,
     parallel: bool = False,
     deadline: float | None = None,
+    segments: SegmentTracker | None = None,
 ) -> Report:
     """Drive one scan with one consumer (validation only, or extraction).
 
@@ -60,13 +62,17 @@ def _run(
     SUSPECT_BYTES and more are compiled in a bounded worker (of `workers`, or of a pool of one made
     for this scan); with `parallel`, once PARALLEL_AFTER bytes of Python new to `cache` were compiled
     here, the rest goes to `workers` too. Past `deadline` (a time.monotonic() value) the scan stops
-    with a validation_timeout issue.
+    with a validation_timeout issue. `segments` is told each member, to learn the bundle's segments.
     """
     manifest: list[FileEntry] = []
     compiler = _Compiler(cache, workers, parallel, deadline)
     with BundleScan(fileobj, limits or Limits()) as scan:
+        if segments is not None:
+            segments.watch(scan)
         try:
-            _members(scan, manifest, check_python, sink, reuse, cache, collect, compiler)
+            _members(scan, manifest, check_python, sink, reuse, cache, collect, compiler, segments)
+            if segments is not None:
+                segments.finish(scan)
             compiler.finish(manifest, scan)
         except CompileDeadline:
             scan.issues.add(timed_out(compiler), final=True)
@@ -194,12 +200,15 @@ def _members(
     cache: CompileCache | None,
     collect: DeltaCollector | None,
     compiler: _Compiler,
+    segments: SegmentTracker | None = None,
 ) -> None:
     """The member loop of _run: each member to the sink, the collector, the compiler and the manifest."""
     for member in scan.members():
         if sink is not None and scan.issues:
             break  # extraction stops at the first problem
         compiler.tick()
+        if segments is not None and member.kind != "file":
+            segments.member(member, None)
         if member.kind == "dir":
             if sink is not None:
                 sink.mkdir(member.path)
@@ -234,6 +243,8 @@ def _members(
         if scan.halted:
             break
         sha256 = digest.hexdigest()
+        if segments is not None:
+            segments.member(member, sha256)
         if deferred and sink is not None and reuse is not None and earlier is not None:
             source = os.path.join(reuse.folder, member.path)
             if earlier[0] != sha256 or not sink.link(member.path, source):
@@ -275,6 +286,7 @@ def validate_stream(
     workers: CompileWorkers | None = None,
     parallel: bool = False,
     deadline: float | None = None,
+    segments: SegmentTracker | None = None,
 ) -> Report:
     """Validate a bundle read once from fileobj. Never raises for any input bytes.
 
@@ -284,10 +296,11 @@ def validate_stream(
     for this call), and with `parallel` a bundle with many new Python files is compiled by them too
     (the report is the same, except that their issues follow the others). Past `deadline`
     (time.monotonic()) the bundle is rejected with validation_timeout. CompileWorkerError when a
-    worker dies for another reason than its bounds.
+    worker dies for another reason than its bounds. With `segments`, the bundle's segments are learnt
+    as it is read (see SegmentTracker.index).
     """
     return _run(fileobj, limits, check_python, None, cache=cache, collect=collect, workers=workers,
-                parallel=parallel, deadline=deadline)
+                parallel=parallel, deadline=deadline, segments=segments)
 
 
 def validate_file(path: Path, limits: Limits | None = None) -> Report:

@@ -494,16 +494,19 @@ def test_a_stale_worker_that_dies_writing_its_delta_after_the_deploy_went_live_c
 
 
 def start_delta_deploy(client: Client, aws: StackOutputs, deployment: str, deployer_token: str,
-                       make_bundle: MakeBundle) -> tuple[dict[str, Any], str, bytes, str]:
+                       make_bundle: MakeBundle, level: int = 6,
+                       versions: tuple[dict[str, bytes | str], dict[str, bytes | str]] | None = None,
+                       ) -> tuple[dict[str, Any], str, bytes, str]:
     """v1 live, then a deploy of v2 uploaded as a delta against it: (deploy, delta key, v2's bundle,
-    the delta's S3 notification)."""
+    the delta's S3 notification). `make_bundle` writes at `level` (6; the CLI's is 1)."""
     import io
 
     from chalicelib.bundle import DeltaCollector, validate_stream
 
-    base = make_bundle(bundle(1))
+    old, new = versions or (bundle(1), bundle(2, **{"dags/new.py": dag("new")}))
+    base = make_bundle(old)
     deploy_and_ingest(client, aws, deployment, deployer_token, base)
-    data = make_bundle(bundle(2, **{"dags/new.py": dag("new")}))
+    data = make_bundle(new)
     collect = DeltaCollector({f.path: f.sha256 for f in validate_stream(io.BytesIO(base)).manifest})
     report = validate_stream(io.BytesIO(data), check_python=False, collect=collect)
     built = collect.build(report.manifest, report.bytes)
@@ -511,7 +514,7 @@ def start_delta_deploy(client: Client, aws: StackOutputs, deployment: str, deplo
     assert built is not None
     body = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "delta": {
         "base_version": 1, "base_sha256": live.sha256, "sha256": built.sha256, "size": len(built.data),
-        "files_sha256": built.files_sha256, "removed": built.removed, "compresslevel": 6}}
+        "files_sha256": built.files_sha256, "removed": built.removed, "compresslevel": level}}
     resp = client.http.post(f"/deployments/{deployment}/deploys", headers=auth(deployer_token), body=json.dumps(body))
     assert resp.status_code == 201, resp.body
     deploy = resp.json_body["deploy"]
@@ -554,6 +557,62 @@ def test_a_delta_deploy_reuses_its_bases_verdicts_only_for_the_pinned_bytes_this
     assert record.validator == CompileCache.TAG
     served = boto3.client("s3").get_object(Bucket=aws.bucket, Key=deploy["key"], VersionId=record.object_version)
     assert served["Body"].read() == data
+
+
+def level_one(tmp: Path) -> MakeBundle:
+    """Bundles as the CLI writes them (level 1, whose gzip header says so: its segments are indexed)."""
+    from chalicelib.bundle import write_bundle
+
+    made = iter(range(10**6))
+
+    def build(files: dict[str, bytes | str]) -> bytes:
+        root = tmp / f"cli-{next(made)}"
+        for rel, content in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(content.encode() if isinstance(content, str) else content)
+        out = io.BytesIO()
+        write_bundle(root, list(files), out, compresslevel=1)
+        return out.getvalue()
+
+    return build
+
+
+@pytest.mark.parametrize("index", ["kept", "tampered", "unpinned base"])
+def test_a_delta_deploy_copies_the_bases_unchanged_segments_by_the_index_ingest_kept_only_as_written(
+    client: Client, aws: StackOutputs, deployment: str, deployer_token: str, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, index: str,
+) -> None:
+    """Ingest keeps each version's segment index (learnt validating an upload, or written by a rebuild),
+    with its sha256 on the deploy record; a delta's rebuild copies the base's unchanged segments by it
+    only when the index is the one written and the base's bytes are the pinned ones."""
+    import chalicelib.bundle.rebuild as rebuild_module
+    from chalicelib.bundle.segments import SegmentIndex
+
+    many = {f"dags/team_{i % 5}/q_{i:03}.sql": f"-- {i}\n" + "select 1;\n" * 40 for i in range(400)}
+    old, new = {**bundle(1), **many}, {**bundle(2, **{"dags/new.py": dag("new")}), **many}
+    deploy, _, data, notification = start_delta_deploy(client, aws, deployment, deployer_token, level_one(tmp_path),
+                                                       level=1, versions=(old, new))
+    store = app_module.get_store()
+    base = store.get_deploy(deployment, store.get_version(deployment, 1).deploy_id)
+    assert base.segments_key and base.segments_sha256
+    s3 = boto3.client("s3")
+    kept = SegmentIndex.decode(s3.get_object(Bucket=aws.bucket, Key=base.segments_key)["Body"].read())
+    assert kept.level == 1 and sum(1 for s in kept.segments if s.key) > 5
+    if index == "tampered":  # an S3 write the record does not know: the index is not used
+        s3.put_object(Bucket=aws.bucket, Key=base.segments_key, Body=SegmentIndex(1, kept.segments[1:]).encode())
+    elif index == "unpinned base":  # the bytes read may not be the ones validated: nothing is copied by it
+        boto3.resource("dynamodb").Table(aws.table_name).update_item(
+            Key={"pk": f"DEPLOYMENT#{deployment}", "sk": "VERSION#0000000001"}, UpdateExpression="REMOVE object_version")
+    planned: list[bool] = []
+    real = rebuild_module._IndexedRebuild
+    monkeypatch.setattr(rebuild_module, "_IndexedRebuild", lambda *a: planned.append(True) or real(*a))
+    assert ingest(client, notification) == {"batchItemFailures": []}
+    assert store.get_deploy(deployment, deploy["deploy_id"]).state is DeployState.ACTIVE
+    assert bool(planned) is (index == "kept")
+    record = store.get_version(deployment, 2)
+    assert s3.get_object(Bucket=aws.bucket, Key=deploy["key"], VersionId=record.object_version)["Body"].read() == data
+    rebuilt = store.get_deploy(deployment, deploy["deploy_id"])
+    assert rebuilt.segments_key and rebuilt.segments_sha256  # the next delta's base has one too
 
 
 @pytest.mark.parametrize("validated", ["as written", "read again"])

@@ -14,7 +14,7 @@ LAYERS: dict[str, int] = {
     "report": 0, "threads": 0,
     "format": 1, "scan": 1, "dag_ids": 1, "cache": 1,
     "rules": 2, "dag_scan": 2,
-    "python": 3, "delta": 3,
+    "python": 3, "delta": 3, "segments": 3,
     "compile_workers": 4,
     "validate": 5,
     "extract": 6, "written": 6,

@@ -4,13 +4,16 @@ unchanged parts of a new version keep the compressed bytes of the old one: a wri
 and the bytes are those of compressing everything."""
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import os
+import random
 import tarfile
 import tempfile
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,8 +22,11 @@ from test_rebuild import delta_of, file_list, write
 
 from chalicelib.bundle import Limits, validate_stream
 from chalicelib.bundle import format as bundle_format
+from chalicelib.bundle import rebuild as rebuild_module
 from chalicelib.bundle.format import SEGMENT_EVERY, BundleInfo, SegmentSource, segment_ends, write_bundle
 from chalicelib.bundle.rebuild import read_delta, rebuild_bundle
+from chalicelib.bundle.report import DeltaMismatch
+from chalicelib.bundle.segments import SegmentIndex, SegmentIndexError, SegmentTracker
 from dagcast import segment_cache
 
 
@@ -175,10 +181,108 @@ def test_a_rebuild_writes_the_bases_unchanged_segments_as_they_were_compressed(
     delta, removed, digest = delta_of(new, base)
     uploaded = read_delta(io.BytesIO(delta), Limits(), list(file_list(base)), removed)
     compressed: list[int] = []
-    real = bundle_format._gzip_member
-    monkeypatch.setattr(bundle_format, "_gzip_member", lambda raw, level: compressed.append(len(raw)) or real(raw, level))
+    real = bundle_format.gzip_member
+    monkeypatch.setattr(bundle_format, "gzip_member", lambda raw, level: compressed.append(len(raw)) or real(raw, level))
     out = io.BytesIO()
     rebuild_bundle(io.BytesIO(base), Limits(), uploaded, removed, digest, out, file_list(base), 1)
     assert out.getvalue() == new
     assert len(compressed) == 3  # the two segments changed, and the end-of-archive one
     assert len(base_writer.segments) > 6
+
+
+def learnt(data: bytes) -> SegmentIndex | None:
+    tracker = SegmentTracker()
+    assert validate_stream(io.BytesIO(data), check_python=False, segments=tracker).valid
+    return tracker.index()
+
+
+def indexed(base: bytes, new: bytes, index: SegmentIndex | None, level: int = 1) -> bytes:
+    delta, removed, digest = delta_of(new, base)
+    uploaded = read_delta(io.BytesIO(delta), Limits(), list(file_list(base)), removed)
+    out = io.BytesIO()
+    rebuild_bundle(io.BytesIO(base), Limits(), uploaded, removed, digest, out, file_list(base), level, base_index=index)
+    return out.getvalue()
+
+
+def grow(root: Path, files: int, rng: random.Random) -> dict[str, bytes]:
+    return {f"d{rng.randrange(4)}/f{i:03}.py": rng.randbytes(rng.randrange(0, 3000)) for i in range(files)}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10**6), files=st.integers(1, 200), edits=st.integers(0, 6), link=st.booleans())
+def test_a_rebuild_planned_from_the_index_is_byte_for_byte_the_bundle_of_the_new_folder(
+    seed: int, files: int, edits: int, link: bool
+) -> None:
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        old = grow(root, files, rng)
+        base, info = bundled(root / "old", write(root / "old", old))
+        new = dict(old)
+        for _ in range(edits):
+            name = rng.choice(sorted(new))
+            action = rng.randrange(3)
+            if action == 0:
+                new[name] = rng.randbytes(rng.randrange(0, 3000))
+            elif action == 1 and len(new) > 1:
+                del new[name]
+            else:
+                new[f"d{rng.randrange(4)}/n{rng.randrange(10**6)}.py"] = rng.randbytes(rng.randrange(0, 300))
+        links = {"zz_alias": sorted(new)[0]} if link else {}
+        expected = bundled(root / "new", write(root / "new", new, links))[0]
+        index = learnt(base)
+        assert index == SegmentIndex(1, info.segments) or index is None and len(info.segments) < 2
+        from_index = indexed(base, expected, SegmentIndex(1, info.segments))
+        assert from_index == expected
+
+
+def test_the_index_learnt_by_reading_a_bundle_is_the_one_its_writer_made(tmp_path: Path) -> None:
+    paths = folder(tmp_path)
+    os.symlink("team_1/dag_0001.py", tmp_path / "dags/zz_alias.py")
+    data, info = bundled(tmp_path, [*paths, "dags/zz_alias.py"])
+    index = learnt(data)
+    assert index is not None and [(s.key, s.offset, s.size, s.raw, s.first) for s in index.segments] == [
+        (s.key, s.offset, s.size, s.raw, s.first) for s in info.segments]
+    assert SegmentIndex.decode(index.encode()) == index
+    with pytest.raises(SegmentIndexError):
+        SegmentIndex.decode(b"not an index")
+    with pytest.raises(SegmentIndexError):
+        SegmentIndex.decode(gzip.compress(b'{"version": 1, "level": 1, "segments": [["k", 0]]}'))
+    assert learnt(bundled(tmp_path, paths)[0]) is not None
+    six = io.BytesIO()
+    write_bundle(tmp_path, paths, six, compresslevel=6)  # its gzip header cannot say which level it is
+    assert learnt(six.getvalue()) is None
+
+
+def test_a_rebuild_from_the_index_inflates_only_the_base_segments_it_does_not_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = folder(tmp_path, 1500)
+    base, info = bundled(tmp_path, paths)
+    (tmp_path / paths[10]).write_text("# changed\n")
+    new = bundled(tmp_path, paths)[0]
+    scans: list[int] = []
+    real = rebuild_module.BundleScan
+
+    def counting(fileobj: Any, limits: Limits) -> Any:
+        scans.append(len(fileobj.getvalue()))
+        return real(fileobj, limits)
+
+    monkeypatch.setattr(rebuild_module, "BundleScan", counting)
+    assert indexed(base, new, SegmentIndex(1, info.segments)) == new
+    assert len(scans) == 1 and scans[0] < len(base) // 8  # one base segment, not the base
+
+
+def test_an_index_that_lies_never_gives_the_new_folders_bundle(tmp_path: Path) -> None:
+    paths = folder(tmp_path)
+    base, info = bundled(tmp_path, paths)
+    (tmp_path / paths[10]).write_text("# changed\n")
+    new = bundled(tmp_path, paths)[0]
+    segs = list(info.segments)
+    segs[3], segs[4] = (dataclasses.replace(segs[3], key=segs[4].key, raw=segs[4].raw),
+                        dataclasses.replace(segs[4], key=segs[3].key, raw=segs[3].raw))
+    assert indexed(base, new, SegmentIndex(1, tuple(segs))) != new  # the caller refuses it by its sha256
+    shifted = [dataclasses.replace(s, offset=s.offset + 1) for s in info.segments]
+    with pytest.raises(DeltaMismatch):
+        indexed(base, new, SegmentIndex(1, tuple(shifted)))
+    assert indexed(base, new, SegmentIndex(6, info.segments)) == new  # another level: not used, the base is scanned
