@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -20,7 +21,8 @@ from chalicelib.bundle import BundleInfo, Limits, write_bundle
 from dagcast.exceptions import BundleInvalid, UsageProblem
 
 if TYPE_CHECKING:
-    from chalicelib.bundle.format import MemberCheck, SegmentSource
+    from chalicelib.bundle.format import MemberCheck
+    from dagcast.segment_cache import LastBundle
 
 IGNORE_FILE = ".dagcastignore"
 # gzip level 1: on 1,000 DAG files (8 MB) it compresses in 0.07 s instead of level 6's 0.26 s, for a
@@ -56,6 +58,9 @@ class Collected:
     paths: list[str] = field(default_factory=list)
     links: dict[str, str] = field(default_factory=dict)  # symlink path -> its target, as written
     sizes: dict[str, int] = field(default_factory=dict)  # regular file path -> size
+    # regular file path -> (size, mtime, ctime (ns), inode, device) as walked: see dagcast.segment_cache
+    stats: dict[str, tuple[int, int, int, int, int]] = field(default_factory=dict)
+    walked_ns: int = 0  # when the walk began (time.time_ns())
     problems: list[dict[str, Any]] = field(default_factory=list)  # like validation errors
 
     def problem(self, code: str, path: str, why: str) -> None:
@@ -80,7 +85,7 @@ def collect(root: Path, limits: Limits | None = None) -> Collected:
     if not root.is_dir():
         raise UsageProblem(f"dags folder {root} is not a directory")
     spec = ignore_spec(root)
-    found = Collected(root)
+    found = Collected(root, walked_ns=time.time_ns())
     root_real = os.path.realpath(root)
     for dirpath, dirnames, filenames in os.walk(root):
         rel_dir = os.path.relpath(dirpath, root)
@@ -110,6 +115,7 @@ def collect(root: Path, limits: Limits | None = None) -> Collected:
                 found.problem("special_file", rel, "not a regular file, a folder or a symlink (a socket, FIFO or device)")
             else:
                 found.sizes[rel] = st.st_size
+                found.stats[rel] = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
                 found.paths.append(rel)
     _check_links(found)
     if not found.paths and not found.problems:
@@ -186,10 +192,11 @@ def _check_links(found: Collected) -> None:
 
 
 def build(root: Path, out: BinaryIO, collected: Collected | None = None, check: MemberCheck | None = None,
-          reuse: SegmentSource | None = None) -> BundleInfo:
+          last: LastBundle | None = None) -> BundleInfo:
     """The bundle of what `collect` found under root (collected now when not given), written to out
-    (each member shown to `check` as it is; the segments `reuse` has written from it, see
-    dagcast.segment_cache). BundleInvalid when something cannot ship."""
+    (each member shown to `check` as it is; with the folder's `last` bundle, its segments and the
+    files unchanged since: see dagcast.segment_cache). BundleInvalid when something cannot ship."""
     collected = collected or collect(root, Limits())
     collected.raise_problems()
-    return write_bundle(root, collected.paths, out, compresslevel=COMPRESSLEVEL, check=check, reuse=reuse)
+    return write_bundle(root, collected.paths, out, compresslevel=COMPRESSLEVEL, check=check, reuse=last,
+                        known=last.vouch(collected.stats) if last is not None else None)

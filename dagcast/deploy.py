@@ -306,9 +306,11 @@ def _run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | Non
         mark = timings.lap("upload_s", mark)
         from dagcast import bundler, segment_cache
 
-        tmp.flush()  # the next bundle's unchanged segments, kept while the deploy is waited for
-        keeping = threading.Thread(target=segment_cache.save, args=(opts.dags_path, bundler.COMPRESSLEVEL, tmp, info),
-                                   name="dagcast-keep-bundle")
+        tmp.flush()  # the next bundle's unchanged segments and files, kept while the deploy is waited for
+        hashed = {e.path: (e.sha256, collected.stats[e.path]) for e in report.manifest
+                  if e.path in collected.stats} if report is not None and report.valid else None
+        keeping = threading.Thread(target=segment_cache.save, name="dagcast-keep-bundle", args=(
+            opts.dags_path, bundler.COMPRESSLEVEL, tmp, info, hashed, collected.walked_ns))
         keeping.start()
         try:
             if report is not None and report.valid:

@@ -1,12 +1,20 @@
-"""The last bundle made from each DAG folder, kept so that the next one reuses its compressed segments.
+"""The last bundle made from each DAG folder, kept so that the next one reuses what did not change.
 
 A bundle is a run of gzip members, each holding consecutive files (chalicelib.bundle.format): the
 everyday deploy changes a file or two, and every other segment of its bundle is byte for byte one
 of the last bundle's. The writer asks this cache for each segment by its key (what it holds) and
 writes the bytes kept here instead of compressing the files again. Every segment read back is
 checked against the sha256 recorded when it was written, so a damaged or stale copy costs only the
-compression it would have saved. Kept in $XDG_CACHE_HOME/dagcast/bundles (default ~/.cache/dagcast),
-one bundle per folder, the last KEEP folders; failures only cost the compression.
+compression it would have saved.
+
+It also keeps each file's sha256 with what the folder walk saw of it (size, mtime, ctime, inode,
+device), the way git's index does: a file whose walk shows the same is not read again to be hashed
+(nor at all, when its segment is reused). ctime cannot be set by a program and changes with every
+write, so a file written since it was hashed shows another; one whose ctime was within RACY_NS of
+the moment it was hashed could still be written in the same clock tick, and is hashed again.
+
+Kept in $XDG_CACHE_HOME/dagcast/bundles (default ~/.cache/dagcast), one bundle per folder, the last
+KEEP folders; failures only cost the work they would have saved.
 """
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -21,7 +30,8 @@ from chalicelib.bundle.format import BundleInfo
 from dagcast.config import cache_home
 
 KEEP = 4
-_VERSION = 1
+RACY_NS = 2_000_000_000  # a file changed this close to being hashed is hashed again next time
+_VERSION = 2
 
 
 def _folder() -> Path:
@@ -36,10 +46,27 @@ def _name(dags_path: Path, compresslevel: int) -> str:
 class LastBundle:
     """The segments of the last bundle made from a folder, by key (a format.SegmentSource)."""
 
-    def __init__(self, fd: int, segments: dict[str, tuple[int, int, str]]) -> None:
+    def __init__(self, fd: int, segments: dict[str, tuple[int, int, str]],
+                 files: dict[str, tuple[str, tuple[int, ...]]] | None = None) -> None:
         self._fd = fd
         self._segments = segments
+        self._files = files or {}  # path -> (sha256, what the walk saw when it was hashed)
         self.hits = 0
+        self.vouched = 0
+
+    def vouch(self, stats: dict[str, tuple[int, int, int, int, int]]) -> Callable[[str], tuple[str, int] | None]:
+        """For write_bundle's `known`: the sha256 and size of a file the walk saw exactly as when it was
+        hashed (stats: path -> (size, mtime, ctime, inode, device), see bundler.Collected)."""
+
+        def known(rel: str) -> tuple[str, int] | None:
+            kept = self._files.get(rel)
+            seen = stats.get(rel)
+            if kept is None or seen is None or tuple(kept[1]) != seen:
+                return None
+            self.vouched += 1
+            return kept[0], seen[0]
+
+        return known
 
     def compressed(self, key: str) -> bytes | None:
         at = self._segments.get(key)
@@ -71,15 +98,21 @@ def load(dags_path: Path, compresslevel: int) -> LastBundle | None:
         if index.get("version") != _VERSION:
             raise ValueError("another layout")
         segments = {str(k): (int(o), int(n), str(s)) for k, o, n, s in index["segments"] if k}
+        files = {str(p): (str(sha), tuple(int(x) for x in seen)) for p, (sha, seen) in index["files"].items()}
     except (OSError, ValueError, KeyError, TypeError):
         os.close(fd)
         return None
-    return LastBundle(fd, segments)
+    return LastBundle(fd, segments, files)
 
 
-def save(dags_path: Path, compresslevel: int, bundle: BinaryIO, info: BundleInfo) -> None:
+def save(dags_path: Path, compresslevel: int, bundle: BinaryIO, info: BundleInfo,
+         hashed: dict[str, tuple[str, tuple[int, int, int, int, int]]] | None = None, started_ns: int = 0) -> None:
     """Keep `bundle` (a file flushed to its descriptor, read there without moving its position) as the
-    folder's last: the copy and its index written whole, then renamed into place."""
+    folder's last: the copy and its index written whole, then renamed into place. `hashed`: path ->
+    (sha256, what the walk saw), of the files as bundled; `started_ns` (time.time_ns()) is when the
+    walk began: a file whose ctime is not RACY_NS before it is left out (see above)."""
+    settled = started_ns - RACY_NS
+    files = {p: [sha, list(seen)] for p, (sha, seen) in (hashed or {}).items() if seen[2] < settled}
     folder = _folder()
     base = folder / _name(dags_path, compresslevel)
     written: list[str] = []
@@ -99,7 +132,8 @@ def save(dags_path: Path, compresslevel: int, bundle: BinaryIO, info: BundleInfo
         written.append(index)
         with os.fdopen(fd, "w") as out:
             json.dump({"version": _VERSION, "sha256": info.sha256,
-                       "segments": [[s.key, s.offset, s.size, s.sha256] for s in info.segments]}, out)
+                       "segments": [[s.key, s.offset, s.size, s.sha256] for s in info.segments],
+                       "files": files}, out, separators=(",", ":"))
         os.replace(tmp, f"{base}.tgz")  # the index names digests: a reader between the two renames
         os.replace(index, f"{base}.json")  # finds segments that do not match, and compresses them
         written.clear()

@@ -423,6 +423,7 @@ class Syncer:
         reuse = self._reuse()
         if reuse is not None:
             reuse.present  # noqa: B018  (computed once, kept with it)
+            reuse.entries  # noqa: B018
 
     def _save_manifest(self, name: str, record: Version, manifest: list[FileEntry]) -> None:
         doc = {

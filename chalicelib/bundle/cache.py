@@ -54,6 +54,12 @@ class Reuse:
         """Its files and the folders they are in (see extract_delta): made once, as the files never change."""
         return present_with(self.files)
 
+    @cached_property
+    def entries(self) -> dict[str, FileEntry]:
+        """Its files as a new version's manifest lists the ones it keeps: made once, like `present`."""
+        return {path: FileEntry.model_construct(path=path, size=size, sha256=sha256, dag_ids=[])
+                for path, (sha256, size) in self.files.items()}
+
     @classmethod
     def from_manifest(cls, folder: Path, manifest: list[FileEntry]) -> Reuse:
         return cls(folder, {f.path: (f.sha256, f.size) for f in manifest})

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from chalicelib.bundle.cache import Reuse, present_with
-from chalicelib.bundle.report import BundleRejected, DeltaMismatch, FileEntry, Limits, Report, files_digest
+from chalicelib.bundle.report import BundleRejected, DeltaMismatch, Limits, Report, files_digest
 from chalicelib.bundle.rules import relative_link
 from chalicelib.bundle.validate import _run
 
@@ -227,13 +227,14 @@ def extract_delta(
             return report
         entries = list(report.manifest)
         written = {e.path for e in entries}
-        for path, (sha256, size) in kept.items():
+        known = base.entries
+        for path, (sha256, _) in kept.items():
             if path in written:
                 continue
             source = os.path.join(base.folder, path)
             if not sink.link(path, source):
                 _copy_verified(sink, path, source, sha256)
-            entries.append(FileEntry.model_construct(path=path, size=size, sha256=sha256, dag_ids=[]))
+            entries.append(known[path])
         if files_digest(entries) != files_sha256:
             raise DeltaMismatch("the files after applying the delta differ from the version's file list")
         entries.sort(key=lambda e: e.path)

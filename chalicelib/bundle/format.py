@@ -18,7 +18,7 @@ import struct
 import tarfile
 import zlib
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -200,16 +200,39 @@ def _tarfile_header(name: str, size: int, kind: bytes, mode: int, linkname: str)
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
 
 
+_HOLD_AT = 1 << 20  # a file up to this is held from being hashed to being written; a larger one is read again
+
+
+@dataclass
+class _Pending:
+    """A member of the segment being gathered: a file (its bytes, when held) or a symlink."""
+
+    rel: str
+    kind: bytes
+    size: int
+    what: str  # the file's sha256, or the symlink's target as written
+    data: bytes | None = None
+
+    def line(self) -> bytes:
+        return key_line(self.rel, self.kind, self.size, self.what)
+
+
 def write_bundle(root: Path, relpaths: Iterable[str], out: BinaryIO, *, compresslevel: int = 6,
-                 check: MemberCheck | None = None, reuse: SegmentSource | None = None) -> BundleInfo:
+                 check: MemberCheck | None = None, reuse: SegmentSource | None = None,
+                 known: Callable[[str], tuple[str, int] | None] | None = None) -> BundleInfo:
     """Write the given files of root to out as a deterministic bundle.
 
     relpaths are POSIX paths relative to root (already filtered by the caller). Symlinks
     are kept as symlinks when they are relative, resolve inside root, point at another
     bundled path and do not go through another symlink; anything else raises BundleError.
-    With `check`, each member is shown to it as written: each file with its sha256 (and its
-    bytes, when the check wants them), each symlink with its target as written. With `reuse`, the
-    segments it has are written from it instead of being compressed again (see BundleWriter).
+    With `check`, each member is shown to it as it is gathered: each file with its sha256 (and
+    its bytes, when the check wants them), each symlink with its target as written.
+
+    The files are gathered a segment at a time (see SEGMENT_EVERY): each file hashed, then, once
+    the segment is whole, its bytes from `reuse` when it has the segment, else its files framed
+    and compressed. `known` (path -> (sha256, size) or None) names the regular files whose sha256
+    the caller vouches for as they are now (the CLI: unchanged since it hashed them); they are
+    read only when their segment is compressed, and must then still have that sha256.
     """
     root_real = os.path.realpath(root)
     paths = sorted({_check_relpath(p) for p in relpaths})
@@ -231,50 +254,108 @@ def write_bundle(root: Path, relpaths: Iterable[str], out: BinaryIO, *, compress
             dir_ok[parent] = ok
         return ok
 
-    writer = BundleWriter(out, compresslevel, reuse)
+    writer = BundleWriter(out, compresslevel)
+    run: list[_Pending] = []
+    raw = 0
     try:
         for rel in paths:
-            full = os.path.join(root_real, rel)
             if not parent_is_real(rel):
                 raise BundleError(f"{rel}: a parent directory is a symlink or missing; refusing to follow it")
-            try:
-                fd = os.open(full, _OPEN_FLAGS)
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    linkname = _symlink_linkname(rel, full, root_real, wanted, implied)
-                    writer.add_symlink(rel, linkname)
-                    if check is not None:
-                        check.symlink(rel, linkname)
-                    continue
-                raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
-            parts: list[bytes] | None = None
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    raise BundleError(f"{rel}: not a regular file")
-                chunks = _read_exactly(fd, rel, st.st_size)
-                if check is not None and check.wants(rel, st.st_size):
-                    parts = []
-                    chunks = _kept(chunks, parts)
-                sha256 = writer.add_file(rel, st.st_size, chunks)
-            except OutputFailed:
-                raise
-            except OSError as exc:
-                raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
-            finally:
-                os.close(fd)
-            if check is not None:
-                check.file(rel, st.st_size, sha256, None if parts is None else b"".join(parts))
+            vouched = known(rel) if known is not None else None
+            if vouched is not None and (check is None or not check.wants(rel, vouched[1])):
+                member = _Pending(rel, tarfile.REGTYPE, vouched[1], vouched[0])
+                if check is not None:
+                    check.file(rel, member.size, member.what, None)
+            else:
+                member = _gather(rel, root_real, wanted, implied, check)
+            run.append(member)
+            raw += member_bytes(rel, member.size, member.kind, member.what if member.kind == tarfile.SYMTYPE else "")
+            if segment_ends(rel, raw):
+                _write_run(writer, run, raw, root_real, reuse)
+                run, raw = [], 0
+        if run:
+            _write_run(writer, run, raw, root_real, reuse)
     except BaseException:
         writer.discard()
         raise
     return writer.close()
 
 
-def _kept(chunks: Iterable[bytes], parts: list[bytes]) -> Iterator[bytes]:
-    for chunk in chunks:
-        parts.append(chunk)
-        yield chunk
+def _gather(rel: str, root_real: str, wanted: set[str], implied: set[str], check: MemberCheck | None) -> _Pending:
+    """One member read from the folder: a file hashed (its bytes held when small), or a symlink."""
+    full = os.path.join(root_real, rel)
+    try:
+        fd = os.open(full, _OPEN_FLAGS)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            linkname = _symlink_linkname(rel, full, root_real, wanted, implied)
+            if check is not None:
+                check.symlink(rel, linkname)
+            return _Pending(rel, tarfile.SYMTYPE, 0, linkname)
+        raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"{rel}: not a regular file")
+        digest = hashlib.sha256()
+        wants = check is not None and check.wants(rel, st.st_size)
+        parts: list[bytes] | None = [] if wants or st.st_size <= _HOLD_AT else None
+        for chunk in _read_exactly(fd, rel, st.st_size):
+            digest.update(chunk)
+            if parts is not None:
+                parts.append(chunk)
+    except OSError as exc:
+        raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
+    finally:
+        os.close(fd)
+    data = None if parts is None else b"".join(parts)
+    member = _Pending(rel, tarfile.REGTYPE, st.st_size, digest.hexdigest(), data)
+    if check is not None:
+        check.file(rel, member.size, member.what, data if wants else None)
+    if member.size > _HOLD_AT:
+        member.data = None  # read again when written
+    return member
+
+
+def _write_run(writer: BundleWriter, run: list[_Pending], raw: int, root_real: str,
+               reuse: SegmentSource | None) -> None:
+    """A whole segment: from `reuse` when it has it, else its members framed (the writer ends the
+    segment after the last one, by the same rule)."""
+    key = segment_key(m.line() for m in run)
+    data = reuse.compressed(key) if reuse is not None else None
+    if data is not None:
+        files = [m for m in run if m.kind == tarfile.REGTYPE]
+        writer.add_segment(key, data, run[0].rel, raw, len(files), sum(m.size for m in files))
+        return
+    for m in run:
+        if m.kind == tarfile.SYMTYPE:
+            writer.add_symlink(m.rel, m.what)
+        else:
+            chunks = (m.data,) if m.data is not None else _read_again(m, root_real)
+            writer.add_file(m.rel, m.size, chunks, m.what)
+
+
+def _read_again(member: _Pending, root_real: str) -> Iterator[bytes]:
+    """A file's bytes read when its segment is written, which must be the ones hashed before."""
+    rel = member.rel
+    try:
+        fd = os.open(os.path.join(root_real, rel), _OPEN_FLAGS)
+    except OSError as exc:
+        raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
+    try:
+        digest = hashlib.sha256()
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise BundleError(f"{rel}: not a regular file")
+            for chunk in _read_exactly(fd, rel, member.size):
+                digest.update(chunk)
+                yield chunk
+        except OSError as exc:
+            raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
+        if digest.hexdigest() != member.what:
+            raise BundleError(f"{rel}: changed while it was being bundled")
+    finally:
+        os.close(fd)
 
 
 def _read_exactly(fd: int, rel: str, size: int) -> Iterator[bytes]:

@@ -11,6 +11,7 @@ import os
 import random
 import tarfile
 import tempfile
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -286,3 +287,73 @@ def test_an_index_that_lies_never_gives_the_new_folders_bundle(tmp_path: Path) -
     with pytest.raises(DeltaMismatch):
         indexed(base, new, SegmentIndex(1, tuple(shifted)))
     assert indexed(base, new, SegmentIndex(6, info.segments)) == new  # another level: not used, the base is scanned
+
+
+def deployed(root: Path) -> tuple[bytes, segment_cache.LastBundle | None]:
+    """Bundle root as `dagcast deploy` does (its last bundle, if any, reused), then keep it as the last."""
+    from dagcast import bundler
+
+    found = bundler.collect(root)
+    last = segment_cache.load(root, bundler.COMPRESSLEVEL)
+    with tempfile.TemporaryFile() as tmp:
+        info = bundler.build(root, tmp, found, None, last)
+        tmp.flush()
+        tmp.seek(0)
+        data = tmp.read()
+        report = validate_stream(io.BytesIO(data), check_python=False)
+        hashed = {e.path: (e.sha256, found.stats[e.path]) for e in report.manifest}
+        segment_cache.save(root, bundler.COMPRESSLEVEL, tmp, info, hashed, found.walked_ns)
+    if last is not None:
+        last.close()
+    return data, last
+
+
+def test_a_file_the_walk_sees_as_when_it_was_hashed_is_not_read_and_any_write_since_is_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dagcast import bundler
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = tmp_path / "dags"
+    paths = folder(root)
+    later = time.time_ns() + 10 * segment_cache.RACY_NS  # as if the walk ran well after the files were written
+    real_collect = bundler.collect
+    monkeypatch.setattr(bundler, "collect", lambda *a: dataclasses.replace(real_collect(*a), walked_ns=later))
+    deployed(root)
+    opened: list[str] = []
+    real_open = bundle_format.os.open
+    monkeypatch.setattr(bundle_format.os, "open", lambda p, *a, **k: opened.append(str(p)) or real_open(p, *a, **k))
+    data, last = deployed(root)
+    assert last is not None and last.vouched == len(paths)
+    assert [p for p in opened if p.startswith(str(root))] == []  # nothing of the folder read: every segment reused
+    assert data == bundled(root, paths)[0]
+    # the same size, the same mtime, other bytes: the ctime is another, so the file is read
+    target = root / paths[7]
+    st = target.stat()
+    target.write_bytes(target.read_bytes().replace(b"x = 1", b"x = 2", 1))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    data, last = deployed(root)
+    assert last is not None and last.vouched == len(paths) - 1
+    assert data == bundled(root, paths)[0]
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        assert b"x = 2" in tar.extractfile(paths[7]).read()  # type: ignore[union-attr]
+
+
+def test_a_file_written_just_before_the_walk_is_hashed_again_next_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = tmp_path / "dags"
+    paths = folder(root, 50)
+    deployed(root)  # every file was written this instant: within RACY_NS of the walk
+    _, last = deployed(root)
+    assert last is not None and last.vouched == 0 and last.hits > 0  # segments are reused all the same
+
+
+def test_a_vouched_file_whose_bytes_are_not_the_ones_hashed_fails_the_bundle_when_it_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "dags"
+    paths = folder(root, 100)
+    (root / paths[1]).write_text("# changed\n")  # its segment is written again: paths[0] is read then
+    stale = {paths[0]: ("0" * 64, (root / paths[0]).stat().st_size)}
+    with pytest.raises(bundle_format.BundleError, match=f"{paths[0]}: changed while it was being bundled"):
+        write_bundle(root, paths, io.BytesIO(), compresslevel=1, known=stale.get)
