@@ -342,7 +342,7 @@ def test_a_file_the_walk_sees_as_when_it_was_hashed_is_not_read_and_any_write_si
 def test_a_file_written_just_before_the_walk_is_hashed_again_next_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     root = tmp_path / "dags"
-    paths = folder(root, 50)
+    folder(root, 50)
     deployed(root)  # every file was written this instant: within RACY_NS of the walk
     _, last = deployed(root)
     assert last is not None and last.vouched == 0 and last.hits > 0  # segments are reused all the same
