@@ -78,7 +78,7 @@ class BundleInfo:
 class MemberCheck(Protocol):
     """What write_bundle shows each member as it writes it (chalicelib.bundle.written.WrittenCheck)."""
 
-    def wants(self, path: str, size: int) -> bool: ...
+    def wants(self, path: str, size: int, sha256: str | None = None) -> bool: ...
     def file(self, path: str, size: int, sha256: str, data: bytes | None) -> None: ...
     def symlink(self, path: str, linkname: str) -> None: ...
 
@@ -262,7 +262,7 @@ def write_bundle(root: Path, relpaths: Iterable[str], out: BinaryIO, *, compress
             if not parent_is_real(rel):
                 raise BundleError(f"{rel}: a parent directory is a symlink or missing; refusing to follow it")
             vouched = known(rel) if known is not None else None
-            if vouched is not None and (check is None or not check.wants(rel, vouched[1])):
+            if vouched is not None and (check is None or not check.wants(rel, vouched[1], vouched[0])):
                 member = _Pending(rel, tarfile.REGTYPE, vouched[1], vouched[0])
                 if check is not None:
                     check.file(rel, member.size, member.what, None)

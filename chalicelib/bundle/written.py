@@ -54,9 +54,14 @@ class WrittenCheck:
         self.reused = 0  # files whose verdict came from the base
         self.symlinks: dict[str, str] = {}  # path -> target (from the root) of each symlink admitted
 
-    def wants(self, path: str, size: int) -> bool:
-        """Whether file() needs the bytes of this file: Python to compile, or one the delta collector may carry."""
-        return path.endswith(".py") or (self._collect is not None and self._collect.wants(size))
+    def wants(self, path: str, size: int, sha256: str | None = None) -> bool:
+        """Whether file() needs the bytes of this file: Python to compile (unless its sha256, when known
+        beforehand, is one the cache has the verdict of), or one the delta collector may carry."""
+        if self._collect is not None and self._collect.wants(size):
+            return True
+        if not path.endswith(".py"):
+            return False
+        return sha256 is None or self._cache is None or self._cache.get(sha256) is None
 
     def kept(self, path: str, size: int, sha256: str) -> None:
         """A file copied unchanged from the base: its verdict is the base's (`verdicts`, which lists it)."""
@@ -74,11 +79,11 @@ class WrittenCheck:
             self._collect.add_file(path, 0o644, sha256, None if data is None else [data])
         dag_ids: list[str] = []
         if path.endswith(".py"):
-            assert data is not None, "a Python file is checked with its bytes"
             cached = self._cache.get(sha256) if self._cache is not None else None
             if cached is not None:
                 dag_ids = list(cached)
             else:
+                assert data is not None, "a Python file the cache does not know is checked with its bytes"
                 try:
                     checked = self._compiler.check(len(self._manifest), path, sha256, data)
                 except CompileDeadline:

@@ -357,3 +357,29 @@ def test_a_vouched_file_whose_bytes_are_not_the_ones_hashed_fails_the_bundle_whe
     stale = {paths[0]: ("0" * 64, (root / paths[0]).stat().st_size)}
     with pytest.raises(bundle_format.BundleError, match=f"{paths[0]}: changed while it was being bundled"):
         write_bundle(root, paths, io.BytesIO(), compresslevel=1, known=stale.get)
+
+
+def test_a_vouched_python_file_is_read_only_when_the_compile_cache_does_not_know_its_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chalicelib.bundle import CompileCache
+    from chalicelib.bundle.written import WrittenCheck
+
+    tree = {"dags/a.py": b"from airflow import DAG\nwith DAG('a'):\n    pass\n", "dags/b.py": b"X = 1\n", "q.sql": b"select 1;\n"}
+    paths = write(tmp_path, tree)
+    data, first = bundled(tmp_path, paths)
+    cache = CompileCache({}, max_entries=100)
+    read = validate_stream(io.BytesIO(data), cache=cache)
+    vouched = {e.path: (e.sha256, e.size) for e in read.manifest}
+    opened: list[str] = []
+    real_open = bundle_format.os.open
+    monkeypatch.setattr(bundle_format.os, "open", lambda p, *a, **k: opened.append(str(p)) or real_open(p, *a, **k))
+    for known_cache, reads in ((cache, []), (CompileCache({}, max_entries=100), ["dags/a.py", "dags/b.py"])):
+        opened.clear()
+        check = WrittenCheck(Limits(), cache=known_cache)
+        info = write_bundle(tmp_path, paths, io.BytesIO(), compresslevel=1, check=check, known=vouched.get,
+                            reuse=Kept(data, first))  # its segment reused: nothing to read for the bundle
+        report = check.report(info)
+        check.close()
+        assert sorted(os.path.relpath(p, tmp_path) for p in opened) == reads
+        assert report.valid and report.manifest == read.manifest  # the same DAG ids, from the cache or compiled
