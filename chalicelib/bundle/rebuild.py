@@ -201,7 +201,11 @@ class _IndexedRebuild:
         self._firsts = [s.first for s in self._held]
         self._open: tuple[int, dict[str, bytes]] = (-1, {})
         self._spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY, prefix="dagcast-base-")  # noqa: SIM115 - closed in write()
-        shutil.copyfileobj(base, self._spool, 1 << 20)
+        try:
+            shutil.copyfileobj(base, self._spool, 1 << 20)
+        except BaseException:
+            self._spool.close()
+            raise
         gone = set(removed) | delta.files.keys() | delta.symlinks.keys()
         self._paths = sorted([p for p in base_files if p not in gone] + delta.paths)
 
