@@ -140,8 +140,9 @@ class _Inflater:
         )
 
     def _inflate(self) -> bytes:
-        """Next step of decompressed data: one chunk, less only at the end of the input (a bundle's
-        gzip members, smaller than a chunk, are inflated in one step together); b"" at the end."""
+        """Next step of decompressed data: one chunk, or less when more input must be read first (the
+        gzip members of the input read so far, a bundle's segments, are inflated in one step
+        together: nothing more is read for a step than before); b"" at the end."""
         out = self._inflate_piece(_CHUNK)
         if len(out) == _CHUNK or not out or self._d is not None or not self._in:  # a full step, the end, input to read
             return out

@@ -383,3 +383,13 @@ def test_a_vouched_python_file_is_read_only_when_the_compile_cache_does_not_know
         check.close()
         assert sorted(os.path.relpath(p, tmp_path) for p in opened) == reads
         assert report.valid and report.manifest == read.manifest  # the same DAG ids, from the cache or compiled
+
+
+def test_a_large_file_next_to_a_change_is_rebuilt_from_the_index_into_the_bytes_the_cli_streams(tmp_path: Path) -> None:
+    names = [n for n in (f"a{i}.py" for i in range(50)) if not segment_ends(n, 0)][:2]  # no cut between them
+    tree = {names[0]: b"x = 1\n", names[1] + ".bin": os.urandom(3 * 1024 * 1024), "z.py": b"y = 2\n"}
+    base, info = bundled(tmp_path / "old", write(tmp_path / "old", tree))
+    new_tree = {**tree, names[0]: b"x = 2\n"}
+    new, new_info = bundled(tmp_path / "new", write(tmp_path / "new", new_tree))
+    assert "" in [s.key for s in new_info.segments[:-1]]  # the large file's segment is streamed
+    assert indexed(base, new, SegmentIndex(1, info.segments)) == new
