@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -258,70 +257,82 @@ class _LookAhead(threading.Thread):
 
 
 def _run(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | None, result: DeployResult) -> DeployResult:
-    timings = result.timings
     ahead = _LookAhead(api, opts)
     ahead.start()
-    with tempfile.TemporaryFile(prefix="dagcast-bundle-") as tmp:
-        say(f"Bundling {opts.dags_path} ...")
-        collected, info, report, collect = _bundle_and_validate(opts, tmp, timings, say, ahead)
-        result.sha256, result.files, result.bytes = info.sha256, info.files, info.bytes
-        mark = time.perf_counter()
-        live = ahead.result().live
-        diff = None
-        if report is not None:
-            from chalicelib.manifest import diff_manifests, summary
+    from dagcast import segment_cache
 
-            diff = diff_manifests(ahead.manifest, report.manifest)
-            result.diff = diff.model_dump()
-            if live is not None:
-                say(f"Changes against live v{live['version']['version']}: {summary(diff)}")
-        timings.lap("diff_s", mark)
-        if opts.dry_run:
-            assert report is not None
-            if diff is not None and diff.removes_dags:
-                say(f"warning: this deploy removes {_removals(diff)}")
-            result.state = "DRY_RUN"
-            result.files_list = [{"path": f.path, "size": f.size} for f in report.manifest]
-            result.files_list += [{"path": p, "size": 0, "link": t} for p, t in sorted(collected.links.items())]
-            result.files_list.sort(key=lambda f: f["path"])
-            return result
-        if live is not None and live["version"]["sha256"] == info.sha256 and not opts.force:
-            say(f"No changes to deploy: v{live['version']['version']} already has this bundle (use --force to deploy anyway)")
-            result.state = "UNCHANGED"
-            result.deploy_id = live["version"]["deploy_id"]
-            result.version = live["version"]["version"]
-            result.converged = True
-            return result
+    bundle_file, written_at = segment_cache.scratch()
+    try:
+        with bundle_file as tmp:
+            return _run_with(api, opts, say, progress, result, ahead, cast(BinaryIO, tmp), written_at)
+    finally:
+        if written_at is not None:
+            Path(written_at).unlink(missing_ok=True)  # unless it was kept (renamed away)
+
+
+def _run_with(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress | None, result: DeployResult,
+              ahead: _LookAhead, tmp: BinaryIO, written_at: str | None) -> DeployResult:
+    timings = result.timings
+    say(f"Bundling {opts.dags_path} ...")
+    collected, info, report, collect = _bundle_and_validate(opts, tmp, timings, say, ahead)
+    result.sha256, result.files, result.bytes = info.sha256, info.files, info.bytes
+    mark = time.perf_counter()
+    live = ahead.result().live
+    diff = None
+    if report is not None:
+        from chalicelib.manifest import diff_manifests, summary
+
+        diff = diff_manifests(ahead.manifest, report.manifest)
+        result.diff = diff.model_dump()
+        if live is not None:
+            say(f"Changes against live v{live['version']['version']}: {summary(diff)}")
+    timings.lap("diff_s", mark)
+    if opts.dry_run:
+        assert report is not None
         if diff is not None and diff.removes_dags:
-            _confirm_removal(diff, opts, say, ahead.deployment.get("dag_removal") == "confirm")
-        git = ahead.git
-        description = opts.description or (git or {}).get("subject") or ""
-        body: dict[str, Any] = {"sha256": info.sha256, "size": info.size, "description": description[:1024]}
-        if git:
-            body["git"] = git
-        mark = time.perf_counter()
-        first = _delta_of(collect, report, live, info.size) if collect and report and live else None
-        deploy_id = _ship(api, opts, tmp, info, body, first, ahead.limits, say, result, progress)
-        result.uploaded = True
-        mark = timings.lap("upload_s", mark)
-        from dagcast import bundler, segment_cache
+            say(f"warning: this deploy removes {_removals(diff)}")
+        result.state = "DRY_RUN"
+        result.files_list = [{"path": f.path, "size": f.size} for f in report.manifest]
+        result.files_list += [{"path": p, "size": 0, "link": t} for p, t in sorted(collected.links.items())]
+        result.files_list.sort(key=lambda f: f["path"])
+        return result
+    if live is not None and live["version"]["sha256"] == info.sha256 and not opts.force:
+        say(f"No changes to deploy: v{live['version']['version']} already has this bundle (use --force to deploy anyway)")
+        result.state = "UNCHANGED"
+        result.deploy_id = live["version"]["deploy_id"]
+        result.version = live["version"]["version"]
+        result.converged = True
+        return result
+    if diff is not None and diff.removes_dags:
+        _confirm_removal(diff, opts, say, ahead.deployment.get("dag_removal") == "confirm")
+    git = ahead.git
+    description = opts.description or (git or {}).get("subject") or ""
+    body: dict[str, Any] = {"sha256": info.sha256, "size": info.size, "description": description[:1024]}
+    if git:
+        body["git"] = git
+    mark = time.perf_counter()
+    first = _delta_of(collect, report, live, info.size) if collect and report and live else None
+    deploy_id = _ship(api, opts, tmp, info, body, first, ahead.limits, say, result, progress)
+    result.uploaded = True
+    mark = timings.lap("upload_s", mark)
+    from dagcast import bundler, segment_cache
 
-        tmp.flush()  # the next bundle's unchanged segments and files, kept while the deploy is waited for
-        hashed = {e.path: (e.sha256, collected.stats[e.path]) for e in report.manifest
-                  if e.path in collected.stats} if report is not None and report.valid else None
-        keeping = threading.Thread(target=segment_cache.save, name="dagcast-keep-bundle", args=(
-            opts.dags_path, bundler.COMPRESSLEVEL, tmp, info, hashed, collected.walked_ns))
-        keeping.start()
-        try:
-            if report is not None and report.valid:
-                from dagcast import manifest_cache
+    tmp.flush()  # the next bundle's unchanged segments and files, kept while the deploy is waited for
+    hashed = {e.path: (e.sha256, collected.stats[e.path]) for e in report.manifest
+              if e.path in collected.stats} if report is not None and report.valid else None
+    keeping = threading.Thread(target=segment_cache.save, name="dagcast-keep-bundle", args=(
+        opts.dags_path, bundler.COMPRESSLEVEL, tmp, info, hashed, collected.walked_ns, written_at))
+    keeping.start()
+    try:
+        if report is not None and report.valid:
+            from dagcast import manifest_cache
 
-                manifest_cache.save(info.sha256, report.manifest)  # the next deploy's base, when this one goes live
-            if not opts.wait:
-                return result
-            return wait(api, opts, deploy_id, result, say)
-        finally:
-            keeping.join()  # before the bundle's file is closed
+            manifest_cache.save(info.sha256, report.manifest)  # the next deploy's base, when this one goes live
+        if not opts.wait:
+            return result
+        return wait(api, opts, deploy_id, result, say)
+    finally:
+        keeping.join()  # before the bundle's file is closed
 
 
 RETRY_FULL = ("base_unavailable", "delta_mismatch", "delta_rebuild_mismatch")  # a delta that cannot work: send it all

@@ -22,12 +22,15 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, TYPE_CHECKING, BinaryIO
 
-from chalicelib.bundle.format import BundleInfo
 from dagcast.config import cache_home
+
+if TYPE_CHECKING:
+    from chalicelib.bundle.format import BundleInfo
 
 KEEP = 4
 RACY_NS = 2_000_000_000  # a file changed this close to being hashed is hashed again next time
@@ -105,12 +108,27 @@ def load(dags_path: Path, compresslevel: int) -> LastBundle | None:
     return LastBundle(fd, segments, files)
 
 
+def scratch() -> tuple[IO[bytes], str | None]:
+    """The file a new bundle is written to: in the cache folder (its path is the second item), so
+    that keeping it as the folder's last bundle is a rename, not a copy; a plain temporary file
+    (and None) when the folder cannot be written. The caller removes the path if it is not kept."""
+    folder = _folder()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        out = tempfile.NamedTemporaryFile(dir=folder, prefix=".bundle-", delete=False)  # noqa: SIM115 - the caller's
+    except OSError:
+        return tempfile.TemporaryFile(prefix="dagcast-bundle-"), None  # noqa: SIM115 - the caller's
+    return out, out.name
+
+
 def save(dags_path: Path, compresslevel: int, bundle: BinaryIO, info: BundleInfo,
-         hashed: dict[str, tuple[str, tuple[int, int, int, int, int]]] | None = None, started_ns: int = 0) -> None:
+         hashed: dict[str, tuple[str, tuple[int, int, int, int, int]]] | None = None, started_ns: int = 0,
+         written_at: str | None = None) -> None:
     """Keep `bundle` (a file flushed to its descriptor, read there without moving its position) as the
-    folder's last: the copy and its index written whole, then renamed into place. `hashed`: path ->
-    (sha256, what the walk saw), of the files as bundled; `started_ns` (time.time_ns()) is when the
-    walk began: a file whose ctime is not RACY_NS before it is left out (see above)."""
+    folder's last: renamed into place when it was written at `written_at` (see scratch), else copied
+    whole first; then its index. `hashed`: path -> (sha256, what the walk saw), of the files as
+    bundled; `started_ns` (time.time_ns()) is when the walk began: a file whose ctime is not RACY_NS
+    before it is left out (see above)."""
     settled = started_ns - RACY_NS
     files = {p: [sha, list(seen)] for p, (sha, seen) in (hashed or {}).items() if seen[2] < settled}
     folder = _folder()
@@ -118,16 +136,19 @@ def save(dags_path: Path, compresslevel: int, bundle: BinaryIO, info: BundleInfo
     written: list[str] = []
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bundle-")
-        written.append(tmp)
-        with os.fdopen(fd, "wb") as out:
-            offset, source = 0, bundle.fileno()
-            while offset < info.size:
-                chunk = os.pread(source, min(1 << 20, info.size - offset), offset)
-                if not chunk:
-                    raise OSError("the bundle is shorter than it was written")
-                out.write(chunk)
-                offset += len(chunk)
+        if written_at is not None:
+            tmp = written_at
+        else:
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bundle-")
+            written.append(tmp)
+            with os.fdopen(fd, "wb") as out:
+                offset, source = 0, bundle.fileno()
+                while offset < info.size:
+                    chunk = os.pread(source, min(1 << 20, info.size - offset), offset)
+                    if not chunk:
+                        raise OSError("the bundle is shorter than it was written")
+                    out.write(chunk)
+                    offset += len(chunk)
         fd, index = tempfile.mkstemp(dir=folder, prefix=".index-")
         written.append(index)
         with os.fdopen(fd, "w") as out:
@@ -141,6 +162,10 @@ def save(dags_path: Path, compresslevel: int, bundle: BinaryIO, info: BundleInfo
         for old in kept[KEEP:]:
             old.unlink(missing_ok=True)
             old.with_suffix(".json").unlink(missing_ok=True)
+        stale = time.time() - 3600  # scratch files of a CLI that was killed
+        for left in [*folder.glob(".bundle-*"), *folder.glob(".index-*")]:
+            if left.stat().st_mtime < stale:
+                left.unlink(missing_ok=True)
     except (OSError, ValueError):
         pass
     finally:

@@ -268,3 +268,31 @@ def test_an_everyday_deploy_is_checked_as_it_is_written_and_a_first_one_is_read_
     with pytest.raises(BundleInvalid) as caught:
         deploy.run(api, deploy.DeployOptions(dags_path=broken, deployment="d"), lambda _: None)  # type: ignore[arg-type]
     assert [(e["path"], e["line"]) for e in caught.value.errors] == [("bad.py", 1)]
+
+
+def test_the_uploaded_bundle_becomes_the_folders_last_by_a_rename_and_nothing_else_is_left_behind(
+    tmp_path: Path, no_upload: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+
+    from dagcast import segment_cache
+
+    dags = write(tmp_path / "dags", {"a.py": "x = 1\n", "q.sql": "select 1;\n"})
+    copies: list[int] = []
+    real_pread = segment_cache.os.pread
+    monkeypatch.setattr(segment_cache.os, "pread", lambda fd, n, at: copies.append(n) or real_pread(fd, n, at))
+    result = deploy.run(FakeApi([view("ACTIVE", on=2)]), deploy.DeployOptions(dags_path=dags, deployment="d"),
+                        lambda _: None)  # type: ignore[arg-type]
+    folder = tmp_path / "cache" / "dagcast" / "bundles"
+    [kept] = folder.glob("*.tgz")
+    assert sorted(p.name for p in folder.iterdir()) == sorted([kept.name, kept.with_suffix(".json").name])
+    assert copies == []  # renamed into place, not copied
+    expected = io.BytesIO()
+    bundler.build(dags, expected)
+    assert kept.read_bytes() == expected.getvalue() and result.sha256 is not None
+    # a deploy that fails before its upload leaves neither a bundle nor its scratch file
+    (dags / "b.py").write_text("def oops(:\n")
+    with pytest.raises(BundleInvalid):
+        deploy.run(FakeApi([view("ACTIVE", on=2)]), deploy.DeployOptions(dags_path=dags, deployment="d"),
+                   lambda _: None)  # type: ignore[arg-type]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([kept.name, kept.with_suffix(".json").name])
