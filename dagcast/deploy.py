@@ -315,14 +315,7 @@ def _run_with(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress 
     deploy_id = _ship(api, opts, tmp, info, body, first, ahead.limits, say, result, progress)
     result.uploaded = True
     mark = timings.lap("upload_s", mark)
-    from dagcast import bundler, segment_cache
-
-    tmp.flush()  # the next bundle's unchanged segments and files, kept while the deploy is waited for
-    hashed = {e.path: (e.sha256, collected.stats[e.path]) for e in report.manifest
-              if e.path in collected.stats} if report is not None and report.valid else None
-    keeping = threading.Thread(target=segment_cache.save, name="dagcast-keep-bundle", args=(
-        opts.dags_path, bundler.COMPRESSLEVEL, tmp, info, hashed, collected.walked_ns, written_at))
-    keeping.start()
+    keeping = _keep(opts, tmp, written_at, info, report, collected)
     try:
         if report is not None and report.valid:
             from dagcast import manifest_cache
@@ -332,7 +325,25 @@ def _run_with(api: ApiClient, opts: DeployOptions, say: Say, progress: Progress 
             return result
         return wait(api, opts, deploy_id, result, say)
     finally:
-        keeping.join()  # before the bundle's file is closed
+        if keeping is not None:
+            keeping.join()  # before the bundle's file is closed
+
+
+def _keep(opts: DeployOptions, tmp: BinaryIO, written_at: str | None, info: BundleInfo, report: Report | None,
+          collected: Collected) -> threading.Thread | None:
+    """Keep the uploaded bundle, written at `written_at`, as the folder's last (its unchanged segments
+    and files are the next bundle's), while the deploy is waited for."""
+    if written_at is None:
+        return None
+    from dagcast import bundler, segment_cache
+
+    tmp.flush()
+    hashed = {e.path: (e.sha256, collected.stats[e.path]) for e in report.manifest
+              if e.path in collected.stats} if report is not None and report.valid else None
+    keeping = threading.Thread(target=segment_cache.save, name="dagcast-keep-bundle", args=(
+        opts.dags_path, bundler.COMPRESSLEVEL, written_at, info, hashed, collected.walked_ns))
+    keeping.start()
+    return keeping
 
 
 RETRY_FULL = ("base_unavailable", "delta_mismatch", "delta_rebuild_mismatch")  # a delta that cannot work: send it all

@@ -25,7 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, BinaryIO
+from typing import IO, TYPE_CHECKING
 
 from dagcast.config import cache_home
 
@@ -121,12 +121,10 @@ def scratch() -> tuple[IO[bytes], str | None]:
     return out, out.name
 
 
-def save(dags_path: Path, compresslevel: int, bundle: BinaryIO, info: BundleInfo,
-         hashed: dict[str, tuple[str, tuple[int, int, int, int, int]]] | None = None, started_ns: int = 0,
-         written_at: str | None = None) -> None:
-    """Keep `bundle` (a file flushed to its descriptor, read there without moving its position) as the
-    folder's last: renamed into place when it was written at `written_at` (see scratch), else copied
-    whole first; then its index. `hashed`: path -> (sha256, what the walk saw), of the files as
+def save(dags_path: Path, compresslevel: int, written_at: str, info: BundleInfo,
+         hashed: dict[str, tuple[str, tuple[int, int, int, int, int]]] | None = None, started_ns: int = 0) -> None:
+    """Keep the bundle written at `written_at` (a scratch() file, flushed) as the folder's last: renamed
+    into place, then its index. `hashed`: path -> (sha256, what the walk saw), of the files as
     bundled; `started_ns` (time.time_ns()) is when the walk began: a file whose ctime is not RACY_NS
     before it is left out (see above)."""
     settled = started_ns - RACY_NS
@@ -135,27 +133,13 @@ def save(dags_path: Path, compresslevel: int, bundle: BinaryIO, info: BundleInfo
     base = folder / _name(dags_path, compresslevel)
     written: list[str] = []
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        if written_at is not None:
-            tmp = written_at
-        else:
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".bundle-")
-            written.append(tmp)
-            with os.fdopen(fd, "wb") as out:
-                offset, source = 0, bundle.fileno()
-                while offset < info.size:
-                    chunk = os.pread(source, min(1 << 20, info.size - offset), offset)
-                    if not chunk:
-                        raise OSError("the bundle is shorter than it was written")
-                    out.write(chunk)
-                    offset += len(chunk)
         fd, index = tempfile.mkstemp(dir=folder, prefix=".index-")
         written.append(index)
         with os.fdopen(fd, "w") as out:
             json.dump({"version": _VERSION, "sha256": info.sha256,
                        "segments": [[s.key, s.offset, s.size, s.sha256] for s in info.segments],
                        "files": files}, out, separators=(",", ":"))
-        os.replace(tmp, f"{base}.tgz")  # the index names digests: a reader between the two renames
+        os.replace(written_at, f"{base}.tgz")  # the index names digests: a reader between the two renames
         os.replace(index, f"{base}.json")  # finds segments that do not match, and compresses them
         written.clear()
         kept = sorted(folder.glob("*.tgz"), key=lambda p: p.stat().st_mtime_ns, reverse=True)

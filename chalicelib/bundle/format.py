@@ -204,17 +204,51 @@ _HOLD_AT = 1 << 20  # a file up to this is held from being hashed to being writt
 
 
 @dataclass
-class _Pending:
-    """A member of the segment being gathered: a file (its bytes, when held) or a symlink."""
+class Planned:
+    """A member of a bundle planned before it is written: a file (its bytes, when held) or a symlink."""
 
     rel: str
-    kind: bytes
+    kind: bytes  # tarfile.REGTYPE or tarfile.SYMTYPE
     size: int
     what: str  # the file's sha256, or the symlink's target as written
     data: bytes | None = None
 
     def line(self) -> bytes:
         return key_line(self.rel, self.kind, self.size, self.what)
+
+    def tar_bytes(self) -> int:
+        return member_bytes(self.rel, self.size, self.kind, self.what if self.kind == tarfile.SYMTYPE else "")
+
+
+def runs(members: Iterable[Planned]) -> Iterator[tuple[list[Planned], int]]:
+    """Members in path order, cut into segments by the writer's rule: each with its tar bytes."""
+    run: list[Planned] = []
+    raw = 0
+    for member in members:
+        run.append(member)
+        raw += member.tar_bytes()
+        if segment_ends(member.rel, raw):
+            yield run, raw
+            run, raw = [], 0
+    if run:
+        yield run, raw
+
+
+def write_run(writer: BundleWriter, run: list[Planned], raw: int, reuse: SegmentSource | None,
+              read: Callable[[Planned], Iterable[bytes]]) -> None:
+    """One segment of `runs`: its bytes from `reuse` when it has them, else its members framed (the
+    writer ends the segment after the last one, by the same rule), a file's bytes its own or `read`'s."""
+    key = segment_key(m.line() for m in run)
+    data = reuse.compressed(key) if reuse is not None else None
+    if data is not None:
+        files = [m for m in run if m.kind == tarfile.REGTYPE]
+        writer.add_segment(key, data, run[0].rel, raw, len(files), sum(m.size for m in files))
+        return
+    for m in run:
+        if m.kind == tarfile.SYMTYPE:
+            writer.add_symlink(m.rel, m.what)
+        else:
+            writer.add_file(m.rel, m.size, (m.data,) if m.data is not None else read(m), m.what)
 
 
 def write_bundle(root: Path, relpaths: Iterable[str], out: BinaryIO, *, compresslevel: int = 6,
@@ -254,34 +288,29 @@ def write_bundle(root: Path, relpaths: Iterable[str], out: BinaryIO, *, compress
             dir_ok[parent] = ok
         return ok
 
-    writer = BundleWriter(out, compresslevel)
-    run: list[_Pending] = []
-    raw = 0
-    try:
+    def gathered() -> Iterator[Planned]:
         for rel in paths:
             if not parent_is_real(rel):
                 raise BundleError(f"{rel}: a parent directory is a symlink or missing; refusing to follow it")
             vouched = known(rel) if known is not None else None
             if vouched is not None and (check is None or not check.wants(rel, vouched[1], vouched[0])):
-                member = _Pending(rel, tarfile.REGTYPE, vouched[1], vouched[0])
                 if check is not None:
-                    check.file(rel, member.size, member.what, None)
+                    check.file(rel, vouched[1], vouched[0], None)
+                yield Planned(rel, tarfile.REGTYPE, vouched[1], vouched[0])
             else:
-                member = _gather(rel, root_real, wanted, implied, check)
-            run.append(member)
-            raw += member_bytes(rel, member.size, member.kind, member.what if member.kind == tarfile.SYMTYPE else "")
-            if segment_ends(rel, raw):
-                _write_run(writer, run, raw, root_real, reuse)
-                run, raw = [], 0
-        if run:
-            _write_run(writer, run, raw, root_real, reuse)
+                yield _gather(rel, root_real, wanted, implied, check)
+
+    writer = BundleWriter(out, compresslevel)
+    try:
+        for run, raw in runs(gathered()):
+            write_run(writer, run, raw, reuse, lambda m: _read_again(m, root_real))
     except BaseException:
         writer.discard()
         raise
     return writer.close()
 
 
-def _gather(rel: str, root_real: str, wanted: set[str], implied: set[str], check: MemberCheck | None) -> _Pending:
+def _gather(rel: str, root_real: str, wanted: set[str], implied: set[str], check: MemberCheck | None) -> Planned:
     """One member read from the folder: a file hashed (its bytes held when small), or a symlink."""
     full = os.path.join(root_real, rel)
     try:
@@ -291,7 +320,7 @@ def _gather(rel: str, root_real: str, wanted: set[str], implied: set[str], check
             linkname = _symlink_linkname(rel, full, root_real, wanted, implied)
             if check is not None:
                 check.symlink(rel, linkname)
-            return _Pending(rel, tarfile.SYMTYPE, 0, linkname)
+            return Planned(rel, tarfile.SYMTYPE, 0, linkname)
         raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
     try:
         st = os.fstat(fd)
@@ -309,7 +338,7 @@ def _gather(rel: str, root_real: str, wanted: set[str], implied: set[str], check
     finally:
         os.close(fd)
     data = None if parts is None else b"".join(parts)
-    member = _Pending(rel, tarfile.REGTYPE, st.st_size, digest.hexdigest(), data)
+    member = Planned(rel, tarfile.REGTYPE, st.st_size, digest.hexdigest(), data)
     if check is not None:
         check.file(rel, member.size, member.what, data if wants else None)
     if member.size > _HOLD_AT:
@@ -317,25 +346,7 @@ def _gather(rel: str, root_real: str, wanted: set[str], implied: set[str], check
     return member
 
 
-def _write_run(writer: BundleWriter, run: list[_Pending], raw: int, root_real: str,
-               reuse: SegmentSource | None) -> None:
-    """A whole segment: from `reuse` when it has it, else its members framed (the writer ends the
-    segment after the last one, by the same rule)."""
-    key = segment_key(m.line() for m in run)
-    data = reuse.compressed(key) if reuse is not None else None
-    if data is not None:
-        files = [m for m in run if m.kind == tarfile.REGTYPE]
-        writer.add_segment(key, data, run[0].rel, raw, len(files), sum(m.size for m in files))
-        return
-    for m in run:
-        if m.kind == tarfile.SYMTYPE:
-            writer.add_symlink(m.rel, m.what)
-        else:
-            chunks = (m.data,) if m.data is not None else _read_again(m, root_real)
-            writer.add_file(m.rel, m.size, chunks, m.what)
-
-
-def _read_again(member: _Pending, root_real: str) -> Iterator[bytes]:
+def _read_again(member: Planned, root_real: str) -> Iterator[bytes]:
     """A file's bytes read when its segment is written, which must be the ones hashed before."""
     rel = member.rel
     try:
@@ -491,20 +502,16 @@ class BundleWriter:
             self._held = (segment_key(self._lines), b"".join(self._parts), self._first)
         self._parts, self._lines, self._raw = [], [], 0
 
-    def add_file(self, rel: str, size: int, chunks: Iterable[bytes], sha256: str | None = None) -> str:
-        """A regular file of `size` bytes; `chunks` must add up to exactly that (BundleError otherwise).
-        Returns its sha256: `sha256` when the caller knows it (it is what the segment's key says it
-        holds), else the one of the chunks."""
+    def add_file(self, rel: str, size: int, chunks: Iterable[bytes], sha256: str) -> None:
+        """A regular file of `size` bytes whose sha256 the caller knows (it is what the segment's key
+        says it holds); `chunks` must add up to exactly that size (BundleError otherwise)."""
         self._open(rel)
         self._put(_header(rel, size, tarfile.REGTYPE))
-        digest = hashlib.sha256() if sha256 is None else None
         got = 0
         for chunk in chunks:
             got += len(chunk)
             if got > size:
                 raise BundleError(f"{rel}: more bytes than its size of {size}")
-            if digest is not None:
-                digest.update(chunk)
             self._put(chunk)
         if got != size:
             raise BundleError(f"{rel}: {got} bytes, not its size of {size}")
@@ -513,10 +520,8 @@ class BundleWriter:
             self._put(b"\x00" * pad)
         self.files += 1
         self.bytes += size
-        found = digest.hexdigest() if digest is not None else str(sha256)
-        self._lines.append(key_line(rel, tarfile.REGTYPE, size, found))
+        self._lines.append(key_line(rel, tarfile.REGTYPE, size, sha256))
         self._member_done(rel)
-        return found
 
     def add_symlink(self, rel: str, linkname: str) -> None:
         """A symlink whose target, as written in the archive, is linkname (relative to rel's folder)."""

@@ -19,10 +19,11 @@ import shutil
 import tempfile
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from tarfile import REGTYPE, SYMTYPE
 from typing import BinaryIO, cast
 
 from chalicelib.bundle.delta import MAX_DELTA_BYTES
-from chalicelib.bundle.format import BundleInfo, BundleWriter, Segment, gzip_member, key_line, member_bytes, segment_ends, segment_key
+from chalicelib.bundle.format import BundleInfo, BundleWriter, Planned, Segment, gzip_member, runs, write_run
 from chalicelib.bundle.report import BundleRejected, DeltaMismatch, Limits, triples_digest
 from chalicelib.bundle.rules import BundleScan, relative_link
 from chalicelib.bundle.segments import SPOOL_IN_MEMORY, BaseSegments, SegmentIndex
@@ -183,12 +184,11 @@ def rebuild_bundle(
     return info
 
 
-
 class _IndexedRebuild:
     """A rebuild planned from the file lists: the new bundle's members in path order, cut into segments
-    by the writer's own rule (format.segment_ends on format.member_bytes), each copied from the base
-    when the base's index has its key and its size, else written member by member (the base's files
-    read from the one base segment that holds each, inflated and scanned with a bundle's rules)."""
+    by the writer's own rule (format.runs), each copied from the base when the base's index has its
+    key (this is the writer's SegmentSource), else written member by member (the base's files read
+    from the one base segment that holds each, inflated and scanned with a bundle's rules)."""
 
     def __init__(self, base: BinaryIO, limits: Limits, delta: UploadedDelta, removed: Collection[str],
                  base_files: Mapping[str, tuple[str, int]], index: SegmentIndex, check: WrittenCheck | None) -> None:
@@ -212,18 +212,15 @@ class _IndexedRebuild:
     def write(self, out: BinaryIO, files_sha256: str, level: int) -> BundleInfo:
         try:
             members = [self._member(p) for p in self._paths]
-            if triples_digest([(p, size, sha) for p, kind, size, sha in members if kind == b"0"]) != files_sha256:
+            if triples_digest([(m.rel, m.size, m.what) for m in members if m.kind == REGTYPE]) != files_sha256:
                 raise DeltaMismatch("the base version's files with the delta applied are not the files the deploy announced")
+            if self._check is not None:
+                for m in members:
+                    self._show(self._check, m)
             writer = BundleWriter(out, level)
             try:
-                run: list[tuple[str, bytes, int, str]] = []
-                raw = 0
-                for i, member in enumerate(members):
-                    run.append(member)
-                    raw += member_bytes(member[0], member[2], member[1], member[3] if member[1] == b"2" else "")
-                    if segment_ends(member[0], raw) or i == len(members) - 1:
-                        self._segment(writer, run, raw)
-                        run, raw = [], 0
+                for run, raw in runs(members):
+                    write_run(writer, run, raw, self, lambda m: (self._base_file(m.rel, m.size),))
                 return writer.close()
             except BaseException:
                 writer.discard()
@@ -231,42 +228,27 @@ class _IndexedRebuild:
         finally:
             self._spool.close()
 
-    def _member(self, path: str) -> tuple[str, bytes, int, str]:
-        """(path, tar type, size, sha256 or the symlink's target as written)."""
+    def _member(self, path: str) -> Planned:
         if path in self._delta.symlinks:
-            return path, b"2", 0, relative_link(path.rpartition("/")[0], self._delta.symlinks[path])
+            return Planned(path, SYMTYPE, 0, relative_link(path.rpartition("/")[0], self._delta.symlinks[path]))
         data = self._delta.files.get(path)
         if data is not None:
-            return path, b"0", len(data), hashlib.sha256(data).hexdigest()
+            return Planned(path, REGTYPE, len(data), hashlib.sha256(data).hexdigest(), data)
         sha256, size = self._files[path]
-        return path, b"0", size, sha256
+        return Planned(path, REGTYPE, size, sha256)
 
-    def _segment(self, writer: BundleWriter, run: list[tuple[str, bytes, int, str]], raw: int) -> None:
-        check = self._check
-        known = self._keyed.get(segment_key(key_line(p, kind, size, what) for p, kind, size, what in run))
-        if known is not None and known.raw == raw:
-            writer.add_segment(known.key, self._read(known), run[0][0], raw, sum(1 for m in run if m[1] == b"0"),
-                               sum(m[2] for m in run if m[1] == b"0"))
-            if check is not None:
-                for path, kind, size, what in run:
-                    self._show(check, path, kind, size, what)
-            return
-        for path, kind, size, what in run:
-            if kind == b"2":
-                writer.add_symlink(path, what)
-            else:
-                data = self._delta.files.get(path)
-                writer.add_file(path, size, (self._base_file(path, size) if data is None else data,), what)
-            if check is not None:
-                self._show(check, path, kind, size, what)
-
-    def _show(self, check: WrittenCheck, path: str, kind: bytes, size: int, what: str) -> None:
-        if kind == b"2":
-            check.symlink(path, what)
-        elif path in self._delta.files:
-            check.file(path, size, what, self._delta.files[path])
+    def _show(self, check: WrittenCheck, m: Planned) -> None:
+        if m.kind == SYMTYPE:
+            check.symlink(m.rel, m.what)
+        elif m.data is not None:
+            check.file(m.rel, m.size, m.what, m.data)
         else:
-            check.kept(path, size, what)
+            check.kept(m.rel, m.size, m.what)
+
+    def compressed(self, key: str) -> bytes | None:
+        """A base segment by key (format.SegmentSource)."""
+        known = self._keyed.get(key)
+        return self._read(known) if known is not None else None
 
     def _read(self, segment: Segment) -> bytes:
         self._spool.seek(segment.offset)

@@ -145,10 +145,12 @@ def test_the_cli_keeps_its_last_bundle_and_a_damaged_copy_only_costs_the_compres
     root = tmp_path / "dags"
     paths = folder(root)
     assert segment_cache.load(root, 1) is None
-    with tempfile.TemporaryFile() as tmp:
+    scratch, written_at = segment_cache.scratch()
+    assert written_at is not None
+    with scratch as tmp:
         first = write_bundle(root, paths, tmp, compresslevel=1)
         tmp.flush()
-        segment_cache.save(root, 1, tmp, first)
+        segment_cache.save(root, 1, written_at, first)
     (root / paths[3]).write_text("# changed\n")
     fresh = io.BytesIO()
     write_bundle(root, paths, fresh, compresslevel=1)
@@ -295,14 +297,16 @@ def deployed(root: Path) -> tuple[bytes, segment_cache.LastBundle | None]:
 
     found = bundler.collect(root)
     last = segment_cache.load(root, bundler.COMPRESSLEVEL)
-    with tempfile.TemporaryFile() as tmp:
+    scratch, written_at = segment_cache.scratch()
+    assert written_at is not None
+    with scratch as tmp:
         info = bundler.build(root, tmp, found, None, last)
         tmp.flush()
         tmp.seek(0)
         data = tmp.read()
         report = validate_stream(io.BytesIO(data), check_python=False)
         hashed = {e.path: (e.sha256, found.stats[e.path]) for e in report.manifest}
-        segment_cache.save(root, bundler.COMPRESSLEVEL, tmp, info, hashed, found.walked_ns)
+        segment_cache.save(root, bundler.COMPRESSLEVEL, written_at, info, hashed, found.walked_ns)
     if last is not None:
         last.close()
     return data, last
