@@ -79,6 +79,10 @@ class StorageError(DagcastError):
 
 
 class BundleError(DagcastError):
-    """A bundle could not be built or read (the message names the file)."""
+    """A bundle could not be built or read (the message names the file; `path` is it, when known)."""
 
     code = "bundle_error"
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import pathspec
 
-from chalicelib.bundle import BundleInfo, Limits, write_bundle
+from chalicelib.bundle import BundleError, BundleInfo, Limits, write_bundle
 from dagcast.exceptions import BundleInvalid, UsageProblem
 
 if TYPE_CHECKING:
@@ -192,11 +192,21 @@ def _check_links(found: Collected) -> None:
 
 
 def build(root: Path, out: BinaryIO, collected: Collected | None = None, check: MemberCheck | None = None,
-          last: LastBundle | None = None) -> BundleInfo:
+          last: LastBundle | None = None, vouch: bool = True) -> BundleInfo:
     """The bundle of what `collect` found under root (collected now when not given), written to out
-    (each member shown to `check` as it is; with the folder's `last` bundle, its segments and the
-    files unchanged since: see dagcast.segment_cache). BundleInvalid when something cannot ship."""
+    (each member shown to `check` as it is; with the folder's `last` bundle, its segments and, with
+    `vouch`, the files unchanged since: see dagcast.segment_cache). BundleInvalid when something
+    cannot ship (a file that changes while it is bundled, too), naming the file; StaleVouch when a
+    file `last` vouched for is not what it said (bundle again with vouch=False)."""
+    from chalicelib.bundle.format import StaleVouch
+
     collected = collected or collect(root, Limits())
     collected.raise_problems()
-    return write_bundle(root, collected.paths, out, compresslevel=COMPRESSLEVEL, check=check, reuse=last,
-                        known=last.vouch(collected.stats) if last is not None else None)
+    try:
+        return write_bundle(root, collected.paths, out, compresslevel=COMPRESSLEVEL, check=check, reuse=last,
+                            known=last.vouch(collected.stats) if last is not None and vouch else None)
+    except StaleVouch:
+        raise
+    except BundleError as exc:
+        raise BundleInvalid(f"{root} cannot be bundled; nothing was uploaded", [
+            {"code": exc.code, "path": exc.path, "line": None, "message": str(exc)}]) from exc

@@ -532,6 +532,7 @@ def _bundle_and_validate(
     # the first stage that needs them (pydantic, tarfile, the validator): imported while the look-ahead
     # started by _run waits on the API
     from chalicelib.bundle import DeltaCollector, Limits, validate_stream
+    from chalicelib.bundle.format import StaleVouch
     from chalicelib.bundle.written import WrittenCheck
     from dagcast import bundler, compile_cache, segment_cache
     from dagcast.bundler import human_size
@@ -553,7 +554,16 @@ def _bundle_and_validate(
     setup = time.perf_counter() - mark  # validation's share, counted there
     last = segment_cache.load(opts.dags_path, bundler.COMPRESSLEVEL)  # the last bundle: its unchanged segments
     try:
-        info = bundler.build(opts.dags_path, tmp, collected, check, last)
+        try:
+            info = bundler.build(opts.dags_path, tmp, collected, check, last)
+        except StaleVouch as exc:  # the cache's record of a file is wrong: bundled again, hashing every file
+            say(f"warning: {exc}; bundling again without the recorded file hashes")
+            if check is not None:
+                check.close()
+                check = WrittenCheck(limits, cache=cache)
+            tmp.seek(0)
+            tmp.truncate()
+            info = bundler.build(opts.dags_path, tmp, collected, check, last, vouch=False)
     except BaseException:
         if prewarm is not None:
             prewarm.close()

@@ -28,7 +28,7 @@ from chalicelib.bundle.threads import worker
 from chalicelib.exceptions import BundleError, DagcastError
 
 __all__ = ["BundleError", "BundleInfo", "BundleWriter", "DagcastError", "OutputFailed", "Segment", "SegmentSource",
-           "write_bundle"]
+           "StaleVouch", "write_bundle"]
 
 _BLOCK = 512
 _RECORD = 20 * _BLOCK
@@ -91,6 +91,11 @@ class SegmentSource(Protocol):
 
 class OutputFailed(OSError):
     """The bundle's output could not be written (a full disk, say): not a problem of the files read."""
+
+
+class StaleVouch(BundleError):
+    """A file write_bundle was told it knew (`known`) is not what it was told when it is read: the
+    caller's record of it is stale, and bundling without it gives the right bundle."""
 
 
 def _name(path: str) -> bytes:
@@ -212,6 +217,7 @@ class Planned:
     size: int
     what: str  # the file's sha256, or the symlink's target as written
     data: bytes | None = None
+    vouched: bool = False  # its sha256 is the caller's word (write_bundle's `known`), not hashed here
 
     def line(self) -> bytes:
         return key_line(self.rel, self.kind, self.size, self.what)
@@ -266,7 +272,7 @@ def write_bundle(root: Path, relpaths: Iterable[str], out: BinaryIO, *, compress
     the segment is whole, its bytes from `reuse` when it has the segment, else its files framed
     and compressed. `known` (path -> (sha256, size) or None) names the regular files whose sha256
     the caller vouches for as they are now (the CLI: unchanged since it hashed them); they are
-    read only when their segment is compressed, and must then still have that sha256.
+    read only when their segment is compressed, and must then still have that sha256 (StaleVouch).
     """
     root_real = os.path.realpath(root)
     paths = sorted({_check_relpath(p) for p in relpaths})
@@ -291,12 +297,12 @@ def write_bundle(root: Path, relpaths: Iterable[str], out: BinaryIO, *, compress
     def gathered() -> Iterator[Planned]:
         for rel in paths:
             if not parent_is_real(rel):
-                raise BundleError(f"{rel}: a parent directory is a symlink or missing; refusing to follow it")
+                raise BundleError(f"{rel}: a parent directory is a symlink or missing; refusing to follow it", path=rel)
             vouched = known(rel) if known is not None else None
             if vouched is not None and (check is None or not check.wants(rel, vouched[1], vouched[0])):
                 if check is not None:
                     check.file(rel, vouched[1], vouched[0], None)
-                yield Planned(rel, tarfile.REGTYPE, vouched[1], vouched[0])
+                yield Planned(rel, tarfile.REGTYPE, vouched[1], vouched[0], vouched=True)
             else:
                 yield _gather(rel, root_real, wanted, implied, check)
 
@@ -321,11 +327,11 @@ def _gather(rel: str, root_real: str, wanted: set[str], implied: set[str], check
             if check is not None:
                 check.symlink(rel, linkname)
             return Planned(rel, tarfile.SYMTYPE, 0, linkname)
-        raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
+        raise BundleError(f"{rel}: cannot read file ({exc.strerror})", path=rel) from exc
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise BundleError(f"{rel}: not a regular file")
+            raise BundleError(f"{rel}: not a regular file", path=rel)
         digest = hashlib.sha256()
         wants = check is not None and check.wants(rel, st.st_size)
         parts: list[bytes] | None = [] if wants or st.st_size <= _HOLD_AT else None
@@ -334,7 +340,7 @@ def _gather(rel: str, root_real: str, wanted: set[str], implied: set[str], check
             if parts is not None:
                 parts.append(chunk)
     except OSError as exc:
-        raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
+        raise BundleError(f"{rel}: cannot read file ({exc.strerror})", path=rel) from exc
     finally:
         os.close(fd)
     data = None if parts is None else b"".join(parts)
@@ -352,19 +358,21 @@ def _read_again(member: Planned, root_real: str) -> Iterator[bytes]:
     try:
         fd = os.open(os.path.join(root_real, rel), _OPEN_FLAGS)
     except OSError as exc:
-        raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
+        raise BundleError(f"{rel}: cannot read file ({exc.strerror})", path=rel) from exc
     try:
         digest = hashlib.sha256()
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise BundleError(f"{rel}: not a regular file")
+                raise BundleError(f"{rel}: not a regular file", path=rel)
             for chunk in _read_exactly(fd, rel, member.size):
                 digest.update(chunk)
                 yield chunk
         except OSError as exc:
-            raise BundleError(f"{rel}: cannot read file ({exc.strerror})") from exc
+            raise BundleError(f"{rel}: cannot read file ({exc.strerror})", path=rel) from exc
         if digest.hexdigest() != member.what:
-            raise BundleError(f"{rel}: changed while it was being bundled")
+            if member.vouched:
+                raise StaleVouch(f"{rel}: not the file its recorded sha256 says", path=rel)
+            raise BundleError(f"{rel}: changed while it was being bundled", path=rel)
     finally:
         os.close(fd)
 
@@ -377,10 +385,10 @@ def _read_exactly(fd: int, rel: str, size: int) -> Iterator[bytes]:
             break
         got += len(chunk)
         if got > size:
-            raise BundleError(f"{rel}: file grew while it was being bundled")
+            raise BundleError(f"{rel}: file grew while it was being bundled", path=rel)
         yield chunk
     if got != size:
-        raise BundleError(f"{rel}: file shrank while it was being bundled")
+        raise BundleError(f"{rel}: file shrank while it was being bundled", path=rel)
 
 
 class BundleWriter:
@@ -511,10 +519,10 @@ class BundleWriter:
         for chunk in chunks:
             got += len(chunk)
             if got > size:
-                raise BundleError(f"{rel}: more bytes than its size of {size}")
+                raise BundleError(f"{rel}: more bytes than its size of {size}", path=rel)
             self._put(chunk)
         if got != size:
-            raise BundleError(f"{rel}: {got} bytes, not its size of {size}")
+            raise BundleError(f"{rel}: {got} bytes, not its size of {size}", path=rel)
         pad = -size % _BLOCK
         if pad:
             self._put(b"\x00" * pad)
@@ -579,19 +587,19 @@ def _symlink_linkname(rel: str, full: str, root_real: str, wanted: set[str], imp
     try:
         target = os.readlink(full)
     except OSError as exc:
-        raise BundleError(f"{rel}: cannot read symlink ({exc.strerror})") from exc
+        raise BundleError(f"{rel}: cannot read symlink ({exc.strerror})", path=rel) from exc
     if os.path.isabs(target):
-        raise BundleError(f"{rel}: symlink to absolute path {target!r} is not allowed")
+        raise BundleError(f"{rel}: symlink to absolute path {target!r} is not allowed", path=rel)
     base = posixpath.dirname(rel)
     resolved = posixpath.normpath(posixpath.join(base, target))
     if resolved == "." or resolved == ".." or resolved.startswith("../"):
-        raise BundleError(f"{rel}: symlink target {target!r} points outside the DAG folder")
+        raise BundleError(f"{rel}: symlink target {target!r} points outside the DAG folder", path=rel)
     if rel == resolved or rel.startswith(resolved + "/"):
-        raise BundleError(f"{rel}: symlink target {target!r} points at its own parent (a loop)")
+        raise BundleError(f"{rel}: symlink target {target!r} points at its own parent (a loop)", path=rel)
     if not os.path.exists(full):
-        raise BundleError(f"{rel}: symlink target {target!r} does not exist")
+        raise BundleError(f"{rel}: symlink target {target!r} does not exist", path=rel)
     if os.path.realpath(full) != os.path.join(root_real, resolved):
-        raise BundleError(f"{rel}: symlink target {target!r} goes through another symlink or does not exist")
+        raise BundleError(f"{rel}: symlink target {target!r} goes through another symlink or does not exist", path=rel)
     if resolved not in wanted and resolved not in implied:
-        raise BundleError(f"{rel}: symlink target {resolved!r} is not part of the bundle")
+        raise BundleError(f"{rel}: symlink target {resolved!r} is not part of the bundle", path=rel)
     return posixpath.relpath(resolved, base or ".")

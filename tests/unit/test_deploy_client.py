@@ -2,6 +2,7 @@
 look-ahead that fetches the live version while the bundle is built, and compiling in parallel."""
 from __future__ import annotations
 
+import io
 import os
 import time
 import types
@@ -296,3 +297,37 @@ def test_the_uploaded_bundle_becomes_the_folders_last_by_a_rename_and_nothing_el
         deploy.run(FakeApi([view("ACTIVE", on=2)]), deploy.DeployOptions(dags_path=dags, deployment="d"),
                    lambda _: None)  # type: ignore[arg-type]
     assert sorted(p.name for p in folder.iterdir()) == sorted([kept.name, kept.with_suffix(".json").name])
+
+
+def test_a_stale_record_of_a_file_in_the_cli_cache_costs_a_second_bundling_not_the_deploy(
+    tmp_path: Path, no_upload: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+    import json
+
+    from dagcast import segment_cache
+
+    dags = write(tmp_path / "dags", {"a.sql": "select 1;\n", "b.sql": "select 2;\n", "c.py": "X = 1\n"})
+    monkeypatch.setattr(segment_cache, "RACY_NS", -10**12)  # every file counts as settled since it was hashed
+    opts = deploy.DeployOptions(dags_path=dags, deployment="d")
+    deploy.run(FakeApi([view("ACTIVE", on=2)]), opts, lambda _: None)  # type: ignore[arg-type]
+    [index] = (tmp_path / "cache" / "dagcast" / "bundles").glob("*.json")
+    doc = json.loads(index.read_text())
+    doc["files"]["b.sql"][0] = "0" * 64  # a record that no longer says what the file holds
+    index.write_text(json.dumps(doc))
+    (dags / "a.sql").write_text("select 10;\n")  # b.sql's segment is written again: b.sql is read
+    said: list[str] = []
+    result = deploy.run(FakeApi([view("ACTIVE", on=2)]), opts, said.append)  # type: ignore[arg-type]
+    assert any("b.sql: not the file its recorded sha256 says; bundling again" in line for line in said), said
+    expected = io.BytesIO()
+    assert result.sha256 == bundler.build(dags, expected).sha256
+
+
+def test_a_file_that_cannot_be_bundled_after_the_walk_is_a_rejection_naming_it(tmp_path: Path) -> None:
+    dags = write(tmp_path / "dags", {"a.py": "X = 1\n", "b.py": "Y = 2\n"})
+    found = bundler.collect(dags)
+    (dags / "b.py").unlink()  # gone between the walk and the bundling
+    with pytest.raises(BundleInvalid) as refused:
+        bundler.build(dags, io.BytesIO(), found)
+    [error] = refused.value.errors
+    assert error["code"] == "bundle_error" and error["path"] == "b.py" and "cannot read file" in error["message"]

@@ -359,7 +359,7 @@ def test_a_vouched_file_whose_bytes_are_not_the_ones_hashed_fails_the_bundle_whe
     paths = folder(root, 100)
     (root / paths[1]).write_text("# changed\n")  # its segment is written again: paths[0] is read then
     stale = {paths[0]: ("0" * 64, (root / paths[0]).stat().st_size)}
-    with pytest.raises(bundle_format.BundleError, match=f"{paths[0]}: changed while it was being bundled"):
+    with pytest.raises(bundle_format.StaleVouch, match=f"{paths[0]}: not the file its recorded sha256 says"):
         write_bundle(root, paths, io.BytesIO(), compresslevel=1, known=stale.get)
 
 
