@@ -343,9 +343,18 @@ def list_deploys(ctx: Ctx, deployment: str) -> Page:
 @api("/deployments/{deployment}/deploys/{deploy_id}", "GET", "A deploy with its errors, per-sidecar versions and stages",
      Permission.READ, response=DeployView,
      query={"wait": f"seconds, 0-{MAX_WAIT_SECONDS}: answer when the deploy's state, its sidecars' activations "
-                    "or its convergence change (a long poll), or when the time is up"})
-def get_deploy(ctx: Ctx, deployment: str, deploy_id: str) -> DeployView:
-    return get_control().get_deploy(deployment, deploy_id, _int_query(ctx, "wait", 0, 0, MAX_WAIT_SECONDS))
+                    "or its convergence change (a long poll), or when the time is up",
+            "omit": "dag_ids: the deploy without its DAG ids (thousands of them are most of the answer; "
+                    "`dagcast deploy --wait` asks this way)"})
+def get_deploy(ctx: Ctx, deployment: str, deploy_id: str) -> DeployView | dict[str, Any]:
+    omit = ctx.query.get("omit")
+    if omit not in (None, "", "dag_ids"):
+        raise InvalidRequest(f"query parameter 'omit' may only be 'dag_ids', not {omit[:40]!r}")
+    view = get_control().get_deploy(deployment, deploy_id, _int_query(ctx, "wait", 0, 0, MAX_WAIT_SECONDS),
+                                    dag_ids=omit != "dag_ids")
+    if omit == "dag_ids":
+        return view.model_dump(mode="json", exclude={"deploy": {"dag_ids"}})
+    return view
 
 
 @api("/deployments/{deployment}/deploys/{deploy_id}/files", "GET",

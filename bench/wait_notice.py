@@ -90,10 +90,11 @@ class Trace:
 
         get_deploy, view = ControlPlane.get_deploy, ControlPlane._deploy_view
 
-        def traced_get_deploy(self: ControlPlane, deployment: str, deploy_id: str, wait_seconds: float = 0) -> Any:
+        def traced_get_deploy(self: ControlPlane, deployment: str, deploy_id: str, wait_seconds: float = 0,
+                              **kwargs: Any) -> Any:
             started = time.time()
             trace._local.view_started = None
-            out = get_deploy(self, deployment, deploy_id, wait_seconds)
+            out = get_deploy(self, deployment, deploy_id, wait_seconds, **kwargs)
             if wait_seconds:
                 with trace.lock:
                     trace.polls.setdefault(deploy_id, []).append((started, trace._local.view_started or started, time.time()))

@@ -209,7 +209,7 @@ class Publisher:
             self.events.emit(EventType.PROMOTED, deploy_detail(EventType.PROMOTED, live))
         if previous and previous != deploy.deploy_id:
             try:
-                old = self._store.get_deploy(deploy.deployment, previous)
+                old = self._store.get_deploy(deploy.deployment, previous, dag_ids=False)  # the event names none
             except DagcastError:
                 return
             self.events.emit(EventType.SUPERSEDED, deploy_detail(

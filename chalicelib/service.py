@@ -194,7 +194,7 @@ class ControlPlane:
                                                            upload="delta" if req.delta else "bundle"))
         return CreatedDeploy(deploy=deploy, upload=UploadForm(url=url, fields=fields, expires_at=clock + expires * 1000))
 
-    def get_deploy(self, deployment: str, deploy_id: str, wait_seconds: float = 0) -> DeployView:
+    def get_deploy(self, deployment: str, deploy_id: str, wait_seconds: float = 0, dag_ids: bool = True) -> DeployView:
         """The deploy with its sidecars. With `wait_seconds`, a long poll: while the deploy is still on
         its way (PENDING, VALIDATING, or ACTIVE with live sidecars not on it yet, or parse reports
         due), answer when its state, its sidecars' activations, its parse reports or its convergence
@@ -207,14 +207,17 @@ class ControlPlane:
 
         The poll re-reads the deploy's progress fields (a projection GetItem) every
         `wait_check_*_seconds`; with in-process wake-ups (see chalicelib.wakeups) the pause between
-        two reads also ends as soon as this process wrote to the deploy record."""
+        two reads also ends as soon as this process wrote to the deploy record.
+
+        `dag_ids` False: the view's deploy is read without its DAG ids (its `dag_ids` is then empty;
+        the API leaves the field out), for a caller that waits on the deploy's progress."""
         if wait_seconds <= 0:
-            return self._deploy_view(deployment, deploy_id)
+            return self._deploy_view(deployment, deploy_id, dag_ids=dag_ids)
         with self._watch(deployment, deploy_id) as waiter:  # from before the first read: no change slips by
-            view = self._deploy_view(deployment, deploy_id)
+            view = self._deploy_view(deployment, deploy_id, dag_ids=dag_ids)
             if _settled(view):
                 return view
-            return self._long_poll(deployment, deploy_id, view, wait_seconds, waiter)
+            return self._long_poll(deployment, deploy_id, view, wait_seconds, waiter, dag_ids)
 
     def _watch(self, deployment: str, deploy_id: str) -> contextlib.AbstractContextManager[Waiter]:
         if self._wakeups is not None and self._settings.wait_wakeups:
@@ -222,7 +225,7 @@ class ControlPlane:
         return contextlib.nullcontext(Sleeper(self._sleep))
 
     def _long_poll(self, deployment: str, deploy_id: str, view: DeployView, wait_seconds: float,
-                   waiter: Waiter) -> DeployView:
+                   waiter: Waiter, dag_ids: bool = True) -> DeployView:
         started = self._clock()
         deadline = started + wait_seconds * 1000
         gather_until = started + self._settings.wait_answer_seconds * 1000
@@ -232,6 +235,7 @@ class ControlPlane:
         # by the parse gate (they stay on the version before) and those on it without an activation
         waiting_on = ({s.name for s in view.sidecars if s.live and not s.on_deploy} - set(view.parse.held)
                       - set(view.deploy.activations))
+        parsers = {s.name for s in view.sidecars if s.live and s.parser}  # the parse reports to come
         gathered = False
         while self._clock() < deadline:
             # Before ACTIVE nothing waits on this answer but the CLI's next message; once ACTIVE the
@@ -240,22 +244,24 @@ class ControlPlane:
             now = _progress(self._store.get_deploy_fields(deployment, deploy_id, list(PROGRESS_FIELDS)))
             if now != seen:
                 state, activations, converged_at, parsed = now
-                if (state, converged_at) != (seen[0], seen[2]) or not seen[1] or waiting_on <= set(activations):
-                    return self._deploy_view(deployment, deploy_id, parses=bool(parsed))
-                if parsed != seen[3]:
-                    # a parse report: an answer the CLI may be waiting for
-                    return self._deploy_view(deployment, deploy_id, parses=True)
+                if ((state, converged_at) != (seen[0], seen[2])
+                        or (activations != seen[1] and (not seen[1] or waiting_on <= set(activations)))):
+                    return self._deploy_view(deployment, deploy_id, parses=bool(parsed), dag_ids=dag_ids)
+                if parsed != seen[3] and parsers <= set(parsed):
+                    # the parse report that completes the set: the answer `--wait` ends on
+                    return self._deploy_view(deployment, deploy_id, parses=True, dag_ids=dag_ids)
                 gathered, seen = True, now
             if gathered and self._clock() >= gather_until:
                 break
-        return self._deploy_view(deployment, deploy_id, parses=bool(seen[3]))
+        return self._deploy_view(deployment, deploy_id, parses=bool(seen[3]), dag_ids=dag_ids)
 
     def _deploy_view(self, deployment: str, deploy_id: str, partial_convergence: bool = True,
-                     parses: bool | None = None) -> DeployView:
+                     parses: bool | None = None, dag_ids: bool = True) -> DeployView:
         """`parses`: whether the deploy has parse reports, when the caller knows (they are then read
-        with the rest); None: read after the deploy record, if it names any."""
+        with the rest); None: read after the deploy record, if it names any. `dag_ids` False: the
+        deploy without its DAG ids."""
         reads = self._reads
-        later_deploy = reads.submit(self._store.get_deploy, deployment, deploy_id)
+        later_deploy = reads.submit(self._store.get_deploy, deployment, deploy_id, dag_ids)
         later_sidecars = reads.submit(self._store.list_sidecars, deployment)
         later_parses = reads.submit(self._store.list_parses, deployment, deploy_id) if parses else None
         dep = self._store.get_deployment(deployment)
@@ -729,7 +735,7 @@ class ControlPlane:
         live = [s for s in self._store.list_sidecar_states(deployment) if clock - s.last_heartbeat <= stale_ms]
         if live and all(_runs(s, uid, int(version) if version is not None else None, fields.get("sha256"))
                         and s.name in activations for s in live):
-            self._deploy_view(deployment, deploy_id, partial_convergence=False)
+            self._deploy_view(deployment, deploy_id, partial_convergence=False, dag_ids=False)
 
     def _version_identity(self, deployment: str, version: int) -> tuple[str | None, str | None, str | None]:
         """(deploy id, sha256, deployment uid) of a recorded version; Nones for a folder left from an older
@@ -845,7 +851,7 @@ class ControlPlane:
         stale_cutoff = clock - self._settings.sidecar_stale_seconds * 1000
         for dep in self._store.list_deployments():
             if dep.current_deploy_id:
-                self.get_deploy(dep.name, dep.current_deploy_id)  # notes convergence nobody waited for
+                self.get_deploy(dep.name, dep.current_deploy_id, dag_ids=False)  # notes convergence nobody waited for
             for s in self._store.list_sidecars(dep.name):
                 if sidecar_cutoff <= s.last_heartbeat < stale_cutoff:
                     stale += 1

@@ -25,6 +25,9 @@ META = "META"
 KEPT_VERSION_DEPLOYS = 1024  # (deployment, version) -> deploy id answers a Store keeps
 
 
+# every attribute of a deploy record but its DAG ids (a projection lists what it keeps)
+_DEPLOY_BUT_DAG_IDS = ["pk", *(f for f in Deploy.model_fields if f != "dag_ids")]
+
 def _pk(deployment: str) -> str:
     return f"DEPLOYMENT#{deployment}"
 
@@ -193,8 +196,11 @@ class Store:
         except ClientError as exc:
             raise StorageError(f"cannot record deploy {deploy.deploy_id}: {exc}") from exc
 
-    def get_deploy(self, deployment: str, deploy_id: str) -> Deploy:
-        item = self._get(_pk(deployment), _deploy_sk(deploy_id), f"deploy {deploy_id}")
+    def get_deploy(self, deployment: str, deploy_id: str, dag_ids: bool = True) -> Deploy:
+        """The deploy; `dag_ids` False: read without its DAG ids (thousands of them are most of the
+        record, and of the time to read and serve it), which the Deploy then holds as empty."""
+        item = self._get(_pk(deployment), _deploy_sk(deploy_id), f"deploy {deploy_id}",
+                         None if dag_ids else _DEPLOY_BUT_DAG_IDS)
         if item is None:
             raise NotFound(f"deploy {deploy_id!r} does not exist in deployment {deployment!r}")
         return Deploy.model_validate(_strip(item))

@@ -91,9 +91,12 @@ class ApiClient:
     def create_deploy(self, deployment: str, body: dict[str, Any]) -> dict[str, Any]:
         return dict(self.request("POST", f"/deployments/{deployment}/deploys", json=body))
 
-    def get_deploy(self, deployment: str, deploy_id: str, wait: int = 0) -> dict[str, Any]:
-        """The deploy; with `wait` seconds, the API answers when it changes (a long poll) or the time is up."""
-        params = {"wait": wait} if wait > 0 else None
+    def get_deploy(self, deployment: str, deploy_id: str, wait: int = 0, dag_ids: bool = True) -> dict[str, Any]:
+        """The deploy; with `wait` seconds, the API answers when it changes (a long poll) or the time is up.
+        `dag_ids` False: without the deploy's DAG ids (an API that does not know `omit` sends them)."""
+        params: dict[str, Any] = {"wait": wait} if wait > 0 else {}
+        if not dag_ids:
+            params["omit"] = "dag_ids"
         return dict(self.request("GET", f"/deployments/{deployment}/deploys/{deploy_id}", params=params))
 
     def list_deploys(self, deployment: str, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:

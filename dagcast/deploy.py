@@ -478,7 +478,7 @@ def _await_rebuild(api: ApiClient, opts: DeployOptions, deploy_id: str) -> dict[
     while time.monotonic() < deadline:
         try:
             view = api.get_deploy(opts.deployment, deploy_id,
-                                  wait=min(LONG_POLL_SECONDS, max(1, int(deadline - time.monotonic()))))
+                                  wait=min(LONG_POLL_SECONDS, max(1, int(deadline - time.monotonic()))), dag_ids=False)
         except ApiUnavailable:  # the wait that follows says so, if it lasts
             time.sleep(opts.poll_interval)
             continue
@@ -770,7 +770,8 @@ def _wait(api: ApiClient, opts: DeployOptions, deploy_id: str, result: DeployRes
     while True:
         asked = time.monotonic()
         try:
-            view = api.get_deploy(opts.deployment, deploy_id, wait=max(0, min(LONG_POLL_SECONDS, int(deadline - asked))))
+            view = api.get_deploy(opts.deployment, deploy_id, wait=max(0, min(LONG_POLL_SECONDS, int(deadline - asked))),
+                                  dag_ids=False)  # the wait needs the progress, not thousands of DAG ids
             received = time.time()
         except ApiUnavailable as exc:
             if time.monotonic() >= deadline:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 import boto3
 import pytest
 from conftest import Sidecars
-from test_deploy_stages import Ticks, publish
+from test_deploy_stages import Ticks, publish, waiting_control
 
 import app as app_module
 from chalicelib.models import DeployView, ParseReport
@@ -153,3 +153,27 @@ def test_the_last_report_is_not_gathered_because_of_a_sidecar_held_by_the_parse_
     view = waiting.get_deploy(deployment, deploy_id, wait_seconds=10)
     assert len(ticks.sleeps) == 1, f"answered at the first read after w2's report, not gathered: {ticks.sleeps}"
     assert view.sidecars_on_version == 2 and view.parse.held == ["w3"]
+
+
+def test_parse_reports_before_the_last_are_gathered_and_the_last_is_answered_at_once(
+    control: ControlPlane, aws: StackOutputs, deployment: str, make_bundle: Callable[..., bytes], sidecars: Sidecars
+) -> None:
+    """Every sidecar runs v1 and parses it: `--wait` ends on the last parse report, so the two before it
+    are not answered one by one (each answer is a full view, and the CLI's next poll another), and the
+    last one is answered at the first read that sees it."""
+    from test_parse_reports import report as parse_report
+
+    for name in SIDECARS:
+        sidecars.register(name)
+    deploy_id = publish(control, aws, deployment, make_bundle({"a.py": "x = 1\n"}))
+    for n, name in enumerate(SIDECARS):
+        sidecars.report(name, 1, last_sync_at=5 + n, parser="airflow 3.3.2")
+    sha256 = app_module.get_store().get_version(deployment, 1).sha256
+
+    def parsed(name: str) -> Callable[[], object]:
+        return lambda: control.report_parse(deployment, name, ParseReport(**parse_report(1, sha256)), sidecars.secrets[name])
+
+    ticks = Ticks({1: parsed("w1"), 2: parsed("w2"), 4: parsed("w3")})
+    view = waiting_control(ticks).get_deploy(deployment, deploy_id, wait_seconds=10)
+    assert len(ticks.sleeps) == 4, f"answered before the last report, or after gathering it: {ticks.sleeps}"
+    assert view.parse.status == "parsed" and view.parse.reported == list(SIDECARS)

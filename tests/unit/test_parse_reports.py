@@ -168,3 +168,27 @@ def test_a_report_and_its_note_on_the_deploy_land_together_and_a_deploy_recorded
     assert sorted(r.sidecar for r in store.list_parses(deployment, live["deploy_id"])) == ["old-1", "old-2"]
     view = view_of(client, deployment, live["deploy_id"], deployer_token)
     assert view["parse"]["status"] != "none", view["parse"]
+
+
+def test_a_wait_without_dag_ids_gets_the_same_view_but_them_and_a_bad_omit_is_refused(
+    client: Client, deployment: str, deployer_token: str, live: dict[str, Any]
+) -> None:
+    """`dagcast deploy --wait` asks without the DAG ids (at 10,000 DAGs most of each answer): the
+    rest of the view is the same, the field is left out rather than shown empty, and only that
+    field can be left out."""
+    assert live["dag_ids"] == ["a"]
+    auth = {"Authorization": f"Bearer {deployer_token}"}
+    path = f"/deployments/{deployment}/deploys/{live['deploy_id']}"
+    whole = client.http.get(path, headers=auth).json_body
+    for query in ("?omit=dag_ids", "?omit=dag_ids&wait=1"):
+        brief = client.http.get(path + query, headers=auth)
+        assert brief.status_code == 200, brief.body
+        assert "dag_ids" not in brief.json_body["deploy"]
+        for view in (whole, brief.json_body):
+            view["deploy"].pop("dag_ids", None)
+            for s in view["sidecars"]:
+                s.pop("last_seen_s", None)
+        assert brief.json_body == whole
+    for bad in ("files", "dag_ids,errors", "x" * 100):
+        resp = client.http.get(f"{path}?omit={bad}", headers=auth)
+        assert resp.status_code == 400 and "'omit'" in json.loads(resp.body)["error"]["message"], resp.body
