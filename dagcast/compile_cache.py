@@ -76,7 +76,7 @@ def save(cache: CompileCache) -> None:
             return
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".compiled-")
         with os.fdopen(fd, "w") as f:
-            json.dump(cache.entries, f, separators=(",", ":"))
+            f.write(json.dumps(cache.entries, separators=(",", ":")))  # the C encoder (json.dump's is Python)
         os.replace(tmp, path)
         _journal(path).unlink(missing_ok=True)
     except OSError:

@@ -135,10 +135,10 @@ def save(dags_path: Path, compresslevel: int, written_at: str, info: BundleInfo,
     try:
         fd, index = tempfile.mkstemp(dir=folder, prefix=".index-")
         written.append(index)
-        with os.fdopen(fd, "w") as out:
-            json.dump({"version": _VERSION, "sha256": info.sha256,
-                       "segments": [[s.key, s.offset, s.size, s.sha256] for s in info.segments],
-                       "files": files}, out, separators=(",", ":"))
+        with os.fdopen(fd, "w") as out:  # dumps, not dump: json.dump encodes in Python, 5x slower
+            out.write(json.dumps({"version": _VERSION, "sha256": info.sha256,
+                                  "segments": [[s.key, s.offset, s.size, s.sha256] for s in info.segments],
+                                  "files": files}, separators=(",", ":")))
         os.replace(written_at, f"{base}.tgz")  # the index names digests: a reader between the two renames
         os.replace(index, f"{base}.json")  # finds segments that do not match, and compresses them
         written.clear()
