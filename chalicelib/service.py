@@ -115,8 +115,11 @@ class ControlPlane:
     ) -> None:
         self._wakeups = wakeups  # the store signals it after writes to a deploy record (one process serving all calls)
         # the independent reads of a view (the deploy, its sidecars, its parse reports) and of a report,
-        # made at the same time: one round trip to DynamoDB instead of three (threads start on first use)
-        self._reads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dagcast-view")
+        # made at the same time: one round trip to DynamoDB instead of three (threads start on first use).
+        # Views have threads of their own: the view a `--wait` is answered with never queues behind the
+        # reads of a burst of heartbeats (50 sidecars reporting a version at once queued 100).
+        self._reads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dagcast-reads")
+        self._view_reads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dagcast-view")
         self._signer = signer
         self._telemetry = telemetry or Telemetry()
         self._forget_token = forget_token  # drops a revoked token from this process's authenticator cache
@@ -260,7 +263,7 @@ class ControlPlane:
         """`parses`: whether the deploy has parse reports, when the caller knows (they are then read
         with the rest); None: read after the deploy record, if it names any. `dag_ids` False: the
         deploy without its DAG ids."""
-        reads = self._reads
+        reads = self._view_reads
         later_deploy = reads.submit(self._store.get_deploy, deployment, deploy_id, dag_ids)
         later_sidecars = reads.submit(self._store.list_sidecars, deployment)
         later_parses = reads.submit(self._store.list_parses, deployment, deploy_id) if parses else None

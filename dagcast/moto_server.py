@@ -32,6 +32,13 @@ Each update_item also parsed its UpdateExpression twice (handler and backend), a
 same few expressions over and over: a parsed expression is kept (moto only reads it; its validators
 work on a deep copy).
 
+A query of the table went through every item of every partition (sorted), then through every item of
+its partition, walking each one to add up its size before looking at its sort key: listing the 50
+sidecars of a deployment walked all its deploy records and their DAG ids, and a burst of 50
+heartbeats made that 50 times. A query of the table now gives moto only the items of its partition
+that match the key condition (by moto's own comparison); moto then sorts, pages, filters and
+projects them as before.
+
 All of this is written against one moto release (dagcast.moto_state.MOTO_VERSION, pinned in
 pyproject.toml): patch() first checks that it is the one installed and that everything it replaces
 or calls is there (check_moto), so another moto stops the server at start-up with one line on stderr
@@ -174,6 +181,39 @@ def _top_level_names_as_stored(method: Callable[..., Item]) -> Callable[..., Ite
     return project
 
 
+class _Partition:
+    """A table as a query of it sees it: every attribute is the table's, but its items are the ones given."""
+
+    def __init__(self, table: Table, items: list[Item]) -> None:
+        self._table = table
+        self._items = items
+
+    def all_items(self) -> list[Item]:
+        return self._items
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._table, name)
+
+
+def _matching_items_only(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Table.query that, for a query of the table itself (no index), hands moto only the items of the
+    query's partition that match its key condition, in sort key order (see the module docstring)."""
+
+    @functools.wraps(method)
+    def query(self: Table, hash_key: Any, range_comparison: str | None, range_objs: list[Any],
+              *args: Any, **kwargs: Any) -> Any:
+        index_name = kwargs.get("index_name", args[4] if len(args) > 4 else None)  # after limit .. projection_expressions
+        partition = self.items.get(hash_key) if hash_key is not None and self.range_key_attr else None
+        if index_name or not isinstance(partition, dict):
+            return method(self, hash_key, range_comparison, range_objs, *args, **kwargs)
+        items = [i for i in partition.values() if isinstance(i, Item) and i.range_key is not None
+                 and (not range_comparison or i.range_key.compare(range_comparison, range_objs))]
+        items.sort(key=lambda i: i.range_key)  # type: ignore[arg-type,return-value]  # DynamoType orders itself
+        return method(_Partition(self, items), hash_key, range_comparison, range_objs, *args, **kwargs)
+
+    return query
+
+
 class _UpdateOutcome(threading.local):
     """What the update_item request being handled on this thread needs of moto's bookkeeping."""
 
@@ -252,6 +292,10 @@ _MOTO_INTERNALS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("moto.dynamodb.models.dynamo_type", "Item.project", ("self", "projection_expressions")),
     ("moto.dynamodb.models.table", "Table.get_item", ("self", "hash_key", "range_key")),
     ("moto.dynamodb.models.table", "Table.delete_item", ("self", "hash_key", "range_key")),
+    ("moto.dynamodb.models.table", "Table.query", ("self", "hash_key", "range_comparison", "range_objs", "limit",
+                                                   "exclusive_start_key", "scan_index_forward",
+                                                   "projection_expressions", "index_name")),
+    ("moto.dynamodb.models.table", "Table.all_items", ("self",)),
     ("moto.dynamodb.parsing.expressions", "UpdateExpressionParser.make", ("expression_str",)),
     ("moto.dynamodb.responses", "DynamoHandler.update_item", ("self",)),
     ("moto.moto_server.werkzeug_app", "DomainDispatcherApplication", None),
@@ -311,6 +355,7 @@ def _patch() -> None:
     ddb_models.copy = types.SimpleNamespace(deepcopy=_by_reference)  # type: ignore[assignment]
     DynamoDBBackend.transact_write_items = _touched_items_only(DynamoDBBackend.transact_write_items)  # type: ignore[method-assign]
     Item.project = _top_level_names_as_stored(Item.project)  # type: ignore[method-assign]
+    Table.query = _matching_items_only(Table.query)  # type: ignore[method-assign]
     DynamoHandler.update_item = _lean_when_returning_none_or_new(DynamoHandler.update_item)  # type: ignore[method-assign]
     DynamoDBBackend.get_item = _no_old_item_for_lean_updates(DynamoDBBackend.get_item)  # type: ignore[method-assign]
     DynamoDBBackend.update_item = _unreturned_when_none(DynamoDBBackend.update_item)  # type: ignore[method-assign]

@@ -240,9 +240,29 @@ def test_queries_answer_as_moto_does(both: tuple[str, list[Any]]) -> None:
         ("query", {**t, "KeyConditionExpression": "pk = :p", "ExpressionAttributeValues": {":p": S("nobody")}}),
         ("scan", {**t, "FilterExpression": "n > :ten", "ExpressionAttributeValues": {":ten": N(10)}}),
     ]
+    # the key condition's forms, each forwards and backwards, by pages, beside another partition with
+    # the same sort keys and items of other prefixes (a query is given only its matching items: see
+    # _matching_items_only)
+    calls += [("put_item", {**t, "Item": {"pk": S("p"), "sk": S(f"other#{i}"), "ids": {"L": [S(f"dag_{j}") for j in range(30)]}}})
+              for i in range(3)]
+    calls.append(("put_item", {**t, "Item": {"pk": S("q"), "sk": S("item#05"), "n": N(105)}}))
+    for condition, values in [
+        ("begins_with(sk, :a)", {":a": S("item#")}), ("begins_with(sk, :a)", {":a": S("other")}),
+        ("sk = :a", {":a": S("item#05")}), ("sk < :a", {":a": S("item#03")}), ("sk <= :a", {":a": S("item#03")}),
+        ("sk > :a", {":a": S("item#09")}), ("sk >= :a", {":a": S("item#09")}),
+        ("sk BETWEEN :a AND :b", {":a": S("item#10"), ":b": S("other#1")}), ("begins_with(sk, :a)", {":a": S("none#")}),
+    ]:
+        for forward in (True, False):
+            q = {**t, "KeyConditionExpression": f"pk = :p AND {condition}", "ExpressionAttributeValues": {":p": S("p"), **values},
+                 "ScanIndexForward": forward}
+            calls += [("query", q), ("query", {**q, "Limit": 2}), ("query", {**q, "Select": "COUNT"})]
+            calls.append(("query", {**q, "Limit": 3, "ExclusiveStartKey": {"pk": S("p"), "sk": S("item#06")}}))
+    calls.append(("query", {**t, "KeyConditionExpression": "pk = :q AND begins_with(sk, :a)",
+                            "ExpressionAttributeValues": {":q": S("q"), ":a": S("item#")}, "ProjectionExpression": "n"}))
     answers = _differential(table, clients, calls)
     assert [i["sk"]["S"] for i in answers[13][0]["Items"]][:2] == ["item#00", "item#01"]
     assert answers[20][0]["Count"] == 12
+    assert answers[-1][0]["Items"] == [{"n": N(100)}, {"n": N(105)}], "the other partition's items only"
 
 
 def _transactions(t: str) -> list[tuple[str, dict[str, Any]]]:

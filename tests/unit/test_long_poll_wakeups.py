@@ -177,3 +177,23 @@ def test_parse_reports_before_the_last_are_gathered_and_the_last_is_answered_at_
     view = waiting_control(ticks).get_deploy(deployment, deploy_id, wait_seconds=10)
     assert len(ticks.sleeps) == 4, f"answered before the last report, or after gathering it: {ticks.sleeps}"
     assert view.parse.status == "parsed" and view.parse.reported == list(SIDECARS)
+
+
+def test_a_view_does_not_wait_behind_the_reads_of_a_burst_of_heartbeats(
+    control: ControlPlane, deployment: str, live_on_three: str
+) -> None:
+    """Heartbeats and parse reports make their reads on threads of their own: with every one of those
+    busy (50 sidecars reporting a version at once), the view a `--wait` is answered with is still built."""
+    release = threading.Event()
+    busy = [control._reads.submit(release.wait, 30) for _ in range(control._reads._max_workers)]
+    try:
+        views: list[DeployView] = []
+        t = threading.Thread(target=lambda: views.append(control.get_deploy(deployment, live_on_three)), daemon=True)
+        t.start()
+        t.join(10)
+        assert views, "the view waited for the heartbeats' reads"
+        assert views[0].sidecars_on_version == 2
+    finally:
+        release.set()
+        for f in busy:
+            f.result(10)
