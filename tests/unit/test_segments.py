@@ -138,11 +138,16 @@ def write_more(root: Path, n: int) -> list[str]:
     return names
 
 
-def test_the_cli_keeps_its_last_bundle_and_a_damaged_copy_only_costs_the_compression(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where a test's DAG folder goes, with the CLI's cache (XDG_CACHE_HOME) of its own beside it."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    root = tmp_path / "dags"
+    return tmp_path / "dags"
+
+
+def test_the_cli_keeps_its_last_bundle_and_a_damaged_copy_only_costs_the_compression(
+    tmp_path: Path, root: Path
+) -> None:
     paths = folder(root)
     assert segment_cache.load(root, 1) is None
     scratch, written_at = segment_cache.scratch()
@@ -313,12 +318,10 @@ def deployed(root: Path) -> tuple[bytes, segment_cache.LastBundle | None]:
 
 
 def test_a_file_the_walk_sees_as_when_it_was_hashed_is_not_read_and_any_write_since_is_seen(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from dagcast import bundler
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    root = tmp_path / "dags"
     paths = folder(root)
     later = time.time_ns() + 10 * segment_cache.RACY_NS  # as if the walk ran well after the files were written
     real_collect = bundler.collect
@@ -343,9 +346,7 @@ def test_a_file_the_walk_sees_as_when_it_was_hashed_is_not_read_and_any_write_si
         assert b"x = 2" in tar.extractfile(paths[7]).read()  # type: ignore[union-attr]
 
 
-def test_a_file_written_just_before_the_walk_is_hashed_again_next_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    root = tmp_path / "dags"
+def test_a_file_written_just_before_the_walk_is_hashed_again_next_time(root: Path) -> None:
     folder(root, 50)
     deployed(root)  # every file was written this instant: within RACY_NS of the walk
     _, last = deployed(root)
