@@ -345,13 +345,18 @@ def list_deploys(ctx: Ctx, deployment: str) -> Page:
      query={"wait": f"seconds, 0-{MAX_WAIT_SECONDS}: answer when the deploy's state, its sidecars' activations "
                     "or its convergence change (a long poll), or when the time is up",
             "omit": "dag_ids: the deploy without its DAG ids (thousands of them are most of the answer; "
-                    "`dagcast deploy --wait` asks this way)"})
+                    "`dagcast deploy --wait` asks this way)",
+            "until": "settled: with wait, answer only when the deploy's state changes or it is settled (every "
+                     "live sidecar on it, every parse report in), or when the time is up; not at each "
+                     "sidecar's report (`dagcast deploy --wait` asks this way)"})
 def get_deploy(ctx: Ctx, deployment: str, deploy_id: str) -> DeployView | dict[str, Any]:
-    omit = ctx.query.get("omit")
+    omit, until = ctx.query.get("omit"), ctx.query.get("until")
     if omit not in (None, "", "dag_ids"):
         raise InvalidRequest(f"query parameter 'omit' may only be 'dag_ids', not {omit[:40]!r}")
+    if until not in (None, "", "settled"):
+        raise InvalidRequest(f"query parameter 'until' may only be 'settled', not {until[:40]!r}")
     view = get_control().get_deploy(deployment, deploy_id, _int_query(ctx, "wait", 0, 0, MAX_WAIT_SECONDS),
-                                    dag_ids=omit != "dag_ids")
+                                    dag_ids=omit != "dag_ids", until_settled=until == "settled")
     if omit == "dag_ids":
         return view.model_dump(mode="json", exclude={"deploy": {"dag_ids"}})
     return view

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -120,6 +121,8 @@ class ControlPlane:
         # reads of a burst of heartbeats (50 sidecars reporting a version at once queued 100).
         self._reads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dagcast-reads")
         self._view_reads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dagcast-view")
+        self._checks: dict[tuple[str, str], bool] = {}  # convergence checks in flight -> run again when done
+        self._checks_lock = threading.Lock()
         self._signer = signer
         self._telemetry = telemetry or Telemetry()
         self._forget_token = forget_token  # drops a revoked token from this process's authenticator cache
@@ -197,7 +200,8 @@ class ControlPlane:
                                                            upload="delta" if req.delta else "bundle"))
         return CreatedDeploy(deploy=deploy, upload=UploadForm(url=url, fields=fields, expires_at=clock + expires * 1000))
 
-    def get_deploy(self, deployment: str, deploy_id: str, wait_seconds: float = 0, dag_ids: bool = True) -> DeployView:
+    def get_deploy(self, deployment: str, deploy_id: str, wait_seconds: float = 0, dag_ids: bool = True,
+                   until_settled: bool = False) -> DeployView:
         """The deploy with its sidecars. With `wait_seconds`, a long poll: while the deploy is still on
         its way (PENDING, VALIDATING, or ACTIVE with live sidecars not on it yet, or parse reports
         due), answer when its state, its sidecars' activations, its parse reports or its convergence
@@ -213,14 +217,20 @@ class ControlPlane:
         two reads also ends as soon as this process wrote to the deploy record.
 
         `dag_ids` False: the view's deploy is read without its DAG ids (its `dag_ids` is then empty;
-        the API leaves the field out), for a caller that waits on the deploy's progress."""
+        the API leaves the field out), for a caller that waits on the deploy's progress.
+
+        `until_settled`: a long poll for a caller that waits for the end (`dagcast deploy --wait`): it
+        is answered when the deploy's state changes or it is settled (see _settled: every live sidecar
+        on it, every parse report in), or when the time is up; sidecars' activations, convergence
+        noted and parse reports that leave it unsettled are not answered (each answer is a full view,
+        and the caller's next poll reads another)."""
         if wait_seconds <= 0:
             return self._deploy_view(deployment, deploy_id, dag_ids=dag_ids)
         with self._watch(deployment, deploy_id) as waiter:  # from before the first read: no change slips by
             view = self._deploy_view(deployment, deploy_id, dag_ids=dag_ids)
             if _settled(view):
                 return view
-            return self._long_poll(deployment, deploy_id, view, wait_seconds, waiter, dag_ids)
+            return self._long_poll(deployment, deploy_id, view, wait_seconds, waiter, dag_ids, until_settled)
 
     def _watch(self, deployment: str, deploy_id: str) -> contextlib.AbstractContextManager[Waiter]:
         if self._wakeups is not None and self._settings.wait_wakeups:
@@ -228,33 +238,45 @@ class ControlPlane:
         return contextlib.nullcontext(Sleeper(self._sleep))
 
     def _long_poll(self, deployment: str, deploy_id: str, view: DeployView, wait_seconds: float,
-                   waiter: Waiter, dag_ids: bool = True) -> DeployView:
+                   waiter: Waiter, dag_ids: bool = True, until_settled: bool = False) -> DeployView:
         started = self._clock()
         deadline = started + wait_seconds * 1000
         gather_until = started + self._settings.wait_answer_seconds * 1000
         seen = _progress(view.deploy.model_dump(mode="json", include=set(PROGRESS_FIELDS)))
         active = view.deploy.state is DeployState.ACTIVE
-        # the reports that complete the set: live sidecars not on the version yet, but those held back
-        # by the parse gate (they stay on the version before) and those on it without an activation
-        waiting_on = ({s.name for s in view.sidecars if s.live and not s.on_deploy} - set(view.parse.held)
-                      - set(view.deploy.activations))
-        parsers = {s.name for s in view.sidecars if s.live and s.parser}  # the parse reports to come
+        waiting_on, parsers = _awaited(view)
         gathered = False
         while self._clock() < deadline:
             # Before ACTIVE nothing waits on this answer but the CLI's next message; once ACTIVE the
             # last sidecar's report ends the wait, so look more often.
             waiter.wait(self._settings.wait_check_active_seconds if active else self._settings.wait_check_seconds)
             now = _progress(self._store.get_deploy_fields(deployment, deploy_id, list(PROGRESS_FIELDS)))
-            if now != seen:
-                state, activations, converged_at, parsed = now
-                if ((state, converged_at) != (seen[0], seen[2])
-                        or (activations != seen[1] and (not seen[1] or waiting_on <= set(activations)))):
-                    return self._deploy_view(deployment, deploy_id, parses=bool(parsed), dag_ids=dag_ids)
-                if parsed != seen[3] and parsers <= set(parsed):
-                    # the parse report that completes the set: the answer `--wait` ends on
-                    return self._deploy_view(deployment, deploy_id, parses=True, dag_ids=dag_ids)
-                gathered, seen = True, now
-            if gathered and self._clock() >= gather_until:
+            if now == seen:
+                if gathered and self._clock() >= gather_until:
+                    break
+                continue
+            state, activations, converged_at, parsed = now
+            if state != seen[0]:
+                return self._deploy_view(deployment, deploy_id, parses=bool(parsed), dag_ids=dag_ids)
+            # the reports that may complete the set (all the awaited activations and parse reports are in)
+            complete = waiting_on <= set(activations) and parsers <= set(parsed)
+            if until_settled:
+                if complete:
+                    view = self._deploy_view(deployment, deploy_id, parses=bool(parsed), dag_ids=dag_ids)
+                    if _settled(view):
+                        return view
+                    waiting_on, parsers = _awaited(view)  # sidecars came or went meanwhile: wait on those
+                    now = _progress(view.deploy.model_dump(mode="json", include=set(PROGRESS_FIELDS)))
+                seen = now
+                continue
+            if (converged_at != seen[2]
+                    or (activations != seen[1] and (not seen[1] or waiting_on <= set(activations)))):
+                return self._deploy_view(deployment, deploy_id, parses=bool(parsed), dag_ids=dag_ids)
+            if parsed != seen[3] and parsers <= set(parsed):
+                # the parse report that completes the set: the answer `--wait` ends on
+                return self._deploy_view(deployment, deploy_id, parses=True, dag_ids=dag_ids)
+            gathered, seen = True, now
+            if self._clock() >= gather_until:
                 break
         return self._deploy_view(deployment, deploy_id, parses=bool(seen[3]), dag_ids=dag_ids)
 
@@ -524,11 +546,16 @@ class ControlPlane:
                  for t, s in zip(seen, live, strict=True))
         if not self._store.mark_converged(deploy.deployment, deploy.deploy_id, at):
             return None
-        self._telemetry.sidecars_converged(max(0, at - deploy.activated_at) / 1000)
-        done = deploy.model_copy(update={"converged_at": at})
-        self._events.emit(EventType.LIVE, deploy_detail(EventType.LIVE, done, sidecars=sorted(s.name for s in live),
-                                                        stages=done.stages().model_dump(mode="json")))
+        self._announce_convergence(deploy.model_copy(update={"converged_at": at}), [s.name for s in live])
         return at
+
+    def _announce_convergence(self, done: Deploy, sidecars: list[str]) -> None:
+        """What follows the write that noted a deploy's convergence (made once, by its winner): the metric
+        and the LIVE event."""
+        assert done.converged_at is not None and done.activated_at is not None
+        self._telemetry.sidecars_converged(max(0, done.converged_at - done.activated_at) / 1000)
+        self._events.emit(EventType.LIVE, deploy_detail(EventType.LIVE, done, sidecars=sorted(sidecars),
+                                                        stages=done.stages().model_dump(mode="json")))
 
     # --- versions --------------------------------------------------------------------
 
@@ -722,23 +749,57 @@ class ControlPlane:
 
     def _check_convergence(self, deployment: str, deploy_id: str, uid: str) -> None:
         """A heartbeat's own check, once it recorded its sidecar's activation: when every live sidecar
-        runs exactly the deploy's version and has its activation on record, the deploy's full view is
-        read, and notes the convergence. The cheap reads first (the deploy's progress fields, then
-        each sidecar's version and last heartbeat only): when 50 sidecars report a version at once,
-        50 full views of 50 sidecars each were most of the API's work. Each heartbeat writes its
-        sidecar and its activation before this check reads, so the last one's check sees them all."""
+        runs exactly the deploy's version and has its activation on record, note the convergence.
+
+        Checks of one deploy in this process are coalesced: sidecars that go live together report at
+        once, and each check would read the same records and race to the same conditional write. A
+        heartbeat that finds a check of its deploy in flight leaves it a note and returns; the check
+        in flight then runs again (its reads may predate that heartbeat's activation), until a run
+        that began after every activation written meanwhile. Every activation is still seen by a
+        check that started after it was written."""
+        key = (deployment, deploy_id)
+        with self._checks_lock:
+            if key in self._checks:
+                self._checks[key] = True  # the check in flight runs once more
+                return
+            self._checks[key] = False
+        try:
+            while True:
+                done = self._converge(deployment, deploy_id, uid)
+                with self._checks_lock:
+                    if done or not self._checks[key]:
+                        del self._checks[key]
+                        return
+                    self._checks[key] = False
+        except BaseException:
+            with self._checks_lock:
+                self._checks.pop(key, None)
+            raise
+
+    def _converge(self, deployment: str, deploy_id: str, uid: str) -> bool:
+        """One convergence check (see _check_convergence), from the cheap reads only: the deploy's
+        progress fields and each sidecar's version and last heartbeat (when 50 sidecars report a
+        version at once, 50 full views of 50 sidecars each were most of the API's work). True when
+        there is nothing left to note: the deploy is no longer ACTIVE, or its convergence is noted."""
         fields = self._store.get_deploy_fields(deployment, deploy_id, ["state", "converged_at", "activations",
-                                                                      "version", "sha256"])
+                                                                      "version", "sha256", "activated_at"])
         if fields.get("state") != DeployState.ACTIVE.value or fields.get("converged_at") is not None:
-            return
+            return True
         activations = fields.get("activations") or {}
-        version = fields.get("version")
+        version, activated_at = fields.get("version"), fields.get("activated_at")
+        if version is None or activated_at is None:
+            return False
         clock = self._clock()
         stale_ms = self._settings.sidecar_stale_seconds * 1000
         live = [s for s in self._store.list_sidecar_states(deployment) if clock - s.last_heartbeat <= stale_ms]
-        if live and all(_runs(s, uid, int(version) if version is not None else None, fields.get("sha256"))
-                        and s.name in activations for s in live):
-            self._deploy_view(deployment, deploy_id, partial_convergence=False, dag_ids=False)
+        if not live or not all(_runs(s, uid, int(version), fields.get("sha256")) and s.name in activations
+                               for s in live):
+            return False
+        at = max(int(activations[s.name]) for s in live)
+        if self._store.mark_converged(deployment, deploy_id, at):
+            deploy = self._store.get_deploy(deployment, deploy_id, dag_ids=False)
+            self._announce_convergence(deploy.model_copy(update={"converged_at": at}), [s.name for s in live])
+        return True
 
     def _version_identity(self, deployment: str, version: int) -> tuple[str | None, str | None, str | None]:
         """(deploy id, sha256, deployment uid) of a recorded version; Nones for a folder left from an older
@@ -968,6 +1029,15 @@ def _progress(fields: dict[str, object]) -> tuple[object, list[str], object, lis
     parsed = fields.get("parsed") or {}
     return (fields.get("state"), sorted(activations) if isinstance(activations, dict) else [], fields.get("converged_at"),
             sorted(parsed) if isinstance(parsed, dict) else [])
+
+
+def _awaited(view: DeployView) -> tuple[set[str], set[str]]:
+    """The reports a long poll waits on after `view`: the activations of live sidecars not on the version
+    yet (but those held back by the parse gate, which stay on the version before, and those on it
+    without an activation), and the parse reports of live sidecars with a parser."""
+    waiting_on = ({s.name for s in view.sidecars if s.live and not s.on_deploy} - set(view.parse.held)
+                  - set(view.deploy.activations))
+    return waiting_on, {s.name for s in view.sidecars if s.live and s.parser}
 
 
 def _settled(view: DeployView) -> bool:

@@ -91,12 +91,17 @@ class ApiClient:
     def create_deploy(self, deployment: str, body: dict[str, Any]) -> dict[str, Any]:
         return dict(self.request("POST", f"/deployments/{deployment}/deploys", json=body))
 
-    def get_deploy(self, deployment: str, deploy_id: str, wait: int = 0, dag_ids: bool = True) -> dict[str, Any]:
+    def get_deploy(self, deployment: str, deploy_id: str, wait: int = 0, dag_ids: bool = True,
+                   until_settled: bool = False) -> dict[str, Any]:
         """The deploy; with `wait` seconds, the API answers when it changes (a long poll) or the time is up.
-        `dag_ids` False: without the deploy's DAG ids (an API that does not know `omit` sends them)."""
+        `dag_ids` False: without the deploy's DAG ids (an API that does not know `omit` sends them).
+        `until_settled` (with `wait`): answered at a change of state, once settled, or when the time is up,
+        not at each sidecar's report (an API that does not know `until` answers at each)."""
         params: dict[str, Any] = {"wait": wait} if wait > 0 else {}
         if not dag_ids:
             params["omit"] = "dag_ids"
+        if until_settled and wait > 0:
+            params["until"] = "settled"
         return dict(self.request("GET", f"/deployments/{deployment}/deploys/{deploy_id}", params=params))
 
     def list_deploys(self, deployment: str, limit: int = 20, cursor: str | None = None) -> dict[str, Any]:

@@ -770,8 +770,10 @@ def _wait(api: ApiClient, opts: DeployOptions, deploy_id: str, result: DeployRes
     while True:
         asked = time.monotonic()
         try:
+            # the wait needs the progress, not thousands of DAG ids, and an answer at a change of state or
+            # at the end, not at each sidecar's report
             view = api.get_deploy(opts.deployment, deploy_id, wait=max(0, min(LONG_POLL_SECONDS, int(deadline - asked))),
-                                  dag_ids=False)  # the wait needs the progress, not thousands of DAG ids
+                                  dag_ids=False, until_settled=True)
             received = time.time()
         except ApiUnavailable as exc:
             if time.monotonic() >= deadline:

@@ -43,8 +43,10 @@ class FakeApi:
         self.created.append(body)
         return {"deploy": {"deploy_id": "0123456789a-abcdef"}, "upload": {"url": "http://s3.test/", "fields": {}}}
 
-    def get_deploy(self, deployment: str, deploy_id: str, wait: int = 0, dag_ids: bool = True) -> dict[str, Any]:
+    def get_deploy(self, deployment: str, deploy_id: str, wait: int = 0, dag_ids: bool = True,
+                   until_settled: bool = False) -> dict[str, Any]:
         assert not dag_ids, "the wait asks for the deploy without its DAG ids"
+        assert until_settled, "the wait asks to be answered at a change of state or at the end"
         self.waits.append(wait)
         return self.views.pop(0) if len(self.views) > 1 else self.views[0]
 
@@ -97,8 +99,9 @@ class TimedApi(FakeApi):
         super().__init__(views)
         self.answered: list[float] = []
 
-    def get_deploy(self, deployment: str, deploy_id: str, wait: int = 0, dag_ids: bool = True) -> dict[str, Any]:
-        answer = super().get_deploy(deployment, deploy_id, wait, dag_ids)
+    def get_deploy(self, deployment: str, deploy_id: str, wait: int = 0, dag_ids: bool = True,
+                   until_settled: bool = False) -> dict[str, Any]:
+        answer = super().get_deploy(deployment, deploy_id, wait, dag_ids, until_settled)
         self.answered.append(time.time())
         return answer
 

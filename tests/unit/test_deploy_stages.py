@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
@@ -149,7 +150,8 @@ def test_the_last_live_sidecars_heartbeat_notes_convergence_with_nobody_reading_
     deployment: str, live_deploy: str, sidecars: Sidecars, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """No CLI waits and no console is open: the heartbeats alone record when every live sidecar ran the
-    version, at the last one's report, and each earlier heartbeat reads no full view of the deploy."""
+    version, at the last one's report, and say so once (the LIVE event); no heartbeat reads a full view
+    of the deploy for it."""
     store = app_module.get_store()
     sidecars.register("w3")  # registered, then stale: it never counts
     table = boto3.resource("dynamodb").Table(get_settings().table_name)
@@ -165,14 +167,54 @@ def test_the_last_live_sidecars_heartbeat_notes_convergence_with_nobody_reading_
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(ControlPlane, "_deploy_view", counted)
+    said: list[dict[str, Any]] = []
+    events = app_module.get_control()._events
+    emit = events.emit
+    monkeypatch.setattr(events, "emit", lambda kind, detail: (said.append(detail), emit(kind, detail))[1])
     sidecars.report("w1", 1, last_sync_at=activated_at + 30)
-    assert store.get_deploy(deployment, live_deploy).converged_at is None and full_views == []
+    assert store.get_deploy(deployment, live_deploy).converged_at is None and said == []
     sidecars.report("w2", 1, last_sync_at=activated_at + 70)
     assert store.get_deploy(deployment, live_deploy).converged_at == activated_at + 70
-    assert full_views == [live_deploy], "one full view, by the last sidecar's heartbeat"
+    assert [(d["type"], d["deploy_id"], d["sidecars"]) for d in said] == [("deploy.live", live_deploy, ["w1", "w2"])]
+    assert said[0]["stages"]["active_to_all_live_s"] == 0.07
     sidecars.report("w1", 1, last_sync_at=activated_at + 30)
     sidecars.report("w2", 1, last_sync_at=activated_at + 70)
-    assert full_views == [live_deploy], "nothing more to note once converged"
+    assert len(said) == 1, "nothing more to note once converged"
+    assert full_views == [], "the heartbeats read no full view of the deploy"
+
+
+def test_heartbeats_that_report_at_once_check_convergence_once_and_miss_no_activation(
+    deployment: str, live_deploy: str, sidecars: Sidecars, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sidecars going live together: while one heartbeat's convergence check is in flight, another leaves
+    it a note instead of reading the same records again; the check in flight, whose reads predate that
+    activation, then runs once more, so the last activation is seen and convergence noted."""
+    store = app_module.get_store()
+    activated_at = store.get_deploy(deployment, live_deploy).activated_at
+    assert activated_at is not None
+    runs: list[bool] = []
+    inside, release = threading.Event(), threading.Event()
+    real = ControlPlane._converge
+
+    def converge(self: ControlPlane, *args: Any) -> bool:
+        out = real(self, *args)
+        runs.append(out)
+        if len(runs) == 1:  # w1's check read its records (w2 not on the version yet) and is still in flight
+            inside.set()
+            assert release.wait(10)
+        return out
+
+    monkeypatch.setattr(ControlPlane, "_converge", converge)
+    first = threading.Thread(target=sidecars.report, args=("w1", 1), kwargs={"last_sync_at": activated_at + 10})
+    first.start()
+    assert inside.wait(10)
+    sidecars.report("w2", 1, last_sync_at=activated_at + 20)  # finds w1's check in flight: a note, no reads
+    assert runs == [False] and store.get_deploy(deployment, live_deploy).converged_at is None
+    release.set()
+    first.join(10)
+    assert runs == [False, True], "the check in flight ran once more, and saw w2"
+    assert store.get_deploy(deployment, live_deploy).converged_at == activated_at + 20
+    assert app_module.get_control()._checks == {}
 
 
 def test_a_view_read_between_a_heartbeat_and_its_activation_record_notes_the_sidecars_own_time(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import boto3
 import pytest
@@ -197,3 +198,58 @@ def test_a_view_does_not_wait_behind_the_reads_of_a_burst_of_heartbeats(
         release.set()
         for f in busy:
             f.result(10)
+
+
+def test_a_wait_until_settled_is_answered_once_every_sidecar_ran_and_parsed_the_version(
+    control: ControlPlane, aws: StackOutputs, deployment: str, make_bundle: Callable[..., bytes], sidecars: Sidecars,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`dagcast deploy --wait` asks `until=settled`: the first activation, the convergence noted and the
+    parse reports before the last are not answered one by one (each answer is a full view, and the
+    CLI's next poll reads another); the read that sees the last report builds the one view answered."""
+    from test_parse_reports import report as parse_report
+
+    for name in SIDECARS:
+        sidecars.register(name)
+        sidecars.report(name, 0, parser="airflow 3.3.2")  # live, with a parser, on no version yet
+    deploy_id = publish(control, aws, deployment, make_bundle({"a.py": "x = 1\n"}))
+    sha256 = app_module.get_store().get_version(deployment, 1).sha256
+
+    def live(*names: str) -> Callable[[], object]:
+        return lambda: [sidecars.report(n, 1, last_sync_at=5, parser="airflow 3.3.2") for n in names]
+
+    def parsed(name: str) -> Callable[[], object]:
+        return lambda: control.report_parse(deployment, name, ParseReport(**parse_report(1, sha256)), sidecars.secrets[name])
+
+    ticks = Ticks({1: live("w1"), 2: live("w2", "w3"), 3: parsed("w1"), 4: parsed("w2"), 6: parsed("w3")})
+    waiting = waiting_control(ticks)
+    views: list[DeployView] = []
+    real = waiting._deploy_view
+
+    def counted(*args: Any, **kwargs: Any) -> DeployView:
+        views.append(real(*args, **kwargs))
+        return views[-1]
+
+    monkeypatch.setattr(waiting, "_deploy_view", counted)
+    view = waiting.get_deploy(deployment, deploy_id, wait_seconds=10, until_settled=True)
+    assert len(ticks.sleeps) == 6, f"answered before the last report, or not at the first read after it: {ticks.sleeps}"
+    assert view.converged and view.deploy.converged_at is not None
+    assert view.parse.status == "parsed" and view.parse.reported == list(SIDECARS)
+    assert len(views) == 2, "the first view, and the one answered"
+
+
+def test_a_wait_until_settled_is_answered_at_a_change_of_state_and_when_the_time_is_up(
+    control: ControlPlane, aws: StackOutputs, deployment: str, live_on_three: str, sidecars: Sidecars,
+) -> None:
+    """A state change is answered at once (the CLI says it); a sidecar that never runs the version
+    leaves the deploy unsettled, and the poll answers what it has when the time is up."""
+    ticks = Ticks()
+    view = waiting_control(ticks).get_deploy(deployment, live_on_three, wait_seconds=1, until_settled=True)
+    assert view.sidecars_on_version == 2 and not view.converged
+    assert sum(ticks.sleeps) >= 1, "answered when the time was up"
+    table = boto3.resource("dynamodb").Table(get_settings().table_name)
+    key = {"pk": f"DEPLOYMENT#{deployment}", "sk": f"DEPLOY#{live_on_three}"}
+    ticks = Ticks({2: lambda: table.update_item(Key=key, UpdateExpression="SET #s = :s", ExpressionAttributeNames={
+        "#s": "state"}, ExpressionAttributeValues={":s": "SUPERSEDED"})})  # a newer deploy went live meanwhile
+    view = waiting_control(ticks).get_deploy(deployment, live_on_three, wait_seconds=10, until_settled=True)
+    assert len(ticks.sleeps) == 2 and view.deploy.state.value == "SUPERSEDED"

@@ -170,7 +170,7 @@ def test_a_report_and_its_note_on_the_deploy_land_together_and_a_deploy_recorded
     assert view["parse"]["status"] != "none", view["parse"]
 
 
-def test_a_wait_without_dag_ids_gets_the_same_view_but_them_and_a_bad_omit_is_refused(
+def test_a_wait_without_dag_ids_gets_the_same_view_but_them_and_a_bad_omit_or_until_is_refused(
     client: Client, deployment: str, deployer_token: str, live: dict[str, Any]
 ) -> None:
     """`dagcast deploy --wait` asks without the DAG ids (at 10,000 DAGs most of each answer): the
@@ -192,3 +192,9 @@ def test_a_wait_without_dag_ids_gets_the_same_view_but_them_and_a_bad_omit_is_re
     for bad in ("files", "dag_ids,errors", "x" * 100):
         resp = client.http.get(f"{path}?omit={bad}", headers=auth)
         assert resp.status_code == 400 and "'omit'" in json.loads(resp.body)["error"]["message"], resp.body
+    settled = client.http.get(path + "?omit=dag_ids&wait=1&until=settled", headers=auth)
+    assert settled.status_code == 200 and settled.json_body["converged"], settled.body
+    for bad in ("live", "settled,parsed", "x" * 100):
+        resp = client.http.get(f"{path}?wait=1&until={bad}", headers=auth)
+        message = json.loads(resp.body)["error"]["message"]
+        assert resp.status_code == 400 and "'until'" in message and len(message) < 120, resp.body
