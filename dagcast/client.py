@@ -32,6 +32,16 @@ def tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
+def verify_for(url: str) -> ssl.SSLContext:
+    """The TLS context for requests to `url`: tls_context() for https; for plain http (the embedded
+    stack on 127.0.0.1) a context that trusts no certificate, so the CA certificates are not loaded
+    for a connection that uses none, and anything that ever tried TLS with it would fail, never go
+    unverified."""
+    if url.lower().startswith("http://"):
+        return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # verifies (CERT_REQUIRED, hostnames) against no CA
+    return tls_context()
+
+
 class ApiClient:
     def __init__(
         self,
@@ -46,7 +56,7 @@ class ApiClient:
             base_url=api_url.rstrip("/"),
             headers={"Authorization": f"Bearer {token}", "User-Agent": "dagcast"},
             timeout=timeout,
-            verify=tls_context(),
+            verify=verify_for(api_url),
         )
         self._attempts = attempts
         self._on_retry = on_retry or (lambda msg: log.warning(msg))

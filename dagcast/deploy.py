@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO, cast
 
 import httpx
 
-from dagcast.client import ApiClient, backoff, tls_context
+from dagcast.client import ApiClient, backoff, verify_for
 from dagcast.exceptions import (
     EXIT_SIGINT,
     EXIT_SIGTERM,
@@ -673,7 +673,7 @@ def _live_manifest(live: dict[str, Any] | None) -> list[FileEntry] | None:
     from chalicelib.manifest import decode_manifest
 
     try:
-        resp = httpx.get(live["manifest_url"], timeout=30, verify=tls_context())
+        resp = httpx.get(live["manifest_url"], timeout=30, verify=verify_for(live["manifest_url"]))
         resp.raise_for_status()
         return decode_manifest(resp.content)
     except (httpx.HTTPError, ValueError):
@@ -691,7 +691,7 @@ def upload(form: dict[str, Any], stream: BinaryIO | ProgressReader, attempts: in
                 data=form["fields"],
                 files={"file": ("bundle.tar.gz", cast(IO[bytes], stream), "application/gzip")},
                 timeout=httpx.Timeout(30.0, write=300.0),
-                verify=tls_context(),
+                verify=verify_for(form["url"]),
             )
         except httpx.TransportError as exc:
             if last:

@@ -88,3 +88,29 @@ except SystemExit as exc:
     proc = python(code, tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-2:] == ["SystemExit 0", "still running after main"]
+
+
+def test_the_cli_imports_neither_httpxs_own_command_line_nor_rich_and_pygments_with_it(tmp_path: Path) -> None:
+    """httpx imports its command line (click, rich, pygments: ~35 ms) when they are installed; the
+    dagcast package keeps it out of every process of its own, and httpx still works."""
+    code = """
+import json, sys
+import dagcast.deploy, dagcast.client, httpx
+print(json.dumps({"loaded": sorted(m for m in ("httpx._main", "rich", "pygments") if sys.modules.get(m)),
+                  "client": type(httpx.Client()).__name__}))
+"""
+    proc = python(code, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"loaded": [], "client": "Client"}
+
+
+def test_only_https_loads_the_ca_certificates_and_plain_http_gets_a_context_that_trusts_nothing() -> None:
+    import ssl
+
+    from dagcast.client import tls_context, verify_for
+
+    assert verify_for("https://api.example.com/") is tls_context()
+    plain = verify_for("http://127.0.0.1:5000")
+    assert plain is not tls_context()
+    assert plain.verify_mode is ssl.CERT_REQUIRED and plain.check_hostname
+    assert plain.cert_store_stats()["x509_ca"] == 0, "no CA: a TLS handshake with it can only fail"
