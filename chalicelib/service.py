@@ -210,7 +210,8 @@ class ControlPlane:
         Each answer is a full view (the whole deploy record and every sidecar), so while sidecars run
         an ACTIVE deploy one by one, their reports are gathered: the first one, and the one after which
         every live sidecar has run it, are answered at once; the others once the poll has lasted
-        `wait_answer_seconds`. Parse reports are answered at once.
+        `wait_answer_seconds`. Parse reports likewise: the one that completes the set at once, those
+        before it gathered.
 
         The poll re-reads the deploy's progress fields (a projection GetItem) every
         `wait_check_*_seconds`; with in-process wake-ups (see chalicelib.wakeups) the pause between
